@@ -1,0 +1,391 @@
+//! The call wrapper's logic, free of Python: what happens before and after a metered call.
+//!
+//! A `MeterCore` is built once per decorated function or meter (at decoration time): it
+//! resolves its series, so a call only reads clocks and counters and records into a
+//! histogram it already holds.
+
+use super::attributes::{AttributeSet, AttributeValue, ERROR_TYPE_KEY};
+use super::registry::{registry, Operation};
+use super::sampling::{Sampler, SamplingMode};
+use super::series::CallSeries;
+use super::series_map::SeriesData;
+use crate::probe::{monotonic_ns, ProbeSet, Reading};
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+
+pub struct MeterCore {
+    operation: Arc<Operation>,
+    attributes: AttributeSet,
+    series: Arc<CallSeries>,
+    probes: ProbeSet,
+    sampler: Sampler,
+    /// Series of failed calls by exception class name: looked up once per class.
+    error_series: ArcSwap<Vec<(Box<str>, Arc<CallSeries>)>>,
+}
+
+/// State taken before a call.
+#[derive(Clone, Copy, Debug)]
+pub struct CallStart {
+    wall_ns: u64,
+    /// The probe reading and the call's weight, when the call was chosen for probing.
+    sample: Option<(Reading, f64)>,
+    /// When the probe readings began (adaptive sampling measures what they cost).
+    probes_began_ns: u64,
+}
+
+/// What a finished call measured, not yet recorded.
+#[derive(Clone, Copy, Debug)]
+pub struct Measured {
+    pub duration_ns: u64,
+    pub sample: Option<(Reading, f64)>,
+}
+
+/// A call that runs in steps (a coroutine or generator): wall time from its first step to
+/// its end, probes summed over its own steps only.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SteppedCall {
+    started_ns: Option<u64>,
+    weight: Option<f64>,
+    total: Reading,
+    /// Set when a step's readings could not be compared (a fork in between).
+    broken: bool,
+    probe_cost_ns: u64,
+}
+
+/// State taken before one step of a stepped call.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStart {
+    reading: Option<Reading>,
+    /// What taking `reading` cost (adaptive sampling only).
+    reading_cost_ns: u64,
+}
+
+impl MeterCore {
+    pub fn new(
+        operation: &str,
+        attributes: AttributeSet,
+        probes: ProbeSet,
+        mode: SamplingMode,
+    ) -> MeterCore {
+        let operation = registry().operation(operation);
+        operation.request_probes(probes);
+        let series = operation.series.get_or_create(&attributes);
+        MeterCore {
+            operation,
+            attributes,
+            series,
+            probes,
+            sampler: Sampler::new(mode),
+            error_series: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    pub fn operation_name(&self) -> &str {
+        &self.operation.name
+    }
+    pub fn attributes(&self) -> &AttributeSet {
+        &self.attributes
+    }
+    pub fn probes(&self) -> ProbeSet {
+        self.probes
+    }
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+    /// The series successful calls without dynamic attributes record into.
+    pub fn series(&self) -> &CallSeries {
+        &self.series
+    }
+
+    #[inline]
+    fn decide(&self) -> Option<f64> {
+        if self.probes.is_empty() {
+            None
+        } else {
+            self.sampler.decide()
+        }
+    }
+
+    #[inline]
+    fn probe_clock(&self) -> u64 {
+        if self.sampler.is_adaptive() {
+            monotonic_ns()
+        } else {
+            0
+        }
+    }
+
+    /// Before the call: decide whether to probe it, read the probes if so, start the clock.
+    #[inline]
+    pub fn begin(&self) -> CallStart {
+        match self.decide() {
+            None => CallStart {
+                wall_ns: monotonic_ns(),
+                sample: None,
+                probes_began_ns: 0,
+            },
+            Some(weight) => {
+                let probes_began_ns = self.probe_clock();
+                let reading = Reading::take(self.probes);
+                CallStart {
+                    wall_ns: monotonic_ns(),
+                    sample: Some((reading, weight)),
+                    probes_began_ns,
+                }
+            }
+        }
+    }
+
+    /// After the call: stop the clock and read the probes. Recording is separate so the
+    /// series (which can depend on the outcome) is chosen outside the timed span.
+    #[inline]
+    pub fn stop(&self, start: CallStart) -> Measured {
+        let wall_end = monotonic_ns();
+        let duration_ns = wall_end.saturating_sub(start.wall_ns);
+        let sample = start.sample.and_then(|(before, weight)| {
+            let delta = Reading::take(self.probes).since(&before);
+            if self.sampler.is_adaptive() {
+                let cost = (start.wall_ns - start.probes_began_ns)
+                    + monotonic_ns().saturating_sub(wall_end);
+                self.sampler.observe(duration_ns, cost);
+            }
+            delta.map(|delta| (delta, weight))
+        });
+        Measured {
+            duration_ns,
+            sample,
+        }
+    }
+
+    #[inline]
+    pub fn record(&self, measured: &Measured, series: &CallSeries) {
+        series.record(
+            measured.duration_ns,
+            measured.sample.as_ref().map(|(delta, weight)| (delta, *weight)),
+        );
+    }
+
+    /// `stop` then `record`.
+    #[inline]
+    pub fn end(&self, start: CallStart, series: &CallSeries) {
+        let measured = self.stop(start);
+        self.record(&measured, series);
+    }
+
+    /// Before one step of a stepped call; the first step decides sampling and starts
+    /// the wall clock.
+    #[inline]
+    pub fn step_begin(&self, call: &mut SteppedCall) -> StepStart {
+        if call.started_ns.is_none() {
+            call.weight = self.decide();
+        }
+        let mut step = StepStart {
+            reading: None,
+            reading_cost_ns: 0,
+        };
+        if call.weight.is_some() {
+            let began = self.probe_clock();
+            step.reading = Some(Reading::take(self.probes));
+            step.reading_cost_ns = self.probe_clock().saturating_sub(began);
+        }
+        if call.started_ns.is_none() {
+            call.started_ns = Some(monotonic_ns());
+        }
+        step
+    }
+
+    /// After one step: add its probe deltas to the call's.
+    #[inline]
+    pub fn step_end(&self, call: &mut SteppedCall, step: StepStart) {
+        if let Some(before) = step.reading {
+            let read_at = self.probe_clock();
+            match Reading::take(self.probes).since(&before) {
+                Some(delta) => call.total.accumulate(&delta),
+                None => call.broken = true,
+            }
+            call.probe_cost_ns += step.reading_cost_ns + self.probe_clock().saturating_sub(read_at);
+        }
+    }
+
+    /// Stops the clock of a finished stepped call; `None` if it never took a step (then
+    /// there is nothing to record).
+    pub fn stop_stepped(&self, call: &SteppedCall) -> Option<Measured> {
+        let started = call.started_ns?;
+        let duration_ns = monotonic_ns().saturating_sub(started);
+        let sample = match call.weight {
+            Some(weight) if !call.broken => {
+                if self.sampler.is_adaptive() {
+                    self.sampler.observe(duration_ns, call.probe_cost_ns);
+                }
+                Some((call.total, weight))
+            }
+            _ => None,
+        };
+        Some(Measured {
+            duration_ns,
+            sample,
+        })
+    }
+
+    /// `stop_stepped` then `record`.
+    pub fn finish_stepped(&self, call: &SteppedCall, series: &CallSeries) {
+        if let Some(measured) = self.stop_stepped(call) {
+            self.record(&measured, series);
+        }
+    }
+
+    /// The series for a call with these dynamic attributes and outcome.
+    pub fn series_for(
+        &self,
+        dynamic: &[(Arc<str>, AttributeValue)],
+        error_type: Option<&str>,
+    ) -> Arc<CallSeries> {
+        match (dynamic.is_empty(), error_type) {
+            (true, None) => Arc::clone(&self.series),
+            (true, Some(error_type)) => self.error_series(error_type),
+            (false, error_type) => {
+                let mut attributes = self.attributes.merged(dynamic.iter().cloned());
+                if let Some(error_type) = error_type {
+                    attributes = attributes.with(ERROR_TYPE_KEY, error_type.into());
+                }
+                self.operation.series.get_or_create(&attributes)
+            }
+        }
+    }
+
+    /// The series of calls that failed with `error_type`.
+    pub fn error_series(&self, error_type: &str) -> Arc<CallSeries> {
+        if let Some((_, series)) = self
+            .error_series
+            .load()
+            .iter()
+            .find(|(name, _)| &**name == error_type)
+        {
+            return Arc::clone(series);
+        }
+        let series = self
+            .operation
+            .series
+            .get_or_create(&self.attributes.with(ERROR_TYPE_KEY, error_type.into()));
+        // Do not cache the overflow series under a class name that never got its own.
+        if series.attributes().get(ERROR_TYPE_KEY).is_some() {
+            self.error_series.rcu(|current| {
+                let mut next = Vec::clone(current);
+                if !next.iter().any(|(name, _)| &**name == error_type) {
+                    next.push((error_type.into(), Arc::clone(&series)));
+                }
+                next
+            });
+        }
+        series
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::measure;
+    use std::io::Write;
+
+    fn unique(name: &str) -> String {
+        format!("{name}-{}", monotonic_ns())
+    }
+
+    #[test]
+    fn a_call_records_once_with_probes() {
+        let core = MeterCore::new(
+            &unique("call"),
+            AttributeSet::empty(),
+            ProbeSet::ALL,
+            SamplingMode::Fixed(1.0),
+        );
+        let start = core.begin();
+        let path = std::env::temp_dir().join(unique("meterage-call"));
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&[0u8; 1000])
+            .unwrap();
+        core.end(start, core.series());
+        std::fs::remove_file(path).unwrap();
+        assert_eq!(core.series().duration.snapshot().count, 1);
+        let written = core.series().probes[measure::IO_WRITE].snapshot();
+        assert_eq!((written.count, written.sum), (1, 1000.0));
+    }
+
+    #[test]
+    fn timer_only_meters_record_no_probes() {
+        let core = MeterCore::new(
+            &unique("timer"),
+            AttributeSet::empty(),
+            ProbeSet::NONE,
+            SamplingMode::Fixed(1.0),
+        );
+        for _ in 0..10 {
+            let start = core.begin();
+            core.end(start, core.series());
+        }
+        assert_eq!(core.series().duration.snapshot().count, 10);
+        assert!(core.series().probes.iter().all(|h| h.is_empty()));
+    }
+
+    #[test]
+    fn stepped_calls_sum_only_their_own_steps() {
+        let core = MeterCore::new(
+            &unique("stepped"),
+            AttributeSet::empty(),
+            ProbeSet::CPU,
+            SamplingMode::Fixed(1.0),
+        );
+        let mut call = SteppedCall::default();
+        let busy = |ms: u64| {
+            let until = monotonic_ns() + ms * 1_000_000;
+            while monotonic_ns() < until {
+                std::hint::black_box(0);
+            }
+        };
+        for _ in 0..3 {
+            let step = core.step_begin(&mut call);
+            busy(2);
+            core.step_end(&mut call, step);
+            // Work between steps belongs to someone else.
+            busy(5);
+        }
+        core.finish_stepped(&call, core.series());
+        let cpu = core.series().probes[measure::CPU_TIME].snapshot();
+        assert_eq!(cpu.count, 1);
+        // 6 ms of own steps out of ~21 ms busy; allow scheduling noise but not the 15 ms gap.
+        assert!(cpu.sum > 0.003 && cpu.sum < 0.012, "cpu {}", cpu.sum);
+        let wall = core.series().duration.snapshot();
+        assert!(wall.sum >= 0.019, "wall {}", wall.sum);
+    }
+
+    #[test]
+    fn a_stepped_call_that_never_ran_records_nothing() {
+        let core = MeterCore::new(
+            &unique("never"),
+            AttributeSet::empty(),
+            ProbeSet::CPU,
+            SamplingMode::Fixed(1.0),
+        );
+        core.finish_stepped(&SteppedCall::default(), core.series());
+        assert!(core.series().is_empty());
+    }
+
+    #[test]
+    fn failures_go_to_an_error_series_per_class() {
+        let name = unique("fail");
+        let base = AttributeSet::empty().with("tier", "gold".into());
+        let core = MeterCore::new(&name, base, ProbeSet::NONE, SamplingMode::Fixed(1.0));
+        let a = core.error_series("ValueError");
+        let b = core.error_series("ValueError");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(
+            a.attributes().get(ERROR_TYPE_KEY),
+            Some(&AttributeValue::from("ValueError"))
+        );
+        assert_eq!(a.attributes().get("tier"), Some(&"gold".into()));
+        let dynamic = [(Arc::from("rows"), AttributeValue::Int(3))];
+        let with_rows = core.series_for(&dynamic, Some("KeyError"));
+        assert_eq!(with_rows.attributes().len(), 3);
+    }
+}

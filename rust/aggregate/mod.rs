@@ -1,0 +1,11 @@
+//! Aggregation: lock-free histograms, series keyed by attributes, the registry, the
+//! sampling policy and the call wrapper's logic.
+
+pub mod attributes;
+pub mod call;
+pub mod histogram;
+pub mod registry;
+pub mod sampling;
+pub mod series;
+pub mod series_map;
+pub mod snapshot;

@@ -1,0 +1,219 @@
+//! Which calls run the probes.
+//!
+//! Every call is counted and timed; the probes (microseconds of syscalls) run on every
+//! call at `sample = 1.0`, on a fixed random fraction at `sample = p`, or by default on an
+//! adaptive fraction that keeps their cost under a budget: a share of the operation's own
+//! wall time. The decision is a coin flip made before the call, independent of the call's
+//! own cost, so the probed calls are an unbiased sample; each records the weight 1/p it
+//! was drawn with, so sampled totals can be estimated without bias (Horvitz-Thompson)
+//! even while p adapts.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Share of an operation's wall time the probes may cost by default.
+pub const DEFAULT_BUDGET: f64 = 0.01;
+/// The adaptive rate never drops below this, so probes keep reporting on very cheap
+/// operations (at 2^-16 a 5 µs probe costs under 0.1 ns per call).
+pub const MIN_RATE: f64 = 1.0 / 65536.0;
+/// Weight of each new observation in the moving averages of wall time and probe cost.
+const SMOOTHING: f64 = 1.0 / 8.0;
+const ALWAYS: u64 = u64::MAX;
+
+static GLOBAL_BUDGET_BITS: AtomicU64 = AtomicU64::new(0x3F84_7AE1_47AE_147B); // 0.01
+
+pub fn set_global_budget(budget: f64) {
+    GLOBAL_BUDGET_BITS.store(budget.to_bits(), Ordering::Relaxed);
+}
+
+pub fn global_budget() -> f64 {
+    f64::from_bits(GLOBAL_BUDGET_BITS.load(Ordering::Relaxed))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SamplingMode {
+    /// Probe each call with this fixed probability in (0, 1].
+    Fixed(f64),
+    /// Adapt the probability to stay within this share of wall time (`None`: the global
+    /// budget, read each time the rate is recomputed).
+    Budget(Option<f64>),
+}
+
+pub struct Sampler {
+    mode: SamplingMode,
+    /// Probability scaled to 2^64; `u64::MAX` means every call.
+    threshold: AtomicU64,
+    mean_wall_ns: AtomicU64,
+    mean_probe_cost_ns: AtomicU64,
+}
+
+thread_local! {
+    static RNG_STATE: Cell<u64> = const { Cell::new(0) };
+}
+
+/// xorshift64*: a few ns, statistically fine for coin flips, per thread so no sharing.
+#[inline]
+fn next_random() -> u64 {
+    RNG_STATE
+        .try_with(|state| {
+            let mut x = state.get();
+            if x == 0 {
+                x = seed();
+            }
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            state.set(x);
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        })
+        .unwrap_or(0)
+}
+
+fn seed() -> u64 {
+    let local = 0u8;
+    let mixed = (&local as *const u8 as u64) ^ crate::probe::monotonic_ns().rotate_left(32);
+    // splitmix64 finaliser, so nearby seeds give unrelated streams; never zero.
+    let mut z = mixed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) | 1
+}
+
+fn rate_to_threshold(rate: f64) -> u64 {
+    if rate >= 1.0 {
+        ALWAYS
+    } else {
+        (rate * 18_446_744_073_709_551_616.0) as u64
+    }
+}
+
+impl Sampler {
+    pub fn new(mode: SamplingMode) -> Self {
+        let initial = match mode {
+            SamplingMode::Fixed(rate) => rate,
+            SamplingMode::Budget(_) => 1.0,
+        };
+        Sampler {
+            mode,
+            threshold: AtomicU64::new(rate_to_threshold(initial)),
+            mean_wall_ns: AtomicU64::new(0f64.to_bits()),
+            mean_probe_cost_ns: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    pub fn mode(&self) -> SamplingMode {
+        self.mode
+    }
+
+    /// The current probability of probing a call.
+    pub fn rate(&self) -> f64 {
+        match self.threshold.load(Ordering::Relaxed) {
+            ALWAYS => 1.0,
+            threshold => threshold as f64 / 18_446_744_073_709_551_616.0,
+        }
+    }
+
+    /// Decides, before the call, whether to probe it. Returns the call's weight (1/p).
+    #[inline]
+    pub fn decide(&self) -> Option<f64> {
+        let threshold = self.threshold.load(Ordering::Relaxed);
+        if threshold == ALWAYS {
+            return Some(1.0);
+        }
+        (next_random() < threshold)
+            .then(|| 18_446_744_073_709_551_616.0 / threshold.max(1) as f64)
+    }
+
+    /// Whether `observe` has any use: only the adaptive mode learns from sampled calls.
+    #[inline]
+    pub fn is_adaptive(&self) -> bool {
+        matches!(self.mode, SamplingMode::Budget(_))
+    }
+
+    /// Feeds one probed call (its wall time and what its probe readings cost) into the
+    /// adaptive rate. Probed calls are a random sample, so their mean wall time is an
+    /// unbiased estimate of all calls'. Races between threads only drop an update.
+    pub fn observe(&self, wall_ns: u64, probe_cost_ns: u64) {
+        let SamplingMode::Budget(budget) = self.mode else {
+            return;
+        };
+        let wall = smooth(&self.mean_wall_ns, wall_ns as f64);
+        let cost = smooth(&self.mean_probe_cost_ns, probe_cost_ns as f64);
+        let budget = budget.unwrap_or_else(global_budget);
+        let rate = if cost <= 0.0 {
+            1.0
+        } else {
+            (budget * wall / cost).clamp(MIN_RATE, 1.0)
+        };
+        self.threshold
+            .store(rate_to_threshold(rate), Ordering::Relaxed);
+    }
+
+    /// Mean wall time and probe cost of recent probed calls (nanoseconds).
+    pub fn means(&self) -> (f64, f64) {
+        (
+            f64::from_bits(self.mean_wall_ns.load(Ordering::Relaxed)),
+            f64::from_bits(self.mean_probe_cost_ns.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+fn smooth(slot: &AtomicU64, sample: f64) -> f64 {
+    let previous = f64::from_bits(slot.load(Ordering::Relaxed));
+    let next = if previous == 0.0 {
+        sample
+    } else {
+        previous + SMOOTHING * (sample - previous)
+    };
+    slot.store(next.to_bits(), Ordering::Relaxed);
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_sampling_probes_every_call_with_weight_one() {
+        let sampler = Sampler::new(SamplingMode::Fixed(1.0));
+        assert!((0..1000).all(|_| sampler.decide() == Some(1.0)));
+    }
+
+    #[test]
+    fn fixed_rate_probes_that_share_of_calls() {
+        let sampler = Sampler::new(SamplingMode::Fixed(0.25));
+        let draws = 200_000;
+        let hits = (0..draws).filter_map(|_| sampler.decide()).collect::<Vec<_>>();
+        let share = hits.len() as f64 / draws as f64;
+        // Binomial sd is ~0.001 here; 0.01 is ten of them.
+        assert!((share - 0.25).abs() < 0.01, "share {share}");
+        assert!(hits.iter().all(|&w| (w - 4.0).abs() < 1e-9));
+    }
+
+    #[test]
+    fn budget_mode_converges_to_budget_times_wall_over_cost() {
+        let sampler = Sampler::new(SamplingMode::Budget(Some(0.01)));
+        assert_eq!(sampler.rate(), 1.0);
+        for _ in 0..100 {
+            // 1 ms calls, 5 µs of probes: 1% of 1 ms is 10 µs, so every call fits.
+            sampler.observe(1_000_000, 5_000);
+        }
+        assert_eq!(sampler.rate(), 1.0);
+        for _ in 0..100 {
+            // 10 µs calls: the budget is 100 ns per call, so p = 0.02.
+            sampler.observe(10_000, 5_000);
+        }
+        assert!((sampler.rate() - 0.02).abs() < 1e-4, "{}", sampler.rate());
+        for _ in 0..200 {
+            sampler.observe(1, 5_000);
+        }
+        assert_eq!(sampler.rate(), MIN_RATE);
+    }
+
+    #[test]
+    fn global_budget_is_followed_when_none_is_set() {
+        let sampler = Sampler::new(SamplingMode::Budget(None));
+        sampler.observe(10_000, 5_000);
+        assert!((sampler.rate() - global_budget() * 2.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,48 @@
+//! Plain-data copies of the aggregates, taken at collection time.
+
+use super::attributes::AttributeSet;
+use super::histogram::HistogramSnapshot;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SeriesKind {
+    /// Metered calls of an operation.
+    Call = 0,
+    /// A custom histogram instrument.
+    Histogram = 1,
+    /// A custom counter instrument.
+    Counter = 2,
+}
+
+impl SeriesKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SeriesKind::Call => "call",
+            SeriesKind::Histogram => "histogram",
+            SeriesKind::Counter => "counter",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MeasureSnapshot {
+    pub name: Arc<str>,
+    pub unit: Arc<str>,
+    pub histogram: HistogramSnapshot,
+}
+
+#[derive(Clone, Debug)]
+pub struct SeriesSnapshot {
+    pub kind: SeriesKind,
+    /// Operation name or instrument name.
+    pub name: Arc<str>,
+    pub unit: Arc<str>,
+    pub description: Arc<str>,
+    pub attributes: AttributeSet,
+    /// Calls, recorded values, or `add` calls.
+    pub count: u64,
+    /// For calls: `duration` first, then each requested probe measure.
+    pub measures: Vec<MeasureSnapshot>,
+    /// For counters: the total.
+    pub value: f64,
+}

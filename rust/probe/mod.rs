@@ -1,0 +1,392 @@
+//! Probes: the OS counters read around each metered call.
+//!
+//! A call reads its probes once before and once after; the difference is the call's cost.
+//! Every reading here is per thread, so a call is charged only for its own thread's work.
+
+pub mod clock;
+pub mod fork;
+mod rusage;
+mod thread_io;
+
+pub use clock::{monotonic_ns, thread_cpu_ns};
+
+/// A set of probes, as bits. The wall clock is not a probe: every call is timed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProbeSet(u8);
+
+impl ProbeSet {
+    pub const NONE: ProbeSet = ProbeSet(0);
+    /// Exact thread CPU time (CLOCK_THREAD_CPUTIME_ID).
+    pub const CPU: ProbeSet = ProbeSet(1);
+    /// Page faults and context switches (getrusage(RUSAGE_THREAD)).
+    pub const RUSAGE: ProbeSet = ProbeSet(2);
+    /// Syscall and storage IO bytes (/proc/thread-self/io).
+    pub const IO: ProbeSet = ProbeSet(4);
+    pub const ALL: ProbeSet = ProbeSet(7);
+    pub const DEFAULT: ProbeSet = ProbeSet::ALL;
+
+    /// Probe names in a fixed order, as the Python API spells them.
+    pub const NAMES: [(&'static str, ProbeSet); 3] = [
+        ("cpu", ProbeSet::CPU),
+        ("rusage", ProbeSet::RUSAGE),
+        ("io", ProbeSet::IO),
+    ];
+
+    pub fn from_name(name: &str) -> Option<ProbeSet> {
+        Self::NAMES
+            .iter()
+            .find(|(probe_name, _)| *probe_name == name)
+            .map(|(_, probe)| *probe)
+    }
+
+    /// The set with these bits; unknown bits are dropped.
+    pub const fn from_bits(bits: u8) -> ProbeSet {
+        ProbeSet(bits & ProbeSet::ALL.0)
+    }
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub const fn contains(self, other: ProbeSet) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub const fn intersects(self, other: ProbeSet) -> bool {
+        self.0 & other.0 != 0
+    }
+    pub const fn union(self, other: ProbeSet) -> ProbeSet {
+        ProbeSet(self.0 | other.0)
+    }
+    pub const fn without(self, other: ProbeSet) -> ProbeSet {
+        ProbeSet(self.0 & !other.0)
+    }
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .iter()
+            .filter(move |(_, probe)| self.contains(*probe))
+            .map(|(name, _)| *name)
+    }
+}
+
+/// What one probe measure is: its snapshot key, unit, the probe that reads it and the
+/// factor from the raw integer reading to the unit (nanoseconds to seconds for CPU time).
+#[derive(Clone, Copy, Debug)]
+pub struct MeasureInfo {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub probe: ProbeSet,
+    pub factor: f64,
+}
+
+/// Index of each probe measure in a [`Reading`].
+pub mod measure {
+    pub const CPU_TIME: usize = 0;
+    pub const FAULTS_MINOR: usize = 1;
+    pub const FAULTS_MAJOR: usize = 2;
+    pub const SWITCHES_VOLUNTARY: usize = 3;
+    pub const SWITCHES_INVOLUNTARY: usize = 4;
+    pub const IO_READ: usize = 5;
+    pub const IO_WRITE: usize = 6;
+    pub const DISK_READ: usize = 7;
+    pub const DISK_WRITE: usize = 8;
+    pub const COUNT: usize = 9;
+}
+
+/// The wall-clock measure every call records.
+pub const DURATION: MeasureInfo = MeasureInfo {
+    name: "duration",
+    unit: "s",
+    probe: ProbeSet::NONE,
+    factor: 1e-9,
+};
+
+/// The probe measures, indexed by [`measure`].
+pub const MEASURES: [MeasureInfo; measure::COUNT] = [
+    MeasureInfo {
+        name: "cpu.time",
+        unit: "s",
+        probe: ProbeSet::CPU,
+        factor: 1e-9,
+    },
+    MeasureInfo {
+        name: "paging.faults.minor",
+        unit: "{fault}",
+        probe: ProbeSet::RUSAGE,
+        factor: 1.0,
+    },
+    MeasureInfo {
+        name: "paging.faults.major",
+        unit: "{fault}",
+        probe: ProbeSet::RUSAGE,
+        factor: 1.0,
+    },
+    MeasureInfo {
+        name: "context_switches.voluntary",
+        unit: "{context_switch}",
+        probe: ProbeSet::RUSAGE,
+        factor: 1.0,
+    },
+    MeasureInfo {
+        name: "context_switches.involuntary",
+        unit: "{context_switch}",
+        probe: ProbeSet::RUSAGE,
+        factor: 1.0,
+    },
+    MeasureInfo {
+        name: "io.read",
+        unit: "By",
+        probe: ProbeSet::IO,
+        factor: 1.0,
+    },
+    MeasureInfo {
+        name: "io.write",
+        unit: "By",
+        probe: ProbeSet::IO,
+        factor: 1.0,
+    },
+    MeasureInfo {
+        name: "disk.io.read",
+        unit: "By",
+        probe: ProbeSet::IO,
+        factor: 1.0,
+    },
+    MeasureInfo {
+        name: "disk.io.write",
+        unit: "By",
+        probe: ProbeSet::IO,
+        factor: 1.0,
+    },
+];
+
+/// Raw counter values of one thread at one instant, indexed by [`measure`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    pub values: [u64; measure::COUNT],
+    /// The probes that were actually read (IO can fail where /proc is not readable).
+    pub probes: ProbeSet,
+    /// Fork generation at the time of reading: a delta across a fork is meaningless.
+    pub generation: u64,
+}
+
+impl Reading {
+    /// Reads `probes` on the calling thread.
+    #[inline]
+    pub fn take(probes: ProbeSet) -> Reading {
+        let mut reading = Reading {
+            generation: fork::generation(),
+            ..Reading::default()
+        };
+        let values = &mut reading.values;
+        let mut read = ProbeSet::NONE;
+        if probes.contains(ProbeSet::CPU) {
+            values[measure::CPU_TIME] = thread_cpu_ns();
+            read = read.union(ProbeSet::CPU);
+        }
+        if probes.contains(ProbeSet::RUSAGE) && rusage::read_thread(values) {
+            read = read.union(ProbeSet::RUSAGE);
+        }
+        if probes.contains(ProbeSet::IO) && thread_io::read_thread(values) {
+            read = read.union(ProbeSet::IO);
+        }
+        reading.probes = read;
+        reading
+    }
+
+    /// The change from `start` to `self`, or `None` when the two readings are not
+    /// comparable (taken on either side of a fork). Only probes read both times count.
+    #[inline]
+    pub fn since(&self, start: &Reading) -> Option<Reading> {
+        if self.generation != start.generation {
+            return None;
+        }
+        let mut delta = Reading {
+            probes: ProbeSet(self.probes.0 & start.probes.0),
+            generation: self.generation,
+            ..Reading::default()
+        };
+        for index in 0..measure::COUNT {
+            delta.values[index] = self.values[index].saturating_sub(start.values[index]);
+        }
+        Some(delta)
+    }
+
+    /// Adds another delta into this one (steps of a coroutine or generator).
+    #[inline]
+    pub fn accumulate(&mut self, other: &Reading) {
+        for index in 0..measure::COUNT {
+            self.values[index] += other.values[index];
+        }
+        self.probes = self.probes.union(other.probes);
+    }
+}
+
+/// Each probe name with `None` when it works here, or a sentence saying why not.
+pub fn availability() -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("cpu", clock_availability()),
+        ("rusage", rusage::availability()),
+        ("io", thread_io::availability()),
+    ]
+}
+
+fn clock_availability() -> Option<String> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc != 0).then(|| {
+        format!(
+            "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed: {}",
+            std::io::Error::last_os_error()
+        )
+    })
+}
+
+/// Probes from `requested` that do not work on this machine.
+pub fn unavailable(requested: ProbeSet) -> ProbeSet {
+    let mut missing = ProbeSet::NONE;
+    for (name, reason) in availability() {
+        if reason.is_some() {
+            missing = missing.union(ProbeSet::from_name(name).unwrap_or_default());
+        }
+    }
+    ProbeSet(requested.0 & missing.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn delta_of(probes: ProbeSet, work: impl FnOnce()) -> Reading {
+        let start = Reading::take(probes);
+        work();
+        Reading::take(probes).since(&start).unwrap()
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for (name, probe) in ProbeSet::NAMES {
+            assert_eq!(ProbeSet::from_name(name), Some(probe));
+        }
+        assert_eq!(ProbeSet::from_name("gpu"), None);
+        assert_eq!(
+            ProbeSet::ALL.names().collect::<Vec<_>>(),
+            ["cpu", "rusage", "io"]
+        );
+    }
+
+    #[test]
+    fn all_probes_available_on_linux() {
+        for (name, reason) in availability() {
+            assert_eq!(reason, None, "probe {name}");
+        }
+    }
+
+    #[test]
+    fn an_empty_call_reads_no_io_bytes_of_its_own() {
+        // The probe's own pread of /proc/thread-self/io must not be charged to the call.
+        for _ in 0..100 {
+            let delta = delta_of(ProbeSet::ALL, || {});
+            assert_eq!(delta.probes, ProbeSet::ALL);
+            assert_eq!(delta.values[measure::IO_READ], 0);
+            assert_eq!(delta.values[measure::IO_WRITE], 0);
+        }
+    }
+
+    #[test]
+    fn nested_readings_do_not_leak_probe_bytes_into_the_outer_call() {
+        let outer = delta_of(ProbeSet::IO, || {
+            for _ in 0..10 {
+                delta_of(ProbeSet::IO, || {});
+            }
+        });
+        assert_eq!(outer.values[measure::IO_READ], 0);
+    }
+
+    #[test]
+    fn io_bytes_are_exact_for_known_reads_and_writes() {
+        let dir = std::env::temp_dir().join(format!("meterage-probe-{}", std::process::id()));
+        let payload = vec![7u8; 12_345];
+        let delta = delta_of(ProbeSet::IO, || {
+            let mut file = std::fs::File::create(&dir).unwrap();
+            file.write_all(&payload).unwrap();
+        });
+        assert_eq!(delta.values[measure::IO_WRITE], 12_345);
+        assert_eq!(delta.values[measure::IO_READ], 0);
+
+        let delta = delta_of(ProbeSet::IO, || {
+            let mut buf = Vec::new();
+            std::fs::File::open(&dir)
+                .unwrap()
+                .read_to_end(&mut buf)
+                .unwrap();
+            assert_eq!(buf.len(), 12_345);
+        });
+        // read_to_end also issues a final zero-byte read, which adds nothing.
+        assert_eq!(delta.values[measure::IO_READ], 12_345);
+        assert_eq!(delta.values[measure::IO_WRITE], 0);
+        std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn readings_are_per_thread() {
+        let delta = delta_of(ProbeSet::IO, || {
+            std::thread::spawn(|| {
+                let mut sink = std::io::sink();
+                let path = std::env::temp_dir().join(format!("meterage-t-{}", std::process::id()));
+                std::fs::write(&path, [1u8; 4096]).unwrap();
+                std::fs::remove_file(&path).unwrap();
+                sink.write_all(b"x").unwrap();
+            })
+            .join()
+            .unwrap();
+        });
+        assert_eq!(delta.values[measure::IO_WRITE], 0);
+    }
+
+    #[test]
+    fn fresh_pages_count_as_minor_faults() {
+        let delta = delta_of(ProbeSet::RUSAGE, || {
+            let mut pages = vec![0u8; 64 * 4096];
+            for page in pages.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            std::hint::black_box(&pages);
+        });
+        // 64 fresh pages: at least most of them fault once (THP may merge some).
+        assert!(delta.values[measure::FAULTS_MINOR] >= 1);
+        assert_eq!(delta.values[measure::FAULTS_MAJOR], 0);
+    }
+
+    #[test]
+    fn sleeping_is_a_voluntary_context_switch() {
+        let delta = delta_of(ProbeSet::RUSAGE, || {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        });
+        assert!(delta.values[measure::SWITCHES_VOLUNTARY] >= 1);
+    }
+
+    #[test]
+    fn accumulate_sums_steps() {
+        let mut total = Reading::default();
+        let mut step = Reading::default();
+        step.values[measure::IO_READ] = 5;
+        step.probes = ProbeSet::IO;
+        total.accumulate(&step);
+        total.accumulate(&step);
+        assert_eq!(total.values[measure::IO_READ], 10);
+        assert_eq!(total.probes, ProbeSet::IO);
+    }
+
+    #[test]
+    fn readings_across_a_fork_are_not_comparable() {
+        let start = Reading::take(ProbeSet::CPU);
+        let mut later = Reading::take(ProbeSet::CPU);
+        later.generation += 1;
+        assert!(later.since(&start).is_none());
+    }
+}
