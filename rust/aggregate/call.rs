@@ -126,7 +126,7 @@ impl MeterCore {
             },
             Some(weight) => {
                 let probes_began_ns = self.probe_clock();
-                let reading = Reading::take(self.probes);
+                let reading = Reading::take_before(self.probes);
                 CallStart {
                     wall_ns: monotonic_ns(),
                     sample: Some((reading, weight)),
@@ -143,7 +143,7 @@ impl MeterCore {
         let wall_end = monotonic_ns();
         let duration_ns = wall_end.saturating_sub(start.wall_ns);
         let sample = start.sample.and_then(|(before, weight)| {
-            let delta = Reading::take(self.probes).since(&before);
+            let delta = Reading::take_after(self.probes).since(&before);
             if self.sampler.is_adaptive() {
                 let cost = (start.wall_ns - start.probes_began_ns)
                     + monotonic_ns().saturating_sub(wall_end);
@@ -185,7 +185,7 @@ impl MeterCore {
         };
         if call.weight.is_some() {
             let began = self.probe_clock();
-            step.reading = Some(Reading::take(self.probes));
+            step.reading = Some(Reading::take_before(self.probes));
             step.reading_cost_ns = self.probe_clock().saturating_sub(began);
         }
         if call.started_ns.is_none() {
@@ -199,7 +199,7 @@ impl MeterCore {
     pub fn step_end(&self, call: &mut SteppedCall, step: StepStart) {
         if let Some(before) = step.reading {
             let read_at = self.probe_clock();
-            match Reading::take(self.probes).since(&before) {
+            match Reading::take_after(self.probes).since(&before) {
                 Some(delta) => call.total.accumulate(&delta),
                 None => call.broken = true,
             }

@@ -95,6 +95,11 @@ impl<T: SeriesData> SeriesMap<T> {
         chosen.expect("rcu ran the update at least once")
     }
 
+    /// The series for `attributes` if it exists (never creates one).
+    pub fn get(&self, attributes: &AttributeSet) -> Option<Arc<T>> {
+        self.map.load().get(attributes).cloned()
+    }
+
     /// Every series, in no particular order.
     pub fn all(&self) -> Vec<Arc<T>> {
         self.map.load().values().cloned().collect()

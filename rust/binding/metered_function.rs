@@ -34,23 +34,35 @@ extern "C" {
 
 static TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
 
-unsafe extern "C" fn vectorcall(
-    callable: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    nargsf: usize,
-    kwnames: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
+/// The wrapped function and the meter of a `MeteredFunction`, or `None` (with a Python
+/// error set) if the garbage collector already cleared it.
+///
+/// # Safety
+/// `callable` must be a live `MeteredFunction` and the GIL held.
+#[inline]
+pub unsafe fn parts<'a>(callable: *mut ffi::PyObject) -> Option<(*mut ffi::PyObject, &'a MeterCore)> {
     let this = &*(callable as *const MeteredFunctionObject);
     if this.function.is_null() {
         ffi::PyErr_SetString(
             ffi::PyExc_RuntimeError,
             c"this metered function was cleared by the garbage collector".as_ptr(),
         );
-        return ptr::null_mut();
+        return None;
     }
-    let core = &*this.core;
+    Some((this.function, &*this.core))
+}
+
+unsafe extern "C" fn vectorcall(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let Some((function, core)) = parts(callable) else {
+        return ptr::null_mut();
+    };
     let start = core.begin();
-    let result = ffi::PyObject_Vectorcall(this.function, args, nargsf, kwnames);
+    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
     if result.is_null() {
         record_failure(core, start);
     } else {
@@ -193,6 +205,16 @@ pub fn create_type(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         },
         ffi::PyMethodDef::zeroed(),
     ]));
+    let getset = Box::leak(Box::new([
+        ffi::PyGetSetDef {
+            name: c"__dict__".as_ptr(),
+            get: Some(ffi::PyObject_GenericGetDict),
+            set: Some(ffi::PyObject_GenericSetDict),
+            doc: ptr::null(),
+            closure: ptr::null_mut(),
+        },
+        ffi::PyGetSetDef::default(),
+    ]));
     let slot = |slot: c_int, pfunc: *mut c_void| ffi::PyType_Slot { slot, pfunc };
     let slots = Box::leak(Box::new([
         slot(ffi::Py_tp_dealloc, dealloc as *mut c_void),
@@ -203,6 +225,7 @@ pub fn create_type(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         slot(ffi::Py_tp_repr, repr as *mut c_void),
         slot(ffi::Py_tp_members, members.as_mut_ptr().cast()),
         slot(ffi::Py_tp_methods, methods.as_mut_ptr().cast()),
+        slot(ffi::Py_tp_getset, getset.as_mut_ptr().cast()),
         slot(
             ffi::Py_tp_doc,
             c"A function metered by meterage: calls it and records what the call cost."
@@ -232,6 +255,16 @@ pub fn wrap<'py>(
     core: &Arc<MeterCore>,
     function: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    wrap_with(py, core, function, vectorcall)
+}
+
+/// Wraps `function` in this type with another call implementation (the benchmark floor).
+pub fn wrap_with<'py>(
+    py: Python<'py>,
+    core: &Arc<MeterCore>,
+    function: &Bound<'py, PyAny>,
+    call: ffi::vectorcallfunc,
+) -> PyResult<Bound<'py, PyAny>> {
     let type_object = TYPE.load(Ordering::Acquire);
     assert!(!type_object.is_null(), "module init creates the type");
     // SAFETY: PyType_GenericAlloc zero-fills the object, counts a reference to the heap
@@ -240,7 +273,7 @@ pub fn wrap<'py>(
         let object = ffi::PyType_GenericAlloc(type_object, 0);
         let object = Bound::from_owned_ptr_or_err(py, object)?;
         let this = &mut *(object.as_ptr() as *mut MeteredFunctionObject);
-        this.vectorcall = Some(vectorcall);
+        this.vectorcall = Some(call);
         this.function = function.clone().into_ptr();
         this.core = Arc::into_raw(Arc::clone(core));
         Ok(object)

@@ -1,0 +1,95 @@
+"""meterage: what each call costs — wall time, exact CPU, faults, context switches, IO.
+
+>>> import meterage
+>>> @meterage.meter("example.add", sample=1.0)
+... def add(a, b):
+...     return a + b
+>>> add(2, 3)
+5
+>>> [s.count for s in meterage.snapshot() if s.operation == "example.add"]
+[1]
+"""
+
+from __future__ import annotations
+
+from meterage import _native
+from meterage._instruments import counter, histogram
+from meterage._meter import Meter, meter
+from meterage._native import (
+    Call,
+    Counter,
+    Histogram,
+    HistogramSnapshot,
+    MeteredFunction,
+    Series,
+)
+
+__all__ = [
+    "Call",
+    "Counter",
+    "Histogram",
+    "HistogramSnapshot",
+    "Meter",
+    "MeteredFunction",
+    "Series",
+    "available_probes",
+    "configure",
+    "counter",
+    "histogram",
+    "meter",
+    "reset",
+    "snapshot",
+]
+__version__ = "0.1.0"
+
+
+def snapshot() -> list[Series]:
+    """Every series that has data: metered operations, then custom instruments.
+
+    >>> import meterage
+    >>> with meterage.meter("example.block"):
+    ...     pass
+    >>> [s.histograms["duration"].count for s in meterage.snapshot() if s.operation == "example.block"]
+    [1]
+    """
+    return _native.snapshot()
+
+
+def reset() -> None:
+    """Clears every recorded value; meters and instruments stay usable (for tests)."""
+    _native.reset()
+
+
+def available_probes() -> dict[str, str | None]:
+    """Each probe name mapped to None when it works here, or a sentence saying why not.
+
+    >>> import meterage, sys
+    >>> sorted(meterage.available_probes())
+    ['cpu', 'io', 'rusage']
+    """
+    return _native.available_probes()
+
+
+def configure(
+    *, budget: float | None = None, cardinality_limit: int | None = None
+) -> dict[str, float | int]:
+    """Sets process-wide defaults and returns the settings in force.
+
+    ``budget``: the share of an operation's wall time the sampled probes may cost (default
+    0.01). ``cardinality_limit``: series per operation before new attribute sets go to the
+    overflow series (default 2000).
+
+    >>> import meterage
+    >>> meterage.configure()["cardinality_limit"] >= 1
+    True
+    """
+    from meterage._validate import check_fraction
+
+    check_fraction("budget", budget)
+    if cardinality_limit is not None and (
+        isinstance(cardinality_limit, bool) or not isinstance(cardinality_limit, int)
+    ):
+        raise TypeError(
+            f"cardinality_limit must be a positive int, not {type(cardinality_limit).__name__}"
+        )
+    return _native.configure(budget, cardinality_limit)

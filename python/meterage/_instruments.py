@@ -1,0 +1,33 @@
+"""Custom instruments on the native fast path."""
+
+from __future__ import annotations
+
+from meterage import _native
+from meterage._validate import check_name, check_text
+
+
+def histogram(name: str, *, unit: str = "", description: str = "") -> _native.Histogram:
+    """A histogram of custom values (int or float, finite, not negative).
+
+    >>> import meterage
+    >>> tokens = meterage.histogram("example.tokens", unit="{token}")
+    >>> tokens.record(512, attributes={"model": "small"})
+    >>> tokens.snapshot({"model": "small"}).count
+    1
+    """
+    check_name("the histogram name", name)
+    return _native.Histogram(name, check_text("unit", unit), check_text("description", description))
+
+
+def counter(name: str, *, unit: str = "", description: str = "") -> _native.Counter:
+    """A monotonic counter.
+
+    >>> import meterage
+    >>> misses = meterage.counter("example.cache.misses")
+    >>> misses.add(1)
+    >>> misses.add(2, attributes={"cache": "l2"})
+    >>> misses.value(), misses.value({"cache": "l2"})
+    (1.0, 2.0)
+    """
+    check_name("the counter name", name)
+    return _native.Counter(name, check_text("unit", unit), check_text("description", description))

@@ -1,0 +1,92 @@
+//! The benchmark floor: the least a native wrapper can do to meter a call — the same
+//! clock and probe readings as meterage, one log2 bucket increment and a plain atomic sum
+//! per measure, no sampling, series or histograms. Benchmarks compare meterage to it.
+
+use super::metered_function::{parts, wrap_with};
+use crate::aggregate::call::MeterCore;
+use crate::aggregate::attributes::AttributeSet;
+use crate::aggregate::sampling::SamplingMode;
+use crate::probe::{measure, monotonic_ns, ProbeSet, Reading};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+static DURATION_BUCKETS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+static SUMS: [AtomicU64; measure::COUNT + 1] = [const { AtomicU64::new(0) }; measure::COUNT + 1];
+
+#[inline]
+fn record_duration(duration_ns: u64) {
+    DURATION_BUCKETS[63 - (duration_ns | 1).leading_zeros() as usize].fetch_add(1, Ordering::Relaxed);
+    SUMS[measure::COUNT].fetch_add(duration_ns, Ordering::Relaxed);
+}
+
+unsafe extern "C" fn timer_only(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let Some((function, _)) = parts(callable) else {
+        return ptr::null_mut();
+    };
+    let started = monotonic_ns();
+    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
+    record_duration(monotonic_ns() - started);
+    result
+}
+
+unsafe extern "C" fn with_probes(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let Some((function, core)) = parts(callable) else {
+        return ptr::null_mut();
+    };
+    let probes = core.probes();
+    let before = Reading::take_before(probes);
+    let started = monotonic_ns();
+    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
+    record_duration(monotonic_ns() - started);
+    let after = Reading::take_after(probes);
+    for index in 0..measure::COUNT {
+        SUMS[index].fetch_add(
+            after.values[index].wrapping_sub(before.values[index]),
+            Ordering::Relaxed,
+        );
+    }
+    result
+}
+
+/// Wraps `function` in the floor wrapper reading `probes` (names; empty: clock only).
+#[pyfunction]
+#[pyo3(signature = (function, probes = Vec::new()))]
+pub fn floor_wrap<'py>(
+    py: Python<'py>,
+    function: &Bound<'py, PyAny>,
+    probes: Vec<String>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut set = ProbeSet::NONE;
+    for name in &probes {
+        set = set.union(ProbeSet::from_name(name).ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!("unknown probe {name:?}"))
+        })?);
+    }
+    let core = Arc::new(MeterCore::new(
+        "meterage.benchmark.floor",
+        AttributeSet::empty(),
+        set,
+        SamplingMode::Fixed(1.0),
+    ));
+    let call = if set.is_empty() { timer_only } else { with_probes };
+    wrap_with(py, &core, function, call)
+}
+
+/// Calls recorded by floor wrappers (so a benchmark can check they really ran).
+#[pyfunction]
+pub fn floor_calls() -> u64 {
+    DURATION_BUCKETS.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+}

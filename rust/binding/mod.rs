@@ -1,0 +1,89 @@
+//! The PyO3 binding layer: the only module that knows about Python.
+
+mod convert;
+mod floor;
+mod instruments;
+mod meter;
+mod metered_function;
+mod snapshots;
+mod steps;
+
+use crate::aggregate::registry::registry;
+use crate::aggregate::{sampling, series_map};
+use crate::probe;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+/// Every series with data, as plain objects.
+#[pyfunction]
+fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    snapshots::series_list(py, &registry().snapshot())
+}
+
+/// Clears every recorded value (meters and instruments stay usable).
+#[pyfunction]
+fn reset() {
+    registry().reset();
+}
+
+/// Each probe name mapped to None when it works here, or a sentence saying why not.
+#[pyfunction]
+fn available_probes(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let result = PyDict::new(py);
+    for (name, reason) in probe::availability() {
+        result.set_item(name, reason)?;
+    }
+    Ok(result)
+}
+
+/// Sets process-wide defaults; returns the settings in force.
+#[pyfunction]
+#[pyo3(signature = (budget = None, cardinality_limit = None))]
+fn configure(py: Python<'_>, budget: Option<f64>, cardinality_limit: Option<i64>) -> PyResult<Bound<'_, PyDict>> {
+    if let Some(budget) = budget {
+        if !(budget.is_finite() && budget > 0.0 && budget <= 1.0) {
+            return Err(PyValueError::new_err(format!("budget must be in (0, 1], got {budget}")));
+        }
+        sampling::set_global_budget(budget);
+    }
+    if let Some(limit) = cardinality_limit {
+        if limit < 1 {
+            return Err(PyValueError::new_err(format!(
+                "cardinality_limit must be a positive int, got {limit}"
+            )));
+        }
+        series_map::set_global_cardinality_limit(limit as usize);
+    }
+    let settings = PyDict::new(py);
+    settings.set_item("budget", sampling::global_budget())?;
+    settings.set_item("cardinality_limit", series_map::global_cardinality_limit())?;
+    Ok(settings)
+}
+
+/// Bytes held by all histograms (for checking that memory stays bounded).
+#[pyfunction]
+fn memory_bytes() -> usize {
+    registry().memory_bytes()
+}
+
+#[pymodule]
+fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = module.py();
+    module.add("MeteredFunction", metered_function::create_type(py)?)?;
+    module.add_class::<meter::PyMeterCore>()?;
+    module.add_class::<meter::Call>()?;
+    module.add_class::<steps::Steps>()?;
+    module.add_class::<instruments::PyHistogram>()?;
+    module.add_class::<instruments::PyCounter>()?;
+    module.add_class::<snapshots::PyHistogramSnapshot>()?;
+    module.add_class::<snapshots::PySeries>()?;
+    module.add_function(wrap_pyfunction!(snapshot, module)?)?;
+    module.add_function(wrap_pyfunction!(reset, module)?)?;
+    module.add_function(wrap_pyfunction!(available_probes, module)?)?;
+    module.add_function(wrap_pyfunction!(configure, module)?)?;
+    module.add_function(wrap_pyfunction!(memory_bytes, module)?)?;
+    module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
+    module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
+    Ok(())
+}
