@@ -60,6 +60,15 @@ pub struct StepStart {
     reading_cost_ns: u64,
 }
 
+/// One thread cannot use more CPU than wall time; the CPU clock's readings sit just
+/// outside the wall clock's, so a tiny call could otherwise show a little more.
+#[inline]
+fn cap_cpu(mut delta: Reading, duration_ns: u64) -> Reading {
+    let cpu = &mut delta.values[crate::probe::measure::CPU_TIME];
+    *cpu = (*cpu).min(duration_ns);
+    delta
+}
+
 impl MeterCore {
     pub fn new(
         operation: &str,
@@ -149,7 +158,7 @@ impl MeterCore {
                     + monotonic_ns().saturating_sub(wall_end);
                 self.sampler.observe(duration_ns, cost);
             }
-            delta.map(|delta| (delta, weight))
+            delta.map(|delta| (cap_cpu(delta, duration_ns), weight))
         });
         Measured {
             duration_ns,
@@ -217,7 +226,7 @@ impl MeterCore {
                 if self.sampler.is_adaptive() {
                     self.sampler.observe(duration_ns, call.probe_cost_ns);
                 }
-                Some((call.total, weight))
+                Some((cap_cpu(call.total, duration_ns), weight))
             }
             _ => None,
         };
