@@ -170,7 +170,10 @@ impl MeterCore {
     pub fn record(&self, measured: &Measured, series: &CallSeries) {
         series.record(
             measured.duration_ns,
-            measured.sample.as_ref().map(|(delta, weight)| (delta, *weight)),
+            measured
+                .sample
+                .as_ref()
+                .map(|(delta, weight)| (delta, *weight)),
         );
     }
 

@@ -19,11 +19,14 @@ pub fn attribute_value(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Attribut
         return Ok(AttributeValue::Str(Arc::from(value.extract::<&str>()?)));
     }
     if value.is_instance_of::<PyInt>() {
-        return value.extract::<i64>().map(AttributeValue::Int).map_err(|_| {
-            PyValueError::new_err(format!(
-                "attribute {key:?}: int {value} does not fit in 64 bits; pass it as a str"
-            ))
-        });
+        return value
+            .extract::<i64>()
+            .map(AttributeValue::Int)
+            .map_err(|_| {
+                PyValueError::new_err(format!(
+                    "attribute {key:?}: int {value} does not fit in 64 bits; pass it as a str"
+                ))
+            });
     }
     if value.is_instance_of::<PyFloat>() {
         return Ok(AttributeValue::Float(value.extract()?));
@@ -72,7 +75,10 @@ pub fn attribute_set(attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Attribut
     Ok(AttributeSet::new(attribute_pairs(attributes)?))
 }
 
-pub fn value_to_python<'py>(py: Python<'py>, value: &AttributeValue) -> PyResult<Bound<'py, PyAny>> {
+pub fn value_to_python<'py>(
+    py: Python<'py>,
+    value: &AttributeValue,
+) -> PyResult<Bound<'py, PyAny>> {
     Ok(match value {
         AttributeValue::Str(text) => PyString::new(py, text).into_any(),
         AttributeValue::Int(number) => number.into_pyobject(py)?.into_any(),
@@ -110,7 +116,11 @@ pub fn probe_set(probes: &Bound<'_, PyAny>) -> PyResult<ProbeSet> {
     for name in probes.try_iter().map_err(|_| {
         PyTypeError::new_err(format!(
             "probes must be an iterable of probe names, not {}",
-            probes.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            probes
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })? {
         let name = name?;

@@ -3,8 +3,8 @@
 //! per measure, no sampling, series or histograms. Benchmarks compare meterage to it.
 
 use super::metered_function::{parts, wrap_with};
-use crate::aggregate::call::MeterCore;
 use crate::aggregate::attributes::AttributeSet;
+use crate::aggregate::call::MeterCore;
 use crate::aggregate::sampling::SamplingMode;
 use crate::probe::{measure, monotonic_ns, ProbeSet, Reading};
 use pyo3::ffi;
@@ -18,7 +18,8 @@ static SUMS: [AtomicU64; measure::COUNT + 1] = [const { AtomicU64::new(0) }; mea
 
 #[inline]
 fn record_duration(duration_ns: u64) {
-    DURATION_BUCKETS[63 - (duration_ns | 1).leading_zeros() as usize].fetch_add(1, Ordering::Relaxed);
+    DURATION_BUCKETS[63 - (duration_ns | 1).leading_zeros() as usize]
+        .fetch_add(1, Ordering::Relaxed);
     SUMS[measure::COUNT].fetch_add(duration_ns, Ordering::Relaxed);
 }
 
@@ -52,11 +53,8 @@ unsafe extern "C" fn with_probes(
     let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
     record_duration(monotonic_ns() - started);
     let after = Reading::take_after(probes);
-    for index in 0..measure::COUNT {
-        SUMS[index].fetch_add(
-            after.values[index].wrapping_sub(before.values[index]),
-            Ordering::Relaxed,
-        );
+    for ((sum, after), before) in SUMS.iter().zip(after.values).zip(before.values) {
+        sum.fetch_add(after.wrapping_sub(before), Ordering::Relaxed);
     }
     result
 }
@@ -81,12 +79,19 @@ pub fn floor_wrap<'py>(
         set,
         SamplingMode::Fixed(1.0),
     ));
-    let call = if set.is_empty() { timer_only } else { with_probes };
+    let call = if set.is_empty() {
+        timer_only
+    } else {
+        with_probes
+    };
     wrap_with(py, &core, function, call)
 }
 
 /// Calls recorded by floor wrappers (so a benchmark can check they really ran).
 #[pyfunction]
 pub fn floor_calls() -> u64 {
-    DURATION_BUCKETS.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    DURATION_BUCKETS
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .sum()
 }

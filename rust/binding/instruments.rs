@@ -4,9 +4,9 @@ use super::convert::attribute_set;
 use super::snapshots::PyHistogramSnapshot;
 use crate::aggregate::attributes::AttributeSet;
 use crate::aggregate::histogram::HistogramSnapshot;
+use crate::aggregate::histogram::SCALE;
 use crate::aggregate::registry::{registry, Instrument};
 use crate::aggregate::series::{CounterSeries, HistogramSeries};
-use crate::aggregate::histogram::SCALE;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt};
@@ -14,16 +14,15 @@ use std::sync::Arc;
 
 /// A measurement: an int or float that is finite and not negative.
 fn measurement(what: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    let number = if value.is_instance_of::<PyFloat>() {
-        value.extract::<f64>()?
-    } else if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
-        value.extract::<f64>()?
-    } else {
+    let is_number = value.is_instance_of::<PyFloat>()
+        || (value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>());
+    if !is_number {
         return Err(PyTypeError::new_err(format!(
             "{what} must be an int or float, not {}",
             value.get_type().name()?
         )));
-    };
+    }
+    let number = value.extract::<f64>()?;
     if !number.is_finite() || number < 0.0 {
         return Err(PyValueError::new_err(format!(
             "{what} must be finite and not negative, got {number}"
@@ -38,9 +37,9 @@ fn series_of<T: crate::aggregate::series_map::SeriesData>(
     attributes: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Arc<T>> {
     match attributes {
-        Some(attributes) if !attributes.is_none() => {
-            Ok(instrument.series.get_or_create(&attribute_set(Some(attributes))?))
-        }
+        Some(attributes) if !attributes.is_none() => Ok(instrument
+            .series
+            .get_or_create(&attribute_set(Some(attributes))?)),
         _ => Ok(Arc::clone(default)),
     }
 }
@@ -89,7 +88,11 @@ impl PyHistogram {
 
     /// Records one value (int or float, finite, not negative).
     #[pyo3(signature = (value, attributes = None))]
-    fn record(&self, value: &Bound<'_, PyAny>, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn record(
+        &self,
+        value: &Bound<'_, PyAny>,
+        attributes: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         let value = measurement("histogram values", value)?;
         series_of(&self.instrument, &self.default, attributes)?
             .histogram
@@ -101,9 +104,10 @@ impl PyHistogram {
     #[pyo3(signature = (attributes = None))]
     fn snapshot(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<PyHistogramSnapshot> {
         let series = match attributes {
-            Some(attributes) if !attributes.is_none() => {
-                self.instrument.series.get(&attribute_set(Some(attributes))?)
-            }
+            Some(attributes) if !attributes.is_none() => self
+                .instrument
+                .series
+                .get(&attribute_set(Some(attributes))?),
             _ => Some(Arc::clone(&self.default)),
         };
         let snapshot = series.map_or_else(
@@ -114,7 +118,10 @@ impl PyHistogram {
     }
 
     fn __repr__(&self) -> String {
-        format!("<meterage.histogram {:?} unit={:?}>", &*self.instrument.name, &*self.instrument.unit)
+        format!(
+            "<meterage.histogram {:?} unit={:?}>",
+            &*self.instrument.name, &*self.instrument.unit
+        )
     }
 }
 
@@ -155,7 +162,11 @@ impl PyCounter {
 
     /// Adds a non-negative amount (counters only go up).
     #[pyo3(signature = (amount = None, attributes = None))]
-    fn add(&self, amount: Option<&Bound<'_, PyAny>>, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn add(
+        &self,
+        amount: Option<&Bound<'_, PyAny>>,
+        attributes: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         let amount = match amount {
             Some(amount) => measurement("counter amounts", amount)?,
             None => 1.0,
@@ -178,6 +189,9 @@ impl PyCounter {
     }
 
     fn __repr__(&self) -> String {
-        format!("<meterage.counter {:?} unit={:?}>", &*self.instrument.name, &*self.instrument.unit)
+        format!(
+            "<meterage.counter {:?} unit={:?}>",
+            &*self.instrument.name, &*self.instrument.unit
+        )
     }
 }

@@ -1,7 +1,10 @@
 //! `MeterCore` (one per decorated function or `meterage.meter(...)` object) and `Call`
 //! (one metered call that is entered and exited, or stepped, from Python).
 
-use super::convert::{attribute_key, attribute_pairs, attribute_set, attribute_value, attributes_to_dict, probe_set, Pairs};
+use super::convert::{
+    attribute_key, attribute_pairs, attribute_set, attribute_value, attributes_to_dict, probe_set,
+    Pairs,
+};
 use super::metered_function;
 use super::steps::Steps;
 use crate::aggregate::call::{CallStart, MeterCore, SteppedCall};
@@ -48,7 +51,9 @@ impl PyMeterCore {
         budget: Option<f64>,
     ) -> PyResult<Self> {
         if operation.is_empty() {
-            return Err(PyValueError::new_err("the operation name must not be empty"));
+            return Err(PyValueError::new_err(
+                "the operation name must not be empty",
+            ));
         }
         let requested = match probes {
             Some(probes) if !probes.is_none() => probe_set(probes)?,
@@ -57,11 +62,9 @@ impl PyMeterCore {
         // Probes that cannot work here are dropped; the Python layer warns about them.
         let probes = requested.without(probe::unavailable(requested));
         let mode = match (sample, budget) {
-            (Some(_), Some(_)) => {
-                return Err(PyValueError::new_err(
-                    "give either sample (a fixed probing rate) or budget (an overhead share), not both",
-                ))
-            }
+            (Some(_), Some(_)) => return Err(PyValueError::new_err(
+                "give either sample (a fixed probing rate) or budget (an overhead share), not both",
+            )),
             (Some(rate), None) => SamplingMode::Fixed(check_fraction("sample", rate)?),
             (None, Some(share)) => SamplingMode::Budget(Some(check_fraction("budget", share)?)),
             (None, None) => SamplingMode::Budget(None),
@@ -109,7 +112,11 @@ impl PyMeterCore {
     }
 
     /// Wraps a plain callable in a vectorcall `MeteredFunction`.
-    fn wrap<'py>(&self, py: Python<'py>, function: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    fn wrap<'py>(
+        &self,
+        py: Python<'py>,
+        function: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         if !function.is_callable() {
             return Err(PyTypeError::new_err(format!(
                 "meterage.meter can only decorate callables, not {}",
@@ -145,7 +152,8 @@ impl PyMeterCore {
     ) -> PyResult<()> {
         let mut current: *mut ffi::PyObject = std::ptr::null_mut();
         // SAFETY: valid out-pointer; a null default makes a missing value leave it null.
-        if unsafe { ffi::PyContextVar_Get(active.as_ptr(), std::ptr::null_mut(), &mut current) } < 0 {
+        if unsafe { ffi::PyContextVar_Get(active.as_ptr(), std::ptr::null_mut(), &mut current) } < 0
+        {
             return Err(PyErr::fetch(py));
         }
         if current.is_null() {
@@ -158,10 +166,14 @@ impl PyMeterCore {
         let call = current.cast::<Call>()?;
         let mut state = call.borrow_mut();
         let Some(start) = state.start.take() else {
-            return Err(PyRuntimeError::new_err("this meter's call has already ended"));
+            return Err(PyRuntimeError::new_err(
+                "this meter's call has already ended",
+            ));
         };
         let measured = self.core.stop(start);
-        let series = self.core.series_for(&state.dynamic, error_type_name(exception_type)?.as_deref());
+        let series = self
+            .core
+            .series_for(&state.dynamic, error_type_name(exception_type)?.as_deref());
         self.core.record(&measured, &series);
         if let Some(token) = state.token.take() {
             // SAFETY: the token came from PyContextVar_Set on this same variable.

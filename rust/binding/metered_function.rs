@@ -29,7 +29,10 @@ struct MeteredFunctionObject {
 
 extern "C" {
     // Part of the stable C API since 3.0; pyo3-ffi does not declare it.
-    fn PyMethod_New(function: *mut ffi::PyObject, instance: *mut ffi::PyObject) -> *mut ffi::PyObject;
+    fn PyMethod_New(
+        function: *mut ffi::PyObject,
+        instance: *mut ffi::PyObject,
+    ) -> *mut ffi::PyObject;
 }
 
 static TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
@@ -40,7 +43,9 @@ static TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
 /// # Safety
 /// `callable` must be a live `MeteredFunction` and the GIL held.
 #[inline]
-pub unsafe fn parts<'a>(callable: *mut ffi::PyObject) -> Option<(*mut ffi::PyObject, &'a MeterCore)> {
+pub unsafe fn parts<'a>(
+    callable: *mut ffi::PyObject,
+) -> Option<(*mut ffi::PyObject, &'a MeterCore)> {
     let this = &*(callable as *const MeteredFunctionObject);
     if this.function.is_null() {
         ffi::PyErr_SetString(
@@ -137,7 +142,10 @@ unsafe extern "C" fn dealloc(object: *mut ffi::PyObject) {
     }
     clear(object);
     if !this.core.is_null() {
-        drop(Arc::from_raw(std::mem::replace(&mut this.core, ptr::null())));
+        drop(Arc::from_raw(std::mem::replace(
+            &mut this.core,
+            ptr::null(),
+        )));
     }
     let owner = ffi::Py_TYPE(object);
     let free = ffi::PyType_GetSlot(owner, ffi::Py_tp_free);
@@ -165,7 +173,10 @@ unsafe extern "C" fn repr(object: *mut ffi::PyObject) -> *mut ffi::PyObject {
 }
 
 /// Pickles by reference, like a module-level function (`module.qualname`).
-unsafe extern "C" fn reduce(object: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+unsafe extern "C" fn reduce(
+    object: *mut ffi::PyObject,
+    _: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
     ffi::PyObject_GetAttrString(object, c"__qualname__".as_ptr())
 }
 
@@ -199,7 +210,9 @@ pub fn create_type(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     let methods = Box::leak(Box::new([
         ffi::PyMethodDef {
             ml_name: c"__reduce__".as_ptr(),
-            ml_meth: ffi::PyMethodDefPointer { PyCFunction: reduce },
+            ml_meth: ffi::PyMethodDefPointer {
+                PyCFunction: reduce,
+            },
             ml_flags: ffi::METH_NOARGS,
             ml_doc: ptr::null(),
         },
@@ -228,8 +241,8 @@ pub fn create_type(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         slot(ffi::Py_tp_getset, getset.as_mut_ptr().cast()),
         slot(
             ffi::Py_tp_doc,
-            c"A function metered by meterage: calls it and records what the call cost."
-                .as_ptr() as *mut c_void,
+            c"A function metered by meterage: calls it and records what the call cost.".as_ptr()
+                as *mut c_void,
         ),
         slot(0, ptr::null_mut()),
     ]));

@@ -40,10 +40,16 @@ fn available_probes(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// Sets process-wide defaults; returns the settings in force.
 #[pyfunction]
 #[pyo3(signature = (budget = None, cardinality_limit = None))]
-fn configure(py: Python<'_>, budget: Option<f64>, cardinality_limit: Option<i64>) -> PyResult<Bound<'_, PyDict>> {
+fn configure(
+    py: Python<'_>,
+    budget: Option<f64>,
+    cardinality_limit: Option<i64>,
+) -> PyResult<Bound<'_, PyDict>> {
     if let Some(budget) = budget {
         if !(budget.is_finite() && budget > 0.0 && budget <= 1.0) {
-            return Err(PyValueError::new_err(format!("budget must be in (0, 1], got {budget}")));
+            return Err(PyValueError::new_err(format!(
+                "budget must be in (0, 1], got {budget}"
+            )));
         }
         sampling::set_global_budget(budget);
     }

@@ -80,7 +80,9 @@ impl PyHistogramSnapshot {
     /// The q-quantile (0 <= q <= 1), within 2.2% of the exact nearest-rank value.
     fn quantile(&self, q: f64) -> PyResult<f64> {
         if !(0.0..=1.0).contains(&q) {
-            return Err(PyValueError::new_err(format!("q must be in [0, 1], got {q}")));
+            return Err(PyValueError::new_err(format!(
+                "q must be in [0, 1], got {q}"
+            )));
         }
         Ok(self.inner.quantile(q))
     }
@@ -178,7 +180,11 @@ impl PySeries {
                 known.join(", ")
             )));
         };
-        Ok(histogram.cast::<PyHistogramSnapshot>()?.get().inner.estimated_sum())
+        Ok(histogram
+            .cast::<PyHistogramSnapshot>()?
+            .get()
+            .inner
+            .estimated_sum())
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -192,7 +198,10 @@ impl PySeries {
     }
 }
 
-pub fn series_list<'py>(py: Python<'py>, snapshot: &[SeriesSnapshot]) -> PyResult<Bound<'py, PyList>> {
+pub fn series_list<'py>(
+    py: Python<'py>,
+    snapshot: &[SeriesSnapshot],
+) -> PyResult<Bound<'py, PyList>> {
     let items = snapshot
         .iter()
         .map(|series| Py::new(py, PySeries::new(py, series)?))

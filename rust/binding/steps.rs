@@ -6,9 +6,9 @@
 
 use super::meter::{error_type_name, Call};
 use pyo3::exceptions::PyStopIteration;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
-use pyo3::intern;
 
 #[pyclass(module = "meterage._native")]
 pub struct Steps {
@@ -20,7 +20,11 @@ pub struct Steps {
 }
 
 impl Steps {
-    pub fn new(call: Py<Call>, awaitable: &Bound<'_, PyAny>, finishes_call: bool) -> PyResult<Steps> {
+    pub fn new(
+        call: Py<Call>,
+        awaitable: &Bound<'_, PyAny>,
+        finishes_call: bool,
+    ) -> PyResult<Steps> {
         let py = awaitable.py();
         // Coroutines, generators and asend/athrow objects step with send(); other
         // awaitables (futures) give their iterator through __await__.
@@ -78,11 +82,15 @@ impl Steps {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.step(py, |inner| inner.call_method1(intern!(py, "send"), (py.None(),)))
+        self.step(py, |inner| {
+            inner.call_method1(intern!(py, "send"), (py.None(),))
+        })
     }
 
     fn send(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        self.step(py, |inner| inner.call_method1(intern!(py, "send"), (value,)))
+        self.step(py, |inner| {
+            inner.call_method1(intern!(py, "send"), (value,))
+        })
     }
 
     #[pyo3(signature = (*args))]

@@ -71,7 +71,10 @@ mod tests {
         // A 20 ms busy loop is mostly on-CPU, but other processes may share the cores:
         // require a clear share of it, and never more CPU than wall time.
         assert!(busy >= 2_000_000, "busy loop got {busy} ns of CPU");
-        assert!(busy <= elapsed + 1_000_000, "{busy} ns of CPU in {elapsed} ns");
+        assert!(
+            busy <= elapsed + 1_000_000,
+            "{busy} ns of CPU in {elapsed} ns"
+        );
 
         let before_sleep = thread_cpu_ns();
         std::thread::sleep(std::time::Duration::from_millis(30));

@@ -236,8 +236,8 @@ impl Reading {
             delta.values[index] = self.values[index].saturating_sub(start.values[index]);
         }
         if delta.probes.contains(ProbeSet::CPU) {
-            delta.values[measure::CPU_TIME] = delta.values[measure::CPU_TIME]
-                .saturating_sub(clock::thread_cpu_read_cost_ns());
+            delta.values[measure::CPU_TIME] =
+                delta.values[measure::CPU_TIME].saturating_sub(clock::thread_cpu_read_cost_ns());
         }
         Some(delta)
     }

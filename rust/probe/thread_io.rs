@@ -39,12 +39,7 @@ thread_local! {
 
 fn open_thread_file() -> i32 {
     // SAFETY: PATH is NUL-terminated.
-    unsafe {
-        libc::open(
-            PATH.as_ptr().cast(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    }
+    unsafe { libc::open(PATH.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) }
 }
 
 impl ThreadIoFile {
