@@ -161,6 +161,9 @@ mod tests {
         let failed = base.with(ERROR_TYPE_KEY, "ValueError".into());
         assert_eq!(failed.len(), 2);
         assert_eq!(base.len(), 1);
-        assert_eq!(failed.with("tier", "free".into()).get("tier"), Some(&"free".into()));
+        assert_eq!(
+            failed.with("tier", "free".into()).get("tier"),
+            Some(&"free".into())
+        );
     }
 }

@@ -90,11 +90,7 @@ pub fn registry() -> &'static Registry {
     })
 }
 
-fn instrument<T: SeriesData>(
-    name: &str,
-    unit: &str,
-    description: &str,
-) -> Instrument<T> {
+fn instrument<T: SeriesData>(name: &str, unit: &str, description: &str) -> Instrument<T> {
     Instrument {
         name: Arc::from(name),
         unit: Arc::from(unit),
@@ -120,7 +116,9 @@ impl Registry {
         description: &str,
     ) -> Result<Arc<Instrument<HistogramSeries>>, String> {
         if self.counters.load().contains_key(name) {
-            return Err(format!("{name:?} is already a counter; pick another name for the histogram"));
+            return Err(format!(
+                "{name:?} is already a counter; pick another name for the histogram"
+            ));
         }
         Ok(get_or_insert(&self.histograms, name, || {
             instrument(name, unit, description)
@@ -135,7 +133,9 @@ impl Registry {
         description: &str,
     ) -> Result<Arc<Instrument<CounterSeries>>, String> {
         if self.histograms.load().contains_key(name) {
-            return Err(format!("{name:?} is already a histogram; pick another name for the counter"));
+            return Err(format!(
+                "{name:?} is already a histogram; pick another name for the counter"
+            ));
         }
         Ok(get_or_insert(&self.counters, name, || {
             instrument(name, unit, description)
@@ -248,7 +248,11 @@ impl Registry {
         for operation in values(&self.operations) {
             for series in operation.series.all() {
                 total += series.duration.memory_bytes();
-                total += series.probes.iter().map(|h| h.memory_bytes()).sum::<usize>();
+                total += series
+                    .probes
+                    .iter()
+                    .map(|h| h.memory_bytes())
+                    .sum::<usize>();
             }
         }
         for histogram in values(&self.histograms) {

@@ -120,8 +120,7 @@ impl Sampler {
         if threshold == ALWAYS {
             return Some(1.0);
         }
-        (next_random() < threshold)
-            .then(|| 18_446_744_073_709_551_616.0 / threshold.max(1) as f64)
+        (next_random() < threshold).then(|| 18_446_744_073_709_551_616.0 / threshold.max(1) as f64)
     }
 
     /// Whether `observe` has any use: only the adaptive mode learns from sampled calls.
@@ -183,7 +182,9 @@ mod tests {
     fn fixed_rate_probes_that_share_of_calls() {
         let sampler = Sampler::new(SamplingMode::Fixed(0.25));
         let draws = 200_000;
-        let hits = (0..draws).filter_map(|_| sampler.decide()).collect::<Vec<_>>();
+        let hits = (0..draws)
+            .filter_map(|_| sampler.decide())
+            .collect::<Vec<_>>();
         let share = hits.len() as f64 / draws as f64;
         // Binomial sd is ~0.001 here; 0.01 is ten of them.
         assert!((share - 0.25).abs() < 0.01, "share {share}");
