@@ -7,6 +7,7 @@ use crate::aggregate::histogram::HistogramSnapshot;
 use crate::aggregate::histogram::SCALE;
 use crate::aggregate::registry::{registry, Instrument};
 use crate::aggregate::series::{CounterSeries, HistogramSeries};
+use crate::aggregate::series_map::SeriesData;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt};
@@ -31,59 +32,73 @@ fn measurement(what: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
     Ok(number)
 }
 
-fn series_of<T: crate::aggregate::series_map::SeriesData>(
-    instrument: &Instrument<T>,
-    default: &Arc<T>,
-    attributes: Option<&Bound<'_, PyAny>>,
-) -> PyResult<Arc<T>> {
-    match attributes {
-        Some(attributes) if !attributes.is_none() => Ok(instrument
-            .series
-            .get_or_create(&attribute_set(Some(attributes))?)),
-        _ => Ok(Arc::clone(default)),
-    }
+/// An instrument and its attribute-less series, resolved once when the handle is made.
+struct Handle<T> {
+    instrument: Arc<Instrument<T>>,
+    default: Arc<T>,
 }
 
-fn check_name(name: &str) -> PyResult<()> {
-    if name.is_empty() {
-        return Err(PyValueError::new_err("instrument names must not be empty"));
+impl<T: SeriesData> Handle<T> {
+    fn open(
+        name: &str,
+        lookup: impl FnOnce(&str) -> Result<Arc<Instrument<T>>, String>,
+    ) -> PyResult<Self> {
+        if name.is_empty() {
+            return Err(PyValueError::new_err("instrument names must not be empty"));
+        }
+        let instrument = lookup(name).map_err(PyValueError::new_err)?;
+        let default = instrument.series.get_or_create(&AttributeSet::empty());
+        Ok(Handle {
+            instrument,
+            default,
+        })
     }
-    Ok(())
+
+    /// The series to record into, created if needed.
+    fn series(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Arc<T>> {
+        match attributes {
+            Some(attributes) if !attributes.is_none() => Ok(self
+                .instrument
+                .series
+                .get_or_create(&attribute_set(Some(attributes))?)),
+            _ => Ok(Arc::clone(&self.default)),
+        }
+    }
+
+    /// The series to read, if it exists.
+    fn existing(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Arc<T>>> {
+        match attributes {
+            Some(attributes) if !attributes.is_none() => Ok(self
+                .instrument
+                .series
+                .get(&attribute_set(Some(attributes))?)),
+            _ => Ok(Some(Arc::clone(&self.default))),
+        }
+    }
 }
 
 #[pyclass(module = "meterage._native", name = "Histogram", frozen)]
-pub struct PyHistogram {
-    instrument: Arc<Instrument<HistogramSeries>>,
-    default: Arc<HistogramSeries>,
-}
+pub struct PyHistogram(Handle<HistogramSeries>);
 
 #[pymethods]
 impl PyHistogram {
     #[new]
     #[pyo3(signature = (name, unit = "", description = ""))]
     fn new(name: &str, unit: &str, description: &str) -> PyResult<Self> {
-        check_name(name)?;
-        let instrument = registry()
-            .histogram(name, unit, description)
-            .map_err(PyValueError::new_err)?;
-        let default = instrument.series.get_or_create(&AttributeSet::empty());
-        Ok(PyHistogram {
-            instrument,
-            default,
-        })
+        Handle::open(name, |name| registry().histogram(name, unit, description)).map(PyHistogram)
     }
 
     #[getter]
     fn name(&self) -> &str {
-        &self.instrument.name
+        &self.0.instrument.name
     }
     #[getter]
     fn unit(&self) -> &str {
-        &self.instrument.unit
+        &self.0.instrument.unit
     }
     #[getter]
     fn description(&self) -> &str {
-        &self.instrument.description
+        &self.0.instrument.description
     }
 
     /// Records one value (int or float, finite, not negative).
@@ -94,73 +109,54 @@ impl PyHistogram {
         attributes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let value = measurement("histogram values", value)?;
-        series_of(&self.instrument, &self.default, attributes)?
-            .histogram
-            .record(value);
+        self.0.series(attributes)?.histogram.record(value);
         Ok(())
     }
 
     /// The histogram of one attribute set (empty if nothing was recorded there).
     #[pyo3(signature = (attributes = None))]
     fn snapshot(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<PyHistogramSnapshot> {
-        let series = match attributes {
-            Some(attributes) if !attributes.is_none() => self
-                .instrument
-                .series
-                .get(&attribute_set(Some(attributes))?),
-            _ => Some(Arc::clone(&self.default)),
-        };
-        let snapshot = series.map_or_else(
+        let snapshot = self.0.existing(attributes)?.map_or_else(
             || HistogramSnapshot::empty(SCALE),
             |series| series.histogram.snapshot(),
         );
-        Ok(PyHistogramSnapshot::new(snapshot, &self.instrument.unit))
+        Ok(PyHistogramSnapshot::new(snapshot, &self.0.instrument.unit))
     }
 
     fn __repr__(&self) -> String {
+        let instrument = &self.0.instrument;
         format!(
             "<meterage.histogram {:?} unit={:?}>",
-            &*self.instrument.name, &*self.instrument.unit
+            &*instrument.name, &*instrument.unit
         )
     }
 }
 
 #[pyclass(module = "meterage._native", name = "Counter", frozen)]
-pub struct PyCounter {
-    instrument: Arc<Instrument<CounterSeries>>,
-    default: Arc<CounterSeries>,
-}
+pub struct PyCounter(Handle<CounterSeries>);
 
 #[pymethods]
 impl PyCounter {
     #[new]
     #[pyo3(signature = (name, unit = "", description = ""))]
     fn new(name: &str, unit: &str, description: &str) -> PyResult<Self> {
-        check_name(name)?;
-        let instrument = registry()
-            .counter(name, unit, description)
-            .map_err(PyValueError::new_err)?;
-        let default = instrument.series.get_or_create(&AttributeSet::empty());
-        Ok(PyCounter {
-            instrument,
-            default,
-        })
+        Handle::open(name, |name| registry().counter(name, unit, description)).map(PyCounter)
     }
 
     #[getter]
     fn name(&self) -> &str {
-        &self.instrument.name
+        &self.0.instrument.name
     }
     #[getter]
     fn unit(&self) -> &str {
-        &self.instrument.unit
+        &self.0.instrument.unit
     }
     #[getter]
     fn description(&self) -> &str {
-        &self.instrument.description
+        &self.0.instrument.description
     }
 
-    /// Adds a non-negative amount (counters only go up).
+    /// Adds a non-negative amount (default 1; counters only go up).
     #[pyo3(signature = (amount = None, attributes = None))]
     fn add(
         &self,
@@ -171,27 +167,24 @@ impl PyCounter {
             Some(amount) => measurement("counter amounts", amount)?,
             None => 1.0,
         };
-        series_of(&self.instrument, &self.default, attributes)?.add(amount);
+        self.0.series(attributes)?.add(amount);
         Ok(())
     }
 
-    /// The total of one attribute set.
+    /// The total of one attribute set (0 if nothing was added there).
     #[pyo3(signature = (attributes = None))]
     fn value(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
-        match attributes {
-            Some(attributes) if !attributes.is_none() => Ok(self
-                .instrument
-                .series
-                .get(&attribute_set(Some(attributes))?)
-                .map_or(0.0, |series| series.value())),
-            _ => Ok(self.default.value()),
-        }
+        Ok(self
+            .0
+            .existing(attributes)?
+            .map_or(0.0, |series| series.value()))
     }
 
     fn __repr__(&self) -> String {
+        let instrument = &self.0.instrument;
         format!(
             "<meterage.counter {:?} unit={:?}>",
-            &*self.instrument.name, &*self.instrument.unit
+            &*instrument.name, &*instrument.unit
         )
     }
 }
