@@ -372,6 +372,46 @@ mod tests {
     }
 
     #[test]
+    fn many_threads_record_exact_counts() {
+        let core = Arc::new(MeterCore::new(
+            &unique("threads"),
+            AttributeSet::empty(),
+            ProbeSet::RUSAGE,
+            SamplingMode::Fixed(0.5),
+        ));
+        let handles: Vec<_> = (0..8)
+            .map(|thread| {
+                let core = Arc::clone(&core);
+                std::thread::spawn(move || {
+                    for call in 0..20_000 {
+                        let start = core.begin();
+                        if (thread + call) % 7 == 0 {
+                            core.end(start, &core.error_series("Boom"));
+                        } else {
+                            core.end(start, core.series());
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        let ok = core.series().duration.snapshot().count;
+        let failed = core.error_series("Boom").duration.snapshot().count;
+        assert_eq!(ok + failed, 160_000);
+        let expected_failed = (0..8)
+            .flat_map(|t| (0..20_000).map(move |c| (t + c) % 7 == 0))
+            .filter(|&f| f)
+            .count() as u64;
+        assert_eq!(failed, expected_failed);
+        // Probed calls: a fair coin per call; 160k draws have sd ~200.
+        let probed = core.series().probes[measure::FAULTS_MINOR].snapshot().count
+            + core.error_series("Boom").probes[measure::FAULTS_MINOR]
+                .snapshot()
+                .count;
+        assert!((probed as i64 - 80_000).abs() < 2_000, "probed {probed}");
+    }
+
+    #[test]
     fn a_stepped_call_that_never_ran_records_nothing() {
         let core = MeterCore::new(
             &unique("never"),
