@@ -23,6 +23,7 @@ from meterage._native import (
     MeteredFunction,
     Series,
 )
+from meterage._validate import check_fraction, check_positive_int
 
 __all__ = [
     "Call",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+#: Largest per-operation series limit `configure` accepts (memory must stay bounded).
+MAX_CARDINALITY_LIMIT = 1_000_000
+
 
 def snapshot() -> list[Series]:
     """Every series that has data: metered operations, then custom instruments.
@@ -49,7 +53,7 @@ def snapshot() -> list[Series]:
     >>> import meterage
     >>> with meterage.meter("example.block"):
     ...     pass
-    >>> [s.histograms["duration"].count for s in meterage.snapshot() if s.operation == "example.block"]
+    >>> [s.count for s in meterage.snapshot() if s.operation == "example.block"]
     [1]
     """
     return _native.snapshot()
@@ -83,13 +87,8 @@ def configure(
     >>> meterage.configure()["cardinality_limit"] >= 1
     True
     """
-    from meterage._validate import check_fraction
-
-    check_fraction("budget", budget)
-    if cardinality_limit is not None and (
-        isinstance(cardinality_limit, bool) or not isinstance(cardinality_limit, int)
-    ):
-        raise TypeError(
-            f"cardinality_limit must be a positive int, not {type(cardinality_limit).__name__}"
-        )
+    budget = check_fraction("budget", budget)
+    cardinality_limit = check_positive_int(
+        "cardinality_limit", cardinality_limit, maximum=MAX_CARDINALITY_LIMIT
+    )
     return _native.configure(budget, cardinality_limit)

@@ -19,6 +19,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def decorate(core: _native.MeterCore, function: F) -> F:
+    # staticmethod/classmethod objects: meter the function inside, keep the binding rule.
+    if isinstance(function, staticmethod | classmethod):
+        return type(function)(decorate(core, function.__func__))  # type: ignore[return-value]
     if not callable(function):
         raise TypeError(
             f"meterage.meter can only decorate callables, not {type(function).__name__}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -32,8 +31,11 @@ def _warn_unavailable(requested: Iterable[str] | None) -> None:
             )
 
 
-class Meter:
+class Meter(_native.MeterCore):
     """Meters calls of one operation: use it as a decorator or a context manager.
+
+    ``with`` and ``async with`` blocks are metered natively; the active call is kept per
+    thread and per asyncio task, so one meter can be used nested and concurrently.
 
     >>> import meterage
     >>> db_query = meterage.meter("db.query", attributes={"db": "orders"})
@@ -46,65 +48,37 @@ class Meter:
     [0, 1]
     """
 
-    __slots__ = ("_active", "_core")
+    __slots__ = ()
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         name: str,
         *,
         attributes: Mapping[str, AttributeValue] | None = None,
         probes: Iterable[str] | None = None,
         sample: float | None = None,
         budget: float | None = None,
-    ) -> None:
+    ) -> Meter:
         check_name("the operation name", name)
         sample = check_fraction("sample", sample)
         budget = check_fraction("budget", budget)
         if probes is not None and not isinstance(probes, str):
             probes = tuple(probes)
-        self._core = _native.MeterCore(name, attributes, probes, sample, budget)
+        self = super().__new__(cls, name, attributes, probes, sample, budget)
         _warn_unavailable(probes)
-        self._active: contextvars.ContextVar[_native.Call] = contextvars.ContextVar(
-            f"meterage.active.{name}"
-        )
+        return self
 
     @property
     def name(self) -> str:
         """The operation name."""
-        return self._core.operation
-
-    @property
-    def attributes(self) -> dict[str, AttributeValue]:
-        """The static attributes every call of this meter carries."""
-        return self._core.attributes
-
-    @property
-    def probes(self) -> tuple[str, ...]:
-        """The probes this meter runs (asked for and available here)."""
-        return self._core.probes
-
-    @property
-    def sample_rate(self) -> float:
-        """The current probability that a call runs the probes."""
-        return self._core.sample_rate
+        return self.operation
 
     def __call__(self, function: F) -> F:
         """Decorates ``function``: every call is metered; its behaviour is unchanged."""
-        return decorate(self._core, function)
-
-    def __enter__(self) -> _native.Call:
-        return self._core.enter(self._active)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._core.exit(self._active, exc_type)
+        return decorate(self, function)
 
     async def __aenter__(self) -> _native.Call:
-        return self._core.enter(self._active)
+        return self.__enter__()
 
     async def __aexit__(
         self,
@@ -112,12 +86,11 @@ class Meter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._core.exit(self._active, exc_type)
+        self.__exit__(exc_type, exc, traceback)
 
     def __repr__(self) -> str:
         return (
-            f"meterage.meter({self.name!r}, attributes={self.attributes!r}, "
-            f"probes={self.probes!r})"
+            f"meterage.meter({self.name!r}, attributes={self.attributes!r}, probes={self.probes!r})"
         )
 
 
@@ -163,12 +136,13 @@ def meter(
     """
     if isinstance(target, str):
         return Meter(target, attributes=attributes, probes=probes, sample=sample, budget=budget)
-    if not callable(target):
+    if not callable(target) and not isinstance(target, staticmethod | classmethod):
         raise TypeError(
             "meterage.meter takes an operation name (str) or a callable to decorate, "
             f"not {type(target).__name__}"
         )
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    inner = target.__func__ if isinstance(target, staticmethod | classmethod) else target
+    name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None)
     if not isinstance(name, str) or not name:
-        name = type(target).__qualname__
+        name = type(inner).__qualname__
     return Meter(name, attributes=attributes, probes=probes, sample=sample, budget=budget)(target)

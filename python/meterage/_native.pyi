@@ -1,7 +1,7 @@
 """Type stubs for the native core (``meterage._native``), built from Rust by maturin."""
 
 from collections.abc import Callable, Iterable, Mapping
-from contextvars import ContextVar
+from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -36,10 +36,13 @@ class MeterCore:
     @property
     def probe_cost_ns(self) -> float: ...
     def wrap(self, function: _F) -> _F: ...
-    def enter(self, active: ContextVar[Call]) -> Call: ...
-    def exit(
-        self, active: ContextVar[Call], exception_type: type[BaseException] | None = None
-    ) -> None: ...
+    def __enter__(self) -> Call: ...
+    def __exit__(
+        self,
+        exception_type: type[BaseException] | None = None,
+        exception: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> bool: ...
     def steps(self, awaitable: Any) -> Steps: ...
     def call(self) -> Call: ...
 

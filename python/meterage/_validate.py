@@ -20,12 +20,27 @@ def check_fraction(what: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{what} must be a float in (0, 1], not {type(value).__name__}")
-    if math.isnan(value) or not 0 < value <= 1:
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}") from None
+    if math.isnan(number) or not 0 < number <= 1:
         raise ValueError(f"{what} must be in (0, 1], got {value!r}")
-    return float(value)
+    return number
 
 
 def check_text(what: str, value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    return value
+
+
+def check_positive_int(what: str, value: Any, *, maximum: int) -> int | None:
+    """None, or an int in [1, maximum]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be a positive int, not {type(value).__name__}")
+    if not 1 <= value <= maximum:
+        raise ValueError(f"{what} must be between 1 and {maximum}, got {value!r}")
     return value

@@ -5,7 +5,7 @@ use crate::aggregate::attributes::{AttributeSet, AttributeValue};
 use crate::probe::ProbeSet;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
 use std::sync::Arc;
 
 pub type Pairs = Vec<(Arc<str>, AttributeValue)>;
@@ -56,17 +56,27 @@ pub fn attribute_pairs(attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Pairs>
     let Some(attributes) = attributes.filter(|a| !a.is_none()) else {
         return Ok(Vec::new());
     };
-    let Ok(mapping) = attributes.cast::<PyDict>() else {
-        return Err(PyTypeError::new_err(format!(
-            "attributes must be a dict of str to str/int/float/bool, not {}",
-            attributes.get_type().name()?
-        )));
-    };
-    let mut pairs = Vec::with_capacity(mapping.len());
-    for (key, value) in mapping.iter() {
+    let mut pairs = Vec::new();
+    let mut push = |key: Bound<'_, PyAny>, value: Bound<'_, PyAny>| -> PyResult<()> {
         let key = attribute_key(&key)?;
         let value = attribute_value(&key, &value)?;
         pairs.push((key, value));
+        Ok(())
+    };
+    if let Ok(dict) = attributes.cast::<PyDict>() {
+        for (key, value) in dict.iter() {
+            push(key, value)?;
+        }
+    } else if let Ok(mapping) = attributes.cast::<PyMapping>() {
+        for item in mapping.items()?.iter() {
+            let (key, value) = item.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>()?;
+            push(key, value)?;
+        }
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "attributes must be a mapping of str to str/int/float/bool, not {}",
+            attributes.get_type().name()?
+        )));
     }
     Ok(pairs)
 }

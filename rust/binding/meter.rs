@@ -16,9 +16,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::sync::Arc;
 
-#[pyclass(module = "meterage._native", name = "MeterCore", frozen)]
+#[pyclass(module = "meterage._native", name = "MeterCore", frozen, subclass)]
 pub struct PyMeterCore {
     pub core: Arc<MeterCore>,
+    /// The active `with` block's call, per thread and asyncio task: a ContextVar private
+    /// to this meter, so one meter object works nested, in threads and in tasks at once.
+    active: Py<PyAny>,
 }
 
 /// The class name recorded as `error.type` for an exception class (or None: success).
@@ -44,6 +47,7 @@ impl PyMeterCore {
     #[new]
     #[pyo3(signature = (operation, attributes = None, probes = None, sample = None, budget = None))]
     fn new(
+        py: Python<'_>,
         operation: &str,
         attributes: Option<&Bound<'_, PyAny>>,
         probes: Option<&Bound<'_, PyAny>>,
@@ -69,13 +73,24 @@ impl PyMeterCore {
             (None, Some(share)) => SamplingMode::Budget(Some(check_fraction("budget", share)?)),
             (None, None) => SamplingMode::Budget(None),
         };
+        let core = Arc::new(MeterCore::new(
+            operation,
+            attribute_set(attributes)?,
+            probes,
+            mode,
+        ));
+        let name = std::ffi::CString::new(format!("meterage.active.{operation}"))
+            .map_err(|_| PyValueError::new_err("the operation name must not contain NUL"))?;
+        // SAFETY: a NUL-terminated name and no default value.
+        let active = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyContextVar_New(name.as_ptr(), std::ptr::null_mut()),
+            )?
+        };
         Ok(PyMeterCore {
-            core: Arc::new(MeterCore::new(
-                operation,
-                attribute_set(attributes)?,
-                probes,
-                mode,
-            )),
+            core,
+            active: active.unbind(),
         })
     }
 
@@ -126,13 +141,15 @@ impl PyMeterCore {
         metered_function::wrap(py, &self.core, function)
     }
 
-    /// Starts a call for a `with` block and makes it the active call of `active` (a
-    /// ContextVar private to the meter), so nested and concurrent blocks each find theirs.
-    fn enter(&self, py: Python<'_>, active: &Bound<'_, PyAny>) -> PyResult<Py<Call>> {
+    /// Starts a call for a `with` block and makes it this meter's active call.
+    fn __enter__(&self, py: Python<'_>) -> PyResult<Py<Call>> {
         let call = Py::new(py, Call::new(Arc::clone(&self.core)))?;
-        // SAFETY: `active` is a ContextVar (checked by PyContextVar_Set), call is a live object.
+        // SAFETY: `active` is a ContextVar and `call` a live object.
         let token = unsafe {
-            Bound::from_owned_ptr_or_err(py, ffi::PyContextVar_Set(active.as_ptr(), call.as_ptr()))?
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyContextVar_Set(self.active.as_ptr(), call.as_ptr()),
+            )?
         };
         let mut state = call.borrow_mut(py);
         state.token = Some(token.unbind());
@@ -141,18 +158,21 @@ impl PyMeterCore {
         Ok(call)
     }
 
-    /// Ends the active call of `active`; `exception_type` is the class of the exception
-    /// leaving the block, or None.
-    #[pyo3(signature = (active, exception_type = None))]
-    fn exit(
+    /// Ends the active call; a block left by an exception records its class as
+    /// `error.type`. Never suppresses the exception.
+    #[pyo3(signature = (exception_type = None, _exception = None, _traceback = None))]
+    fn __exit__(
         &self,
         py: Python<'_>,
-        active: &Bound<'_, PyAny>,
         exception_type: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
+        _exception: Option<&Bound<'_, PyAny>>,
+        _traceback: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         let mut current: *mut ffi::PyObject = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; a null default makes a missing value leave it null.
-        if unsafe { ffi::PyContextVar_Get(active.as_ptr(), std::ptr::null_mut(), &mut current) } < 0
+        // SAFETY: valid out-pointer; with a null default a missing value leaves it null.
+        if unsafe {
+            ffi::PyContextVar_Get(self.active.as_ptr(), std::ptr::null_mut(), &mut current)
+        } < 0
         {
             return Err(PyErr::fetch(py));
         }
@@ -171,17 +191,16 @@ impl PyMeterCore {
             ));
         };
         let measured = self.core.stop(start);
-        let series = self
-            .core
-            .series_for(&state.dynamic, error_type_name(exception_type)?.as_deref());
+        let error_type = error_type_name(exception_type)?;
+        let series = self.core.series_for(&state.dynamic, error_type.as_deref());
         self.core.record(&measured, &series);
         if let Some(token) = state.token.take() {
             // SAFETY: the token came from PyContextVar_Set on this same variable.
-            if unsafe { ffi::PyContextVar_Reset(active.as_ptr(), token.as_ptr()) } < 0 {
+            if unsafe { ffi::PyContextVar_Reset(self.active.as_ptr(), token.as_ptr()) } < 0 {
                 return Err(PyErr::fetch(py));
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Meters a coroutine or generator step by step and records it when it ends.
