@@ -87,6 +87,25 @@ impl PyHistogramSnapshot {
         Ok(self.inner.quantile(q))
     }
 
+    /// A new snapshot holding the values of both (at the coarser scale of the two): e.g.
+    /// the overall latency of an operation across its series.
+    fn merge(&self, other: &PyHistogramSnapshot) -> PyResult<PyHistogramSnapshot> {
+        if !self.unit.is_empty() && !other.unit.is_empty() && self.unit != other.unit {
+            return Err(PyValueError::new_err(format!(
+                "cannot merge histograms of different units ({:?} and {:?})",
+                self.unit, other.unit
+            )));
+        }
+        let mut merged = self.inner.clone();
+        merged.merge(&other.inner);
+        let unit = if self.unit.is_empty() {
+            &other.unit
+        } else {
+            &self.unit
+        };
+        Ok(PyHistogramSnapshot::new(merged, unit))
+    }
+
     /// (lower, upper, count) for each bucket, zero bucket excluded.
     fn buckets(&self) -> Vec<(f64, f64, u64)> {
         self.inner.buckets().collect()
