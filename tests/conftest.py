@@ -1,0 +1,81 @@
+"""Shared fixtures: a clean meterage state per test, unique operation names, series lookup."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections.abc import Callable, Iterator
+
+import meterage
+import pytest
+
+# The process-wide settings in force when the suite started (the library defaults).
+DEFAULT_SETTINGS = meterage.configure()
+
+_counter = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _clean_meterage() -> Iterator[None]:
+    """Every test starts from an empty snapshot and leaves the defaults as it found them."""
+    meterage.configure(**DEFAULT_SETTINGS)
+    meterage.reset()
+    yield
+    meterage.configure(**DEFAULT_SETTINGS)
+    meterage.reset()
+
+
+@pytest.fixture
+def unique(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """``unique("op")`` -> an operation name no other test (or call) uses.
+
+    Operations live for the whole process (reset only clears values), so each test names
+    its own to keep probes requested or cardinality used by one test out of the others.
+    """
+    base = re.sub(r"[^A-Za-z0-9_.]+", "_", request.node.name)
+
+    def make(label: str = "op") -> str:
+        return f"test.{base}.{label}.{next(_counter)}"
+
+    return make
+
+
+def _find(operation: str, attributes: dict | None = None) -> list[meterage.Series]:
+    found = [s for s in meterage.snapshot() if s.operation == operation]
+    if attributes is not None:
+        found = [s for s in found if s.attributes == attributes]
+    return found
+
+
+@pytest.fixture
+def series_of() -> Callable[..., list[meterage.Series]]:
+    """``series_of(operation, attributes=None)`` -> the snapshot series of that operation."""
+    return _find
+
+
+@pytest.fixture
+def one_series() -> Callable[..., meterage.Series]:
+    """``one_series(operation, attributes=None)`` -> the single matching series (asserted)."""
+
+    def get(operation: str, attributes: dict | None = None) -> meterage.Series:
+        found = _find(operation, attributes)
+        assert len(found) == 1, f"expected one series of {operation!r} {attributes}: {found}"
+        return found[0]
+
+    return get
+
+
+def burn_cpu(ns: int) -> int:
+    """Busy-loops until this thread has used ``ns`` of CPU; returns the CPU it really used
+    (same clock as the cpu probe: CLOCK_THREAD_CPUTIME_ID)."""
+    start = time.thread_time_ns()
+    now = start
+    while now - start < ns:
+        now = time.thread_time_ns()
+    return now - start
+
+
+@pytest.fixture
+def burn() -> Callable[[int], int]:
+    return burn_cpu
