@@ -78,6 +78,10 @@ impl MeterCore {
     ) -> MeterCore {
         let operation = registry().operation(operation);
         operation.request_probes(probes);
+        if probes.contains(ProbeSet::CPU) {
+            // One-time calibration, here rather than inside the first probed call.
+            crate::probe::clock::thread_cpu_read_cost_ns();
+        }
         let series = operation.series.get_or_create(&attributes);
         MeterCore {
             operation,
@@ -101,12 +105,19 @@ impl MeterCore {
     pub fn sampler(&self) -> &Sampler {
         &self.sampler
     }
+    /// Records the wall time of a call of a meter without probes (the timer-only path:
+    /// no sampling decision, no probe state).
+    #[inline(always)]
+    pub fn record_duration(&self, duration_ns: u64, series: &CallSeries) {
+        series.record(duration_ns, None);
+    }
+
     /// The series successful calls without dynamic attributes record into.
     pub fn series(&self) -> &CallSeries {
         &self.series
     }
 
-    #[inline]
+    #[inline(always)]
     fn decide(&self) -> Option<f64> {
         if self.probes.is_empty() {
             None
@@ -115,7 +126,7 @@ impl MeterCore {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn probe_clock(&self) -> u64 {
         if self.sampler.is_adaptive() {
             monotonic_ns()
@@ -125,7 +136,7 @@ impl MeterCore {
     }
 
     /// Before the call: decide whether to probe it, read the probes if so, start the clock.
-    #[inline]
+    #[inline(always)]
     pub fn begin(&self) -> CallStart {
         match self.decide() {
             None => CallStart {
@@ -147,7 +158,7 @@ impl MeterCore {
 
     /// After the call: stop the clock and read the probes. Recording is separate so the
     /// series (which can depend on the outcome) is chosen outside the timed span.
-    #[inline]
+    #[inline(always)]
     pub fn stop(&self, start: CallStart) -> Measured {
         let wall_end = monotonic_ns();
         let duration_ns = wall_end.saturating_sub(start.wall_ns);
@@ -166,7 +177,7 @@ impl MeterCore {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn record(&self, measured: &Measured, series: &CallSeries) {
         series.record(
             measured.duration_ns,
@@ -178,7 +189,7 @@ impl MeterCore {
     }
 
     /// `stop` then `record`.
-    #[inline]
+    #[inline(always)]
     pub fn end(&self, start: CallStart, series: &CallSeries) {
         let measured = self.stop(start);
         self.record(&measured, series);

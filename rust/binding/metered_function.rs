@@ -9,6 +9,8 @@
 //! method descriptor so `obj.method(...)` skips creating a bound method.
 
 use crate::aggregate::call::{CallStart, MeterCore};
+use crate::aggregate::series::CallSeries;
+use crate::probe::monotonic_ns;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::ffi::{c_int, c_void};
@@ -76,22 +78,52 @@ unsafe extern "C" fn vectorcall(
     result
 }
 
+/// The call path of a meter without probes: the clock around the call and one record.
+unsafe extern "C" fn vectorcall_timer_only(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let Some((function, core)) = parts(callable) else {
+        return ptr::null_mut();
+    };
+    let started = monotonic_ns();
+    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
+    let duration_ns = monotonic_ns().saturating_sub(started);
+    if result.is_null() {
+        let series = failure_series(core);
+        core.record_duration(duration_ns, &series);
+    } else {
+        core.record_duration(duration_ns, core.series());
+    }
+    result
+}
+
 /// Records a failed call under `error.type` = the exception's class name. The exception
 /// is taken and put back as the same object with the same traceback.
 #[cold]
 unsafe fn record_failure(core: &MeterCore, start: CallStart) {
+    let measured = core.stop(start);
+    let series = failure_series(core);
+    core.record(&measured, &series);
+}
+
+/// The series of the exception being raised (class `__qualname__` as `error.type`).
+#[cold]
+unsafe fn failure_series(core: &MeterCore) -> Arc<CallSeries> {
     let py = Python::assume_attached();
     let Some(error) = PyErr::take(py) else {
-        core.end(start, core.series());
-        return;
+        return core.series_for(&[], None);
     };
     let class_name = error
         .get_type(py)
         .qualname()
         .map(|name| name.to_string())
         .unwrap_or_else(|_| "Exception".to_owned());
-    core.end(start, &core.error_series(&class_name));
+    let series = core.error_series(&class_name);
     error.restore(py);
+    series
 }
 
 unsafe extern "C" fn descr_get(
@@ -268,7 +300,12 @@ pub fn wrap<'py>(
     core: &Arc<MeterCore>,
     function: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    wrap_with(py, core, function, vectorcall)
+    let call = if core.probes().is_empty() {
+        vectorcall_timer_only
+    } else {
+        vectorcall
+    };
+    wrap_with(py, core, function, call)
 }
 
 /// Wraps `function` in this type with another call implementation (the benchmark floor).
