@@ -99,6 +99,26 @@ fn instrument<T: SeriesData>(name: &str, unit: &str, description: &str) -> Instr
     }
 }
 
+/// The instrument `name` in `own`, unless `other` (the other kind, `kinds.1`) has it.
+fn named_instrument<T: SeriesData, U>(
+    own: &Named<Instrument<T>>,
+    other: &Named<Instrument<U>>,
+    kinds: (&str, &str),
+    name: &str,
+    unit: &str,
+    description: &str,
+) -> Result<Arc<Instrument<T>>, String> {
+    if other.load().contains_key(name) {
+        let (kind, other_kind) = kinds;
+        return Err(format!(
+            "{name:?} is already a {other_kind}; pick another name for the {kind}"
+        ));
+    }
+    Ok(get_or_insert(own, name, || {
+        instrument(name, unit, description)
+    }))
+}
+
 impl Registry {
     pub fn operation(&self, name: &str) -> Arc<Operation> {
         get_or_insert(&self.operations, name, || Operation {
@@ -115,14 +135,15 @@ impl Registry {
         unit: &str,
         description: &str,
     ) -> Result<Arc<Instrument<HistogramSeries>>, String> {
-        if self.counters.load().contains_key(name) {
-            return Err(format!(
-                "{name:?} is already a counter; pick another name for the histogram"
-            ));
-        }
-        Ok(get_or_insert(&self.histograms, name, || {
-            instrument(name, unit, description)
-        }))
+        let kinds = ("histogram", "counter");
+        named_instrument(
+            &self.histograms,
+            &self.counters,
+            kinds,
+            name,
+            unit,
+            description,
+        )
     }
 
     /// The counter instrument `name`; an existing one keeps its first unit and description.
@@ -132,14 +153,15 @@ impl Registry {
         unit: &str,
         description: &str,
     ) -> Result<Arc<Instrument<CounterSeries>>, String> {
-        if self.histograms.load().contains_key(name) {
-            return Err(format!(
-                "{name:?} is already a histogram; pick another name for the counter"
-            ));
-        }
-        Ok(get_or_insert(&self.counters, name, || {
-            instrument(name, unit, description)
-        }))
+        let kinds = ("counter", "histogram");
+        named_instrument(
+            &self.counters,
+            &self.histograms,
+            kinds,
+            name,
+            unit,
+            description,
+        )
     }
 
     /// Clears every recorded value. Handles stay valid and record into the cleared series.
