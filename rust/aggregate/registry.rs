@@ -4,7 +4,6 @@
 //! copy. After a fork the child clears every series, so it starts with empty state while
 //! the parent's data stays untouched; handles held by decorated functions stay valid.
 
-use super::attributes::AttributeSet;
 use super::series::{CallSeries, CounterSeries, HistogramSeries};
 use super::series_map::{SeriesData, SeriesMap};
 use super::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
@@ -286,19 +285,5 @@ impl Registry {
                 .sum::<usize>();
         }
         total
-    }
-
-    pub fn attribute_sets(&self, operation: &str) -> Vec<AttributeSet> {
-        self.operations
-            .load()
-            .get(operation)
-            .map(|op| {
-                op.series
-                    .all()
-                    .iter()
-                    .map(|s| s.attributes().clone())
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 }

@@ -109,10 +109,6 @@ impl Sampler {
         }
     }
 
-    pub fn mode(&self) -> SamplingMode {
-        self.mode
-    }
-
     /// The current probability of probing a call.
     pub fn rate(&self) -> f64 {
         match self.threshold.load(Ordering::Relaxed) {

@@ -52,9 +52,6 @@ impl ProbeSet {
     pub const fn contains(self, other: ProbeSet) -> bool {
         self.0 & other.0 == other.0
     }
-    pub const fn intersects(self, other: ProbeSet) -> bool {
-        self.0 & other.0 != 0
-    }
     pub const fn union(self, other: ProbeSet) -> ProbeSet {
         ProbeSet(self.0 | other.0)
     }
@@ -170,12 +167,6 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// Reads `probes` on the calling thread, in no particular order.
-    #[inline]
-    pub fn take(probes: ProbeSet) -> Reading {
-        Self::take_before(probes)
-    }
-
     /// The reading before a call: the CPU clock last, so the other probes' own cost
     /// (the IO pread is ~2 µs) is not charged to the call's CPU time.
     #[inline]
@@ -415,8 +406,8 @@ mod tests {
 
     #[test]
     fn readings_across_a_fork_are_not_comparable() {
-        let start = Reading::take(ProbeSet::CPU);
-        let mut later = Reading::take(ProbeSet::CPU);
+        let start = Reading::take_before(ProbeSet::CPU);
+        let mut later = Reading::take_before(ProbeSet::CPU);
         later.generation += 1;
         assert!(later.since(&start).is_none());
     }
