@@ -206,6 +206,27 @@ def in_child(body):
     return result["ok"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_children_draw_their_own_sampling_coins(unique):
+    name = unique()
+
+    @meterage.meter(name, probes=("cpu",), sample=0.5)
+    def work(index):
+        return index
+
+    def child():
+        for index in range(400):
+            work(index)
+        (series,) = [s for s in meterage.snapshot() if s.operation == name]
+        return series.sampled
+
+    # Children with the parent's random state would probe the same calls; independent coins
+    # give Binomial(400, 0.5) counts (sd 10): all five equal with probability ~1e-6.
+    counts = [in_child(child) for _ in range(5)]
+    assert all(100 < count < 300 for count in counts), counts
+    assert len(set(counts)) > 1, counts
+
+
 def describe():
     return sorted(
         [s.kind, s.operation, sorted(s.attributes.items()), s.count] for s in meterage.snapshot()

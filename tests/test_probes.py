@@ -374,7 +374,8 @@ def test_adaptive_sampling_estimates_the_total(tmp_path, unique, one_series):
     # Each probed call is weighted by 1/p of its own draw, so the estimate is unbiased. With
     # p around 0.1..1 there are hundreds of probed calls; 25% is several standard errors.
     estimate = series.estimated_total("io.write")
-    assert estimate >= written.sum
+    if series.sampled < calls:
+        assert estimate > written.sum  # some probed calls had p < 1
     assert abs(estimate - calls * per_call) <= 0.25 * calls * per_call, (estimate, series.sampled)
 
 

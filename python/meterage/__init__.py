@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+
 from meterage import _native
 from meterage._instruments import counter, histogram
 from meterage._meter import Meter, meter
@@ -42,6 +44,9 @@ __all__ = [
     "snapshot",
 ]
 __version__ = "0.1.0"
+
+# A child made by os.fork() (multiprocessing included) starts with empty aggregates.
+os.register_at_fork(after_in_child=_native._after_fork_in_child)
 
 #: Largest per-operation series limit `configure` accepts (memory must stay bounded).
 MAX_CARDINALITY_LIMIT = 1_000_000

@@ -26,6 +26,11 @@ def decorate(core: _native.MeterCore, function: F) -> F:
         raise TypeError(
             f"meterage.meter can only decorate callables, not {type(function).__name__}"
         )
+    if isinstance(function, type):
+        raise TypeError(
+            f"meterage.meter cannot decorate the class {function.__qualname__}: the result would "
+            "no longer be a class; decorate its __init__ (or __call__) instead"
+        )
     if inspect.iscoroutinefunction(function):
         return _coroutine_function(core, function)
     if inspect.isasyncgenfunction(function):

@@ -52,6 +52,13 @@ pub struct SteppedCall {
     probe_cost_ns: u64,
 }
 
+impl SteppedCall {
+    /// Whether the call has taken its first step.
+    pub fn is_started(&self) -> bool {
+        self.started_ns.is_some()
+    }
+}
+
 /// State taken before one step of a stepped call.
 #[derive(Clone, Copy, Debug)]
 pub struct StepStart {
@@ -250,13 +257,6 @@ impl MeterCore {
         })
     }
 
-    /// `stop_stepped` then `record`.
-    pub fn finish_stepped(&self, call: &SteppedCall, series: &CallSeries) {
-        if let Some(measured) = self.stop_stepped(call) {
-            self.record(&measured, series);
-        }
-    }
-
     /// The series for a call with these dynamic attributes and outcome.
     pub fn series_for(
         &self,
@@ -373,7 +373,7 @@ mod tests {
             // Work between steps belongs to someone else.
             busy(5);
         }
-        core.finish_stepped(&call, core.series());
+        core.record(&core.stop_stepped(&call).unwrap(), core.series());
         let cpu = core.series().probes[measure::CPU_TIME].snapshot();
         assert_eq!(cpu.count, 1);
         // 6 ms of own steps out of ~21 ms busy; allow scheduling noise but not the 15 ms gap.
@@ -430,7 +430,7 @@ mod tests {
             ProbeSet::CPU,
             SamplingMode::Fixed(1.0),
         );
-        core.finish_stepped(&SteppedCall::default(), core.series());
+        assert!(core.stop_stepped(&SteppedCall::default()).is_none());
         assert!(core.series().is_empty());
     }
 

@@ -1,8 +1,9 @@
 //! The process-wide registry: operations (metered code) and custom instruments, by name.
 //!
 //! Like the series maps it is lock-free: lookups load an `ArcSwap`, inserts swap in a
-//! copy. After a fork the child clears every series, so it starts with empty state while
-//! the parent's data stays untouched; handles held by decorated functions stay valid.
+//! copy. After `os.fork()` the child clears every series (`reset`, called by the binding),
+//! so it starts with empty state while the parent's data stays untouched; handles held by
+//! decorated functions stay valid.
 
 use super::series::{CallSeries, CounterSeries, HistogramSeries};
 use super::series_map::{SeriesData, SeriesMap};
@@ -78,13 +79,7 @@ fn values<T>(map: &Named<T>) -> Vec<Arc<T>> {
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(|| {
-        fn nothing() {}
-        fn clear_in_child() {
-            if let Some(registry) = REGISTRY.get() {
-                registry.reset();
-            }
-        }
-        fork::register(nothing, nothing, clear_in_child);
+        fork::install();
         Registry::default()
     })
 }

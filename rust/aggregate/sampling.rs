@@ -10,7 +10,7 @@
 //! even while p adapts.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Share of an operation's wall time the probes may cost by default.
 pub const DEFAULT_BUDGET: f64 = 0.01;
@@ -51,7 +51,7 @@ pub struct Sampler {
     threshold: AtomicU64,
     mean_wall_ns: AtomicU64,
     mean_probe_cost_ns: AtomicU64,
-    observations: AtomicU64,
+    warmed_up: AtomicBool,
 }
 
 thread_local! {
@@ -76,9 +76,19 @@ fn next_random() -> u64 {
         .unwrap_or(0)
 }
 
+/// Gives the calling thread a new random stream: after a fork, so that sibling workers do
+/// not all probe the same calls.
+pub fn reseed_thread() {
+    let _ = RNG_STATE.try_with(|state| state.set(seed()));
+}
+
 fn seed() -> u64 {
     let local = 0u8;
-    let mixed = (&local as *const u8 as u64) ^ crate::probe::monotonic_ns().rotate_left(32);
+    // SAFETY: getpid has no preconditions.
+    let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+    let mixed = (&local as *const u8 as u64)
+        ^ crate::probe::monotonic_ns().rotate_left(32)
+        ^ pid.rotate_left(17);
     // splitmix64 finaliser, so nearby seeds give unrelated streams; never zero.
     let mut z = mixed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -105,7 +115,7 @@ impl Sampler {
             threshold: AtomicU64::new(rate_to_threshold(initial)),
             mean_wall_ns: AtomicU64::new(0f64.to_bits()),
             mean_probe_cost_ns: AtomicU64::new(0f64.to_bits()),
-            observations: AtomicU64::new(0),
+            warmed_up: AtomicBool::new(false),
         }
     }
 
@@ -140,10 +150,10 @@ impl Sampler {
         let SamplingMode::Budget(budget) = self.mode else {
             return;
         };
-        let seen = self.observations.fetch_add(1, Ordering::Relaxed);
-        if seen == 0 {
+        if !self.warmed_up.load(Ordering::Relaxed) {
             // A meter's first probed call pays one-time setup (a thread opening its
             // /proc descriptor): not what probing costs from then on.
+            self.warmed_up.store(true, Ordering::Relaxed);
             return;
         }
         let wall = smooth(&self.mean_wall_ns, wall_ns as f64);
@@ -154,8 +164,11 @@ impl Sampler {
         } else {
             (budget * wall / (cost * PROBE_COST_FACTOR)).clamp(MIN_RATE, 1.0)
         };
-        self.threshold
-            .store(rate_to_threshold(rate), Ordering::Relaxed);
+        // Store only a change: every call reads this cache line.
+        let threshold = rate_to_threshold(rate);
+        if self.threshold.load(Ordering::Relaxed) != threshold {
+            self.threshold.store(threshold, Ordering::Relaxed);
+        }
     }
 
     /// Mean wall time and probe cost of recent probed calls (nanoseconds).

@@ -64,11 +64,20 @@ impl<T: SeriesData> SeriesMap<T> {
     /// The series for `attributes`, created if needed; past the cardinality limit, the
     /// overflow series (which does not count toward the limit).
     pub fn get_or_create(&self, attributes: &AttributeSet) -> Arc<T> {
-        if let Some(series) = self.map.load().get(attributes) {
-            return Arc::clone(series);
-        }
         let overflow = AttributeSet::overflow();
         let limit = self.limit();
+        {
+            let current = self.map.load();
+            if let Some(series) = current.get(attributes) {
+                return Arc::clone(series);
+            }
+            // Already full: the overflow series, without an insert attempt each time.
+            if current.len() > limit {
+                if let Some(series) = current.get(&overflow) {
+                    return Arc::clone(series);
+                }
+            }
+        }
         let mut chosen: Option<Arc<T>> = None;
         self.map.rcu(|current| {
             chosen = None;

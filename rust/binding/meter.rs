@@ -6,7 +6,7 @@ use super::convert::{
     Pairs,
 };
 use super::metered_function;
-use super::steps::Steps;
+use super::steps::{borrow_call, Steps};
 use crate::aggregate::call::{CallStart, MeterCore, SteppedCall};
 use crate::aggregate::sampling::SamplingMode;
 use crate::probe::{self, ProbeSet};
@@ -120,7 +120,7 @@ impl PyMeterCore {
         }
     }
 
-    /// Mean wall time and probe cost (ns) of recent probed calls (adaptive mode only).
+    /// Moving average of what a probed call's readings cost, in ns (adaptive mode only).
     #[getter]
     fn probe_cost_ns(&self) -> f64 {
         self.core.sampler().means().1
@@ -151,7 +151,7 @@ impl PyMeterCore {
                 ffi::PyContextVar_Set(self.active.as_ptr(), call.as_ptr()),
             )?
         };
-        let mut state = call.borrow_mut(py);
+        let mut state = borrow_call(call.bind(py))?;
         state.token = Some(token.unbind());
         state.start = Some(self.core.begin());
         drop(state);
@@ -184,7 +184,7 @@ impl PyMeterCore {
         // SAFETY: PyContextVar_Get returned a new reference.
         let current = unsafe { Bound::from_owned_ptr(py, current) };
         let call = current.cast::<Call>()?;
-        let mut state = call.borrow_mut();
+        let mut state = borrow_call(call)?;
         let Some(start) = state.start.take() else {
             return Err(PyRuntimeError::new_err(
                 "this meter's call has already ended",
@@ -282,6 +282,17 @@ impl Call {
     /// Meters the steps of `awaitable` as part of this call (not finishing it).
     fn steps(slf: Py<Self>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
         Steps::new(slf, awaitable, false)
+    }
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        if let Some(token) = &self.token {
+            visit.call(token)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.token = None;
     }
 
     /// Ends a stepped call: `exception_type` is the class of the exception that ended it.

@@ -37,7 +37,11 @@ extern "C" {
     ) -> *mut ffi::PyObject;
 }
 
-static TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
+/// `MeteredFunction`: wraps a Python function and binds as a method like one.
+static FUNCTION_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
+/// `MeteredCallable`: wraps any other callable (builtins, partials, callable objects,
+/// classes), which do not bind `self`, so neither does the wrapper.
+static CALLABLE_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
 
 /// The wrapped function and the meter of a `MeteredFunction`, or `None` (with a Python
 /// error set) if the garbage collector already cleared it.
@@ -212,8 +216,21 @@ unsafe extern "C" fn reduce(
     ffi::PyObject_GetAttrString(object, c"__qualname__".as_ptr())
 }
 
-/// Creates the type once per process (module init).
-pub fn create_type(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+/// Creates both wrapper types once per process (module init): `MeteredFunction` and
+/// `MeteredCallable`.
+pub fn create_types(py: Python<'_>) -> PyResult<[Bound<'_, PyAny>; 2]> {
+    let function = create_type(py, c"meterage._native.MeteredFunction", true)?;
+    FUNCTION_TYPE.store(function.as_ptr().cast(), Ordering::Release);
+    let callable = create_type(py, c"meterage._native.MeteredCallable", false)?;
+    CALLABLE_TYPE.store(callable.as_ptr().cast(), Ordering::Release);
+    Ok([function, callable])
+}
+
+fn create_type<'py>(
+    py: Python<'py>,
+    name: &'static std::ffi::CStr,
+    binds_as_method: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let offset = |field: usize| field as ffi::Py_ssize_t;
     let members = Box::leak(Box::new([
         ffi::PyMemberDef {
@@ -261,37 +278,35 @@ pub fn create_type(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         ffi::PyGetSetDef::default(),
     ]));
     let slot = |slot: c_int, pfunc: *mut c_void| ffi::PyType_Slot { slot, pfunc };
-    let slots = Box::leak(Box::new([
+    let doc = c"A callable metered by meterage: calls it and records what the call cost.";
+    let mut slots = vec![
         slot(ffi::Py_tp_dealloc, dealloc as *mut c_void),
         slot(ffi::Py_tp_traverse, traverse as *mut c_void),
         slot(ffi::Py_tp_clear, clear as *mut c_void),
         slot(ffi::Py_tp_call, ffi::PyVectorcall_Call as *mut c_void),
-        slot(ffi::Py_tp_descr_get, descr_get as *mut c_void),
         slot(ffi::Py_tp_repr, repr as *mut c_void),
         slot(ffi::Py_tp_members, members.as_mut_ptr().cast()),
         slot(ffi::Py_tp_methods, methods.as_mut_ptr().cast()),
         slot(ffi::Py_tp_getset, getset.as_mut_ptr().cast()),
-        slot(
-            ffi::Py_tp_doc,
-            c"A function metered by meterage: calls it and records what the call cost.".as_ptr()
-                as *mut c_void,
-        ),
-        slot(0, ptr::null_mut()),
-    ]));
+        slot(ffi::Py_tp_doc, doc.as_ptr() as *mut c_void),
+    ];
+    let mut flags =
+        ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_HAVE_GC | ffi::Py_TPFLAGS_HAVE_VECTORCALL;
+    if binds_as_method {
+        slots.push(slot(ffi::Py_tp_descr_get, descr_get as *mut c_void));
+        flags |= ffi::Py_TPFLAGS_METHOD_DESCRIPTOR;
+    }
+    slots.push(slot(0, ptr::null_mut()));
+    let slots = slots.leak();
     let spec = Box::leak(Box::new(ffi::PyType_Spec {
-        name: c"meterage._native.MeteredFunction".as_ptr(),
+        name: name.as_ptr(),
         basicsize: std::mem::size_of::<MeteredFunctionObject>() as c_int,
         itemsize: 0,
-        flags: (ffi::Py_TPFLAGS_DEFAULT
-            | ffi::Py_TPFLAGS_HAVE_GC
-            | ffi::Py_TPFLAGS_HAVE_VECTORCALL
-            | ffi::Py_TPFLAGS_METHOD_DESCRIPTOR) as _,
+        flags: flags as _,
         slots: slots.as_mut_ptr(),
     }));
     // SAFETY: the spec and everything it points to are leaked, so they outlive the type.
-    let created = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpec(spec))? };
-    TYPE.store(created.as_ptr().cast(), Ordering::Release);
-    Ok(created)
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpec(spec)) }
 }
 
 /// Wraps `function` so every call is metered by `core`.
@@ -315,8 +330,16 @@ pub fn wrap_with<'py>(
     function: &Bound<'py, PyAny>,
     call: ffi::vectorcallfunc,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let type_object = TYPE.load(Ordering::Acquire);
-    assert!(!type_object.is_null(), "module init creates the type");
+    // Only Python functions bind `self` when stored on a class; a wrapper of anything
+    // else must not either.
+    // SAFETY: `function` is a live object.
+    let is_function = unsafe { ffi::PyFunction_Check(function.as_ptr()) } != 0;
+    let type_object = if is_function {
+        FUNCTION_TYPE.load(Ordering::Acquire)
+    } else {
+        CALLABLE_TYPE.load(Ordering::Acquire)
+    };
+    assert!(!type_object.is_null(), "module init creates the types");
     // SAFETY: PyType_GenericAlloc zero-fills the object, counts a reference to the heap
     // type and starts GC tracking; traverse and clear accept the null fields meanwhile.
     unsafe {

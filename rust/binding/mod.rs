@@ -67,6 +67,14 @@ fn configure(
     Ok(settings)
 }
 
+/// Runs in a child after `os.fork()` (registered with `os.register_at_fork`): the child
+/// starts with empty aggregates and its own sampling coins; the parent is untouched.
+#[pyfunction]
+fn _after_fork_in_child() {
+    registry().reset();
+    sampling::reseed_thread();
+}
+
 /// Bytes held by all histograms (for checking that memory stays bounded).
 #[pyfunction]
 fn memory_bytes() -> usize {
@@ -76,7 +84,9 @@ fn memory_bytes() -> usize {
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = module.py();
-    module.add("MeteredFunction", metered_function::create_type(py)?)?;
+    let [function_type, callable_type] = metered_function::create_types(py)?;
+    module.add("MeteredFunction", function_type)?;
+    module.add("MeteredCallable", callable_type)?;
     module.add_class::<meter::PyMeterCore>()?;
     module.add_class::<meter::Call>()?;
     module.add_class::<steps::Steps>()?;
@@ -89,6 +99,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(available_probes, module)?)?;
     module.add_function(wrap_pyfunction!(configure, module)?)?;
     module.add_function(wrap_pyfunction!(memory_bytes, module)?)?;
+    module.add_function(wrap_pyfunction!(_after_fork_in_child, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
     Ok(())

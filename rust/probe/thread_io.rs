@@ -55,6 +55,7 @@ impl ThreadIoFile {
             fd = CLOSED;
         }
         if fd == CLOSED {
+            fork::install();
             let opened = open_thread_file();
             fd = if opened >= 0 { opened } else { UNAVAILABLE };
             self.fd.set(fd);
