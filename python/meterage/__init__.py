@@ -22,6 +22,7 @@ from meterage._native import (
     Counter,
     Histogram,
     HistogramSnapshot,
+    MeteredCallable,
     MeteredFunction,
     Series,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Histogram",
     "HistogramSnapshot",
     "Meter",
+    "MeteredCallable",
     "MeteredFunction",
     "Series",
     "available_probes",

@@ -16,6 +16,13 @@ class MeteredFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, instance: object, owner: type | None = None) -> Any: ...
 
+class MeteredCallable:
+    """A callable that is not a Python function (builtin, partial, callable object),
+    wrapped by a meter; it does not bind as a method, as the callable does not."""
+
+    __wrapped__: Callable[..., Any]
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
 class MeterCore:
     def __init__(
         self,

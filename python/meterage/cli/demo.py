@@ -449,40 +449,14 @@ MEASURES_PER_CALL = (
 
 
 def merged_quantile(histograms: Sequence[Any], q: float) -> float | None:
-    """The q-quantile of several HistogramSnapshots taken together (0 < q < 1).
-
-    Exponential buckets merge exactly once brought to the coarsest scale: bucket ``i`` at
-    scale ``s`` lies inside bucket ``i >> (s - t)`` at scale ``t``. The estimate within the
-    bucket is meterage's own (2LU/(L+U), clamped to the observed min and max).
-    """
+    """The q-quantile of several HistogramSnapshots taken together (None if all are empty)."""
     live = [histogram for histogram in histograms if histogram.count]
     if not live:
         return None
-    if len(live) == 1:
-        return float(live[0].quantile(q))
-    scale = min(histogram.scale for histogram in live)
-    buckets: Counter[int] = Counter()
-    zeros = total = 0
-    for histogram in live:
-        shift = histogram.scale - scale
-        zeros += histogram.zero_count
-        total += histogram.count
-        for position, count in enumerate(histogram.bucket_counts):
-            if count:
-                buckets[(histogram.offset + position) >> shift] += count
-    low = min(histogram.min for histogram in live)
-    high = max(histogram.max for histogram in live)
-    rank = min(total, max(1, math.ceil(q * total)))
-    if rank <= zeros:
-        return 0.0
-    seen = zeros
-    width = 2.0**-scale
-    for index in sorted(buckets):
-        seen += buckets[index]
-        if seen >= rank:
-            lower, upper = 2.0 ** (index * width), 2.0 ** ((index + 1) * width)
-            return min(high, max(low, 2 * lower * upper / (lower + upper)))
-    return high
+    merged = live[0]
+    for histogram in live[1:]:
+        merged = merged.merge(histogram)
+    return float(merged.quantile(q))
 
 
 def _overhead_per_call(
