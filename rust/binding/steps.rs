@@ -46,7 +46,12 @@ impl Steps {
         let py = awaitable.py();
         // Coroutines, generators and asend/athrow objects step with send(); other
         // awaitables (futures) give their iterator through __await__.
-        let inner = if awaitable.hasattr(intern!(py, "send"))? {
+        // SAFETY: type checks on a live object.
+        let native = unsafe {
+            ffi::PyCoro_CheckExact(awaitable.as_ptr()) != 0
+                || ffi::PyGen_CheckExact(awaitable.as_ptr()) != 0
+        };
+        let inner = if native || awaitable.hasattr(intern!(py, "send"))? {
             awaitable.clone()
         } else {
             awaitable.call_method0(intern!(py, "__await__"))?
