@@ -257,6 +257,23 @@ impl MeterCore {
         })
     }
 
+    /// Ends a stepped call once (`finished` guards against a second end): stops its clock
+    /// and records it in the series for its dynamic attributes and outcome.
+    pub fn finish_stepped(
+        &self,
+        call: &SteppedCall,
+        finished: &mut bool,
+        dynamic: &[(Arc<str>, AttributeValue)],
+        error_type: Option<&str>,
+    ) {
+        if std::mem::replace(finished, true) {
+            return;
+        }
+        if let Some(measured) = self.stop_stepped(call) {
+            self.record(&measured, &self.series_for(dynamic, error_type));
+        }
+    }
+
     /// The series for a call with these dynamic attributes and outcome.
     pub fn series_for(
         &self,

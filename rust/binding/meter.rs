@@ -204,9 +204,8 @@ impl PyMeterCore {
     }
 
     /// Meters a coroutine or generator step by step and records it when it ends.
-    fn steps(&self, py: Python<'_>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
-        let call = Py::new(py, Call::new(Arc::clone(&self.core)))?;
-        Steps::new(call, awaitable, true)
+    fn steps(&self, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
+        Steps::owning(Arc::clone(&self.core), awaitable)
     }
 
     /// A stepped call that Python finishes itself (async generators).
@@ -240,13 +239,8 @@ impl Call {
 
     /// Records a stepped call once.
     pub fn finish_stepped(&mut self, error_type: Option<&str>) {
-        if std::mem::replace(&mut self.finished, true) {
-            return;
-        }
-        if let Some(measured) = self.core.stop_stepped(&self.stepped) {
-            let series = self.core.series_for(&self.dynamic, error_type);
-            self.core.record(&measured, &series);
-        }
+        self.core
+            .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
     }
 }
 
@@ -281,7 +275,7 @@ impl Call {
 
     /// Meters the steps of `awaitable` as part of this call (not finishing it).
     fn steps(slf: Py<Self>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
-        Steps::new(slf, awaitable, false)
+        Steps::sharing(slf, awaitable)
     }
 
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {

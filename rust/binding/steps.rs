@@ -5,20 +5,30 @@
 //! for its own steps. Wall time runs from the first step to the end.
 
 use super::meter::{error_type_name, Call};
+use crate::aggregate::call::{MeterCore, SteppedCall};
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use pyo3::{ffi, intern, PyTraverseError, PyTypeInfo, PyVisit};
 use std::sync::Arc;
 
+/// Whose call the steps belong to.
+enum Owner {
+    /// A coroutine or generator: these steps are the whole call, kept right here.
+    Own {
+        core: Arc<MeterCore>,
+        stepped: SteppedCall,
+        finished: bool,
+    },
+    /// One awaitable of an async generator: a part of the shared call, which Python ends.
+    Shared(Py<Call>),
+}
+
 #[pyclass(module = "meterage._native")]
 pub struct Steps {
-    /// Both are `None` only after the garbage collector cleared a cycle through them.
-    call: Option<Py<Call>>,
+    /// `None` only after the garbage collector cleared a cycle through it.
     inner: Option<Py<PyAny>>,
-    /// Whether the end of `inner` ends the call (coroutines, generators) or only one
-    /// part of it (an async generator's `asend` awaitables).
-    finishes_call: bool,
+    owner: Owner,
 }
 
 fn cleared() -> PyErr {
@@ -37,100 +47,134 @@ enum Outcome<'py> {
     Returned(Bound<'py, PyAny>),
 }
 
+/// Coroutines, generators and asend/athrow objects step with send(); other awaitables
+/// (futures) give their iterator through __await__.
+fn step_target<'py>(awaitable: &Bound<'py, PyAny>) -> PyResult<Py<PyAny>> {
+    let py = awaitable.py();
+    // SAFETY: type checks on a live object.
+    let native = unsafe {
+        ffi::PyCoro_CheckExact(awaitable.as_ptr()) != 0
+            || ffi::PyGen_CheckExact(awaitable.as_ptr()) != 0
+    };
+    if native || awaitable.hasattr(intern!(py, "send"))? {
+        Ok(awaitable.clone().unbind())
+    } else {
+        Ok(awaitable.call_method0(intern!(py, "__await__"))?.unbind())
+    }
+}
+
+/// `inner.send(value)` through `PyIter_Send`: no method lookup, and a return comes back as
+/// a value rather than a StopIteration to catch.
+fn send_into<'py>(inner: &Bound<'py, PyAny>, value: &Bound<'py, PyAny>) -> PyResult<Outcome<'py>> {
+    let py = inner.py();
+    let mut result: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: both objects are alive; PyIter_Send stores a new reference in `result` for
+    // PYGEN_NEXT and PYGEN_RETURN and sets an exception for PYGEN_ERROR.
+    let status = unsafe { ffi::PyIter_Send(inner.as_ptr(), value.as_ptr(), &mut result) };
+    match status {
+        ffi::PySendResult::PYGEN_ERROR => Err(PyErr::fetch(py)),
+        // SAFETY: a new reference, see above.
+        ffi::PySendResult::PYGEN_NEXT => Ok(Outcome::Yielded(unsafe {
+            Bound::from_owned_ptr(py, result)
+        })),
+        ffi::PySendResult::PYGEN_RETURN => Ok(Outcome::Returned(unsafe {
+            Bound::from_owned_ptr(py, result)
+        })),
+    }
+}
+
+/// The `error.type` of an exception that ended a call (None: StopIteration, a normal end).
+fn ending_error(py: Python<'_>, error: &PyErr) -> PyResult<Option<String>> {
+    if error.is_instance_of::<PyStopIteration>(py) {
+        return Ok(None);
+    }
+    error_type_name(Some(error.get_type(py).as_any()))
+}
+
 impl Steps {
-    pub fn new(
-        call: Py<Call>,
-        awaitable: &Bound<'_, PyAny>,
-        finishes_call: bool,
-    ) -> PyResult<Steps> {
-        let py = awaitable.py();
-        // Coroutines, generators and asend/athrow objects step with send(); other
-        // awaitables (futures) give their iterator through __await__.
-        // SAFETY: type checks on a live object.
-        let native = unsafe {
-            ffi::PyCoro_CheckExact(awaitable.as_ptr()) != 0
-                || ffi::PyGen_CheckExact(awaitable.as_ptr()) != 0
-        };
-        let inner = if native || awaitable.hasattr(intern!(py, "send"))? {
-            awaitable.clone()
-        } else {
-            awaitable.call_method0(intern!(py, "__await__"))?
-        };
+    /// Steps that are a whole call (a coroutine or generator).
+    pub fn owning(core: Arc<MeterCore>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
         Ok(Steps {
-            call: Some(call),
-            inner: Some(inner.unbind()),
-            finishes_call,
+            inner: Some(step_target(awaitable)?),
+            owner: Owner::Own {
+                core,
+                stepped: SteppedCall::default(),
+                finished: false,
+            },
         })
     }
 
-    fn parts<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, Call>, Bound<'py, PyAny>)> {
-        match (&self.call, &self.inner) {
-            (Some(call), Some(inner)) => Ok((call.bind(py).clone(), inner.bind(py).clone())),
-            _ => Err(cleared()),
+    /// Steps that are part of `call` (an async generator's awaitables).
+    pub fn sharing(call: Py<Call>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
+        Ok(Steps {
+            inner: Some(step_target(awaitable)?),
+            owner: Owner::Shared(call),
+        })
+    }
+
+    fn inner<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self.inner.as_ref().ok_or_else(cleared)?.bind(py).clone())
+    }
+
+    fn is_started(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(match &self.owner {
+            Owner::Own { stepped, .. } => stepped.is_started(),
+            Owner::Shared(call) => borrow_call(call.bind(py))?.stepped.is_started(),
+        })
+    }
+
+    /// Ends the call if these steps own it (a shared call is ended by Python).
+    fn finish_own(&mut self, error_type: Option<&str>) {
+        if let Owner::Own {
+            core,
+            stepped,
+            finished,
+        } = &mut self.owner
+        {
+            core.finish_stepped(stepped, finished, &[], error_type);
         }
     }
 
     /// Runs one step of the inner iterator between two probe readings; a return or an
-    /// exception ends the call when this object finishes it.
+    /// exception ends the call when these steps own it.
     fn step<'py>(
-        &self,
+        &mut self,
         py: Python<'py>,
         run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Outcome<'py>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (call, inner) = self.parts(py)?;
-        let (core, step) = {
-            let mut state = borrow_call(&call)?;
-            let core = Arc::clone(&state.core);
-            let step = core.step_begin(&mut state.stepped);
-            (core, step)
+        let inner = self.inner(py)?;
+        let result = match &mut self.owner {
+            Owner::Own { core, stepped, .. } => {
+                let step = core.step_begin(stepped);
+                let result = run(&inner);
+                core.step_end(stepped, step);
+                result
+            }
+            Owner::Shared(call) => {
+                let call = call.bind(py);
+                let (core, step) = {
+                    let mut state = borrow_call(call)?;
+                    let core = Arc::clone(&state.core);
+                    let step = core.step_begin(&mut state.stepped);
+                    (core, step)
+                };
+                let result = run(&inner);
+                core.step_end(&mut borrow_call(call)?.stepped, step);
+                result
+            }
         };
-        let result = run(&inner);
-        let mut state = borrow_call(&call)?;
-        core.step_end(&mut state.stepped, step);
         match result {
             Ok(Outcome::Yielded(value)) => Ok(value),
             Ok(Outcome::Returned(value)) => {
-                if self.finishes_call {
-                    state.finish_stepped(None);
-                }
+                self.finish_own(None);
                 // Built as an instance so a tuple return value is not taken as arguments.
                 let stop = PyStopIteration::type_object(py).call1((value,))?;
                 Err(PyErr::from_value(stop))
             }
             Err(error) => {
-                if self.finishes_call {
-                    if error.is_instance_of::<PyStopIteration>(py) {
-                        state.finish_stepped(None);
-                    } else {
-                        let class = error.get_type(py);
-                        state.finish_stepped(error_type_name(Some(class.as_any()))?.as_deref());
-                    }
-                }
+                self.finish_own(ending_error(py, &error)?.as_deref());
                 Err(error)
             }
-        }
-    }
-
-    /// `inner.send(value)` through `PyIter_Send`: no method lookup, and a return comes
-    /// back as a value rather than a StopIteration to catch.
-    fn send_into<'py>(
-        inner: &Bound<'py, PyAny>,
-        value: &Bound<'py, PyAny>,
-    ) -> PyResult<Outcome<'py>> {
-        let py = inner.py();
-        let mut result: *mut ffi::PyObject = std::ptr::null_mut();
-        // SAFETY: both objects are alive; PyIter_Send stores a new reference in `result`
-        // for PYGEN_NEXT and PYGEN_RETURN and sets an exception for PYGEN_ERROR.
-        let status = unsafe { ffi::PyIter_Send(inner.as_ptr(), value.as_ptr(), &mut result) };
-        match status {
-            ffi::PySendResult::PYGEN_ERROR => Err(PyErr::fetch(py)),
-            // SAFETY: a new reference, see above.
-            ffi::PySendResult::PYGEN_NEXT => Ok(Outcome::Yielded(unsafe {
-                Bound::from_owned_ptr(py, result)
-            })),
-            ffi::PySendResult::PYGEN_RETURN => Ok(Outcome::Returned(unsafe {
-                Bound::from_owned_ptr(py, result)
-            })),
         }
     }
 }
@@ -145,19 +189,21 @@ impl Steps {
         slf
     }
 
-    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| {
-            Self::send_into(inner, &py.None().into_bound(py))
-        })
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.step(py, |inner| send_into(inner, &py.None().into_bound(py)))
     }
 
-    fn send<'py>(&self, py: Python<'py>, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| Self::send_into(inner, value))
+    fn send<'py>(
+        &mut self,
+        py: Python<'py>,
+        value: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.step(py, |inner| send_into(inner, value))
     }
 
     #[pyo3(signature = (*args))]
     fn throw<'py>(
-        &self,
+        &mut self,
         py: Python<'py>,
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -168,40 +214,37 @@ impl Steps {
         })
     }
 
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let (call, inner) = self.parts(py)?;
-        if !inner.hasattr(intern!(py, "close"))? {
-            // Nothing to run; an unfinished call still ends here.
-        } else if borrow_call(&call)?.stepped.is_started() {
-            // Closing runs the generator's own cleanup, so it is metered as a step.
-            self.step(py, |inner| {
-                inner
-                    .call_method0(intern!(py, "close"))
-                    .map(Outcome::Yielded)
-            })?;
-        } else {
-            // Never started: closing it is not a call.
-            inner.call_method0(intern!(py, "close"))?;
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner(py)?;
+        if inner.hasattr(intern!(py, "close"))? {
+            if self.is_started(py)? {
+                // Closing runs the generator's own cleanup, so it is metered as a step.
+                self.step(py, |inner| {
+                    inner
+                        .call_method0(intern!(py, "close"))
+                        .map(Outcome::Yielded)
+                })?;
+            } else {
+                // Never started: closing it is not a call.
+                inner.call_method0(intern!(py, "close"))?;
+            }
         }
-        if self.finishes_call {
-            // Closed before its end (a consumer stopped early): a call, not a failure.
-            borrow_call(&call)?.finish_stepped(None);
-        }
+        // Closed before its end (a consumer stopped early): a call, not a failure.
+        self.finish_own(None);
         Ok(())
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        if let Some(call) = &self.call {
-            visit.call(call)?;
-        }
         if let Some(inner) = &self.inner {
             visit.call(inner)?;
+        }
+        if let Owner::Shared(call) = &self.owner {
+            visit.call(call)?;
         }
         Ok(())
     }
 
     fn __clear__(&mut self) {
-        self.call = None;
         self.inner = None;
     }
 }
