@@ -49,11 +49,27 @@ SECTION_TRIVIAL = "trivial function `def work(x): return x`"
 SECTION_PROBES = "trivial function, probes on every call"
 SECTION_PEERS = "peers, timing the same trivial function"
 SECTION_10US = "a ~10 µs pure-Python function, meterage defaults"
+SECTION_STEPPED = "coroutines and generators, timer only (driven without an event loop)"
 
 
 def work(x: Any) -> Any:
     """The trivial function every subject wraps."""
     return x
+
+
+async def work_async(x: Any) -> Any:
+    """The trivial coroutine: one step, then its return value."""
+    return x
+
+
+def work_items(n: int) -> Any:
+    """The trivial generator: ``n`` items."""
+    yield from range(n)
+
+
+# One coroutine call driven to its end as an event loop would, and one generator consumed.
+_RUN_COROUTINE = "try:\n    f(1).send(None)\nexcept StopIteration:\n    pass"
+_CONSUME_ITEMS = "for _ in f(16):\n    pass"
 
 
 def _spin_function(iterations: int) -> Callable[[Any], Any]:
@@ -215,7 +231,41 @@ def meterage_subjects(extended: bool = False) -> list[Subject]:
                 operation="meterage.bench.block",
             ),
         )
+        coroutine = meterage.meter("meterage.bench.coroutine", probes=())(work_async)
+        generator = meterage.meter("meterage.bench.generator", probes=())(work_items)
         subjects += [
+            Subject(
+                "bare.coroutine",
+                "bare coroutine call, to its end",
+                SECTION_STEPPED,
+                _RUN_COROUTINE,
+                {"f": work_async},
+            ),
+            Subject(
+                "meterage.coroutine",
+                "metered coroutine call, to its end",
+                SECTION_STEPPED,
+                _RUN_COROUTINE,
+                {"f": coroutine},
+                baseline="bare.coroutine",
+                operation="meterage.bench.coroutine",
+            ),
+            Subject(
+                "bare.generator",
+                "bare generator, 16 items consumed",
+                SECTION_STEPPED,
+                _CONSUME_ITEMS,
+                {"f": work_items},
+            ),
+            Subject(
+                "meterage.generator",
+                "metered generator, 16 items consumed",
+                SECTION_STEPPED,
+                _CONSUME_ITEMS,
+                {"f": generator},
+                baseline="bare.generator",
+                operation="meterage.bench.generator",
+            ),
             Subject(
                 "floor.cpu",
                 "floor: clock + cpu reading",
