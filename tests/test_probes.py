@@ -374,8 +374,10 @@ def test_adaptive_sampling_estimates_the_total(tmp_path, unique, one_series):
     # Each probed call is weighted by 1/p of its own draw, so the estimate is unbiased. With
     # p around 0.1..1 there are hundreds of probed calls; 25% is several standard errors.
     estimate = series.estimated_total("io.write")
-    if series.sampled < calls:
-        assert estimate > written.sum  # some probed calls had p < 1
+    if series.sampled > 2:
+        # After its first two probed calls (the first is ignored as setup) the rate is < 1,
+        # and every call writes 64 bytes, so later probed calls add weight.
+        assert estimate > written.sum
     assert abs(estimate - calls * per_call) <= 0.25 * calls * per_call, (estimate, series.sampled)
 
 
