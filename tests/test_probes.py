@@ -319,12 +319,11 @@ def test_rusage_of_an_idle_call_is_zero(unique, one_series):
 # ---- sampling --------------------------------------------------------------------------------
 
 
-def test_fixed_sample_rate_probes_that_share_and_estimates_the_total(tmp_path, unique, one_series):
-    name = unique()
-    calls, per_call = 4000, 100
-    fd = os.open(tmp_path / "sink", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def metered_writes(path, name, calls, per_call, **sampling):
+    """``calls`` metered calls that each write ``per_call`` bytes, probing IO as told."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
-    @meterage.meter(name, probes=("io",), sample=0.5)
+    @meterage.meter(name, probes=("io",), **sampling)
     def write():
         os.write(fd, b"s" * per_call)
 
@@ -333,6 +332,12 @@ def test_fixed_sample_rate_probes_that_share_and_estimates_the_total(tmp_path, u
             write()
     finally:
         os.close(fd)
+
+
+def test_fixed_sample_rate_probes_that_share_and_estimates_the_total(tmp_path, unique, one_series):
+    name = unique()
+    calls, per_call = 4000, 100
+    metered_writes(tmp_path / "sink", name, calls, per_call, sample=0.5)
     series = one_series(name)
     assert series.count == calls
     # Binomial(4000, 0.5): sd = sqrt(4000 / 4) ~ 31.6; 6 sd either side.
@@ -354,18 +359,8 @@ def test_fixed_sample_rate_probes_that_share_and_estimates_the_total(tmp_path, u
 def test_adaptive_sampling_estimates_the_total(tmp_path, unique, one_series):
     name = unique()
     calls, per_call = 10_000, 64
-    fd = os.open(tmp_path / "sink", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-
     # A generous budget keeps enough calls probed for a tight estimate; the rate adapts.
-    @meterage.meter(name, probes=("io",), budget=0.2)
-    def write():
-        os.write(fd, b"a" * per_call)
-
-    try:
-        for _ in range(calls):
-            write()
-    finally:
-        os.close(fd)
+    metered_writes(tmp_path / "sink", name, calls, per_call, budget=0.2)
     series = one_series(name)
     assert series.count == calls
     assert 1 <= series.sampled <= calls
