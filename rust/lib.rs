@@ -1,9 +1,10 @@
 //! meterage core: per-call probes, lock-free histograms and the series registry.
 //!
-//! Data flows `probe` -> `aggregate`; the `binding` module (feature `python`) is the only
+//! Data flows `probe` -> `aggregate` -> `bridge` (export shapes, at collection time); the `binding` module (feature `python`) is the only
 //! place that knows about Python. Everything else is plain Rust covered by `cargo test`.
 
 pub mod aggregate;
+pub mod bridge;
 pub mod probe;
 
 #[cfg(feature = "python")]

@@ -3,6 +3,7 @@
 use super::convert::attributes_to_dict;
 use crate::aggregate::histogram::HistogramSnapshot;
 use crate::aggregate::snapshot::SeriesSnapshot;
+use crate::bridge;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -104,6 +105,34 @@ impl PyHistogramSnapshot {
             &self.unit
         };
         Ok(PyHistogramSnapshot::new(merged, unit))
+    }
+
+    /// Counts per explicit bucket for ascending `boundaries` (len + 1 counts, the
+    /// OpenTelemetry explicit-bucket layout), for exporters that want fixed buckets.
+    fn explicit_bucket_counts(&self, boundaries: Vec<f64>) -> PyResult<Vec<u64>> {
+        let increasing = boundaries.iter().all(|bound| bound.is_finite())
+            && boundaries.windows(2).all(|pair| pair[0] < pair[1]);
+        if !increasing {
+            return Err(PyValueError::new_err(
+                "boundaries must be finite and strictly increasing",
+            ));
+        }
+        Ok(bridge::histogram::explicit_counts(&self.inner, &boundaries))
+    }
+
+    /// This histogram with at most `max_buckets` buckets (downscaled as needed).
+    fn fit_buckets(&self, max_buckets: usize) -> PyHistogramSnapshot {
+        PyHistogramSnapshot::new(
+            bridge::histogram::fit_buckets(&self.inner, max_buckets),
+            &self.unit,
+        )
+    }
+
+    /// What was recorded since `earlier` (a snapshot of the same histogram), or None if it
+    /// was reset in between. Min and max of the interval are within one bucket width.
+    fn delta_since(&self, earlier: &PyHistogramSnapshot) -> Option<PyHistogramSnapshot> {
+        bridge::histogram::delta_since(&self.inner, &earlier.inner)
+            .map(|delta| PyHistogramSnapshot::new(delta, &self.unit))
     }
 
     /// (lower, upper, count) for each bucket, zero bucket excluded.

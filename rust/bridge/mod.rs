@@ -1,0 +1,4 @@
+//! Bridge: turning aggregates into the shapes exporters want, at collection time (never on
+//! the hot path): explicit-bucket counts, bucket-limited exponential histograms, deltas.
+
+pub mod histogram;
