@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from meterage.cli import overhead
 
 LOOPS = 100

@@ -7,8 +7,9 @@ import re
 import time
 from collections.abc import Callable, Iterator
 
-import meterage
 import pytest
+
+import meterage
 
 # The process-wide settings in force when the suite started (the library defaults).
 DEFAULT_SETTINGS = meterage.configure()

@@ -10,8 +10,9 @@ import inspect
 import os
 import time
 
-import meterage
 import pytest
+
+import meterage
 
 
 class Boom(Exception):

@@ -7,8 +7,9 @@ import math
 import types
 from collections import OrderedDict
 
-import meterage
 import pytest
+
+import meterage
 
 BAD_NAMES_TYPE = [None, 3, 1.5, b"bytes", ["list"], ("t",), True]
 BAD_ATTRIBUTE_VALUES = [None, [1], (1,), {"a": 1}, b"x", object(), 1j, {1}]

@@ -9,8 +9,9 @@ import subprocess
 import sys
 from typing import Any
 
-import meterage
 import pytest
+
+import meterage
 from meterage.cli import demo, table
 
 DURATION = 0.5

@@ -8,8 +8,9 @@ import os
 import sys
 import threading
 
-import meterage
 import pytest
+
+import meterage
 
 THREADS = 8
 PER_THREAD = 5000

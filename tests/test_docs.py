@@ -10,8 +10,9 @@ import re
 import textwrap
 from pathlib import Path
 
-import meterage
 import pytest
+
+import meterage
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_MODULES = ["meterage", "meterage._meter", "meterage._instruments"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
-import meterage
 import pytest
+
+import meterage
 from meterage import _native
 
 BASE = 2 ** (2**-4)  # bucket base at scale 4

@@ -14,8 +14,9 @@ import types
 import weakref
 import zlib
 
-import meterage
 import pytest
+
+import meterage
 
 ALL_MEASURES = {
     "duration",

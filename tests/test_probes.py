@@ -9,8 +9,9 @@ import os
 import threading
 import time
 
-import meterage
 import pytest
+
+import meterage
 
 IO_MEASURES = ("io.read", "io.write", "disk.io.read", "disk.io.write")
 

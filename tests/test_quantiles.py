@@ -6,9 +6,10 @@ from __future__ import annotations
 import itertools
 import math
 
-import meterage
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+
+import meterage
 
 RELATIVE_ERROR = 0.025  # the histogram promises (b-1)/(b+1) ~ 2.17% at base 2^(1/16)
 FIXED_QUANTILES = [0.0, 1e-6, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0]
