@@ -5,6 +5,7 @@ mod floor;
 mod instruments;
 mod meter;
 mod metered_function;
+mod process;
 mod snapshots;
 mod steps;
 
@@ -102,5 +103,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(_after_fork_in_child, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
+    module.add_function(wrap_pyfunction!(process::process_metrics, module)?)?;
     Ok(())
 }

@@ -1,0 +1,137 @@
+"""meterage → OpenTelemetry: native aggregates into any SDK MeterProvider's readers.
+
+Nothing here runs on the metered hot path: at each collection, every reader of an attached
+provider gets meterage's series as OpenTelemetry metrics next to the SDK's own. Importing
+this module needs ``pip install 'meterage[otel]'``; the core never imports it.
+
+>>> import meterage, meterage.otel
+>>> from opentelemetry.sdk.metrics import MeterProvider
+>>> from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+>>> reader = InMemoryMetricReader()
+>>> provider = MeterProvider(metric_readers=[reader])
+>>> meterage.otel.attach(provider)
+>>> with meterage.meter("example.otel"):
+...     pass
+>>> names = {m.name for rm in reader.get_metrics_data().resource_metrics
+...          for sm in rm.scope_metrics for m in sm.metrics}
+>>> "meterage.call.duration" in names
+True
+>>> meterage.otel.detach(provider)
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import metrics as _metrics_api
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+
+import meterage
+from meterage.otel._attach import attach_provider, attached_providers, detach_provider
+from meterage.otel._names import CALL_METRICS, OPERATION_KEY
+
+__all__ = [
+    "CALL_METRICS",
+    "OPERATION_KEY",
+    "attach",
+    "attached_providers",
+    "configure",
+    "detach",
+    "shutdown",
+]
+
+_instrumented: set[int] = set()
+
+
+def _sdk_provider(provider: Any) -> MeterProvider:
+    if provider is None:
+        provider = _metrics_api.get_meter_provider()
+    if not isinstance(provider, MeterProvider):
+        raise TypeError(
+            "meterage.otel.attach needs an opentelemetry.sdk.metrics.MeterProvider, got "
+            f"{type(provider).__name__}; set one with opentelemetry.metrics."
+            "set_meter_provider(...) first, or call meterage.otel.configure()"
+        )
+    return provider
+
+
+def attach(provider: MeterProvider | None = None, *, process: bool = True) -> None:
+    """Adds meterage's metrics to every reader of ``provider`` (default: the global one).
+
+    Idempotent; ``detach`` undoes it. With ``process=True`` the standard ``process.*``
+    metrics are exported too (read natively at collection time).
+    """
+    provider = _sdk_provider(provider)
+    attachment = attach_provider(provider)
+    if id(provider) in _instrumented:
+        return
+    _instrumented.add(id(provider))
+    meter = provider.get_meter("meterage", meterage.__version__)
+
+    def series_count(options: CallbackOptions) -> list[Observation]:
+        # An observable instrument keeps the SDK's collect() from returning None (which
+        # would skip the readers' hook) when the application has no metrics of its own.
+        if provider not in attached_providers():
+            return []
+        return [Observation(attachment.series_count)]
+
+    meter.create_observable_gauge(
+        "meterage.series",
+        callbacks=[series_count],
+        unit="{series}",
+        description="Series meterage exported at the previous collection.",
+    )
+    if process:
+        from meterage.otel._process import register_process_metrics
+
+        register_process_metrics(meter)
+
+
+def detach(provider: MeterProvider | None = None) -> bool:
+    """Stops adding meterage's metrics to ``provider``'s readers; False if not attached."""
+    return detach_provider(_sdk_provider(provider))
+
+
+_configured: MeterProvider | None = None
+
+
+def configure(*, process: bool = True) -> MeterProvider:
+    """Builds a MeterProvider from the standard OTEL_* environment variables, attaches
+    meterage to it and makes it the global provider; returns it.
+
+    Honours ``OTEL_METRICS_EXPORTER`` (otlp, prometheus, console, none; comma lists),
+    ``OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`` / ``_PROTOCOL`` (grpc, http/protobuf),
+    ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT``, ``OTEL_METRIC_EXPORT_INTERVAL``,
+    ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES`` and the OTLP exporter's
+    ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` and
+    ``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION``. A bad value raises
+    ValueError naming the variable. If an SDK provider is already global, meterage attaches
+    to it instead of building another. Calling it again returns the same provider.
+    """
+    global _configured
+    if _configured is not None:
+        return _configured
+    current = _metrics_api.get_meter_provider()
+    if isinstance(current, MeterProvider):
+        provider = current
+    else:
+        from meterage.otel._configure import build_provider
+
+        provider = build_provider()
+        _metrics_api.set_meter_provider(provider)
+    attach(provider, process=process)
+    _configured = provider
+    return provider
+
+
+def shutdown(timeout_millis: float = 30_000) -> None:
+    """Flushes what readers hold (a last export) and shuts down the provider ``configure``
+    made. Providers you built yourself are yours to shut down."""
+    global _configured
+    provider, _configured = _configured, None
+    if provider is not None:
+        provider.force_flush(timeout_millis)  # the last export still carries meterage's data
+        detach(provider)
+        provider.shutdown(timeout_millis)

@@ -1,0 +1,113 @@
+"""Hooking meterage's aggregates into an SDK MeterProvider's readers.
+
+The Python SDK has no MetricProducer yet. Every reader ends a collection in
+`_receive_metrics(metrics_data)`: the periodic reader exports there, the Prometheus reader
+stores for its scrape, the in-memory reader keeps it. meterage wraps that method on each
+reader and adds one ScopeMetrics to the ResourceMetrics the SDK collected, so the
+application's own metrics and meterage's travel together through whatever the reader does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, MetricsData, ScopeMetrics
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+import meterage
+from meterage import _native
+from meterage.otel._convert import ReaderState, collect_metrics
+
+_logger = logging.getLogger("meterage.otel")
+SCOPE = InstrumentationScope("meterage", meterage.__version__)
+
+
+class _Attachment:
+    """meterage attached to one provider: its readers' hooks and their state."""
+
+    def __init__(self, provider: MeterProvider) -> None:
+        self.provider = provider
+        self.states: dict[int, ReaderState] = {}
+        self.lock = threading.Lock()
+        self.failed_once = False
+        #: Series in the last collection (what the `meterage.series` gauge reports).
+        self.series_count = 0
+
+    def readers(self) -> list[MetricReader]:
+        return list(getattr(self.provider, "_metric_readers", ()))
+
+    def hook(self, reader: MetricReader) -> None:
+        state = ReaderState(reader)
+        self.states[id(reader)] = state
+        original = reader._receive_metrics
+
+        def receive_metrics(metrics_data: MetricsData, *args: Any, **kwargs: Any) -> Any:
+            return original(self.merge(state, metrics_data), *args, **kwargs)
+
+        receive_metrics.__meterage_original__ = original  # type: ignore[attr-defined]
+        reader._receive_metrics = receive_metrics  # type: ignore[method-assign]
+
+    def unhook(self, reader: MetricReader) -> None:
+        hooked = reader.__dict__.get("_receive_metrics")
+        original = getattr(hooked, "__meterage_original__", None)
+        if original is not None:
+            if getattr(original, "__self__", None) is reader:
+                del reader._receive_metrics  # back to the class's method
+            else:
+                reader._receive_metrics = original  # type: ignore[method-assign]
+        self.states.pop(id(reader), None)
+
+    def merge(self, state: ReaderState, metrics_data: MetricsData) -> MetricsData:
+        """The SDK's data plus meterage's, in the same ResourceMetrics (two with an equal
+        Resource would make the OTLP encoder keep only one). Never raises: a failure is
+        logged once and the SDK's data goes out unchanged."""
+        try:
+            with self.lock:
+                snapshot = _native.snapshot()
+                self.series_count = len(snapshot)
+                metrics = collect_metrics(state, snapshot)
+            if not metrics or not metrics_data.resource_metrics:
+                return metrics_data
+            first, *rest = metrics_data.resource_metrics
+            ours = ScopeMetrics(scope=SCOPE, metrics=metrics, schema_url="")
+            merged = replace(first, scope_metrics=[*first.scope_metrics, ours])
+            return MetricsData(resource_metrics=[merged, *rest])
+        except Exception:
+            if not self.failed_once:
+                self.failed_once = True
+                _logger.exception("meterage: adding metered data to this collection failed")
+            return metrics_data
+
+
+_attachments: dict[int, _Attachment] = {}
+_attach_lock = threading.Lock()
+
+
+def attach_provider(provider: MeterProvider) -> _Attachment:
+    with _attach_lock:
+        attachment = _attachments.get(id(provider))
+        if attachment is None:
+            attachment = _attachments[id(provider)] = _Attachment(provider)
+        for reader in attachment.readers():
+            if id(reader) not in attachment.states:
+                attachment.hook(reader)
+        return attachment
+
+
+def detach_provider(provider: MeterProvider) -> bool:
+    with _attach_lock:
+        attachment = _attachments.pop(id(provider), None)
+        if attachment is None:
+            return False
+        for reader in attachment.readers():
+            attachment.unhook(reader)
+        return True
+
+
+def attached_providers() -> list[MeterProvider]:
+    with _attach_lock:
+        return [attachment.provider for attachment in _attachments.values()]

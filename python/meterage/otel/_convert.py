@@ -1,0 +1,219 @@
+"""Native snapshots into OpenTelemetry metric data, for one reader at one collection.
+
+Runs at collection time only. Each reader keeps its own state (`ReaderState`): its
+temporality and histogram aggregation preferences, the previous snapshot of every series
+(for deltas and to notice resets) and the start times it reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Buckets,
+    ExponentialHistogram,
+    ExponentialHistogramDataPoint,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    NumberDataPoint,
+    Sum,
+)
+from opentelemetry.sdk.metrics.view import (
+    ExplicitBucketHistogramAggregation,
+    ExponentialBucketHistogramAggregation,
+)
+
+from meterage import _native
+from meterage.otel._names import CALL_METRICS, DEFAULT_BOUNDARIES, OPERATION_KEY
+
+_NO_BUCKETS = Buckets(offset=0, bucket_counts=[])
+
+
+def _preference(table: dict[type, Any], instrument: str) -> Any:
+    # The SDK keys these tables by its private instrument classes (_Histogram, _Counter).
+    for cls, value in table.items():
+        if cls.__name__ == instrument:
+            return value
+    return None
+
+
+class ReaderState:
+    """What one reader wants, and what it was last given."""
+
+    def __init__(self, reader: MetricReader) -> None:
+        temporality = reader._instrument_class_temporality
+        self.histogram_temporality = (
+            _preference(temporality, "_Histogram") or AggregationTemporality.CUMULATIVE
+        )
+        self.counter_temporality = (
+            _preference(temporality, "_Counter") or AggregationTemporality.CUMULATIVE
+        )
+        aggregation = _preference(reader._instrument_class_aggregation, "_Histogram")
+        # Prometheus' reader fails a whole scrape on an exponential point: never give it one.
+        prometheus = type(reader).__name__ == "PrometheusMetricReader"
+        self.exponential = isinstance(aggregation, ExponentialBucketHistogramAggregation) and (
+            not prometheus
+        )
+        self.max_buckets: int = getattr(aggregation, "_max_size", 160) or 160
+        boundaries = (
+            getattr(aggregation, "_boundaries", None)
+            if isinstance(aggregation, ExplicitBucketHistogramAggregation)
+            else None
+        )
+        self.boundaries: tuple[float, ...] | None = (
+            tuple(float(b) for b in boundaries) if boundaries is not None else None
+        )
+        self.attached_ns = time.time_ns()
+        self.last_collection_ns = self.attached_ns
+        self.previous: dict[tuple[Any, ...], Any] = {}
+        self.start_ns: dict[tuple[Any, ...], int] = {}
+
+
+class _MetricBuilder:
+    """Data points grouped by metric name, in first-seen order."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, tuple[str, str, str, list[Any]]] = {}
+
+    def add(self, name: str, unit: str, description: str, kind: str, point: Any) -> None:
+        entry = self.metrics.get(name)
+        if entry is None:
+            entry = self.metrics[name] = (unit, description, kind, [])
+        entry[3].append(point)
+
+    def build(self, state: ReaderState) -> list[Metric]:
+        out = []
+        for name, (unit, description, kind, points) in self.metrics.items():
+            if kind == "counter":
+                data: Any = Sum(
+                    data_points=points,
+                    aggregation_temporality=state.counter_temporality,
+                    is_monotonic=True,
+                )
+            elif kind == "exponential":
+                data = ExponentialHistogram(
+                    data_points=points, aggregation_temporality=state.histogram_temporality
+                )
+            else:
+                data = Histogram(
+                    data_points=points, aggregation_temporality=state.histogram_temporality
+                )
+            out.append(Metric(name=name, description=description, unit=unit, data=data))
+        return out
+
+
+def _window(
+    state: ReaderState, key: tuple[Any, ...], current: Any, delta: bool, now: int
+) -> tuple[Any, int] | None:
+    """The data to report for one series and its start time; None: nothing new (delta)."""
+    previous = state.previous.get(key)
+    state.previous[key] = current
+    is_histogram = isinstance(current, _native.HistogramSnapshot)
+    if previous is None:
+        changed = current
+        reset = False
+    elif is_histogram:
+        changed = current.delta_since(previous)
+        reset = changed is None
+    else:
+        reset = current < previous
+        changed = None if reset else current - previous
+    if delta:
+        if previous is None or reset:
+            return current, state.start_ns.get(key, state.attached_ns)
+        if (changed.count if is_histogram else changed) == 0:
+            return None
+        return changed, state.last_collection_ns
+    if reset:
+        state.start_ns[key] = now
+    return current, state.start_ns.setdefault(key, state.attached_ns)
+
+
+def _histogram_point(
+    state: ReaderState,
+    attributes: dict[str, Any],
+    histogram: Any,
+    start: int,
+    now: int,
+    boundaries: tuple[float, ...],
+) -> tuple[str, Any]:
+    if state.exponential:
+        fitted = histogram.fit_buckets(state.max_buckets)
+        positive = Buckets(offset=fitted.offset, bucket_counts=fitted.bucket_counts)
+        return "exponential", ExponentialHistogramDataPoint(
+            attributes=attributes,
+            start_time_unix_nano=start,
+            time_unix_nano=now,
+            count=fitted.count,
+            sum=fitted.sum,
+            scale=fitted.scale,
+            zero_count=fitted.zero_count,
+            positive=positive,
+            negative=_NO_BUCKETS,
+            flags=0,
+            min=fitted.min,
+            max=fitted.max,
+            exemplars=[],
+        )
+    bounds = state.boundaries or boundaries
+    return "explicit", HistogramDataPoint(
+        attributes=attributes,
+        start_time_unix_nano=start,
+        time_unix_nano=now,
+        count=histogram.count,
+        sum=histogram.sum,
+        bucket_counts=histogram.explicit_bucket_counts(list(bounds)),
+        explicit_bounds=bounds,
+        min=histogram.min,
+        max=histogram.max,
+        exemplars=[],
+    )
+
+
+def collect_metrics(state: ReaderState, snapshot: Iterable[Any]) -> list[Metric]:
+    """The OpenTelemetry metrics of every series in `snapshot`, for this reader."""
+    now = time.time_ns()
+    delta_histograms = state.histogram_temporality == AggregationTemporality.DELTA
+    delta_counters = state.counter_temporality == AggregationTemporality.DELTA
+    builder = _MetricBuilder()
+    for series in snapshot:
+        attributes = series.attributes
+        identity = (series.kind, series.operation, tuple(sorted(attributes.items())))
+        if series.kind == "counter":
+            window = _window(state, (*identity, ""), series.value, delta_counters, now)
+            if window is not None:
+                value, start = window
+                point = NumberDataPoint(
+                    attributes=attributes,
+                    start_time_unix_nano=start,
+                    time_unix_nano=now,
+                    value=value,
+                    exemplars=[],
+                )
+                builder.add(series.operation, series.unit, series.description, "counter", point)
+            continue
+        if series.kind == "call":
+            base = {OPERATION_KEY: series.operation, **attributes}
+        for measure, histogram in series.histograms.items():
+            window = _window(state, (*identity, measure), histogram, delta_histograms, now)
+            if window is None:
+                continue
+            data, start = window
+            if series.kind == "call":
+                spec = CALL_METRICS[measure]
+                name, unit, description = spec.name, spec.unit, spec.description
+                point_attributes = {**base, **dict(spec.attributes)}
+                boundaries = spec.boundaries
+            else:
+                name, unit, description = series.operation, series.unit, series.description
+                point_attributes = attributes
+                boundaries = DEFAULT_BOUNDARIES
+            kind, point = _histogram_point(state, point_attributes, data, start, now, boundaries)
+            builder.add(name, unit, description, kind, point)
+    state.last_collection_ns = now
+    return builder.build(state)

@@ -1,0 +1,148 @@
+"""The exported metric names, units, attributes and default bucket boundaries.
+
+These names are part of meterage's public contract (see docs/otel.md).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+#: Semantic-convention advisory boundaries for request durations (seconds).
+DURATION_BOUNDARIES = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+#: CPU seconds per call: hot paths spend microseconds, so the scale starts lower.
+CPU_BOUNDARIES = (
+    1e-6,
+    1e-5,
+    1e-4,
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: Bytes per call: 0, then powers of 4 from 1 KiB to 1 GiB.
+BYTE_BOUNDARIES = (0.0, *(float(1024 * 4**k) for k in range(11)))
+#: Events per call (faults, context switches).
+COUNT_BOUNDARIES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+#: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
+DEFAULT_BOUNDARIES = (
+    0.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    75.0,
+    100.0,
+    250.0,
+    500.0,
+    750.0,
+    1000.0,
+    2500.0,
+    5000.0,
+    7500.0,
+    10000.0,
+)
+
+OPERATION_KEY = "meterage.operation"
+
+
+class CallMetric(NamedTuple):
+    """How one snapshot measure of a call series is exported."""
+
+    name: str
+    unit: str
+    description: str
+    attributes: tuple[tuple[str, str], ...]
+    boundaries: tuple[float, ...]
+
+
+def _direction(key: str, value: str) -> tuple[tuple[str, str], ...]:
+    return ((key, value),)
+
+
+CALL_METRICS: dict[str, CallMetric] = {
+    "duration": CallMetric(
+        "meterage.call.duration", "s", "Wall time of metered calls.", (), DURATION_BOUNDARIES
+    ),
+    "cpu.time": CallMetric(
+        "meterage.call.cpu.time", "s", "Thread CPU time of metered calls.", (), CPU_BOUNDARIES
+    ),
+    "io.read": CallMetric(
+        "meterage.call.io",
+        "By",
+        "Bytes of read/write syscalls made by metered calls.",
+        _direction("io.direction", "read"),
+        BYTE_BOUNDARIES,
+    ),
+    "io.write": CallMetric(
+        "meterage.call.io",
+        "By",
+        "Bytes of read/write syscalls made by metered calls.",
+        _direction("io.direction", "write"),
+        BYTE_BOUNDARIES,
+    ),
+    "disk.io.read": CallMetric(
+        "meterage.call.disk.io",
+        "By",
+        "Storage bytes read and written by metered calls.",
+        _direction("disk.io.direction", "read"),
+        BYTE_BOUNDARIES,
+    ),
+    "disk.io.write": CallMetric(
+        "meterage.call.disk.io",
+        "By",
+        "Storage bytes read and written by metered calls.",
+        _direction("disk.io.direction", "write"),
+        BYTE_BOUNDARIES,
+    ),
+    "paging.faults.minor": CallMetric(
+        "meterage.call.paging.faults",
+        "{fault}",
+        "Page faults of metered calls.",
+        _direction("system.paging.fault.type", "minor"),
+        COUNT_BOUNDARIES,
+    ),
+    "paging.faults.major": CallMetric(
+        "meterage.call.paging.faults",
+        "{fault}",
+        "Page faults of metered calls.",
+        _direction("system.paging.fault.type", "major"),
+        COUNT_BOUNDARIES,
+    ),
+    "context_switches.voluntary": CallMetric(
+        "meterage.call.context_switches",
+        "{context_switch}",
+        "Context switches of metered calls.",
+        _direction("process.context_switch.type", "voluntary"),
+        COUNT_BOUNDARIES,
+    ),
+    "context_switches.involuntary": CallMetric(
+        "meterage.call.context_switches",
+        "{context_switch}",
+        "Context switches of metered calls.",
+        _direction("process.context_switch.type", "involuntary"),
+        COUNT_BOUNDARIES,
+    ),
+}

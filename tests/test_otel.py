@@ -1,0 +1,289 @@
+"""The OpenTelemetry bridge: meterage's series reach every reader of an SDK MeterProvider."""
+
+from __future__ import annotations
+
+import pytest
+
+otel_sdk = pytest.importorskip("opentelemetry.sdk.metrics")
+
+from opentelemetry.sdk.metrics import Histogram, MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import (  # noqa: E402
+    AggregationTemporality,
+    InMemoryMetricReader,
+)
+from opentelemetry.sdk.metrics.view import (  # noqa: E402
+    ExplicitBucketHistogramAggregation,
+    ExponentialBucketHistogramAggregation,
+)
+
+import meterage  # noqa: E402
+import meterage.otel  # noqa: E402
+from meterage.otel._names import DURATION_BOUNDARIES  # noqa: E402
+
+DELTA = {Histogram: AggregationTemporality.DELTA}
+EXPONENTIAL = {Histogram: ExponentialBucketHistogramAggregation()}
+
+
+@pytest.fixture
+def providers():
+    """Providers made by a test; detached and shut down afterwards."""
+    made: list[MeterProvider] = []
+
+    def make(*readers: InMemoryMetricReader) -> MeterProvider:
+        provider = MeterProvider(metric_readers=list(readers))
+        made.append(provider)
+        meterage.otel.attach(provider, process=False)
+        return provider
+
+    yield make
+    for provider in made:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+
+
+def metrics_of(reader: InMemoryMetricReader) -> dict[str, object]:
+    """Metric name -> Metric, over every scope of one collection."""
+    data = reader.get_metrics_data()
+    assert data is not None
+    found = {}
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                found[metric.name] = metric
+    return found
+
+
+def points(metric, **attributes):
+    return [
+        point
+        for point in metric.data.data_points
+        if all(point.attributes.get(key) == value for key, value in attributes.items())
+    ]
+
+
+def test_call_metrics_have_the_documented_names_units_and_attributes(unique, providers):
+    reader = InMemoryMetricReader()
+    providers(reader)
+    name = unique()
+
+    @meterage.meter(name, attributes={"tier": "gold"}, sample=1.0)
+    def work(fail=False):
+        if fail:
+            raise ValueError("no")
+
+    for _ in range(7):
+        work()
+    with pytest.raises(ValueError):
+        work(fail=True)
+
+    metrics = metrics_of(reader)
+    expected = {
+        "meterage.call.duration": ("s", None),
+        "meterage.call.cpu.time": ("s", None),
+        "meterage.call.io": ("By", "io.direction"),
+        "meterage.call.disk.io": ("By", "disk.io.direction"),
+        "meterage.call.paging.faults": ("{fault}", "system.paging.fault.type"),
+        "meterage.call.context_switches": ("{context_switch}", "process.context_switch.type"),
+    }
+    for metric_name, (unit, direction_key) in expected.items():
+        metric = metrics[metric_name]
+        assert metric.unit == unit
+        ok = points(metric, **{"meterage.operation": name, "tier": "gold"})
+        ok = [p for p in ok if "error.type" not in p.attributes]
+        assert sum(p.count for p in ok) == 7 * (2 if direction_key else 1), metric_name
+        if direction_key:
+            assert {p.attributes[direction_key] for p in ok} == {
+                "io.direction": {"read", "write"},
+                "disk.io.direction": {"read", "write"},
+                "system.paging.fault.type": {"minor", "major"},
+                "process.context_switch.type": {"voluntary", "involuntary"},
+            }[direction_key]
+    (failed,) = points(metrics["meterage.call.duration"], **{"error.type": "ValueError"})
+    assert failed.count == 1
+    assert failed.attributes["meterage.operation"] == name
+
+
+def test_histograms_are_explicit_by_default_with_semconv_duration_buckets(unique, providers):
+    reader = InMemoryMetricReader()
+    providers(reader)
+    name = unique()
+    work = meterage.meter(name, probes=())(lambda: None)
+    for _ in range(5):
+        work()
+    (point,) = points(metrics_of(reader)["meterage.call.duration"], **{"meterage.operation": name})
+    assert tuple(point.explicit_bounds) == DURATION_BOUNDARIES
+    assert len(point.bucket_counts) == len(DURATION_BOUNDARIES) + 1
+    # Calls of an empty function take far less than 5 ms: all in the first bucket.
+    assert point.bucket_counts[0] == 5 == point.count
+    assert 0 < point.min <= point.max < 0.005
+
+
+def test_exponential_when_the_reader_asks_for_it(unique, providers):
+    reader = InMemoryMetricReader(preferred_aggregation=EXPONENTIAL)
+    providers(reader)
+    tokens = meterage.histogram(unique("tokens"), unit="{token}")
+    values = [1, 3, 3, 40, 512, 70_000]
+    for value in values:
+        tokens.record(value)
+    metric = metrics_of(reader)[tokens.name]
+    assert type(metric.data).__name__ == "ExponentialHistogram"
+    assert metric.unit == "{token}"
+    (point,) = metric.data.data_points
+    assert point.count == len(values) and point.sum == sum(values)
+    assert point.min == 1 and point.max == 70_000
+    assert sum(point.positive.bucket_counts) + point.zero_count == len(values)
+    assert len(point.positive.bucket_counts) <= 160
+    # Bucket i holds (base**i, base**(i+1)]; 3 lands where 2**(2**-scale) says.
+    base = 2 ** (2**-point.scale)
+    first = point.positive.offset
+    assert base**first < 1 <= base ** (first + 1)
+
+
+def test_explicit_boundaries_set_on_the_reader_are_used(unique, providers):
+    reader = InMemoryMetricReader(
+        preferred_aggregation={Histogram: ExplicitBucketHistogramAggregation([10, 100])}
+    )
+    providers(reader)
+    sizes = meterage.histogram(unique("sizes"), unit="By")
+    for value in (1, 50, 50, 500):
+        sizes.record(value)
+    (point,) = metrics_of(reader)[sizes.name].data.data_points
+    assert tuple(point.explicit_bounds) == (10.0, 100.0)
+    assert list(point.bucket_counts) == [1, 2, 1]
+
+
+def test_cumulative_and_delta_readers_each_get_their_own_view(unique, providers):
+    cumulative = InMemoryMetricReader()
+    delta = InMemoryMetricReader(preferred_temporality=DELTA)
+    providers(cumulative, delta)
+    name = unique()
+    work = meterage.meter(name, probes=())(lambda: None)
+    counter = meterage.counter(unique("hits"))
+    counter_delta = InMemoryMetricReader(
+        preferred_temporality={otel_sdk.Counter: AggregationTemporality.DELTA}
+    )
+    providers(counter_delta)
+
+    def duration_count(reader):
+        metric = metrics_of(reader).get("meterage.call.duration")
+        found = points(metric, **{"meterage.operation": name}) if metric else []
+        return sum(p.count for p in found), found
+
+    for _ in range(3):
+        work()
+    counter.add(2)
+    assert duration_count(cumulative)[0] == 3
+    assert duration_count(delta)[0] == 3
+    first_hits = metrics_of(counter_delta)[counter.name].data.data_points[0]
+    assert first_hits.value == 2
+
+    for _ in range(4):
+        work()
+    counter.add(5)
+    cumulative_count, cumulative_points = duration_count(cumulative)
+    delta_count, delta_points = duration_count(delta)
+    assert cumulative_count == 7
+    assert delta_count == 4
+    # Delta windows start where the previous collection of that reader ended.
+    assert delta_points[0].start_time_unix_nano > cumulative_points[0].start_time_unix_nano
+    assert metrics_of(counter_delta)[counter.name].data.data_points[0].value == 5
+    # No new calls: a delta reader gets no point for the series.
+    assert duration_count(delta)[0] == 0
+
+
+def test_meterage_data_arrives_also_when_the_sdk_has_none_of_its_own(unique, providers):
+    reader = InMemoryMetricReader()
+    providers(reader)
+    meterage.meter(unique(), probes=())(lambda: None)()
+    assert "meterage.call.duration" in metrics_of(reader)
+
+
+def test_application_metrics_stay_in_the_same_resource(unique, providers):
+    reader = InMemoryMetricReader()
+    provider = providers(reader)
+    provider.get_meter("app").create_counter("app.requests").add(3)
+    meterage.meter(unique(), probes=())(lambda: None)()
+    data = reader.get_metrics_data()
+    (resource_metrics,) = data.resource_metrics
+    scopes = {scope.scope.name for scope in resource_metrics.scope_metrics}
+    assert {"app", "meterage"} <= scopes
+    names = {m.name for s in resource_metrics.scope_metrics for m in s.metrics}
+    assert {"app.requests", "meterage.call.duration"} <= names
+
+
+def test_attach_is_idempotent_and_detach_undoes_it(unique):
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        meterage.otel.attach(provider, process=False)
+        meterage.otel.attach(provider, process=False)
+        meterage.meter(unique(), probes=())(lambda: None)()
+        duration = metrics_of(reader)["meterage.call.duration"]
+        assert sum(p.count for p in duration.data.data_points) >= 1
+        # Attached twice, still one meterage scope.
+        (resource_metrics,) = reader.get_metrics_data().resource_metrics
+        assert [s.scope.name for s in resource_metrics.scope_metrics].count("meterage") <= 2
+        assert meterage.otel.detach(provider) is True
+        assert meterage.otel.detach(provider) is False
+        data = reader.get_metrics_data()
+        names = (
+            {m.name for rm in data.resource_metrics for s in rm.scope_metrics for m in s.metrics}
+            if data
+            else set()
+        )
+        assert "meterage.call.duration" not in names
+    finally:
+        provider.shutdown()
+
+
+def test_attach_refuses_what_is_not_an_sdk_provider():
+    from opentelemetry.metrics import NoOpMeterProvider
+
+    with pytest.raises(TypeError, match=r"opentelemetry\.sdk\.metrics\.MeterProvider"):
+        meterage.otel.attach(NoOpMeterProvider())
+    with pytest.raises(TypeError, match="MeterProvider"):
+        meterage.otel.attach(object())  # type: ignore[arg-type]
+
+
+def test_a_reset_starts_a_new_cumulative_window(unique, providers):
+    reader = InMemoryMetricReader()
+    providers(reader)
+    name = unique()
+    work = meterage.meter(name, probes=())(lambda: None)
+    for _ in range(3):
+        work()
+    (before,) = points(metrics_of(reader)["meterage.call.duration"], **{"meterage.operation": name})
+    meterage.reset()
+    work()
+    (after,) = points(metrics_of(reader)["meterage.call.duration"], **{"meterage.operation": name})
+    assert after.count == 1
+    assert after.start_time_unix_nano > before.start_time_unix_nano
+
+
+def test_prometheus_reader_scrape_never_sees_an_exponential_point(unique, providers):
+    prometheus_exporter = pytest.importorskip("opentelemetry.exporter.prometheus")
+    from prometheus_client import REGISTRY, generate_latest
+
+    # The reader registers its collector in prometheus_client's global registry (and
+    # removes it again at shutdown).
+    reader = prometheus_exporter.PrometheusMetricReader()
+    # Even a Prometheus reader that prefers exponential histograms (its scrape would fail
+    # on one) gets explicit buckets from meterage.
+    table = reader._instrument_class_aggregation
+    for instrument in [cls for cls in table if cls.__name__ == "_Histogram"]:
+        table[instrument] = ExponentialBucketHistogramAggregation()
+    providers(reader)
+    name = unique()
+    work = meterage.meter(name, probes=("cpu",), sample=1.0)(lambda: None)
+    for _ in range(4):
+        work()
+    text = generate_latest(REGISTRY).decode()
+    count_lines = [
+        line
+        for line in text.splitlines()
+        if line.startswith("meterage_call_duration_seconds_count") and name in line
+    ]
+    assert count_lines, text[:2000]
+    assert float(count_lines[0].rsplit(" ", 1)[1]) == 4
+    assert "meterage_call_duration_seconds_bucket" in text
+    assert "meterage_call_cpu_time_seconds_bucket" in text
