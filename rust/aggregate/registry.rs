@@ -250,10 +250,13 @@ impl Registry {
                 });
             }
         }
-        out.sort_by(|a, b| {
-            (a.kind as u8, &a.name)
-                .cmp(&(b.kind as u8, &b.name))
-                .then_with(|| format!("{:?}", a.attributes).cmp(&format!("{:?}", b.attributes)))
+        // A stable order for readers and tests; the attribute text is built once per series.
+        out.sort_by_cached_key(|s| {
+            (
+                s.kind as u8,
+                Arc::clone(&s.name),
+                format!("{:?}", s.attributes),
+            )
         });
         out
     }
