@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -174,3 +175,41 @@ def test_human_units() -> None:
     assert table.format_share(1.0) == "100%"
     rendered = table.render(("a", "b"), [("x", "1"), ("long", "22")])
     assert rendered.splitlines() == ["a      b", "----  --", "x      1", "long  22"]
+
+
+def test_demo_serve_exposes_the_calls_on_a_prometheus_endpoint() -> None:
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "meterage", "demo", "--duration", "0.3", "--serve"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                url = f"http://127.0.0.1:{port}/metrics"
+                text = urllib.request.urlopen(url, timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.2)
+                continue
+            if 'meterage_operation="demo.cpu_bound"' in text:
+                break
+            time.sleep(0.2)
+        counts = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("meterage_call_duration_seconds_count")
+            and 'meterage_operation="demo.cpu_bound"' in line
+        ]
+        assert counts and counts[0] >= 1, text[:2000]
+        assert "process_cpu_time_seconds_total" in text
+    finally:
+        server.kill()
+        server.wait(timeout=10)

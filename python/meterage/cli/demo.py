@@ -802,6 +802,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the results as JSON instead of tables",
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="then keep the workload running with a Prometheus scrape endpoint up "
+        "(needs meterage[otel])",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address of the --serve endpoint (%(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=9464, help="port of the --serve endpoint (%(default)s)"
+    )
 
 
 def collect(duration: float) -> dict[str, Any]:
@@ -844,12 +856,24 @@ def collect(duration: float) -> dict[str, Any]:
 
 def run(options: argparse.Namespace) -> int:
     """Runs the demo for parsed options; returns the exit status."""
+    provider = None
+    if options.serve:
+        from meterage.cli.serve import start_endpoint
+
+        provider = start_endpoint(options.host, options.port)
     report = collect(options.duration)
     if options.json:
         json.dump(_finite(report), sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         print(format_report(report))
+    if provider is not None:
+        from meterage.cli.serve import keep_running
+
+        try:
+            return keep_running(options.host, options.port)
+        finally:
+            provider.shutdown()
     return 0
 
 

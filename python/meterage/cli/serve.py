@@ -1,0 +1,57 @@
+"""``python -m meterage demo --serve``: the demo's metrics on a Prometheus endpoint.
+
+The endpoint is the OpenTelemetry Prometheus reader with meterage attached, served by
+prometheus_client's HTTP server; the workload keeps running so the numbers move.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from typing import Any
+
+
+def start_endpoint(host: str, port: int) -> Any:
+    """Starts the scrape endpoint; returns the MeterProvider (to shut down at the end)."""
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from prometheus_client import start_http_server
+    except ImportError as error:
+        raise SystemExit(
+            f"--serve needs the OpenTelemetry extras: pip install 'meterage[otel]' ({error})"
+        ) from None
+    import meterage.otel
+
+    start_http_server(port=port, addr=host)
+    provider = MeterProvider(
+        metric_readers=[PrometheusMetricReader()],
+        resource=Resource.create({"service.name": "meterage-demo"}),
+    )
+    meterage.otel.attach(provider)
+    return provider
+
+
+def keep_running(host: str, port: int, rounds: int | None = None) -> int:
+    """Runs the demo workload in one-second rounds until interrupted (or ``rounds``)."""
+    from meterage.cli import demo
+
+    url = f"http://{host}:{port}/metrics"
+    print(
+        f"\nServing Prometheus metrics on {url} (the workload keeps running; Ctrl-C stops).\n"
+        f"  curl -s {url} | grep meterage_call_duration_seconds_count",
+        flush=True,
+    )
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="meterage-serve-") as directory:
+        workload = demo.Workload(directory)
+        try:
+            while rounds is None or done < rounds:
+                demo.run_workload(workload, demo.plan(1.0))
+                done += 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+    return 0
