@@ -258,20 +258,21 @@ impl MeterCore {
     }
 
     /// Ends a stepped call once (`finished` guards against a second end): stops its clock
-    /// and records it in the series for its dynamic attributes and outcome.
+    /// and records it in the series for its dynamic attributes and outcome. Returns what it
+    /// recorded (None: already ended, or never started).
     pub fn finish_stepped(
         &self,
         call: &SteppedCall,
         finished: &mut bool,
         dynamic: &[(Arc<str>, AttributeValue)],
         error_type: Option<&str>,
-    ) {
+    ) -> Option<Measured> {
         if std::mem::replace(finished, true) {
-            return;
+            return None;
         }
-        if let Some(measured) = self.stop_stepped(call) {
-            self.record(&measured, &self.series_for(dynamic, error_type));
-        }
+        let measured = self.stop_stepped(call)?;
+        self.record(&measured, &self.series_for(dynamic, error_type));
+        Some(measured)
     }
 
     /// The series for a call with these dynamic attributes and outcome.

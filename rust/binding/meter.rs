@@ -6,6 +6,7 @@ use super::convert::{
     Pairs,
 };
 use super::metered_function;
+use super::spans;
 use super::steps::{borrow_call, Steps};
 use crate::aggregate::call::{CallStart, MeterCore, SteppedCall};
 use crate::aggregate::sampling::SamplingMode;
@@ -191,6 +192,7 @@ impl PyMeterCore {
             ));
         };
         let measured = self.core.stop(start);
+        spans::note(&measured);
         let error_type = error_type_name(exception_type)?;
         let series = self.core.series_for(&state.dynamic, error_type.as_deref());
         self.core.record(&measured, &series);
@@ -239,8 +241,12 @@ impl Call {
 
     /// Records a stepped call once.
     pub fn finish_stepped(&mut self, error_type: Option<&str>) {
-        self.core
-            .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
+        let measured =
+            self.core
+                .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
+        if let Some(measured) = measured {
+            spans::note(&measured);
+        }
     }
 }
 

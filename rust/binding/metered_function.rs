@@ -8,7 +8,8 @@
 //! doc, `__wrapped__` and signature), binds as a method like a function does, and is a
 //! method descriptor so `obj.method(...)` skips creating a bound method.
 
-use crate::aggregate::call::{CallStart, MeterCore};
+use super::spans;
+use crate::aggregate::call::{Measured, MeterCore};
 use crate::aggregate::series::CallSeries;
 use crate::probe::monotonic_ns;
 use pyo3::ffi;
@@ -74,10 +75,12 @@ unsafe extern "C" fn vectorcall(
     };
     let start = core.begin();
     let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
+    let measured = core.stop(start);
+    spans::note(&measured);
     if result.is_null() {
-        record_failure(core, start);
+        record_failure(core, &measured);
     } else {
-        core.end(start, core.series());
+        core.record(&measured, core.series());
     }
     result
 }
@@ -95,6 +98,10 @@ unsafe extern "C" fn vectorcall_timer_only(
     let started = monotonic_ns();
     let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
     let duration_ns = monotonic_ns().saturating_sub(started);
+    spans::note(&Measured {
+        duration_ns,
+        sample: None,
+    });
     if result.is_null() {
         let series = failure_series(core);
         core.record_duration(duration_ns, &series);
@@ -107,10 +114,9 @@ unsafe extern "C" fn vectorcall_timer_only(
 /// Records a failed call under `error.type` = the exception's class name. The exception
 /// is taken and put back as the same object with the same traceback.
 #[cold]
-unsafe fn record_failure(core: &MeterCore, start: CallStart) {
-    let measured = core.stop(start);
+unsafe fn record_failure(core: &MeterCore, measured: &Measured) {
     let series = failure_series(core);
-    core.record(&measured, &series);
+    core.record(measured, &series);
 }
 
 /// The series of the exception being raised (class `__qualname__` as `error.type`).

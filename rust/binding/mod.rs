@@ -7,6 +7,7 @@ mod meter;
 mod metered_function;
 mod process;
 mod snapshots;
+mod spans;
 mod steps;
 
 use crate::aggregate::registry::registry;
@@ -101,6 +102,9 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(configure, module)?)?;
     module.add_function(wrap_pyfunction!(memory_bytes, module)?)?;
     module.add_function(wrap_pyfunction!(_after_fork_in_child, module)?)?;
+    module.add_function(wrap_pyfunction!(spans::set_span_attributes, module)?)?;
+    module.add_function(wrap_pyfunction!(spans::take_span_attributes, module)?)?;
+    module.add_function(wrap_pyfunction!(spans::pending_span_count, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
     module.add_function(wrap_pyfunction!(process::process_metrics, module)?)?;

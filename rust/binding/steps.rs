@@ -131,7 +131,9 @@ impl Steps {
             finished,
         } = &mut self.owner
         {
-            core.finish_stepped(stepped, finished, &[], error_type);
+            if let Some(measured) = core.finish_stepped(stepped, finished, &[], error_type) {
+                super::spans::note(&measured);
+            }
         }
     }
 

@@ -40,6 +40,7 @@ __all__ = [
     "configure",
     "detach",
     "shutdown",
+    "span_attributes",
 ]
 
 _instrumented: set[int] = set()
@@ -57,13 +58,19 @@ def _sdk_provider(provider: Any) -> MeterProvider:
     return provider
 
 
-def attach(provider: MeterProvider | None = None, *, process: bool = True) -> None:
+def attach(
+    provider: MeterProvider | None = None, *, process: bool = True, spans: bool = True
+) -> None:
     """Adds meterage's metrics to every reader of ``provider`` (default: the global one).
 
     Idempotent; ``detach`` undoes it. With ``process=True`` the standard ``process.*``
-    metrics are exported too (read natively at collection time).
+    metrics are exported too (read natively at collection time). With ``spans=True`` and
+    an SDK TracerProvider set globally, spans get the totals of the metered calls that ran
+    in them (see ``span_attributes``).
     """
     provider = _sdk_provider(provider)
+    if spans:
+        span_attributes()
     attachment = attach_provider(provider)
     if id(provider) in _instrumented:
         return
@@ -87,6 +94,37 @@ def attach(provider: MeterProvider | None = None, *, process: bool = True) -> No
         from meterage.otel._process import register_process_metrics
 
         register_process_metrics(meter)
+
+
+def span_attributes(tracer_provider: Any = None, *, enabled: bool = True) -> bool:
+    """Sets, on each span of an SDK TracerProvider (default: the global one), the totals of
+    the metered calls that ran in it: ``meterage.calls``, ``meterage.duration`` and, from
+    probed calls, ``meterage.cpu.time``, ``meterage.io.read``, ... Returns whether it is on
+    (False when no SDK tracer provider is configured: then it costs nothing).
+
+    >>> import meterage, meterage.otel
+    >>> from opentelemetry.sdk.trace import TracerProvider
+    >>> from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    >>> from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    >>> spans = InMemorySpanExporter()
+    >>> tracing = TracerProvider()
+    >>> meterage.otel.span_attributes(tracing)
+    True
+    >>> tracing.add_span_processor(SimpleSpanProcessor(spans))
+    >>> with tracing.get_tracer("doc").start_as_current_span("request"):
+    ...     with meterage.meter("doc.span.work", sample=1.0):
+    ...         pass
+    >>> spans.get_finished_spans()[0].attributes["meterage.calls"]
+    1
+    >>> meterage.otel.span_attributes(enabled=False)
+    False
+    """
+    from meterage.otel import _spans
+
+    if not enabled:
+        _spans.disable()
+        return False
+    return _spans.enable(tracer_provider)
 
 
 def detach(provider: MeterProvider | None = None) -> bool:
