@@ -120,10 +120,12 @@ impl PyHistogramSnapshot {
         Ok(bridge::histogram::explicit_counts(&self.inner, &boundaries))
     }
 
-    /// This histogram with at most `max_buckets` buckets (downscaled as needed).
-    fn fit_buckets(&self, max_buckets: usize) -> PyHistogramSnapshot {
+    /// This histogram with at most `max_buckets` buckets and a scale of at most
+    /// `max_scale` (downscaled as needed).
+    #[pyo3(signature = (max_buckets, max_scale = 20))]
+    fn fit_buckets(&self, max_buckets: usize, max_scale: i32) -> PyHistogramSnapshot {
         PyHistogramSnapshot::new(
-            bridge::histogram::fit_buckets(&self.inner, max_buckets),
+            bridge::histogram::fit_buckets(&self.inner, max_buckets, max_scale),
             &self.unit,
         )
     }

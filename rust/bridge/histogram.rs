@@ -31,13 +31,21 @@ pub fn explicit_counts(histogram: &HistogramSnapshot, boundaries: &[f64]) -> Vec
     counts
 }
 
-/// The histogram with at most `max_buckets` buckets: downscaled (halving resolution each
-/// step) until its non-empty range fits, as OpenTelemetry's exponential aggregation does.
-pub fn fit_buckets(histogram: &HistogramSnapshot, max_buckets: usize) -> HistogramSnapshot {
+/// The histogram at a scale of at most `max_scale` and with at most `max_buckets` buckets:
+/// downscaled (halving resolution each step) until its non-empty range fits, as
+/// OpenTelemetry's exponential aggregation does.
+pub fn fit_buckets(
+    histogram: &HistogramSnapshot,
+    max_buckets: usize,
+    max_scale: i32,
+) -> HistogramSnapshot {
     let max_buckets = max_buckets.max(2) as i64;
-    let mut scale = histogram.scale;
+    let mut scale = histogram.scale.min(max_scale.max(-10));
     if histogram.bucket_counts.is_empty() {
-        return histogram.clone();
+        return HistogramSnapshot {
+            scale,
+            ..histogram.clone()
+        };
     }
     let first = histogram.offset as i64;
     let last = first + histogram.bucket_counts.len() as i64 - 1;
@@ -142,12 +150,15 @@ mod tests {
         let values: Vec<f64> = (0..60).map(|e| 2f64.powi(e - 30)).collect();
         let snapshot = recorded(&values);
         assert!(snapshot.bucket_counts.len() > 160);
-        let fitted = fit_buckets(&snapshot, 160);
+        let fitted = fit_buckets(&snapshot, 160, 20);
         assert!(fitted.bucket_counts.len() <= 160);
         assert_eq!(fitted.count, snapshot.count);
         assert_eq!(fitted.bucket_counts.iter().sum::<u64>(), 60);
         assert!(fitted.scale < snapshot.scale);
-        assert_eq!(fit_buckets(&snapshot, 10_000), snapshot);
+        assert_eq!(fit_buckets(&snapshot, 10_000, 20), snapshot);
+        let coarse = fit_buckets(&snapshot, 10_000, 1);
+        assert_eq!(coarse.scale, 1);
+        assert_eq!(coarse.count, snapshot.count);
     }
 
     #[test]

@@ -60,6 +60,7 @@ class ReaderState:
             not prometheus
         )
         self.max_buckets: int = getattr(aggregation, "_max_size", 160) or 160
+        self.max_scale: int = getattr(aggregation, "_max_scale", 20)
         boundaries = (
             getattr(aggregation, "_boundaries", None)
             if isinstance(aggregation, ExplicitBucketHistogramAggregation)
@@ -169,7 +170,7 @@ def _histogram_point(
     boundaries: tuple[float, ...],
 ) -> tuple[str, Any]:
     if state.exponential:
-        fitted = histogram.fit_buckets(state.max_buckets)
+        fitted = histogram.fit_buckets(state.max_buckets, state.max_scale)
         positive = Buckets(offset=fitted.offset, bucket_counts=fitted.bucket_counts)
         return "exponential", _exponential_point_of(
             attributes=attributes,
