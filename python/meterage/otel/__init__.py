@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from opentelemetry import metrics as _metrics_api
@@ -29,7 +30,12 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 import meterage
-from meterage.otel._attach import attach_provider, attached_providers, detach_provider
+from meterage.otel._attach import (
+    attach_provider,
+    attached_providers,
+    attachment_of,
+    detach_provider,
+)
 from meterage.otel._names import CALL_METRICS, OPERATION_KEY
 
 __all__ = [
@@ -43,7 +49,8 @@ __all__ = [
     "span_attributes",
 ]
 
-_instrumented: set[int] = set()
+# Providers whose meter got meterage's instruments, weakly (ids can be reused).
+_instrumented: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
 
 
 def _sdk_provider(provider: Any) -> MeterProvider:
@@ -71,18 +78,19 @@ def attach(
     provider = _sdk_provider(provider)
     if spans:
         span_attributes()
-    attachment = attach_provider(provider)
-    if id(provider) in _instrumented:
+    attach_provider(provider)
+    if provider in _instrumented:
         return
-    _instrumented.add(id(provider))
+    _instrumented.add(provider)
     meter = provider.get_meter("meterage", meterage.__version__)
+    provider_ref = weakref.ref(provider)
 
     def series_count(options: CallbackOptions) -> list[Observation]:
         # An observable instrument keeps the SDK's collect() from returning None (which
         # would skip the readers' hook) when the application has no metrics of its own.
-        if provider not in attached_providers():
-            return []
-        return [Observation(attachment.series_count)]
+        current = provider_ref()
+        attachment = attachment_of(current) if current is not None else None
+        return [] if attachment is None else [Observation(attachment.series_count)]
 
     meter.create_observable_gauge(
         "meterage.series",

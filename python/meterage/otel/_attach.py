@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +31,8 @@ class _Attachment:
     """meterage attached to one provider: its readers' hooks and their state."""
 
     def __init__(self, provider: MeterProvider) -> None:
-        self.provider = provider
+        # Weak: the attachment must not keep a provider the application dropped alive.
+        self.provider_ref = weakref.ref(provider)
         self.states: dict[int, ReaderState] = {}
         self.lock = threading.Lock()
         self.failed_once = False
@@ -38,7 +40,8 @@ class _Attachment:
         self.series_count = 0
 
     def readers(self) -> list[MetricReader]:
-        return list(getattr(self.provider, "_metric_readers", ()))
+        provider = self.provider_ref()
+        return list(getattr(provider, "_metric_readers", ())) if provider is not None else []
 
     def hook(self, reader: MetricReader) -> None:
         state = ReaderState(reader)
@@ -73,8 +76,18 @@ class _Attachment:
             if not metrics or not metrics_data.resource_metrics:
                 return metrics_data
             first, *rest = metrics_data.resource_metrics
-            ours = ScopeMetrics(scope=SCOPE, metrics=metrics, schema_url="")
-            merged = replace(first, scope_metrics=[*first.scope_metrics, ours])
+            # meterage's own SDK instruments (process metrics, the series gauge) already
+            # have a ScopeMetrics with this scope: join it, since the OTLP encoder keeps
+            # only one ScopeMetrics per scope.
+            scopes = list(first.scope_metrics)
+            for index, scope_metrics in enumerate(scopes):
+                if scope_metrics.scope == SCOPE:
+                    combined = [*scope_metrics.metrics, *metrics]
+                    scopes[index] = replace(scope_metrics, metrics=combined)
+                    break
+            else:
+                scopes.append(ScopeMetrics(scope=SCOPE, metrics=metrics, schema_url=""))
+            merged = replace(first, scope_metrics=scopes)
             return MetricsData(resource_metrics=[merged, *rest])
         except Exception:
             if not self.failed_once:
@@ -83,15 +96,16 @@ class _Attachment:
             return metrics_data
 
 
-_attachments: dict[int, _Attachment] = {}
+# By provider, weakly: an id() could be reused by a new provider after one is dropped.
+_attachments: weakref.WeakKeyDictionary[MeterProvider, _Attachment] = weakref.WeakKeyDictionary()
 _attach_lock = threading.Lock()
 
 
 def attach_provider(provider: MeterProvider) -> _Attachment:
     with _attach_lock:
-        attachment = _attachments.get(id(provider))
+        attachment = _attachments.get(provider)
         if attachment is None:
-            attachment = _attachments[id(provider)] = _Attachment(provider)
+            attachment = _attachments[provider] = _Attachment(provider)
         for reader in attachment.readers():
             if id(reader) not in attachment.states:
                 attachment.hook(reader)
@@ -100,7 +114,7 @@ def attach_provider(provider: MeterProvider) -> _Attachment:
 
 def detach_provider(provider: MeterProvider) -> bool:
     with _attach_lock:
-        attachment = _attachments.pop(id(provider), None)
+        attachment = _attachments.pop(provider, None)
         if attachment is None:
             return False
         for reader in attachment.readers():
@@ -110,4 +124,10 @@ def detach_provider(provider: MeterProvider) -> bool:
 
 def attached_providers() -> list[MeterProvider]:
     with _attach_lock:
-        return [attachment.provider for attachment in _attachments.values()]
+        return list(_attachments.keys())
+
+
+def attachment_of(provider: MeterProvider) -> _Attachment | None:
+    """The provider's current attachment (None once detached)."""
+    with _attach_lock:
+        return _attachments.get(provider)

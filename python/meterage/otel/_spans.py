@@ -6,6 +6,7 @@ span processor moves them onto the span's attributes as the span ends.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from opentelemetry import context as _context
@@ -47,7 +48,8 @@ class MeterageSpanProcessor(SpanProcessor):
         return True
 
 
-_processors: dict[int, MeterageSpanProcessor] = {}
+# By provider, weakly: an id() could be reused by a new provider after one is dropped.
+_processors: weakref.WeakKeyDictionary[Any, MeterageSpanProcessor] = weakref.WeakKeyDictionary()
 
 
 def enable(tracer_provider: Any = None) -> bool:
@@ -61,8 +63,8 @@ def enable(tracer_provider: Any = None) -> bool:
                 f"{type(tracer_provider).__name__}"
             )
         return False
-    if id(provider) not in _processors:
-        processor = _processors[id(provider)] = MeterageSpanProcessor()
+    if provider not in _processors:
+        processor = _processors[provider] = MeterageSpanProcessor()
         provider.add_span_processor(processor)
     runtime = _context._RUNTIME_CONTEXT
     context_var = getattr(runtime, "_current_context", None)
