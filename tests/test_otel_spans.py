@@ -136,3 +136,45 @@ def test_a_forked_process_is_not_confused_by_the_parent_spans(unique, tracing):
         os.waitpid(pid, 0)
     # The child's call was its own business: the parent's span saw one call.
     assert finished(exporter, "parent-side")["meterage.calls"] == 1
+
+
+def test_duration_points_carry_exemplars_of_traced_calls(unique, tracing):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    tracer, _ = tracing
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meterage.otel.attach(provider, process=False)
+    try:
+        name = unique()
+        work = meterage.meter(name, probes=())(lambda: None)
+        with tracer.start_as_current_span("traced") as span:
+            work()
+            context = span.get_span_context()
+        work()  # outside any span: no exemplar
+        data = reader.get_metrics_data()
+        (duration,) = [
+            metric
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "meterage.call.duration"
+        ]
+        (point,) = [
+            p for p in duration.data.data_points if p.attributes["meterage.operation"] == name
+        ]
+        assert point.count == 2
+        (exemplar,) = point.exemplars
+        assert exemplar.trace_id == context.trace_id
+        assert exemplar.span_id == context.span_id
+        assert point.min <= exemplar.value <= point.max
+        # It sits in the bucket its value belongs to (the first: far below 5 ms).
+        assert exemplar.value <= point.explicit_bounds[0]
+        (series,) = [s for s in meterage.snapshot() if s.operation == name]
+        assert [(trace, span_id) for _, _, trace, span_id in series.exemplars] == [
+            (context.trace_id, context.span_id)
+        ]
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()

@@ -259,20 +259,21 @@ impl MeterCore {
 
     /// Ends a stepped call once (`finished` guards against a second end): stops its clock
     /// and records it in the series for its dynamic attributes and outcome. Returns what it
-    /// recorded (None: already ended, or never started).
+    /// recorded and where (None: already ended, or never started).
     pub fn finish_stepped(
         &self,
         call: &SteppedCall,
         finished: &mut bool,
         dynamic: &[(Arc<str>, AttributeValue)],
         error_type: Option<&str>,
-    ) -> Option<Measured> {
+    ) -> Option<(Measured, Arc<CallSeries>)> {
         if std::mem::replace(finished, true) {
             return None;
         }
         let measured = self.stop_stepped(call)?;
-        self.record(&measured, &self.series_for(dynamic, error_type));
-        Some(measured)
+        let series = self.series_for(dynamic, error_type);
+        self.record(&measured, &series);
+        Some((measured, series))
     }
 
     /// The series for a call with these dynamic attributes and outcome.

@@ -3,6 +3,7 @@
 
 pub mod attributes;
 pub mod call;
+pub mod exemplars;
 pub mod histogram;
 pub mod registry;
 pub mod sampling;

@@ -208,6 +208,7 @@ impl Registry {
                     count: measures[0].histogram.count,
                     measures,
                     value: 0.0,
+                    exemplars: series.exemplars.snapshot(),
                 });
             }
         }
@@ -230,6 +231,7 @@ impl Registry {
                         histogram: snapshot,
                     }],
                     value: 0.0,
+                    exemplars: Vec::new(),
                 });
             }
         }
@@ -247,6 +249,7 @@ impl Registry {
                     count: series.adds(),
                     measures: Vec::new(),
                     value: series.value(),
+                    exemplars: Vec::new(),
                 });
             }
         }

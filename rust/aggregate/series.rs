@@ -3,6 +3,7 @@
 //! or one counter.
 
 use super::attributes::AttributeSet;
+use super::exemplars::ExemplarSlots;
 use super::histogram::AtomicHistogram;
 use super::series_map::SeriesData;
 use crate::probe::{measure, Reading, DURATION, MEASURES};
@@ -12,6 +13,8 @@ pub struct CallSeries {
     attributes: AttributeSet,
     pub duration: AtomicHistogram,
     pub probes: [AtomicHistogram; measure::COUNT],
+    /// Traced calls' durations with their trace and span (only while tracing is on).
+    pub exemplars: ExemplarSlots,
 }
 
 impl SeriesData for CallSeries {
@@ -20,6 +23,7 @@ impl SeriesData for CallSeries {
             attributes,
             duration: AtomicHistogram::new(),
             probes: std::array::from_fn(|_| AtomicHistogram::new()),
+            exemplars: ExemplarSlots::default(),
         }
     }
     fn attributes(&self) -> &AttributeSet {
@@ -46,6 +50,7 @@ impl CallSeries {
     pub fn reset(&self) {
         self.duration.reset();
         self.probes.iter().for_each(AtomicHistogram::reset);
+        self.exemplars.reset();
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,6 +1,7 @@
 //! Plain-data copies of the aggregates, taken at collection time.
 
 use super::attributes::AttributeSet;
+use super::exemplars::Exemplar;
 use super::histogram::HistogramSnapshot;
 use std::sync::Arc;
 
@@ -45,4 +46,6 @@ pub struct SeriesSnapshot {
     pub measures: Vec<MeasureSnapshot>,
     /// For counters: the total.
     pub value: f64,
+    /// For calls: durations of traced calls with their trace and span.
+    pub exemplars: Vec<Exemplar>,
 }

@@ -192,9 +192,9 @@ impl PyMeterCore {
             ));
         };
         let measured = self.core.stop(start);
-        spans::note(&measured);
         let error_type = error_type_name(exception_type)?;
         let series = self.core.series_for(&state.dynamic, error_type.as_deref());
+        spans::note(&measured, &series);
         self.core.record(&measured, &series);
         if let Some(token) = state.token.take() {
             // SAFETY: the token came from PyContextVar_Set on this same variable.
@@ -244,8 +244,8 @@ impl Call {
         let measured =
             self.core
                 .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
-        if let Some(measured) = measured {
-            spans::note(&measured);
+        if let Some((measured, series)) = measured {
+            spans::note(&measured, &series);
         }
     }
 }

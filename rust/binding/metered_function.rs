@@ -10,7 +10,6 @@
 
 use super::spans;
 use crate::aggregate::call::{Measured, MeterCore};
-use crate::aggregate::series::CallSeries;
 use crate::probe::monotonic_ns;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -76,10 +75,10 @@ unsafe extern "C" fn vectorcall(
     let start = core.begin();
     let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
     let measured = core.stop(start);
-    spans::note(&measured);
     if result.is_null() {
         record_failure(core, &measured);
     } else {
+        spans::note(&measured, core.series());
         core.record(&measured, core.series());
     }
     result
@@ -98,42 +97,42 @@ unsafe extern "C" fn vectorcall_timer_only(
     let started = monotonic_ns();
     let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
     let duration_ns = monotonic_ns().saturating_sub(started);
-    spans::note(&Measured {
+    let measured = Measured {
         duration_ns,
         sample: None,
-    });
+    };
     if result.is_null() {
-        let series = failure_series(core);
-        core.record_duration(duration_ns, &series);
+        record_failure(core, &measured);
     } else {
+        spans::note(&measured, core.series());
         core.record_duration(duration_ns, core.series());
     }
     result
 }
 
-/// Records a failed call under `error.type` = the exception's class name. The exception
-/// is taken and put back as the same object with the same traceback.
+/// Records a failed call under `error.type` = the exception's class `__qualname__`. The
+/// exception is taken while meterage looks at it and put back as the same object with the
+/// same traceback.
 #[cold]
 unsafe fn record_failure(core: &MeterCore, measured: &Measured) {
-    let series = failure_series(core);
-    core.record(measured, &series);
-}
-
-/// The series of the exception being raised (class `__qualname__` as `error.type`).
-#[cold]
-unsafe fn failure_series(core: &MeterCore) -> Arc<CallSeries> {
     let py = Python::assume_attached();
-    let Some(error) = PyErr::take(py) else {
-        return core.series_for(&[], None);
+    let error = PyErr::take(py);
+    let series = match &error {
+        Some(error) => {
+            let class_name = error
+                .get_type(py)
+                .qualname()
+                .map(|name| name.to_string())
+                .unwrap_or_else(|_| "Exception".to_owned());
+            core.error_series(&class_name)
+        }
+        None => core.series_for(&[], None),
     };
-    let class_name = error
-        .get_type(py)
-        .qualname()
-        .map(|name| name.to_string())
-        .unwrap_or_else(|_| "Exception".to_owned());
-    let series = core.error_series(&class_name);
-    error.restore(py);
-    series
+    spans::note(measured, &series);
+    core.record(measured, &series);
+    if let Some(error) = error {
+        error.restore(py);
+    }
 }
 
 unsafe extern "C" fn descr_get(

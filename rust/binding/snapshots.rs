@@ -1,6 +1,7 @@
 //! Snapshot objects handed to Python: plain data, no OpenTelemetry needed.
 
 use super::convert::attributes_to_dict;
+use crate::aggregate::exemplars::Exemplar;
 use crate::aggregate::histogram::HistogramSnapshot;
 use crate::aggregate::snapshot::SeriesSnapshot;
 use crate::bridge;
@@ -171,6 +172,7 @@ pub struct PySeries {
     /// How many calls ran the probes (the largest count of any probe measure).
     #[pyo3(get)]
     sampled: u64,
+    exemplars: Vec<Exemplar>,
 }
 
 impl PySeries {
@@ -196,6 +198,7 @@ impl PySeries {
             attributes: attributes_to_dict(py, series.attributes.iter())?.unbind(),
             histograms: histograms.unbind(),
             sampled,
+            exemplars: series.exemplars.clone(),
         })
     }
 }
@@ -218,6 +221,17 @@ impl PySeries {
     #[getter]
     fn histograms<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.histograms.bind(py).copy()
+    }
+
+    /// Traced calls' durations with their spans: (seconds, unix time ns, trace id, span id),
+    /// the most recent per power-of-two range of durations (only while span attributes
+    /// are on).
+    #[getter]
+    fn exemplars(&self) -> Vec<(f64, u64, u128, u64)> {
+        self.exemplars
+            .iter()
+            .map(|e| (e.value, e.time_unix_ns, e.trace_id, e.span_id))
+            .collect()
     }
 
     /// Estimated total of a measure over all calls (sampled probes weighted up).

@@ -8,6 +8,8 @@
 //! would cost microseconds; this costs well under 300 ns.
 
 use crate::aggregate::call::Measured;
+use crate::aggregate::exemplars::Exemplar;
+use crate::aggregate::series::CallSeries;
 use crate::probe::{measure, ProbeSet, DURATION, MEASURES};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -44,6 +46,26 @@ struct Pending {
     /// Held so the address stays this span's until it ends and takes its totals.
     _span: Py<PyAny>,
     totals: Totals,
+    /// (trace id, span id) when the span is sampled: read once per span, for exemplars.
+    ids: Option<(u128, u64)>,
+}
+
+/// The trace and span ids of a sampled SDK span (None: not sampled, or unreadable).
+fn sampled_ids(span: &Bound<'_, PyAny>) -> Option<(u128, u64)> {
+    let context = span.getattr("_context").ok()?;
+    let flags: u8 = context.getattr("trace_flags").ok()?.extract().ok()?;
+    if flags & 1 == 0 {
+        return None;
+    }
+    let trace_id: u128 = context.getattr("trace_id").ok()?.extract().ok()?;
+    let span_id: u64 = context.getattr("span_id").ok()?.extract().ok()?;
+    Some((trace_id, span_id))
+}
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64)
 }
 
 fn pending() -> &'static Mutex<HashMap<usize, Pending>> {
@@ -51,16 +73,18 @@ fn pending() -> &'static Mutex<HashMap<usize, Pending>> {
     PENDING.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Adds a finished call to the current span's totals, if span attributes are on.
+/// Adds a finished call to the current span's totals, and its duration as an exemplar of
+/// `series` when the span is sampled, if span attributes are on. Must not be called while
+/// a Python exception is set.
 #[inline(always)]
-pub fn note(measured: &Measured) {
+pub fn note(measured: &Measured, series: &CallSeries) {
     if ENABLED.load(Ordering::Relaxed) {
-        note_current(measured);
+        note_current(measured, series);
     }
 }
 
 #[inline(never)]
-fn note_current(measured: &Measured) {
+fn note_current(measured: &Measured, series: &CallSeries) {
     let Some(hook) = HOOK.get() else {
         return;
     };
@@ -99,10 +123,22 @@ fn note_current(measured: &Measured) {
         if !spans.contains_key(&key) && spans.len() >= MAX_PENDING_SPANS {
             return;
         }
-        let entry = spans.entry(key).or_insert_with(|| Pending {
-            _span: Bound::from_borrowed_ptr(py, span).unbind(),
-            totals: Totals::default(),
+        let entry = spans.entry(key).or_insert_with(|| {
+            let span = Bound::from_borrowed_ptr(py, span);
+            Pending {
+                ids: sampled_ids(&span),
+                _span: span.unbind(),
+                totals: Totals::default(),
+            }
         });
+        if let Some((trace_id, span_id)) = entry.ids {
+            series.exemplars.offer(Exemplar {
+                value: measured.duration_ns as f64 * DURATION.factor,
+                time_unix_ns: unix_now_ns(),
+                trace_id,
+                span_id,
+            });
+        }
         let totals = &mut entry.totals;
         totals.calls += 1;
         totals.duration_ns += measured.duration_ns;

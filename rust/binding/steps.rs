@@ -131,8 +131,10 @@ impl Steps {
             finished,
         } = &mut self.owner
         {
-            if let Some(measured) = core.finish_stepped(stepped, finished, &[], error_type) {
-                super::spans::note(&measured);
+            if let Some((measured, series)) =
+                core.finish_stepped(stepped, finished, &[], error_type)
+            {
+                super::spans::note(&measured, &series);
             }
         }
     }

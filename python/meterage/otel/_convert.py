@@ -7,10 +7,12 @@ temporality and histogram aggregation preferences, the previous snapshot of ever
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterable
 from typing import Any
 
+from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Buckets,
@@ -161,6 +163,24 @@ _exponential_point_of = _make(ExponentialHistogramDataPoint)
 _number_point_of = _make(NumberDataPoint)
 
 
+def _exemplars(
+    recorded: list[tuple[float, int, int, int]], start: int, boundaries: list[float] | None
+) -> list[Exemplar]:
+    """The series' traced calls inside this point's window: for explicit buckets the most
+    recent one per bucket, for exponential ones all of them (one per power of two)."""
+    latest: dict[int, tuple[float, int, int, int]] = {}
+    for value, time_ns, trace_id, span_id in recorded:
+        if time_ns < start:
+            continue
+        bucket = bisect.bisect_left(boundaries, value) if boundaries is not None else len(latest)
+        if bucket not in latest or latest[bucket][1] < time_ns:
+            latest[bucket] = (value, time_ns, trace_id, span_id)
+    return [
+        Exemplar(None, value, time_ns, span_id=span_id, trace_id=trace_id)
+        for value, time_ns, trace_id, span_id in latest.values()
+    ]
+
+
 def _histogram_point(
     state: ReaderState,
     attributes: dict[str, Any],
@@ -168,6 +188,7 @@ def _histogram_point(
     start: int,
     now: int,
     boundaries: tuple[float, ...],
+    exemplars: list[tuple[float, int, int, int]] = (),  # type: ignore[assignment]
 ) -> tuple[str, Any]:
     if state.exponential:
         fitted = histogram.fit_buckets(state.max_buckets, state.max_scale)
@@ -185,7 +206,7 @@ def _histogram_point(
             flags=0,
             min=fitted.min,
             max=fitted.max,
-            exemplars=[],
+            exemplars=_exemplars(exemplars, start, None) if exemplars else [],
         )
     return "explicit", _histogram_point_of(
         attributes=attributes,
@@ -197,7 +218,7 @@ def _histogram_point(
         explicit_bounds=boundaries,
         min=histogram.min,
         max=histogram.max,
-        exemplars=[],
+        exemplars=_exemplars(exemplars, start, boundaries) if exemplars else [],
     )
 
 
@@ -248,7 +269,13 @@ def collect_metrics(state: ReaderState, snapshot: Iterable[Any]) -> list[Metric]
                 name, unit, description = series.operation, series.unit, series.description
                 point_attributes, boundaries = attributes, _DEFAULT_BOUNDARIES
             point_kind, point = _histogram_point(
-                state, point_attributes, data, start, now, override or boundaries
+                state,
+                point_attributes,
+                data,
+                start,
+                now,
+                override or boundaries,
+                series.exemplars if measure == "duration" and kind == "call" else (),
             )
             add(name, unit, description, point_kind, point)
     state.last_collection_ns = now
