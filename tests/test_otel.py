@@ -287,3 +287,42 @@ def test_prometheus_reader_scrape_never_sees_an_exponential_point(unique, provid
     assert float(count_lines[0].rsplit(" ", 1)[1]) == 4
     assert "meterage_call_duration_seconds_bucket" in text
     assert "meterage_call_cpu_time_seconds_bucket" in text
+
+
+def test_calls_in_flight_are_an_up_down_counter(unique, providers):
+    import threading
+
+    reader = InMemoryMetricReader(preferred_temporality=DELTA)
+    providers(reader)
+    name = unique()
+    inside = threading.Event()
+    release = threading.Event()
+
+    @meterage.meter(name, attributes={"tier": "gold"}, probes=())
+    def slow():
+        inside.set()
+        release.wait(10)
+
+    @meterage.meter(name, attributes={"tier": "gold"}, probes=())
+    async def slow_async():
+        return 1
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    assert inside.wait(10)
+    try:
+        metric = metrics_of(reader)["meterage.calls.active"]
+        (point,) = points(metric, **{"meterage.operation": name})
+        assert point.value == 1
+        assert point.attributes["tier"] == "gold"
+        assert metric.unit == "{call}"
+        assert metric.data.is_monotonic is False
+        assert metric.data.aggregation_temporality == AggregationTemporality.CUMULATIVE
+    finally:
+        release.set()
+        worker.join()
+    import asyncio
+
+    assert asyncio.run(slow_async()) == 1
+    (point,) = points(metrics_of(reader)["meterage.calls.active"], **{"meterage.operation": name})
+    assert point.value == 0

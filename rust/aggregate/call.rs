@@ -11,6 +11,7 @@ use super::series::CallSeries;
 use super::series_map::SeriesData;
 use crate::probe::{monotonic_ns, ProbeSet, Reading};
 use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub struct MeterCore {
@@ -27,10 +28,20 @@ pub struct MeterCore {
 #[derive(Clone, Copy, Debug)]
 pub struct CallStart {
     wall_ns: u64,
+    /// Whether this call was counted in flight (and so must be uncounted at its end).
+    counted: bool,
     /// The probe reading and the call's weight, when the call was chosen for probing.
     sample: Option<(Reading, f64)>,
     /// When the probe readings began (adaptive sampling measures what they cost).
     probes_began_ns: u64,
+}
+
+/// Whether calls are counted in flight (`meterage.calls.active`): two atomic operations
+/// per call, so only while an exporter is attached.
+static TRACK_ACTIVE: AtomicBool = AtomicBool::new(false);
+
+pub fn set_active_tracking(on: bool) {
+    TRACK_ACTIVE.store(on, Ordering::Relaxed);
 }
 
 /// What a finished call measured, not yet recorded.
@@ -45,6 +56,7 @@ pub struct Measured {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SteppedCall {
     started_ns: Option<u64>,
+    counted: bool,
     weight: Option<f64>,
     total: Reading,
     /// Set when a step's readings could not be compared (a fork in between).
@@ -112,6 +124,27 @@ impl MeterCore {
     pub fn sampler(&self) -> &Sampler {
         &self.sampler
     }
+    /// Counts a call in flight on this meter's series, when tracking is on; returns whether
+    /// it did (the call's end must then uncount it).
+    #[inline(always)]
+    pub fn enter_active(&self) -> bool {
+        if !TRACK_ACTIVE.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.series.active.fetch_add(1, Ordering::Relaxed);
+        if !self.series.tracks_active.load(Ordering::Relaxed) {
+            self.series.tracks_active.store(true, Ordering::Relaxed);
+        }
+        true
+    }
+
+    #[inline(always)]
+    pub fn leave_active(&self, counted: bool) {
+        if counted {
+            self.series.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Records the wall time of a call of a meter without probes (the timer-only path:
     /// no sampling decision, no probe state).
     #[inline(always)]
@@ -145,8 +178,10 @@ impl MeterCore {
     /// Before the call: decide whether to probe it, read the probes if so, start the clock.
     #[inline(always)]
     pub fn begin(&self) -> CallStart {
+        let counted = self.enter_active();
         match self.decide() {
             None => CallStart {
+                counted,
                 wall_ns: monotonic_ns(),
                 sample: None,
                 probes_began_ns: 0,
@@ -155,6 +190,7 @@ impl MeterCore {
                 let probes_began_ns = self.probe_clock();
                 let reading = Reading::take_before(self.probes);
                 CallStart {
+                    counted,
                     wall_ns: monotonic_ns(),
                     sample: Some((reading, weight)),
                     probes_began_ns,
@@ -168,6 +204,7 @@ impl MeterCore {
     #[inline(always)]
     pub fn stop(&self, start: CallStart) -> Measured {
         let wall_end = monotonic_ns();
+        self.leave_active(start.counted);
         let duration_ns = wall_end.saturating_sub(start.wall_ns);
         let sample = start.sample.and_then(|(before, weight)| {
             let delta = Reading::take_after(self.probes).since(&before);
@@ -219,6 +256,7 @@ impl MeterCore {
             step.reading_cost_ns = self.probe_clock().saturating_sub(began);
         }
         if call.started_ns.is_none() {
+            call.counted = self.enter_active();
             call.started_ns = Some(monotonic_ns());
         }
         step
@@ -241,6 +279,7 @@ impl MeterCore {
     /// there is nothing to record).
     pub fn stop_stepped(&self, call: &SteppedCall) -> Option<Measured> {
         let started = call.started_ns?;
+        self.leave_active(call.counted);
         let duration_ns = monotonic_ns().saturating_sub(started);
         let sample = match call.weight {
             Some(weight) if !call.broken => {

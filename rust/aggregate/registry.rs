@@ -181,7 +181,8 @@ impl Registry {
         for operation in values(&self.operations) {
             let requested = operation.probes_requested();
             for series in operation.series.all() {
-                if series.is_empty() {
+                let tracks_active = series.tracks_active.load(Ordering::Relaxed);
+                if series.is_empty() && !(tracks_active && series.active_calls() > 0) {
                     continue;
                 }
                 let duration = series.duration.snapshot();
@@ -209,6 +210,7 @@ impl Registry {
                     measures,
                     value: 0.0,
                     exemplars: series.exemplars.snapshot(),
+                    active: tracks_active.then(|| series.active_calls()),
                 });
             }
         }
@@ -232,6 +234,7 @@ impl Registry {
                     }],
                     value: 0.0,
                     exemplars: Vec::new(),
+                    active: None,
                 });
             }
         }
@@ -250,6 +253,7 @@ impl Registry {
                     measures: Vec::new(),
                     value: series.value(),
                     exemplars: Vec::new(),
+                    active: None,
                 });
             }
         }

@@ -7,7 +7,7 @@ use super::exemplars::ExemplarSlots;
 use super::histogram::AtomicHistogram;
 use super::series_map::SeriesData;
 use crate::probe::{measure, Reading, DURATION, MEASURES};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 pub struct CallSeries {
     attributes: AttributeSet,
@@ -15,6 +15,10 @@ pub struct CallSeries {
     pub probes: [AtomicHistogram; measure::COUNT],
     /// Traced calls' durations with their trace and span (only while tracing is on).
     pub exemplars: ExemplarSlots,
+    /// Calls in flight (counted only while an exporter wants `meterage.calls.active`).
+    pub active: AtomicI64,
+    /// Whether in-flight calls were ever counted here (only such series export them).
+    pub tracks_active: AtomicBool,
 }
 
 impl SeriesData for CallSeries {
@@ -24,6 +28,8 @@ impl SeriesData for CallSeries {
             duration: AtomicHistogram::new(),
             probes: std::array::from_fn(|_| AtomicHistogram::new()),
             exemplars: ExemplarSlots::default(),
+            active: AtomicI64::new(0),
+            tracks_active: AtomicBool::new(false),
         }
     }
     fn attributes(&self) -> &AttributeSet {
@@ -51,10 +57,16 @@ impl CallSeries {
         self.duration.reset();
         self.probes.iter().for_each(AtomicHistogram::reset);
         self.exemplars.reset();
+        self.active.store(0, Ordering::Relaxed);
     }
 
     pub fn is_empty(&self) -> bool {
         self.duration.is_empty()
+    }
+
+    /// Calls in flight now (never below zero: a reset or fork can race with ending calls).
+    pub fn active_calls(&self) -> i64 {
+        self.active.load(Ordering::Relaxed).max(0)
     }
 }
 

@@ -48,4 +48,6 @@ pub struct SeriesSnapshot {
     pub value: f64,
     /// For calls: durations of traced calls with their trace and span.
     pub exemplars: Vec<Exemplar>,
+    /// For calls: calls in flight now, if counted here (None: not tracked).
+    pub active: Option<i64>,
 }

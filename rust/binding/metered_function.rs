@@ -94,9 +94,11 @@ unsafe extern "C" fn vectorcall_timer_only(
     let Some((function, core)) = parts(callable) else {
         return ptr::null_mut();
     };
+    let counted = core.enter_active();
     let started = monotonic_ns();
     let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
     let duration_ns = monotonic_ns().saturating_sub(started);
+    core.leave_active(counted);
     let measured = Measured {
         duration_ns,
         sample: None,

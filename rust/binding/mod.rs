@@ -77,6 +77,12 @@ fn _after_fork_in_child() {
     sampling::reseed_thread();
 }
 
+/// Counts calls in flight (for `meterage.calls.active`) or stops counting.
+#[pyfunction]
+fn set_active_tracking(on: bool) {
+    crate::aggregate::call::set_active_tracking(on);
+}
+
 /// Bytes held by all histograms (for checking that memory stays bounded).
 #[pyfunction]
 fn memory_bytes() -> usize {
@@ -101,6 +107,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(available_probes, module)?)?;
     module.add_function(wrap_pyfunction!(configure, module)?)?;
     module.add_function(wrap_pyfunction!(memory_bytes, module)?)?;
+    module.add_function(wrap_pyfunction!(set_active_tracking, module)?)?;
     module.add_function(wrap_pyfunction!(_after_fork_in_child, module)?)?;
     module.add_function(wrap_pyfunction!(spans::set_span_attributes, module)?)?;
     module.add_function(wrap_pyfunction!(spans::take_span_attributes, module)?)?;

@@ -173,6 +173,9 @@ pub struct PySeries {
     #[pyo3(get)]
     sampled: u64,
     exemplars: Vec<Exemplar>,
+    /// Calls of this series in flight now (None unless an exporter asked to count them).
+    #[pyo3(get)]
+    active: Option<i64>,
 }
 
 impl PySeries {
@@ -199,6 +202,7 @@ impl PySeries {
             histograms: histograms.unbind(),
             sampled,
             exemplars: series.exemplars.clone(),
+            active: series.active,
         })
     }
 }

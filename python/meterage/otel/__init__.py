@@ -30,6 +30,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 import meterage
+from meterage import _native
 from meterage.otel._attach import (
     attach_provider,
     attached_providers,
@@ -78,6 +79,8 @@ def attach(
     provider = _sdk_provider(provider)
     if spans:
         span_attributes()
+    # Counting calls in flight costs two atomic operations per call: only once exported.
+    _native.set_active_tracking(True)
     attach_provider(provider)
     if provider in _instrumented:
         return

@@ -31,7 +31,7 @@ from opentelemetry.sdk.metrics.view import (
 )
 
 from meterage import _native
-from meterage.otel._names import CALL_METRICS, DEFAULT_BOUNDARIES, OPERATION_KEY
+from meterage.otel._names import ACTIVE_CALLS, CALL_METRICS, DEFAULT_BOUNDARIES, OPERATION_KEY
 
 _NO_BUCKETS = Buckets(offset=0, bucket_counts=[])
 
@@ -97,6 +97,14 @@ class _MetricBuilder:
                     data_points=points,
                     aggregation_temporality=state.counter_temporality,
                     is_monotonic=True,
+                )
+            elif kind == "active":
+                # An up-down counter is cumulative whatever the reader prefers (the SDK's
+                # delta preference keeps up-down counters cumulative too).
+                data = Sum(
+                    data_points=points,
+                    aggregation_temporality=AggregationTemporality.CUMULATIVE,
+                    is_monotonic=False,
                 )
             elif kind == "exponential":
                 data = ExponentialHistogram(
@@ -257,6 +265,15 @@ def collect_metrics(state: ReaderState, snapshot: Iterable[Any]) -> list[Metric]
             continue
         if kind == "call":
             base = {OPERATION_KEY: series.operation, **attributes}
+            if series.active is not None:
+                point = _number_point_of(
+                    attributes=base,
+                    start_time_unix_nano=state.attached_ns,
+                    time_unix_nano=now,
+                    value=series.active,
+                    exemplars=[],
+                )
+                add(ACTIVE_CALLS, "{call}", "Metered calls in flight.", "active", point)
         for measure, histogram in series.histograms.items():
             window = _window(state, (*identity, measure), histogram, delta_histograms, now)
             if window is None:

@@ -66,6 +66,8 @@ DEFAULT_BOUNDARIES = (
 )
 
 OPERATION_KEY = "meterage.operation"
+#: The up-down counter of calls in flight, per operation and meter attributes.
+ACTIVE_CALLS = "meterage.calls.active"
 
 
 class CallMetric(NamedTuple):
