@@ -178,3 +178,35 @@ def test_duration_points_carry_exemplars_of_traced_calls(unique, tracing):
     finally:
         meterage.otel.detach(provider)
         provider.shutdown()
+
+
+def test_the_openmetrics_exposition_carries_the_exemplars(unique, tracing):
+    prometheus_exporter = pytest.importorskip("opentelemetry.exporter.prometheus")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import REGISTRY
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    tracer, _ = tracing
+    reader = prometheus_exporter.PrometheusMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meterage.otel.attach(provider, process=False)
+    try:
+        name = unique()
+        work = meterage.meter(name, probes=())(lambda: None)
+        with tracer.start_as_current_span("scraped") as span:
+            work()
+            context = span.get_span_context()
+        lines = [
+            line
+            for line in generate_latest(REGISTRY).decode().splitlines()
+            if line.startswith("meterage_call_duration_seconds_bucket") and name in line
+        ]
+        with_exemplar = [line for line in lines if " # {" in line]
+        # One call, so one exemplar: on the first bucket (the call took far less than 5 ms).
+        assert len(with_exemplar) == 1, lines
+        assert 'le="0.005"' in with_exemplar[0]
+        assert f'trace_id="{context.trace_id:032x}"' in with_exemplar[0]
+        assert f'span_id="{context.span_id:016x}"' in with_exemplar[0]
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()

@@ -53,8 +53,28 @@ class _Attachment:
 
         receive_metrics.__meterage_original__ = original  # type: ignore[attr-defined]
         reader._receive_metrics = receive_metrics  # type: ignore[method-assign]
+        collector = getattr(reader, "_collector", None)
+        if type(reader).__name__ == "PrometheusMetricReader" and collector is not None:
+            self.add_exemplars(collector, state)
+
+    @staticmethod
+    def add_exemplars(collector: Any, state: ReaderState) -> None:
+        """Exemplars in the Prometheus reader's exposition (it drops the points' own)."""
+        from meterage.otel._openmetrics import exemplars_by_bucket, with_exemplars
+
+        original = collector.collect
+
+        def collect() -> Any:
+            families = list(original())  # runs the collection, which updates `state`
+            yield from with_exemplars(families, exemplars_by_bucket(state.duration_points))
+
+        collect.__meterage_original__ = original  # type: ignore[attr-defined]
+        collector.collect = collect
 
     def unhook(self, reader: MetricReader) -> None:
+        collector = getattr(reader, "_collector", None)
+        if collector is not None and "collect" in vars(collector):
+            del collector.collect  # back to the class's method
         hooked = reader.__dict__.get("_receive_metrics")
         original = getattr(hooked, "__meterage_original__", None)
         if original is not None:

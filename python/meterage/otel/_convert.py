@@ -74,6 +74,9 @@ class ReaderState:
         self.attached_ns = time.time_ns()
         self.last_collection_ns = self.attached_ns
         self.previous: dict[tuple[Any, ...], Any] = {}
+        #: The `meterage.call.duration` points of the latest collection (for exemplars
+        #: in the OpenMetrics exposition).
+        self.duration_points: list[Any] = []
         self.start_ns: dict[tuple[Any, ...], int] = {}
 
 
@@ -296,4 +299,6 @@ def collect_metrics(state: ReaderState, snapshot: Iterable[Any]) -> list[Metric]
             )
             add(name, unit, description, point_kind, point)
     state.last_collection_ns = now
+    duration = builder.metrics.get(CALL_METRICS["duration"].name)
+    state.duration_points = duration[3] if duration is not None else []
     return builder.build(state)

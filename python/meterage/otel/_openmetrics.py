@@ -1,0 +1,70 @@
+"""Exemplars in the OpenMetrics exposition of the OpenTelemetry Prometheus reader.
+
+The reader translates OTel points into prometheus_client metric families but drops their
+exemplars. meterage wraps the reader's collector and puts each exemplar of
+`meterage.call.duration` back on the bucket sample it belongs to, as trace and span ids;
+prometheus_client writes them in the OpenMetrics format (a scrape that asks for it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.samples import Exemplar, Sample
+
+from meterage.otel._names import CALL_METRICS
+
+# The Prometheus family of `meterage.call.duration` (name + unit suffix).
+_DURATION_FAMILY = CALL_METRICS["duration"].name.replace(".", "_") + "_seconds"
+_OWN_LABELS = {"le", "otel_scope_name", "otel_scope_version", "otel_scope_schema_url"}
+
+
+def _label(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def _identity(labels: dict[str, str]) -> frozenset[tuple[str, str]]:
+    # The exporter gives every series of a family the union of its label names, empty where
+    # a series has none: compare without the empty ones.
+    return frozenset((key, value) for key, value in labels.items() if value != "")
+
+
+def exemplars_by_bucket(points: Iterable[Any]) -> dict[tuple[frozenset, float], Exemplar]:
+    """(series labels, bucket upper bound) -> exemplar, from explicit duration points."""
+    found: dict[tuple[frozenset, float], Exemplar] = {}
+    for point in points:
+        if not point.exemplars or not hasattr(point, "explicit_bounds"):
+            continue
+        labels = _identity({_label(k): str(v) for k, v in point.attributes.items()})
+        bounds = list(point.explicit_bounds)
+        for exemplar in point.exemplars:
+            upper = next((b for b in bounds if exemplar.value <= b), math.inf)
+            found[(labels, float(upper))] = Exemplar(
+                {"trace_id": f"{exemplar.trace_id:032x}", "span_id": f"{exemplar.span_id:016x}"},
+                exemplar.value,
+                exemplar.time_unix_nano / 1e9,
+            )
+    return found
+
+
+def with_exemplars(
+    families: Iterable[Any], found: dict[tuple[frozenset, float], Exemplar]
+) -> Iterator[Any]:
+    """The families, with exemplars on the duration bucket samples they belong to."""
+    for family in families:
+        if found and family.name == _DURATION_FAMILY:
+            samples = []
+            for sample in family.samples:
+                if sample.name.endswith("_bucket") and sample.exemplar is None:
+                    labels = _identity(
+                        {k: v for k, v in sample.labels.items() if k not in _OWN_LABELS}
+                    )
+                    exemplar = found.get((labels, float(sample.labels["le"])))
+                    if exemplar is not None:
+                        sample = Sample(*sample[:4], exemplar, *sample[5:])
+                samples.append(sample)
+            family.samples = samples
+        yield family
