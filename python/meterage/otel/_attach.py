@@ -20,7 +20,6 @@ from opentelemetry.sdk.metrics.export import MetricReader, MetricsData, ScopeMet
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 import meterage
-from meterage import _native
 from meterage.otel._convert import ReaderState, collect_metrics
 
 _logger = logging.getLogger("meterage.otel")
@@ -90,9 +89,8 @@ class _Attachment:
         logged once and the SDK's data goes out unchanged."""
         try:
             with self.lock:
-                snapshot = _native.snapshot()
-                self.series_count = len(snapshot)
-                metrics = collect_metrics(state, snapshot)
+                metrics = collect_metrics(state)
+                self.series_count = state.series_count
             if not metrics or not metrics_data.resource_metrics:
                 return metrics_data
             first, *rest = metrics_data.resource_metrics

@@ -8,6 +8,7 @@ temporality and histogram aggregation preferences, the previous snapshot of ever
 from __future__ import annotations
 
 import bisect
+import gc
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -77,6 +78,8 @@ class ReaderState:
         #: The `meterage.call.duration` points of the latest collection (for exemplars
         #: in the OpenMetrics exposition).
         self.duration_points: list[Any] = []
+        #: Series in the latest collection.
+        self.series_count = 0
         self.start_ns: dict[tuple[Any, ...], int] = {}
 
 
@@ -241,9 +244,23 @@ _CALL_SPECS = {
 _DEFAULT_BOUNDARIES = list(DEFAULT_BOUNDARIES)
 
 
-def collect_metrics(state: ReaderState, snapshot: Iterable[Any]) -> list[Metric]:
-    """The OpenTelemetry metrics of every series in `snapshot`, for this reader."""
+def collect_metrics(state: ReaderState, snapshot: Iterable[Any] | None = None) -> list[Metric]:
+    """The OpenTelemetry metrics of every series in `snapshot` (default: a new one), for
+    this reader."""
+    # Tens of thousands of short-lived, acyclic objects (the snapshot's and the points):
+    # with the cyclic collector paused they are not scanned again and again while built.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _collect_metrics(state, _native.snapshot() if snapshot is None else snapshot)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _collect_metrics(state: ReaderState, snapshot: Any) -> list[Metric]:
     now = time.time_ns()
+    state.series_count = len(snapshot)
     delta_histograms = state.histogram_temporality == AggregationTemporality.DELTA
     delta_counters = state.counter_temporality == AggregationTemporality.DELTA
     override = list(state.boundaries) if state.boundaries is not None else None
