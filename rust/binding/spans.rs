@@ -116,20 +116,24 @@ fn note_current(measured: &Measured, series: &CallSeries) {
         if ffi::PyObject_TypeCheck(span, hook.span_type.as_ptr().cast()) == 0 {
             return; // not an SDK span (no tracing, or a non-recording span)
         }
+        let key = span as usize;
+        let span = Bound::from_borrowed_ptr(py, span);
+        // A span's first call reads its ids, which runs Python code (and so maybe the
+        // garbage collector and a metered finalizer): never while holding the lock.
+        let known = pending()
+            .lock()
+            .map_or(true, |spans| spans.contains_key(&key));
+        let ids = if known { None } else { sampled_ids(&span) };
         let Ok(mut spans) = pending().lock() else {
             return;
         };
-        let key = span as usize;
         if !spans.contains_key(&key) && spans.len() >= MAX_PENDING_SPANS {
             return;
         }
-        let entry = spans.entry(key).or_insert_with(|| {
-            let span = Bound::from_borrowed_ptr(py, span);
-            Pending {
-                ids: sampled_ids(&span),
-                _span: span.unbind(),
-                totals: Totals::default(),
-            }
+        let entry = spans.entry(key).or_insert_with(|| Pending {
+            ids,
+            _span: span.clone().unbind(),
+            totals: Totals::default(),
         });
         if let Some((trace_id, span_id)) = entry.ids {
             series.exemplars.offer(Exemplar {
