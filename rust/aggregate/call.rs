@@ -145,13 +145,6 @@ impl MeterCore {
         }
     }
 
-    /// Records the wall time of a call of a meter without probes (the timer-only path:
-    /// no sampling decision, no probe state).
-    #[inline(always)]
-    pub fn record_duration(&self, duration_ns: u64, series: &CallSeries) {
-        series.record(duration_ns, None);
-    }
-
     /// The series successful calls without dynamic attributes record into.
     pub fn series(&self) -> &CallSeries {
         &self.series

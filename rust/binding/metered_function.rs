@@ -74,14 +74,19 @@ unsafe extern "C" fn vectorcall(
     };
     let start = core.begin();
     let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
-    let measured = core.stop(start);
-    if result.is_null() {
-        record_failure(core, &measured);
-    } else {
-        spans::note(&measured, core.series());
-        core.record(&measured, core.series());
-    }
+    record(core, result, &core.stop(start));
     result
+}
+
+/// Records a finished call: into the meter's series, or under its exception's class.
+#[inline(always)]
+unsafe fn record(core: &MeterCore, result: *mut ffi::PyObject, measured: &Measured) {
+    if result.is_null() {
+        record_failure(core, measured);
+    } else {
+        spans::note(measured, core.series());
+        core.record(measured, core.series());
+    }
 }
 
 /// The call path of a meter without probes: the clock around the call and one record.
@@ -103,12 +108,7 @@ unsafe extern "C" fn vectorcall_timer_only(
         duration_ns,
         sample: None,
     };
-    if result.is_null() {
-        record_failure(core, &measured);
-    } else {
-        spans::note(&measured, core.series());
-        core.record_duration(duration_ns, core.series());
-    }
+    record(core, result, &measured);
     result
 }
 
