@@ -174,7 +174,6 @@ impl Reading {
     pub fn take_before(probes: ProbeSet) -> Reading {
         let mut reading = Self::counters(probes);
         if probes.contains(ProbeSet::CPU) {
-            clock::thread_cpu_read_cost_ns(); // calibrated once, outside any call
             reading.values[measure::CPU_TIME] = thread_cpu_ns();
             reading.probes = reading.probes.union(ProbeSet::CPU);
         }
