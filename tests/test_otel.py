@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 otel_sdk = pytest.importorskip("opentelemetry.sdk.metrics")
@@ -253,11 +255,15 @@ def test_a_reset_starts_a_new_cumulative_window(unique, providers):
     for _ in range(3):
         work()
     (before,) = points(metrics_of(reader)["meterage.call.duration"], **{"meterage.operation": name})
+    reset_after = time.time_ns()
     meterage.reset()
-    work()
+    reset_before = time.time_ns()
+    # More calls after the reset than before it: the count alone would not show the reset.
+    for _ in range(5):
+        work()
     (after,) = points(metrics_of(reader)["meterage.call.duration"], **{"meterage.operation": name})
-    assert after.count == 1
-    assert after.start_time_unix_nano > before.start_time_unix_nano
+    assert after.count == 5
+    assert before.start_time_unix_nano < reset_after <= after.start_time_unix_nano <= reset_before
 
 
 def test_prometheus_reader_scrape_never_sees_an_exponential_point(unique, providers):

@@ -764,13 +764,13 @@ def test_an_unreachable_receiver_is_logged_and_never_reaches_the_metered_code(
             # Repeated failed exports of the same series hold no more memory.
             memory = _native.memory_bytes()
             state = meterage.otel._attach._attachments[provider].states[id(reader)]
-            remembered = (len(state.previous), len(state.start_ns))
+            remembered = state.native.remembered
             for _ in range(10):
                 sizes.record(7)
                 hits.add(1)
                 assert provider.force_flush(5_000)
             assert _native.memory_bytes() == memory
-            assert (len(state.previous), len(state.start_ns)) == remembered
+            assert state.native.remembered == remembered
 
         # Every export failed, and each failure was logged by the exporter (not by meterage,
         # whose part, adding its data to the collection, never failed).

@@ -130,6 +130,36 @@ class Series:
     def active(self) -> int | None: ...
     def estimated_total(self, measure: str) -> float: ...
 
+class ExportState:
+    """One OpenTelemetry reader's view of the registry: windows, deltas and bucket
+    layouts worked out natively, points made as the SDK's own point objects."""
+
+    def __init__(
+        self,
+        *,
+        delta_histograms: bool,
+        delta_counters: bool,
+        exponential: bool,
+        max_buckets: int,
+        max_scale: int,
+        boundaries: list[float] | None,
+        call_metrics: Mapping[str, tuple[str, str, str, list[tuple[str, str]], list[float]]],
+        active_calls: tuple[str, str, str],
+        operation_key: str,
+        default_boundaries: list[float],
+        point_classes: Mapping[str, Any],
+        attached_ns: int | None = None,
+    ) -> None: ...
+    @property
+    def series_count(self) -> int: ...
+    @property
+    def remembered(self) -> int: ...
+    def collect(
+        self, now_ns: int | None = None
+    ) -> list[
+        tuple[str, str, str, Literal["counter", "active", "explicit", "exponential"], list[Any]]
+    ]: ...
+
 class Histogram:
     def __init__(self, name: str, unit: str = "", description: str = "") -> None: ...
     @property

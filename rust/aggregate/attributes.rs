@@ -112,6 +112,12 @@ impl AttributeSet {
             .map(|index| &self.0[index].1)
     }
 
+    /// Where this set's pairs live: equal for clones of one set, so a value derived from a
+    /// set can be cached by it while the set is alive.
+    pub fn address(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

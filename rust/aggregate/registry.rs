@@ -11,7 +11,7 @@ use super::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
 use crate::probe::{fork, ProbeSet, DURATION, MEASURES};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Metered code with one name: its series by attribute set.
@@ -49,6 +49,10 @@ pub struct Registry {
     operations: Named<Operation>,
     histograms: Named<Instrument<HistogramSeries>>,
     counters: Named<Instrument<CounterSeries>>,
+    /// How many times `reset` ran, and the Unix time (ns) of the latest: exporters start
+    /// their cumulative windows again there.
+    resets: AtomicU64,
+    last_reset_unix_ns: AtomicU64,
 }
 
 /// The entry for `name`, inserting `make()` if there is none (the first insert wins).
@@ -158,8 +162,20 @@ impl Registry {
         )
     }
 
+    /// (number of resets so far, Unix time in ns of the latest).
+    pub fn resets(&self) -> (u64, u64) {
+        // The time is stored before the count, so a count read here has its time.
+        let count = self.resets.load(Ordering::Acquire);
+        (count, self.last_reset_unix_ns.load(Ordering::Relaxed))
+    }
+
     /// Clears every recorded value. Handles stay valid and record into the cleared series.
     pub fn reset(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+        self.last_reset_unix_ns.store(now, Ordering::Relaxed);
+        self.resets.fetch_add(1, Ordering::Release);
         for operation in values(&self.operations) {
             operation.series.all().iter().for_each(|s| s.reset());
         }

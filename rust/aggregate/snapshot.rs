@@ -5,7 +5,7 @@ use super::exemplars::Exemplar;
 use super::histogram::HistogramSnapshot;
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SeriesKind {
     /// Metered calls of an operation.
     Call = 0,

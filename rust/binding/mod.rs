@@ -1,6 +1,7 @@
 //! The PyO3 binding layer: the only module that knows about Python.
 
 mod convert;
+mod export;
 mod floor;
 mod instruments;
 mod meter;
@@ -102,6 +103,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<instruments::PyCounter>()?;
     module.add_class::<snapshots::PyHistogramSnapshot>()?;
     module.add_class::<snapshots::PySeries>()?;
+    module.add_class::<export::PyExportState>()?;
     module.add_function(wrap_pyfunction!(snapshot, module)?)?;
     module.add_function(wrap_pyfunction!(reset, module)?)?;
     module.add_function(wrap_pyfunction!(available_probes, module)?)?;

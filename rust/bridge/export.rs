@@ -1,0 +1,805 @@
+//! One exporter's view of the registry: which points a collection reports, with which
+//! start times, in which histogram layout, and what to subtract for delta temporality.
+//!
+//! Each OpenTelemetry reader gets its own `ExportState`, because readers differ in
+//! temporality and histogram aggregation and each needs "the change since *my* previous
+//! collection". All of it runs at collection time, never on the hot path: one hash lookup
+//! per series, then plain arithmetic per measure.
+
+use super::histogram::{delta_since, explicit_counts, fit_buckets};
+use crate::aggregate::attributes::{AttributeSet, AttributeValue};
+use crate::aggregate::exemplars::Exemplar;
+use crate::aggregate::histogram::HistogramSnapshot;
+use crate::aggregate::snapshot::{SeriesKind, SeriesSnapshot};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Attribute pairs a metric adds to its points (e.g. `io.direction`).
+pub type ExtraAttributes = Arc<[(Arc<str>, AttributeValue)]>;
+
+/// How one measure (or one kind of series) is exported: metric name, unit, description,
+/// attributes added to the series' own, and the default explicit bucket boundaries.
+#[derive(Clone, Debug)]
+pub struct MetricSpec {
+    pub name: Arc<str>,
+    pub unit: Arc<str>,
+    pub description: Arc<str>,
+    pub attributes: ExtraAttributes,
+    pub boundaries: Arc<[f64]>,
+}
+
+/// The histogram shape a reader asked for.
+#[derive(Clone, Debug)]
+pub enum HistogramLayout {
+    /// Explicit buckets: the spec's boundaries, or these for every histogram.
+    Explicit { boundaries: Option<Arc<[f64]>> },
+    /// Base-2 exponential buckets, at most `max_buckets` of them, scale at most `max_scale`.
+    Exponential { max_buckets: usize, max_scale: i32 },
+}
+
+/// What a reader wants.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub delta_histograms: bool,
+    pub delta_counters: bool,
+    pub layout: HistogramLayout,
+    /// Call measures by snapshot measure name (`duration`, `cpu.time`, ...); a measure
+    /// not in here is not exported.
+    pub call_metrics: HashMap<String, Arc<MetricSpec>>,
+    /// The in-flight gauge of call series (an up-down counter).
+    pub active_calls: Arc<MetricSpec>,
+    /// The attribute key naming a call's operation.
+    pub operation_key: Arc<str>,
+    /// Boundaries of custom histogram instruments.
+    pub default_boundaries: Arc<[f64]>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    /// A monotonic sum in the reader's counter temporality.
+    Counter,
+    /// A non-monotonic sum, always cumulative (OpenTelemetry keeps up-down counters so).
+    UpDownCounter,
+    Histogram,
+    ExponentialHistogram,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PointData {
+    Number(f64),
+    Integer(i64),
+    Explicit {
+        count: u64,
+        sum: f64,
+        min: f64,
+        max: f64,
+        bucket_counts: Vec<u64>,
+        boundaries: Arc<[f64]>,
+    },
+    Exponential(HistogramSnapshot),
+}
+
+#[derive(Clone, Debug)]
+pub struct Point {
+    /// The series' attributes (with the operation, for calls). Points of one series share
+    /// this set, so an exporter can convert it once.
+    pub attributes: AttributeSet,
+    /// The metric's own attributes, over `attributes` (shared by the metric's points).
+    pub extra_attributes: ExtraAttributes,
+    pub start_ns: u64,
+    pub data: PointData,
+    pub exemplars: Vec<Exemplar>,
+}
+
+impl Point {
+    /// Every attribute of the point.
+    pub fn all_attributes(&self) -> AttributeSet {
+        self.attributes
+            .merged(self.extra_attributes.iter().cloned())
+    }
+}
+
+/// One metric of a collection with its points, in the order first seen.
+#[derive(Clone, Debug)]
+pub struct Metric {
+    pub name: Arc<str>,
+    pub unit: Arc<str>,
+    pub description: Arc<str>,
+    pub kind: MetricKind,
+    pub points: Vec<Point>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    kind: SeriesKind,
+    name: Arc<str>,
+    attributes: AttributeSet,
+}
+
+/// What the previous collection reported for a measure: cumulative readers only need the
+/// count (a drop means a reset), delta readers the whole value to subtract.
+#[derive(Clone, Debug)]
+enum Previous {
+    Nothing,
+    Count(u64),
+    Histogram(HistogramSnapshot),
+    Value(f64),
+}
+
+#[derive(Debug)]
+struct MeasureMemory {
+    name: Arc<str>,
+    /// Start of the cumulative window.
+    start_ns: u64,
+    previous: Previous,
+}
+
+/// What this reader keeps of one series between collections.
+#[derive(Debug)]
+struct SeriesMemory {
+    /// The attributes of every point of the series, made once.
+    attributes: AttributeSet,
+    measures: Vec<MeasureMemory>,
+}
+
+impl SeriesMemory {
+    fn measure(&mut self, name: &Arc<str>, origin_ns: u64) -> &mut MeasureMemory {
+        let found = self
+            .measures
+            .iter()
+            .position(|m| Arc::ptr_eq(&m.name, name) || m.name == *name);
+        let index = found.unwrap_or_else(|| {
+            self.measures.push(MeasureMemory {
+                name: Arc::clone(name),
+                start_ns: origin_ns,
+                previous: Previous::Nothing,
+            });
+            self.measures.len() - 1
+        });
+        &mut self.measures[index]
+    }
+}
+
+/// The value to report for one measure and the start of its window.
+enum Window<'a, T: Clone> {
+    Skip,
+    Report(Cow<'a, T>, u64),
+}
+
+/// The times and temporalities a window is worked out with.
+#[derive(Clone, Copy)]
+struct Clock {
+    delta: bool,
+    /// Start of cumulative windows of series first seen now.
+    origin_ns: u64,
+    last_collection_ns: u64,
+    now_ns: u64,
+}
+
+impl Clock {
+    /// Cumulative: the whole histogram since its start (a count that dropped means a
+    /// reset, so a new start). Delta: the change since this reader's previous collection.
+    fn histogram<'a>(
+        self,
+        memory: &mut MeasureMemory,
+        current: &'a HistogramSnapshot,
+    ) -> Window<'a, HistogramSnapshot> {
+        if !self.delta {
+            if matches!(memory.previous, Previous::Count(previous) if current.count < previous) {
+                memory.start_ns = self.now_ns;
+            }
+            memory.previous = Previous::Count(current.count);
+            return Window::Report(Cow::Borrowed(current), memory.start_ns);
+        }
+        let since = self.last_collection_ns;
+        let previous =
+            std::mem::replace(&mut memory.previous, Previous::Histogram(current.clone()));
+        let Previous::Histogram(previous) = previous else {
+            return Window::Report(Cow::Borrowed(current), since);
+        };
+        match delta_since(current, &previous) {
+            None => Window::Report(Cow::Borrowed(current), since), // reset in between
+            Some(delta) if delta.count == 0 => Window::Skip,
+            Some(delta) => Window::Report(Cow::Owned(delta), since),
+        }
+    }
+
+    fn value(self, memory: &mut MeasureMemory, current: f64) -> Window<'static, f64> {
+        let previous = std::mem::replace(&mut memory.previous, Previous::Value(current));
+        let previous = match previous {
+            Previous::Value(previous) => Some(previous),
+            _ => None,
+        };
+        if !self.delta {
+            if previous.is_some_and(|previous| current < previous) {
+                memory.start_ns = self.now_ns;
+            }
+            return Window::Report(Cow::Owned(current), memory.start_ns);
+        }
+        let since = self.last_collection_ns;
+        match previous {
+            Some(previous) if current == previous => Window::Skip,
+            Some(previous) if current > previous => {
+                Window::Report(Cow::Owned(current - previous), since)
+            }
+            _ => Window::Report(Cow::Owned(current), since), // first seen, or reset in between
+        }
+    }
+}
+
+pub struct ExportState {
+    options: ExportOptions,
+    /// Start of cumulative windows: the attach time, or the latest registry reset.
+    origin_ns: u64,
+    last_collection_ns: u64,
+    memory: HashMap<SeriesKey, SeriesMemory>,
+    series_count: usize,
+    /// A counter's one value, remembered under this measure name.
+    counter_measure: Arc<str>,
+}
+
+impl ExportState {
+    pub fn new(options: ExportOptions, attached_ns: u64) -> Self {
+        ExportState {
+            options,
+            origin_ns: attached_ns,
+            last_collection_ns: attached_ns,
+            memory: HashMap::new(),
+            series_count: 0,
+            counter_measure: Arc::from("value"),
+        }
+    }
+
+    /// Series in the latest collection.
+    pub fn series_count(&self) -> usize {
+        self.series_count
+    }
+
+    /// Measures remembered for the next collection (bounded by the series seen since the
+    /// attach or the latest reset).
+    pub fn remembered(&self) -> usize {
+        self.memory.values().map(|m| m.measures.len()).sum()
+    }
+
+    /// Every value was cleared at `reset_ns`: cumulative windows start again there, and
+    /// nothing recorded before it is subtracted from what comes after.
+    pub fn restart(&mut self, reset_ns: u64) {
+        self.memory.clear();
+        self.origin_ns = reset_ns;
+    }
+
+    /// The metrics of every series, as of `now_ns`.
+    pub fn collect(&mut self, series: &[SeriesSnapshot], now_ns: u64) -> Vec<Metric> {
+        let mut metrics = Metrics::default();
+        for one in series {
+            let key = SeriesKey {
+                kind: one.kind,
+                name: Arc::clone(&one.name),
+                attributes: one.attributes.clone(),
+            };
+            let operation_key = &self.options.operation_key;
+            let memory = self.memory.entry(key).or_insert_with(|| SeriesMemory {
+                attributes: match one.kind {
+                    SeriesKind::Call => one
+                        .attributes
+                        .with(operation_key, AttributeValue::Str(Arc::clone(&one.name))),
+                    _ => one.attributes.clone(),
+                },
+                measures: Vec::new(),
+            });
+            let clock = |delta| Clock {
+                delta,
+                origin_ns: self.origin_ns,
+                last_collection_ns: self.last_collection_ns,
+                now_ns,
+            };
+            match one.kind {
+                SeriesKind::Counter => {
+                    let clock = clock(self.options.delta_counters);
+                    let measure = memory.measure(&self.counter_measure, clock.origin_ns);
+                    if let Window::Report(value, start_ns) = clock.value(measure, one.value) {
+                        let spec = instrument_spec(one, &self.options.default_boundaries);
+                        metrics.push(
+                            &spec,
+                            MetricKind::Counter,
+                            Point {
+                                attributes: memory.attributes.clone(),
+                                extra_attributes: spec.attributes.clone(),
+                                start_ns,
+                                data: PointData::Number(*value),
+                                exemplars: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                SeriesKind::Histogram => {
+                    let spec = instrument_spec(one, &self.options.default_boundaries);
+                    let clock = clock(self.options.delta_histograms);
+                    for measure in &one.measures {
+                        let window = clock.histogram(
+                            memory.measure(&measure.name, clock.origin_ns),
+                            &measure.histogram,
+                        );
+                        let point = histogram_point(
+                            &self.options.layout,
+                            window,
+                            &memory.attributes,
+                            &spec,
+                            &[],
+                        );
+                        metrics.push_some(&spec, histogram_kind(&self.options.layout), point);
+                    }
+                }
+                SeriesKind::Call => {
+                    if let Some(active) = one.active {
+                        let spec = &self.options.active_calls;
+                        metrics.push(
+                            spec,
+                            MetricKind::UpDownCounter,
+                            Point {
+                                attributes: memory.attributes.clone(),
+                                extra_attributes: spec.attributes.clone(),
+                                start_ns: self.origin_ns,
+                                data: PointData::Integer(active),
+                                exemplars: Vec::new(),
+                            },
+                        );
+                    }
+                    let clock = clock(self.options.delta_histograms);
+                    for (index, measure) in one.measures.iter().enumerate() {
+                        let Some(spec) = self.options.call_metrics.get(&*measure.name) else {
+                            continue; // a measure this version does not export
+                        };
+                        let window = clock.histogram(
+                            memory.measure(&measure.name, clock.origin_ns),
+                            &measure.histogram,
+                        );
+                        // Traced calls link to the duration buckets only.
+                        let exemplars: &[Exemplar] = if index == 0 { &one.exemplars } else { &[] };
+                        let point = histogram_point(
+                            &self.options.layout,
+                            window,
+                            &memory.attributes,
+                            spec,
+                            exemplars,
+                        );
+                        metrics.push_some(spec, histogram_kind(&self.options.layout), point);
+                    }
+                }
+            }
+        }
+        self.series_count = series.len();
+        self.last_collection_ns = now_ns;
+        metrics.list
+    }
+}
+
+fn histogram_kind(layout: &HistogramLayout) -> MetricKind {
+    match layout {
+        HistogramLayout::Explicit { .. } => MetricKind::Histogram,
+        HistogramLayout::Exponential { .. } => MetricKind::ExponentialHistogram,
+    }
+}
+
+fn histogram_point(
+    layout: &HistogramLayout,
+    window: Window<'_, HistogramSnapshot>,
+    attributes: &AttributeSet,
+    spec: &MetricSpec,
+    exemplars: &[Exemplar],
+) -> Option<Point> {
+    let Window::Report(data, start_ns) = window else {
+        return None;
+    };
+    let (data, boundaries) = match layout {
+        HistogramLayout::Exponential {
+            max_buckets,
+            max_scale,
+        } => (
+            PointData::Exponential(fit_buckets(&data, *max_buckets, *max_scale)),
+            None,
+        ),
+        HistogramLayout::Explicit { boundaries } => {
+            let boundaries = boundaries.as_ref().unwrap_or(&spec.boundaries);
+            let data = PointData::Explicit {
+                count: data.count,
+                sum: data.sum,
+                min: data.min,
+                max: data.max,
+                bucket_counts: explicit_counts(&data, boundaries),
+                boundaries: Arc::clone(boundaries),
+            };
+            (data, Some(&**boundaries))
+        }
+    };
+    Some(Point {
+        attributes: attributes.clone(),
+        extra_attributes: spec.attributes.clone(),
+        start_ns,
+        exemplars: exemplars_in_window(exemplars, start_ns, boundaries),
+        data,
+    })
+}
+
+fn instrument_spec(series: &SeriesSnapshot, default_boundaries: &Arc<[f64]>) -> MetricSpec {
+    MetricSpec {
+        name: Arc::clone(&series.name),
+        unit: Arc::clone(&series.unit),
+        description: Arc::clone(&series.description),
+        attributes: Arc::from([]),
+        boundaries: Arc::clone(default_boundaries),
+    }
+}
+
+/// The traced calls recorded since `start_ns`: with explicit buckets the most recent one
+/// per bucket, with exponential buckets all of them (the slots are already one per power
+/// of two, finer than any bucket limit would merge them to).
+fn exemplars_in_window(
+    exemplars: &[Exemplar],
+    start_ns: u64,
+    boundaries: Option<&[f64]>,
+) -> Vec<Exemplar> {
+    let in_window = exemplars.iter().filter(|e| e.time_unix_ns >= start_ns);
+    let Some(boundaries) = boundaries else {
+        return in_window.copied().collect();
+    };
+    let mut latest: Vec<(usize, Exemplar)> = Vec::new();
+    for exemplar in in_window {
+        let bucket = boundaries.partition_point(|&bound| bound < exemplar.value);
+        match latest.iter_mut().find(|(b, _)| *b == bucket) {
+            Some((_, kept)) if kept.time_unix_ns < exemplar.time_unix_ns => *kept = *exemplar,
+            Some(_) => {}
+            None => latest.push((bucket, *exemplar)),
+        }
+    }
+    latest.into_iter().map(|(_, exemplar)| exemplar).collect()
+}
+
+/// Metrics by name in first-seen order.
+#[derive(Default)]
+struct Metrics {
+    list: Vec<Metric>,
+    index: HashMap<Arc<str>, usize>,
+}
+
+impl Metrics {
+    fn push(&mut self, spec: &MetricSpec, kind: MetricKind, point: Point) {
+        // A run of points of one metric (an instrument's series) skips the lookup.
+        let position = match self.list.last() {
+            Some(last) if Arc::ptr_eq(&last.name, &spec.name) => self.list.len() - 1,
+            _ => *self.index.entry(Arc::clone(&spec.name)).or_insert_with(|| {
+                self.list.push(Metric {
+                    name: Arc::clone(&spec.name),
+                    unit: Arc::clone(&spec.unit),
+                    description: Arc::clone(&spec.description),
+                    kind,
+                    points: Vec::new(),
+                });
+                self.list.len() - 1
+            }),
+        };
+        self.list[position].points.push(point);
+    }
+
+    fn push_some(&mut self, spec: &MetricSpec, kind: MetricKind, point: Option<Point>) {
+        if let Some(point) = point {
+            self.push(spec, kind, point);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::histogram::AtomicHistogram;
+    use crate::aggregate::snapshot::MeasureSnapshot;
+
+    const ATTACHED: u64 = 1_000;
+    const BOUNDS: [f64; 3] = [0.01, 0.1, 1.0];
+
+    fn spec(name: &str, extra: &[(&str, &str)]) -> Arc<MetricSpec> {
+        Arc::new(MetricSpec {
+            name: name.into(),
+            unit: "s".into(),
+            description: "".into(),
+            attributes: extra
+                .iter()
+                .map(|(k, v)| (Arc::from(*k), AttributeValue::from(*v)))
+                .collect::<Vec<_>>()
+                .into(),
+            boundaries: Arc::from(BOUNDS),
+        })
+    }
+
+    fn options(delta: bool, layout: HistogramLayout) -> ExportOptions {
+        ExportOptions {
+            delta_histograms: delta,
+            delta_counters: delta,
+            layout,
+            call_metrics: HashMap::from([
+                ("duration".to_string(), spec("call.duration", &[])),
+                ("io.read".to_string(), spec("call.io", &[("dir", "read")])),
+                ("io.write".to_string(), spec("call.io", &[("dir", "write")])),
+            ]),
+            active_calls: spec("calls.active", &[]),
+            operation_key: "op".into(),
+            default_boundaries: Arc::from([10.0, 100.0]),
+        }
+    }
+
+    fn explicit() -> HistogramLayout {
+        HistogramLayout::Explicit { boundaries: None }
+    }
+
+    fn histogram(values: &[f64]) -> HistogramSnapshot {
+        let histogram = AtomicHistogram::new();
+        values.iter().for_each(|&v| histogram.record(v));
+        histogram.snapshot()
+    }
+
+    fn call(name: &str, measures: &[(&str, &[f64])]) -> SeriesSnapshot {
+        let measures: Vec<MeasureSnapshot> = measures
+            .iter()
+            .map(|(measure, values)| MeasureSnapshot {
+                name: Arc::from(*measure),
+                unit: "s".into(),
+                histogram: histogram(values),
+            })
+            .collect();
+        SeriesSnapshot {
+            kind: SeriesKind::Call,
+            name: name.into(),
+            unit: "s".into(),
+            description: "".into(),
+            attributes: AttributeSet::new([(Arc::from("tier"), AttributeValue::from("gold"))]),
+            count: measures[0].histogram.count,
+            measures,
+            value: 0.0,
+            exemplars: Vec::new(),
+            active: None,
+        }
+    }
+
+    fn counter(name: &str, value: f64) -> SeriesSnapshot {
+        SeriesSnapshot {
+            kind: SeriesKind::Counter,
+            name: name.into(),
+            unit: "{hit}".into(),
+            description: "hits".into(),
+            attributes: AttributeSet::empty(),
+            count: 1,
+            measures: Vec::new(),
+            value,
+            exemplars: Vec::new(),
+            active: None,
+        }
+    }
+
+    fn metric<'a>(metrics: &'a [Metric], name: &str) -> &'a Metric {
+        metrics
+            .iter()
+            .find(|m| &*m.name == name)
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    fn count_of(point: &Point) -> u64 {
+        match &point.data {
+            PointData::Explicit { count, .. } => *count,
+            PointData::Exponential(histogram) => histogram.count,
+            other => panic!("not a histogram: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn call_measures_become_metrics_with_the_operation_and_their_own_attributes() {
+        let mut state = ExportState::new(options(false, explicit()), ATTACHED);
+        let series = [call(
+            "checkout",
+            &[
+                ("duration", &[0.005, 0.05, 2.0]),
+                ("io.read", &[100.0, 0.0, 5.0]),
+                ("io.write", &[0.0, 0.0, 1.0]),
+                ("not.exported", &[1.0, 1.0, 1.0]),
+            ],
+        )];
+        let metrics = state.collect(&series, 2_000);
+        let names: Vec<&str> = metrics.iter().map(|m| &*m.name).collect();
+        assert_eq!(names, ["call.duration", "call.io"]);
+
+        let duration = metric(&metrics, "call.duration");
+        assert_eq!(duration.kind, MetricKind::Histogram);
+        let [point] = &duration.points[..] else {
+            panic!("one duration point")
+        };
+        let PointData::Explicit {
+            count,
+            bucket_counts,
+            boundaries,
+            min,
+            max,
+            ..
+        } = &point.data
+        else {
+            panic!("explicit buckets")
+        };
+        assert_eq!((*count, &bucket_counts[..]), (3, &[1, 1, 0, 1][..]));
+        assert_eq!(&boundaries[..], &BOUNDS[..]);
+        assert_eq!((*min, *max), (0.005, 2.0));
+        assert_eq!(point.start_ns, ATTACHED);
+        let attributes = point.all_attributes();
+        assert_eq!(attributes.get("op"), Some(&"checkout".into()));
+        assert_eq!(attributes.get("tier"), Some(&"gold".into()));
+        assert_eq!(attributes.len(), 2);
+
+        let io = metric(&metrics, "call.io");
+        let directions: Vec<_> = io
+            .points
+            .iter()
+            .map(|p| (p.all_attributes().get("dir").cloned(), count_of(p)))
+            .collect();
+        assert_eq!(
+            directions,
+            [(Some("read".into()), 3), (Some("write".into()), 3)]
+        );
+        // Points of one series share the series' attribute set.
+        assert_eq!(
+            io.points[0].attributes.address(),
+            point.attributes.address()
+        );
+    }
+
+    #[test]
+    fn cumulative_keeps_its_start_until_a_count_drops() {
+        let mut state = ExportState::new(options(false, explicit()), ATTACHED);
+        let first = state.collect(&[call("op", &[("duration", &[0.5])])], 2_000);
+        let second = state.collect(&[call("op", &[("duration", &[0.5, 0.5])])], 3_000);
+        let third = state.collect(&[call("op", &[("duration", &[0.5])])], 4_000);
+        let points: Vec<(u64, u64)> = [first, second, third]
+            .iter()
+            .map(|m| {
+                let point = &metric(m, "call.duration").points[0];
+                (count_of(point), point.start_ns)
+            })
+            .collect();
+        assert_eq!(points, [(1, ATTACHED), (2, ATTACHED), (1, 4_000)]);
+    }
+
+    #[test]
+    fn a_restart_starts_every_window_at_the_reset() {
+        let mut state = ExportState::new(options(false, explicit()), ATTACHED);
+        state.collect(&[call("op", &[("duration", &[0.5, 0.5])])], 2_000);
+        assert_eq!(state.remembered(), 1);
+        state.restart(2_500);
+        assert_eq!(state.remembered(), 0);
+        // More calls after the reset than before it: no count drop, the restart tells.
+        let metrics = state.collect(&[call("op", &[("duration", &[0.5, 0.5, 0.5])])], 3_000);
+        let point = &metric(&metrics, "call.duration").points[0];
+        assert_eq!((count_of(point), point.start_ns), (3, 2_500));
+    }
+
+    #[test]
+    fn delta_reports_the_change_since_the_previous_collection() {
+        let mut state = ExportState::new(options(true, explicit()), ATTACHED);
+        let first = state.collect(&[call("op", &[("duration", &[0.5])])], 2_000);
+        let point = &metric(&first, "call.duration").points[0];
+        assert_eq!((count_of(point), point.start_ns), (1, ATTACHED));
+
+        let second = state.collect(&[call("op", &[("duration", &[0.5, 0.05, 0.05])])], 3_000);
+        let point = &metric(&second, "call.duration").points[0];
+        assert_eq!((count_of(point), point.start_ns), (2, 2_000));
+        let PointData::Explicit { bucket_counts, .. } = &point.data else {
+            panic!("explicit buckets")
+        };
+        assert_eq!(bucket_counts, &[0, 2, 0, 0]);
+
+        // Nothing new: no point at all.
+        let third = state.collect(&[call("op", &[("duration", &[0.5, 0.05, 0.05])])], 4_000);
+        assert!(third.is_empty());
+        // A reset in between (fewer values than before): the whole current value.
+        let fourth = state.collect(&[call("op", &[("duration", &[0.5])])], 5_000);
+        let point = &metric(&fourth, "call.duration").points[0];
+        assert_eq!((count_of(point), point.start_ns), (1, 4_000));
+    }
+
+    #[test]
+    fn counters_in_both_temporalities() {
+        let mut cumulative = ExportState::new(options(false, explicit()), ATTACHED);
+        let mut delta = ExportState::new(options(true, explicit()), ATTACHED);
+        let mut seen = Vec::new();
+        for (now, value) in [(2_000, 3.0), (3_000, 3.0), (4_000, 10.0), (5_000, 4.0)] {
+            let series = [counter("hits", value)];
+            let reported = |metrics: Vec<Metric>| {
+                metrics.first().map(|m| {
+                    assert_eq!(
+                        (&*m.name, &*m.unit, m.kind),
+                        ("hits", "{hit}", MetricKind::Counter)
+                    );
+                    let point = &m.points[0];
+                    (point.data.clone(), point.start_ns)
+                })
+            };
+            seen.push((
+                reported(cumulative.collect(&series, now)),
+                reported(delta.collect(&series, now)),
+            ));
+        }
+        use PointData::Number;
+        assert_eq!(
+            seen,
+            [
+                (Some((Number(3.0), ATTACHED)), Some((Number(3.0), ATTACHED))),
+                (Some((Number(3.0), ATTACHED)), None),
+                (Some((Number(10.0), ATTACHED)), Some((Number(7.0), 3_000))),
+                // Dropped: a reset. Cumulative starts again, delta reports all of it.
+                (Some((Number(4.0), 5_000)), Some((Number(4.0), 4_000))),
+            ]
+        );
+    }
+
+    #[test]
+    fn exponential_layout_limits_the_buckets_and_keeps_the_count() {
+        let layout = HistogramLayout::Exponential {
+            max_buckets: 8,
+            max_scale: 20,
+        };
+        let mut state = ExportState::new(options(false, layout), ATTACHED);
+        let values: Vec<f64> = (0..40).map(|e| 2f64.powi(e - 20)).collect();
+        let metrics = state.collect(&[call("op", &[("duration", &values)])], 2_000);
+        let duration = metric(&metrics, "call.duration");
+        assert_eq!(duration.kind, MetricKind::ExponentialHistogram);
+        let PointData::Exponential(fitted) = &duration.points[0].data else {
+            panic!("exponential")
+        };
+        assert!(fitted.bucket_counts.len() <= 8);
+        assert_eq!(fitted.count, 40);
+        assert_eq!(
+            fitted.bucket_counts.iter().sum::<u64>() + fitted.zero_count,
+            40
+        );
+    }
+
+    #[test]
+    fn active_calls_and_exemplars_of_the_duration_only() {
+        let mut state = ExportState::new(options(false, explicit()), ATTACHED);
+        let mut series = call(
+            "op",
+            &[("duration", &[0.005, 0.006, 0.5]), ("io.read", &[1.0])],
+        );
+        series.active = Some(2);
+        let exemplar = |value, time_unix_ns| Exemplar {
+            value,
+            time_unix_ns,
+            trace_id: 1,
+            span_id: time_unix_ns,
+        };
+        // Two in the first bucket (the later one is kept), one before the window.
+        series.exemplars = vec![
+            exemplar(0.005, 1_500),
+            exemplar(0.006, 1_600),
+            exemplar(0.5, 500),
+        ];
+        let metrics = state.collect(&[series], 2_000);
+        let active = metric(&metrics, "calls.active");
+        assert_eq!(active.kind, MetricKind::UpDownCounter);
+        assert_eq!(active.points[0].data, PointData::Integer(2));
+        let duration = &metric(&metrics, "call.duration").points[0];
+        assert_eq!(duration.exemplars, [exemplar(0.006, 1_600)]);
+        assert!(metric(&metrics, "call.io").points[0].exemplars.is_empty());
+    }
+
+    #[test]
+    fn a_reader_boundary_override_applies_to_every_histogram() {
+        let layout = HistogramLayout::Explicit {
+            boundaries: Some(Arc::from([1.0])),
+        };
+        let mut state = ExportState::new(options(false, layout), ATTACHED);
+        let metrics = state.collect(&[call("op", &[("duration", &[0.5, 2.0, 3.0])])], 2_000);
+        let PointData::Explicit { bucket_counts, .. } =
+            &metric(&metrics, "call.duration").points[0].data
+        else {
+            panic!("explicit buckets")
+        };
+        assert_eq!(bucket_counts, &[1, 2]);
+    }
+}
