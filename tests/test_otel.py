@@ -332,3 +332,60 @@ def test_calls_in_flight_are_an_up_down_counter(unique, providers):
     assert asyncio.run(slow_async()) == 1
     (point,) = points(metrics_of(reader)["meterage.calls.active"], **{"meterage.operation": name})
     assert point.value == 0
+
+
+@pytest.mark.parametrize("exponential", [False, True], ids=["explicit", "exponential"])
+def test_native_points_equal_the_sdk_constructed_ones(unique, exponential):
+    """Points are made natively by filling the SDK dataclasses' fields; they must be equal,
+    field for field, to points made by the classes' own constructors (the path taken for
+    an SDK whose classes do not allow filling)."""
+    import dataclasses
+
+    from meterage import _native
+    from meterage.otel import _convert
+
+    name = unique()
+    work = meterage.meter(name, attributes={"tier": "gold"}, probes=("io",), sample=1.0)(
+        lambda: None
+    )
+    for _ in range(3):
+        work()
+    meterage.counter(unique("hits")).add(2)
+    meterage.histogram(unique("sizes")).record(42)
+
+    def state(fill: bool) -> _native.ExportState:
+        classes = {
+            role: (entry[0], entry[1] and fill) if isinstance(entry, tuple) else entry
+            for role, entry in _convert._POINT_CLASSES.items()
+        }
+        assert fill is False or all(
+            entry[1] for entry in _convert._POINT_CLASSES.values() if isinstance(entry, tuple)
+        ), "this SDK's point classes should allow filling"
+        return _native.ExportState(
+            delta_histograms=False,
+            delta_counters=False,
+            exponential=exponential,
+            max_buckets=160,
+            max_scale=20,
+            boundaries=None,
+            call_metrics=_convert._CALL_SPECS,
+            active_calls=("meterage.calls.active", "{call}", ""),
+            operation_key="meterage.operation",
+            default_boundaries=[0.0, 10.0, 100.0],
+            point_classes=classes,
+            attached_ns=1,
+        )
+
+    filled = state(True).collect(now_ns=2)
+    constructed = state(False).collect(now_ns=2)
+    assert [m[:4] for m in filled] == [m[:4] for m in constructed]
+    assert sum(len(m[4]) for m in filled) >= 4  # duration, io read/write, counter, histogram
+    for metric_filled, metric_constructed in zip(filled, constructed, strict=True):
+        for made, expected in zip(metric_filled[4], metric_constructed[4], strict=True):
+            assert type(made) is type(expected)
+            assert made == expected
+            rebuilt = type(made)(
+                **{f.name: getattr(made, f.name) for f in dataclasses.fields(made)}
+            )
+            assert rebuilt == made
+            assert (made.start_time_unix_nano, made.time_unix_nano) == (1, 2)

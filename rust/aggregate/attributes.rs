@@ -40,6 +40,37 @@ impl Hash for AttributeValue {
     }
 }
 
+impl AttributeValue {
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Str(_) => 0,
+            Self::Int(_) => 1,
+            Self::Float(_) => 2,
+            Self::Bool(_) => 3,
+        }
+    }
+}
+
+/// A total order consistent with `Eq` (floats by `total_cmp`, which is equal exactly when
+/// the bits are), so that snapshots can list series in a stable order.
+impl Ord for AttributeValue {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self, other) {
+            (Self::Str(a), Self::Str(b)) => a.cmp(b),
+            (Self::Int(a), Self::Int(b)) => a.cmp(b),
+            (Self::Float(a), Self::Float(b)) => a.total_cmp(b),
+            (Self::Bool(a), Self::Bool(b)) => a.cmp(b),
+            _ => self.rank().cmp(&other.rank()),
+        }
+    }
+}
+
+impl PartialOrd for AttributeValue {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl fmt::Display for AttributeValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -58,7 +89,7 @@ impl From<&str> for AttributeValue {
 }
 
 /// An immutable set of attributes, sorted by key with unique keys, cheap to clone.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct AttributeSet(Arc<[(Arc<str>, AttributeValue)]>);
 
 /// The attribute OpenTelemetry puts on the series that absorbs values past the
@@ -159,6 +190,27 @@ mod tests {
             set(&[("a", AttributeValue::Bool(true))]),
             set(&[("a", AttributeValue::Int(1))])
         );
+    }
+
+    #[test]
+    fn the_order_agrees_with_equality() {
+        let values = [
+            AttributeValue::from("a"),
+            AttributeValue::Int(-1),
+            AttributeValue::Float(f64::NAN),
+            AttributeValue::Float(-0.0),
+            AttributeValue::Float(0.0),
+            AttributeValue::Bool(false),
+        ];
+        for a in &values {
+            for b in &values {
+                assert_eq!(a.cmp(b) == std::cmp::Ordering::Equal, a == b, "{a:?} {b:?}");
+                assert_eq!(a.cmp(b), b.cmp(a).reverse());
+            }
+        }
+        let short = set(&[("a", "x".into())]);
+        let long = set(&[("a", "x".into()), ("b", "y".into())]);
+        assert!(short < long);
     }
 
     #[test]

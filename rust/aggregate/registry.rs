@@ -273,13 +273,9 @@ impl Registry {
                 });
             }
         }
-        // A stable order for readers and tests; the attribute text is built once per series.
-        out.sort_by_cached_key(|s| {
-            (
-                s.kind as u8,
-                Arc::clone(&s.name),
-                format!("{:?}", s.attributes),
-            )
+        // A stable order for readers and tests.
+        out.sort_unstable_by(|a, b| {
+            (a.kind, &a.name, &a.attributes).cmp(&(b.kind, &b.name, &b.attributes))
         });
         out
     }

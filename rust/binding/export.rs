@@ -67,11 +67,14 @@ impl PointClass {
             return class.call((), Some(&kwargs));
         }
         let point = self.object_new.bind(py).call1((class,))?;
-        let dict = point
-            .getattr(intern!(py, "__dict__"))?
-            .cast_into::<PyDict>()?;
         for (name, value) in fields {
-            dict.set_item(name, value)?;
+            // SAFETY: the three objects are alive (held by `Bound`s) for the call.
+            let status = unsafe {
+                pyo3::ffi::PyObject_GenericSetAttr(point.as_ptr(), name.as_ptr(), value.as_ptr())
+            };
+            if status != 0 {
+                return Err(PyErr::fetch(py));
+            }
         }
         Ok(point)
     }
