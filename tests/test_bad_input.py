@@ -59,10 +59,10 @@ def test_instrument_unit_and_description_must_be_str(unique, factory, field):
 
 
 def test_unknown_probe_lists_the_valid_ones(unique):
-    with pytest.raises(ValueError, match=r"unknown probe ('gpu'|\"gpu\")") as info:
-        meterage.meter(unique(), probes=("cpu", "gpu"))
+    with pytest.raises(ValueError, match=r"unknown probe ('tpu'|\"tpu\")") as info:
+        meterage.meter(unique(), probes=("cpu", "tpu"))
     message = str(info.value)
-    for valid in ("cpu", "rusage", "io"):
+    for valid in ("cpu", "rusage", "io", "gpu"):
         assert f'"{valid}"' in message or f"'{valid}'" in message, message
 
 

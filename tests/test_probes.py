@@ -26,14 +26,15 @@ def io_meter(name):
 def test_available_probes_names_every_probe():
     available = meterage.available_probes()
     assert isinstance(available, dict)
-    assert sorted(available) == ["cpu", "io", "rusage"]
+    assert sorted(available) == ["cpu", "gpu", "io", "rusage"]
     for name, reason in available.items():
         assert reason is None or (isinstance(reason, str) and reason), name
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux /proc")
-def test_all_probes_work_on_linux():
-    assert meterage.available_probes() == {"cpu": None, "rusage": None, "io": None}
+def test_the_os_probes_work_on_linux():
+    available = meterage.available_probes(["cpu", "rusage", "io"])
+    assert available == {"cpu": None, "rusage": None, "io": None}
 
 
 # ---- IO bytes: exact -----------------------------------------------------------------------------

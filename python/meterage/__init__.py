@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from meterage import _native
 from meterage._instruments import counter, histogram
@@ -40,6 +42,7 @@ __all__ = [
     "available_probes",
     "configure",
     "counter",
+    "gpu_info",
     "histogram",
     "meter",
     "reset",
@@ -71,24 +74,50 @@ def reset() -> None:
     _native.reset()
 
 
-def available_probes() -> dict[str, str | None]:
-    """Each probe name mapped to None when it works here, or a sentence saying why not.
+def available_probes(names: Iterable[str] | None = None) -> dict[str, str | None]:
+    """Each probe name (or each of ``names``) mapped to None when it works here, or a
+    sentence saying why not.
 
-    >>> import meterage, sys
+    ``"gpu"`` is None when NVML loaded and found GPUs (asking about it loads NVML).
+
+    >>> import meterage
     >>> sorted(meterage.available_probes())
-    ['cpu', 'io', 'rusage']
+    ['cpu', 'gpu', 'io', 'rusage']
     """
-    return _native.available_probes()
+    return _native.available_probes(None if names is None else list(names))
+
+
+def gpu_info() -> dict[str, Any]:
+    """What meterage knows of this machine's GPUs (loads NVML on first use).
+
+    Keys: ``reason`` (None when the ``gpu`` probe works, else why not), ``library``,
+    ``driver_version``, ``devices`` (each NVML device: ``index``, ``uuid``, ``name`` and
+    whether the ``gpu`` probe ``counted`` it), ``host_pid`` (this process's PID as NVML
+    reports it) or ``host_pid_reason`` (why it is unknown, in a container: then the GPU
+    memory of calls is not recorded).
+
+    >>> import meterage
+    >>> info = meterage.gpu_info()
+    >>> info["reason"] is None or isinstance(info["reason"], str)
+    True
+    """
+    return _native.gpu_info()
 
 
 def configure(
-    *, budget: float | None = None, cardinality_limit: int | None = None
+    *,
+    budget: float | None = None,
+    cardinality_limit: int | None = None,
+    gpu_devices: Sequence[int | str] | Literal["auto"] | None = None,
 ) -> dict[str, float | int]:
     """Sets process-wide defaults and returns the settings in force.
 
     ``budget``: the share of an operation's wall time the sampled probes may cost (default
     0.01). ``cardinality_limit``: series per operation before new attribute sets go to the
-    overflow series (default 2000).
+    overflow series (default 2000). ``gpu_devices``: the GPUs the ``gpu`` probe and the
+    device metrics count, by NVML index or UUID (prefix); ``"auto"`` goes back to the
+    default, the GPUs named by ``CUDA_VISIBLE_DEVICES`` or else all (see ``gpu_info()``).
+    None leaves a setting as it is.
 
     >>> import meterage
     >>> meterage.configure()["cardinality_limit"] >= 1
@@ -98,4 +127,11 @@ def configure(
     cardinality_limit = check_positive_int(
         "cardinality_limit", cardinality_limit, maximum=MAX_CARDINALITY_LIMIT
     )
+    if isinstance(gpu_devices, str) and gpu_devices != "auto":
+        raise TypeError(
+            'gpu_devices must be a list of GPU indices (int) or UUIDs (str), or "auto"; '
+            f"got the str {gpu_devices!r}"
+        )
+    if gpu_devices is not None:
+        _native.select_gpus(None if gpu_devices == "auto" else gpu_devices)
     return _native.configure(budget, cardinality_limit)

@@ -21,8 +21,10 @@ def _warn_unavailable(requested: Iterable[str] | None) -> None:
     """One warning per probe that was asked for by name but cannot run here."""
     if requested is None:
         return
-    for name, reason in _native.available_probes().items():
-        if name in requested and reason is not None and name not in _warned_unavailable:
+    # Only the probes asked for: asking about "gpu" loads NVML.
+    asked = [name for name in requested if isinstance(name, str)]
+    for name, reason in _native.available_probes(asked).items():
+        if reason is not None and name not in _warned_unavailable:
             _warned_unavailable.add(name)
             warnings.warn(
                 f"meterage probe {name!r} is unavailable and will not be recorded: {reason}",

@@ -3,6 +3,7 @@
 mod convert;
 mod export;
 mod floor;
+mod gpu;
 mod instruments;
 mod meter;
 mod metered_function;
@@ -30,12 +31,22 @@ fn reset() {
     registry().reset();
 }
 
-/// Each probe name mapped to None when it works here, or a sentence saying why not.
+/// Each probe name (or each of `names`) mapped to None when it works here, or a sentence
+/// saying why not. Only asking about "gpu" loads NVML.
 #[pyfunction]
-fn available_probes(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+#[pyo3(signature = (names = None))]
+fn available_probes<'py>(
+    py: Python<'py>,
+    names: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let result = PyDict::new(py);
-    for (name, reason) in probe::availability() {
-        result.set_item(name, reason)?;
+    for (name, probe) in probe::ProbeSet::NAMES {
+        if names
+            .as_ref()
+            .map_or(true, |names| names.iter().any(|n| n == name))
+        {
+            result.set_item(name, py.detach(|| probe::availability_of(probe)))?;
+        }
     }
     Ok(result)
 }
@@ -117,5 +128,10 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
     module.add_function(wrap_pyfunction!(process::process_metrics, module)?)?;
+    module.add_function(wrap_pyfunction!(gpu::gpu_info, module)?)?;
+    module.add_function(wrap_pyfunction!(gpu::gpu_metrics, module)?)?;
+    module.add_function(wrap_pyfunction!(gpu::select_gpus, module)?)?;
+    module.add_function(wrap_pyfunction!(gpu::_reload_nvml, module)?)?;
+    gpu::install_blocking_hooks();
     Ok(())
 }

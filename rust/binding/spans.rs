@@ -149,8 +149,14 @@ fn note_current(measured: &Measured, series: &CallSeries) {
         if let Some((delta, _)) = &measured.sample {
             totals.probed += 1;
             totals.probes = totals.probes.union(delta.probes);
-            for (sum, value) in totals.values.iter_mut().zip(delta.values) {
-                *sum += value;
+            for (index, info) in MEASURES.iter().enumerate() {
+                let value = delta.values[index];
+                if !info.level {
+                    totals.values[index] += value;
+                } else if delta.probes.contains(info.probe) {
+                    // A level (GPU memory at a call's end): the span's peak.
+                    totals.values[index] = totals.values[index].max(value);
+                }
             }
         }
     }

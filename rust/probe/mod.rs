@@ -1,10 +1,14 @@
 //! Probes: the OS counters read around each metered call.
 //!
 //! A call reads its probes once before and once after; the difference is the call's cost.
-//! Every reading here is per thread, so a call is charged only for its own thread's work.
+//! The OS readings are per thread, so a call is charged only for its own thread's work;
+//! the GPU readings are per device (see [`gpu`]).
 
 pub mod clock;
 pub mod fork;
+pub mod gpu;
+mod host_pid;
+pub mod nvml;
 pub mod process;
 mod rusage;
 mod thread_io;
@@ -23,14 +27,24 @@ impl ProbeSet {
     pub const RUSAGE: ProbeSet = ProbeSet(2);
     /// Syscall and storage IO bytes (/proc/thread-self/io).
     pub const IO: ProbeSet = ProbeSet(4);
-    pub const ALL: ProbeSet = ProbeSet(7);
-    pub const DEFAULT: ProbeSet = ProbeSet::ALL;
+    /// The GPU energy counter difference of a call (long enough for the counter).
+    pub const GPU_ENERGY: ProbeSet = ProbeSet(8);
+    /// A power × time estimate of a call's GPU energy (calls too short for the counter).
+    pub const GPU_ENERGY_ESTIMATE: ProbeSet = ProbeSet(16);
+    /// This process's GPU memory at the end of a call.
+    pub const GPU_MEMORY: ProbeSet = ProbeSet(32);
+    /// The `gpu` probe (NVML): its three measures.
+    pub const GPU: ProbeSet = ProbeSet(8 | 16 | 32);
+    pub const ALL: ProbeSet = ProbeSet(63);
+    /// What a meter reads unless told otherwise: the OS probes (GPU is opt-in).
+    pub const DEFAULT: ProbeSet = ProbeSet(7);
 
     /// Probe names in a fixed order, as the Python API spells them.
-    pub const NAMES: [(&'static str, ProbeSet); 3] = [
+    pub const NAMES: [(&'static str, ProbeSet); 4] = [
         ("cpu", ProbeSet::CPU),
         ("rusage", ProbeSet::RUSAGE),
         ("io", ProbeSet::IO),
+        ("gpu", ProbeSet::GPU),
     ];
 
     pub fn from_name(name: &str) -> Option<ProbeSet> {
@@ -52,6 +66,9 @@ impl ProbeSet {
     }
     pub const fn contains(self, other: ProbeSet) -> bool {
         self.0 & other.0 == other.0
+    }
+    pub const fn intersects(self, other: ProbeSet) -> bool {
+        self.0 & other.0 != 0
     }
     pub const fn union(self, other: ProbeSet) -> ProbeSet {
         ProbeSet(self.0 | other.0)
@@ -75,6 +92,9 @@ pub struct MeasureInfo {
     pub unit: &'static str,
     pub probe: ProbeSet,
     pub factor: f64,
+    /// A level at the end of the call (GPU memory), not an amount used during it: steps
+    /// of a call keep the last, and totals over calls take the largest.
+    pub level: bool,
 }
 
 /// Index of each probe measure in a [`Reading`].
@@ -88,7 +108,10 @@ pub mod measure {
     pub const IO_WRITE: usize = 6;
     pub const DISK_READ: usize = 7;
     pub const DISK_WRITE: usize = 8;
-    pub const COUNT: usize = 9;
+    pub const GPU_ENERGY: usize = 9;
+    pub const GPU_ENERGY_ESTIMATED: usize = 10;
+    pub const GPU_MEMORY: usize = 11;
+    pub const COUNT: usize = 12;
 }
 
 /// The wall-clock measure every call records.
@@ -97,6 +120,7 @@ pub const DURATION: MeasureInfo = MeasureInfo {
     unit: "s",
     probe: ProbeSet::NONE,
     factor: 1e-9,
+    level: false,
 };
 
 /// The probe measures, indexed by [`measure`].
@@ -106,54 +130,84 @@ pub const MEASURES: [MeasureInfo; measure::COUNT] = [
         unit: "s",
         probe: ProbeSet::CPU,
         factor: 1e-9,
+        level: false,
     },
     MeasureInfo {
         name: "paging.faults.minor",
         unit: "{fault}",
         probe: ProbeSet::RUSAGE,
         factor: 1.0,
+        level: false,
     },
     MeasureInfo {
         name: "paging.faults.major",
         unit: "{fault}",
         probe: ProbeSet::RUSAGE,
         factor: 1.0,
+        level: false,
     },
     MeasureInfo {
         name: "context_switches.voluntary",
         unit: "{context_switch}",
         probe: ProbeSet::RUSAGE,
         factor: 1.0,
+        level: false,
     },
     MeasureInfo {
         name: "context_switches.involuntary",
         unit: "{context_switch}",
         probe: ProbeSet::RUSAGE,
         factor: 1.0,
+        level: false,
     },
     MeasureInfo {
         name: "io.read",
         unit: "By",
         probe: ProbeSet::IO,
         factor: 1.0,
+        level: false,
     },
     MeasureInfo {
         name: "io.write",
         unit: "By",
         probe: ProbeSet::IO,
         factor: 1.0,
+        level: false,
     },
     MeasureInfo {
         name: "disk.io.read",
         unit: "By",
         probe: ProbeSet::IO,
         factor: 1.0,
+        level: false,
     },
     MeasureInfo {
         name: "disk.io.write",
         unit: "By",
         probe: ProbeSet::IO,
         factor: 1.0,
+        level: false,
+    },
+    MeasureInfo {
+        name: "gpu.energy",
+        unit: "J",
+        probe: ProbeSet::GPU_ENERGY,
+        factor: 1e-3, // mJ
+        level: false,
+    },
+    MeasureInfo {
+        name: "gpu.energy.estimated",
+        unit: "J",
+        probe: ProbeSet::GPU_ENERGY_ESTIMATE,
+        factor: 1e-6, // µJ
+        level: false,
+    },
+    MeasureInfo {
+        name: "gpu.memory",
+        unit: "By",
+        probe: ProbeSet::GPU_MEMORY,
+        factor: 1.0,
+        level: true,
     },
 ];
 
@@ -165,14 +219,23 @@ pub struct Reading {
     pub probes: ProbeSet,
     /// Fork generation at the time of reading: a delta across a fork is meaningless.
     pub generation: u64,
+    /// The GPU readings (raw readings only; a delta has its GPU values in `values`).
+    pub gpu: gpu::GpuReading,
 }
 
 impl Reading {
     /// The reading before a call: the CPU clock last, so the other probes' own cost
-    /// (the IO pread is ~2 µs) is not charged to the call's CPU time.
+    /// (the IO pread is ~2 µs) is not charged to the call's CPU time; the GPU first, so
+    /// its driver calls are not charged to the call's context switches either.
     #[inline]
     pub fn take_before(probes: ProbeSet) -> Reading {
+        let gpu = if probes.intersects(ProbeSet::GPU) {
+            gpu::read_before()
+        } else {
+            gpu::GpuReading::default()
+        };
         let mut reading = Self::counters(probes);
+        reading.gpu = gpu;
         if probes.contains(ProbeSet::CPU) {
             reading.values[measure::CPU_TIME] = thread_cpu_ns();
             reading.probes = reading.probes.union(ProbeSet::CPU);
@@ -188,6 +251,9 @@ impl Reading {
         if let Some(cpu) = cpu {
             reading.values[measure::CPU_TIME] = cpu;
             reading.probes = reading.probes.union(ProbeSet::CPU);
+        }
+        if probes.intersects(ProbeSet::GPU) {
+            reading.gpu = gpu::read_after();
         }
         reading
     }
@@ -230,14 +296,33 @@ impl Reading {
             delta.values[measure::CPU_TIME] =
                 delta.values[measure::CPU_TIME].saturating_sub(clock::thread_cpu_read_cost_ns());
         }
+        let gpu = self.gpu.since(&start.gpu);
+        for (value, index, probe) in [
+            (gpu.energy_mj, measure::GPU_ENERGY, ProbeSet::GPU_ENERGY),
+            (
+                gpu.estimated_energy_uj,
+                measure::GPU_ENERGY_ESTIMATED,
+                ProbeSet::GPU_ENERGY_ESTIMATE,
+            ),
+            (gpu.memory_bytes, measure::GPU_MEMORY, ProbeSet::GPU_MEMORY),
+        ] {
+            if let Some(value) = value {
+                delta.values[index] = value;
+                delta.probes = delta.probes.union(probe);
+            }
+        }
         Some(delta)
     }
 
     /// Adds another delta into this one (steps of a coroutine or generator).
     #[inline]
     pub fn accumulate(&mut self, other: &Reading) {
-        for index in 0..measure::COUNT {
-            self.values[index] += other.values[index];
+        for (index, info) in MEASURES.iter().enumerate() {
+            if !info.level {
+                self.values[index] += other.values[index];
+            } else if other.probes.contains(info.probe) {
+                self.values[index] = other.values[index];
+            }
         }
         self.probes = self.probes.union(other.probes);
     }
@@ -245,11 +330,22 @@ impl Reading {
 
 /// Each probe name with `None` when it works here, or a sentence saying why not.
 pub fn availability() -> Vec<(&'static str, Option<String>)> {
-    vec![
-        ("cpu", clock_availability()),
-        ("rusage", rusage::availability()),
-        ("io", thread_io::availability()),
-    ]
+    ProbeSet::NAMES
+        .iter()
+        .map(|&(name, probe)| (name, availability_of(probe)))
+        .collect()
+}
+
+/// `None` when `probe` (one of [`ProbeSet::NAMES`]) works here, or why not. Asking about
+/// the GPU loads NVML.
+pub fn availability_of(probe: ProbeSet) -> Option<String> {
+    match probe {
+        ProbeSet::CPU => clock_availability(),
+        ProbeSet::RUSAGE => rusage::availability(),
+        ProbeSet::IO => thread_io::availability(),
+        ProbeSet::GPU => gpu::availability(),
+        _ => Some(format!("{probe:?} is not a single probe")),
+    }
 }
 
 fn clock_availability() -> Option<String> {
@@ -267,15 +363,14 @@ fn clock_availability() -> Option<String> {
     })
 }
 
-/// Probes from `requested` that do not work on this machine.
+/// Probes from `requested` that do not work on this machine (only those asked about are
+/// checked: a meter without `gpu` never loads NVML).
 pub fn unavailable(requested: ProbeSet) -> ProbeSet {
-    let mut missing = ProbeSet::NONE;
-    for (name, reason) in availability() {
-        if reason.is_some() {
-            missing = missing.union(ProbeSet::from_name(name).unwrap_or_default());
-        }
-    }
-    ProbeSet(requested.0 & missing.0)
+    ProbeSet::NAMES
+        .iter()
+        .filter(|&&(_, probe)| requested.intersects(probe))
+        .filter(|&&(_, probe)| availability_of(probe).is_some())
+        .fold(ProbeSet::NONE, |missing, &(_, probe)| missing.union(probe))
 }
 
 #[cfg(test)]
@@ -294,17 +389,23 @@ mod tests {
         for (name, probe) in ProbeSet::NAMES {
             assert_eq!(ProbeSet::from_name(name), Some(probe));
         }
-        assert_eq!(ProbeSet::from_name("gpu"), None);
+        assert_eq!(ProbeSet::from_name("tpu"), None);
+        assert_eq!(
+            ProbeSet::DEFAULT.names().collect::<Vec<_>>(),
+            ["cpu", "rusage", "io"]
+        );
         assert_eq!(
             ProbeSet::ALL.names().collect::<Vec<_>>(),
-            ["cpu", "rusage", "io"]
+            ["cpu", "rusage", "io", "gpu"]
         );
     }
 
     #[test]
-    fn all_probes_available_on_linux() {
-        for (name, reason) in availability() {
-            assert_eq!(reason, None, "probe {name}");
+    fn the_os_probes_are_available_on_linux() {
+        for (name, probe) in ProbeSet::NAMES {
+            if probe != ProbeSet::GPU {
+                assert_eq!(availability_of(probe), None, "probe {name}");
+            }
         }
     }
 
@@ -312,8 +413,8 @@ mod tests {
     fn an_empty_call_reads_no_io_bytes_of_its_own() {
         // The probe's own pread of /proc/thread-self/io must not be charged to the call.
         for _ in 0..100 {
-            let delta = delta_of(ProbeSet::ALL, || {});
-            assert_eq!(delta.probes, ProbeSet::ALL);
+            let delta = delta_of(ProbeSet::DEFAULT, || {});
+            assert_eq!(delta.probes, ProbeSet::DEFAULT);
             assert_eq!(delta.values[measure::IO_READ], 0);
             assert_eq!(delta.values[measure::IO_WRITE], 0);
         }
@@ -390,6 +491,23 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(2));
         });
         assert!(delta.values[measure::SWITCHES_VOLUNTARY] >= 1);
+    }
+
+    #[test]
+    fn levels_keep_the_last_step_and_amounts_add_up() {
+        let mut total = Reading::default();
+        for (energy, memory) in [(100, 5_000), (50, 7_000)] {
+            let mut step = Reading::default();
+            step.values[measure::GPU_ENERGY] = energy;
+            step.values[measure::GPU_MEMORY] = memory;
+            step.probes = ProbeSet::GPU_ENERGY.union(ProbeSet::GPU_MEMORY);
+            total.accumulate(&step);
+        }
+        assert_eq!(total.values[measure::GPU_ENERGY], 150);
+        assert_eq!(total.values[measure::GPU_MEMORY], 7_000);
+        // A step without the reading keeps the level it had.
+        total.accumulate(&Reading::default());
+        assert_eq!(total.values[measure::GPU_MEMORY], 7_000);
     }
 
     #[test]

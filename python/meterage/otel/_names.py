@@ -46,6 +46,25 @@ CPU_BOUNDARIES = (
 BYTE_BOUNDARIES = (0.0, *(float(1024 * 4**k) for k in range(11)))
 #: Events per call (faults, context switches).
 COUNT_BOUNDARIES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+#: Joules per call: a millisecond of a small GPU to minutes of a large one.
+ENERGY_BOUNDARIES = (
+    0.001,
+    0.01,
+    0.05,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+    50.0,
+    100.0,
+    500.0,
+    1000.0,
+    5000.0,
+    10000.0,
+)
+#: GPU memory held at the end of a call: 0, then powers of 4 from 1 MiB to 256 GiB.
+GPU_MEMORY_BOUNDARIES = (0.0, *(float(1024**2 * 4**k) for k in range(10)))
 #: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
 DEFAULT_BOUNDARIES = (
     0.0,
@@ -66,6 +85,9 @@ DEFAULT_BOUNDARIES = (
 )
 
 OPERATION_KEY = "meterage.operation"
+#: How a call's GPU energy was found: "counter" (the device's energy counter, calls of
+#: 100 ms or more) or "power_estimate" (power × time, shorter calls).
+ENERGY_SOURCE_KEY = "meterage.gpu.energy.source"
 #: The up-down counter of calls in flight, per operation and meter attributes.
 ACTIVE_CALLS = "meterage.calls.active"
 
@@ -146,5 +168,26 @@ CALL_METRICS: dict[str, CallMetric] = {
         "Context switches of metered calls.",
         _direction("process.context_switch.type", "involuntary"),
         COUNT_BOUNDARIES,
+    ),
+    "gpu.energy": CallMetric(
+        "meterage.call.gpu.energy",
+        "J",
+        "Energy the counted GPUs used during metered calls (all work on them).",
+        _direction(ENERGY_SOURCE_KEY, "counter"),
+        ENERGY_BOUNDARIES,
+    ),
+    "gpu.energy.estimated": CallMetric(
+        "meterage.call.gpu.energy",
+        "J",
+        "Energy the counted GPUs used during metered calls (all work on them).",
+        _direction(ENERGY_SOURCE_KEY, "power_estimate"),
+        ENERGY_BOUNDARIES,
+    ),
+    "gpu.memory": CallMetric(
+        "meterage.call.gpu.memory",
+        "By",
+        "GPU memory of this process on the counted GPUs at the end of metered calls.",
+        (),
+        GPU_MEMORY_BOUNDARIES,
     ),
 }

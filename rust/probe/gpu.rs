@@ -1,0 +1,522 @@
+//! The `gpu` probe and the device readings, on top of [`nvml`](super::nvml).
+//!
+//! Per probed call: the energy the counted devices used during the call (from the total
+//! energy counter, or a power × time estimate for short calls) and this process's GPU
+//! memory on them at the end of the call. At collection time: each counted device's
+//! utilization, memory, power, energy and temperature, and this process's share.
+//!
+//! **Which devices count**: all that NVML lists, or those named by `CUDA_VISIBLE_DEVICES`
+//! (indices, taken in NVML's PCI order, or `GPU-` UUID prefixes; as in CUDA, the list
+//! stops at the first entry that names no device), or an explicit list ([`select`]).
+//!
+//! **Energy of short calls.** The energy counter moves only every ~20–100 ms, so the
+//! difference of two readings less than [`ENERGY_COUNTER_MIN_NS`] apart is mostly 0 or
+//! one whole update: not a measurement of the call. Such calls get `gpu.energy.estimated`
+//! instead (power at the end of the call × the time between the readings), and longer
+//! calls the counter difference as `gpu.energy`; a call never has both. The energy is the
+//! whole device's during the call: other work on the device counts too.
+//!
+//! NVML calls go through the driver (microseconds each). They run with the GIL released
+//! (the binding installs [`BlockingHooks`]), so other Python threads are not held up.
+
+use super::host_pid::host_pid;
+use super::nvml::{self, Device, Nvml};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Calls shorter than this get a power × time estimate instead of the counter difference.
+pub const ENERGY_COUNTER_MIN_NS: u64 = 100_000_000;
+pub const VISIBLE_DEVICES_VARIABLE: &str = "CUDA_VISIBLE_DEVICES";
+
+/// Raw GPU values around a call, summed over the counted devices (`None`: not read, or a
+/// device failed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuReading {
+    /// Monotonic time of the energy reading.
+    pub at_ns: u64,
+    pub energy_mj: Option<u64>,
+    pub power_mw: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
+/// What a call used, from two readings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuDelta {
+    /// Counter difference, mJ (calls of at least [`ENERGY_COUNTER_MIN_NS`]).
+    pub energy_mj: Option<u64>,
+    /// Power × time, µJ (shorter calls, or devices without the counter).
+    pub estimated_energy_uj: Option<u64>,
+    /// This process's GPU memory at the end.
+    pub memory_bytes: Option<u64>,
+}
+
+impl GpuReading {
+    pub fn since(&self, before: &GpuReading) -> GpuDelta {
+        let elapsed_ns = self.at_ns.saturating_sub(before.at_ns);
+        let counter = match (before.energy_mj, self.energy_mj) {
+            (Some(start), Some(end)) if elapsed_ns >= ENERGY_COUNTER_MIN_NS => {
+                Some(end.saturating_sub(start))
+            }
+            _ => None,
+        };
+        let estimate = match counter {
+            Some(_) => None,
+            None => self
+                .power_mw
+                .map(|mw| (mw as u128 * elapsed_ns as u128 / 1_000_000) as u64),
+        };
+        GpuDelta {
+            energy_mj: counter,
+            estimated_energy_uj: estimate,
+            memory_bytes: self.memory_bytes,
+        }
+    }
+}
+
+/// How the binding releases and takes back the GIL around NVML calls.
+pub struct BlockingHooks {
+    /// Releases the GIL if this thread holds it; returns what `leave` needs.
+    pub enter: fn() -> *mut c_void,
+    pub leave: fn(*mut c_void),
+}
+
+static HOOKS: OnceLock<BlockingHooks> = OnceLock::new();
+
+pub fn set_blocking_hooks(hooks: BlockingHooks) {
+    let _ = HOOKS.set(hooks);
+}
+
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match HOOKS.get() {
+        Some(hooks) => {
+            let saved = (hooks.enter)();
+            let result = work();
+            (hooks.leave)(saved);
+            result
+        }
+        None => work(),
+    }
+}
+
+/// A device named by the user: an NVML index or a UUID (prefix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceKey {
+    Index(u32),
+    Uuid(String),
+}
+
+impl DeviceKey {
+    fn matches(&self, device: &Device) -> bool {
+        match self {
+            DeviceKey::Index(index) => device.index == *index,
+            DeviceKey::Uuid(prefix) => device.uuid.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// `CUDA_VISIBLE_DEVICES` as CUDA reads it: comma-separated indices or `GPU-` UUID
+/// prefixes, up to the first entry that is neither (`MIG-` instances included).
+pub fn parse_visible_devices(text: &str) -> Vec<DeviceKey> {
+    let mut keys = Vec::new();
+    for entry in text.split(',').map(str::trim) {
+        if let Ok(index) = entry.parse::<u32>() {
+            keys.push(DeviceKey::Index(index));
+        } else if entry.starts_with("GPU-") && entry.len() > 4 {
+            keys.push(DeviceKey::Uuid(entry.to_owned()));
+        } else {
+            break;
+        }
+    }
+    keys
+}
+
+/// Positions in `devices` of the keys, in order; with `strict` an unknown or ambiguous
+/// key is an error, otherwise (CUDA's rule) the list stops there.
+pub fn resolve(devices: &[Device], keys: &[DeviceKey], strict: bool) -> Result<Vec<usize>, String> {
+    let mut chosen = Vec::new();
+    for key in keys {
+        let found: Vec<usize> = (0..devices.len())
+            .filter(|&i| key.matches(&devices[i]))
+            .collect();
+        match found[..] {
+            [one] if !chosen.contains(&one) => chosen.push(one),
+            [_] => {
+                if strict {
+                    return Err(format!("GPU {key:?} is named twice"));
+                }
+                break;
+            }
+            _ => {
+                if strict {
+                    let known: Vec<String> = devices
+                        .iter()
+                        .map(|d| format!("{} ({})", d.index, d.uuid))
+                        .collect();
+                    let problem = if found.is_empty() { "no" } else { "more than one" };
+                    return Err(format!(
+                        "{key:?} names {problem} GPU; the GPUs here are {}",
+                        known.join(", ")
+                    ));
+                }
+                break;
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// NVML with the devices that count, as resolved from the current selection.
+pub struct Gpus {
+    pub nvml: Arc<Nvml>,
+    /// Positions in `nvml.devices`.
+    pub selected: Vec<usize>,
+    /// This process's PID as NVML reports it, or why it is not known.
+    pub host_pid: Result<u32, String>,
+}
+
+impl Gpus {
+    pub fn devices(&self) -> impl Iterator<Item = &Device> {
+        self.selected.iter().map(|&i| &self.nvml.devices[i])
+    }
+}
+
+/// The explicit selection (`None`: from `CUDA_VISIBLE_DEVICES`, else all).
+fn explicit() -> &'static Mutex<Option<Vec<DeviceKey>>> {
+    static EXPLICIT: OnceLock<Mutex<Option<Vec<DeviceKey>>>> = OnceLock::new();
+    EXPLICIT.get_or_init(|| Mutex::new(None))
+}
+
+fn cached() -> &'static Mutex<Option<Result<Arc<Gpus>, String>>> {
+    static CACHED: OnceLock<Mutex<Option<Result<Arc<Gpus>, String>>>> = OnceLock::new();
+    CACHED.get_or_init(|| Mutex::new(None))
+}
+
+fn build(status: nvml::Status) -> Result<Arc<Gpus>, String> {
+    let nvml = status?;
+    let keys = explicit().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let selected = match keys {
+        Some(keys) => resolve(&nvml.devices, &keys, true)?,
+        None => match std::env::var(VISIBLE_DEVICES_VARIABLE) {
+            Ok(text) => {
+                let selected = resolve(&nvml.devices, &parse_visible_devices(&text), false)?;
+                if selected.is_empty() {
+                    return Err(format!(
+                        "{VISIBLE_DEVICES_VARIABLE}={text:?} names none of this machine's GPUs"
+                    ));
+                }
+                selected
+            }
+            Err(_) => (0..nvml.devices.len()).collect(),
+        },
+    };
+    Ok(Arc::new(Gpus {
+        nvml,
+        selected,
+        host_pid: host_pid(),
+    }))
+}
+
+/// The counted devices, or why the `gpu` probe cannot run here.
+pub fn gpus() -> Result<Arc<Gpus>, String> {
+    let mut cached = cached().lock().unwrap_or_else(|p| p.into_inner());
+    cached.get_or_insert_with(|| build(nvml::status())).clone()
+}
+
+/// `None` when the `gpu` probe works here, else why not.
+pub fn availability() -> Option<String> {
+    gpus().err()
+}
+
+/// Counts the devices `keys` names from now on (`None`: back to `CUDA_VISIBLE_DEVICES` or
+/// all). Fails, changing nothing, when a key names no device or NVML is not available.
+pub fn select(keys: Option<Vec<DeviceKey>>) -> Result<(), String> {
+    let nvml = nvml::status()?;
+    if let Some(keys) = &keys {
+        if keys.is_empty() {
+            return Err("the list of GPUs is empty; pass None to count every GPU".to_owned());
+        }
+        resolve(&nvml.devices, keys, true)?;
+    }
+    *explicit().lock().unwrap_or_else(|p| p.into_inner()) = keys;
+    *cached().lock().unwrap_or_else(|p| p.into_inner()) = None;
+    Ok(())
+}
+
+/// Loads NVML again (for tests of the fake library); keeps an explicit selection only if
+/// it still resolves.
+pub fn reload() -> Option<String> {
+    let status = nvml::reload();
+    let mut cached = cached().lock().unwrap_or_else(|p| p.into_inner());
+    let mut gpus = build(status.clone());
+    if gpus.is_err() && status.is_ok() {
+        *explicit().lock().unwrap_or_else(|p| p.into_inner()) = None;
+        gpus = build(status);
+    }
+    process_utilization_since().lock().map(|mut m| m.clear()).ok();
+    let reason = gpus.as_ref().err().cloned();
+    *cached = Some(gpus);
+    reason
+}
+
+/// Sums `read` over the counted devices; `None` if any device fails.
+fn sum_devices(gpus: &Gpus, read: impl Fn(&Device) -> Option<u64>) -> Option<u64> {
+    gpus.devices().try_fold(0u64, |total, device| Some(total + read(device)?))
+}
+
+/// This process's GPU memory among a device's processes (0 when it has no context there;
+/// `None` when the driver does not say how much).
+fn memory_of(processes: &[nvml::ProcessUse], pid: u32) -> Option<u64> {
+    processes
+        .iter()
+        .filter(|p| p.pid == pid)
+        .try_fold(0u64, |total, p| Some(total + p.memory_bytes?))
+}
+
+/// The reading before a call: the energy counters.
+pub fn read_before() -> GpuReading {
+    let Ok(gpus) = gpus() else {
+        return GpuReading::default();
+    };
+    blocking(|| GpuReading {
+        energy_mj: sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok()),
+        at_ns: super::monotonic_ns(),
+        ..GpuReading::default()
+    })
+}
+
+/// The reading after a call: energy counters, power, and this process's memory.
+pub fn read_after() -> GpuReading {
+    let Ok(gpus) = gpus() else {
+        return GpuReading::default();
+    };
+    blocking(|| {
+        let at_ns = super::monotonic_ns();
+        let energy_mj = sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok());
+        let power_mw = sum_devices(&gpus, |d| gpus.nvml.power_mw(d).ok().map(u64::from));
+        let memory_bytes = match gpus.host_pid {
+            Ok(pid) => sum_devices(&gpus, |d| {
+                memory_of(&gpus.nvml.compute_processes(d).ok()?, pid)
+            }),
+            Err(_) => None,
+        };
+        GpuReading {
+            at_ns,
+            energy_mj,
+            power_mw,
+            memory_bytes,
+        }
+    })
+}
+
+/// This process's share of a device's work since the previous reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProcessShare {
+    /// Fractions (0–1) of the time the SMs, encoder and decoder worked for this process.
+    pub sm: f64,
+    pub encoder: f64,
+    pub decoder: f64,
+}
+
+/// One device at collection time. Values the device does not support are `None`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceReading {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    /// Fractions (0–1) of time busy: any kernel, the encoder, the decoder.
+    pub utilization: Option<f64>,
+    pub encoder_utilization: Option<f64>,
+    pub decoder_utilization: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub power_watts: Option<f64>,
+    pub energy_joules: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    /// This process's memory and work on the device (`None` when its host PID is unknown).
+    pub process_memory_bytes: Option<u64>,
+    pub process_share: Option<ProcessShare>,
+    /// Queries that failed for another reason than "not supported".
+    pub errors: Vec<String>,
+}
+
+fn process_utilization_since() -> &'static Mutex<HashMap<String, u64>> {
+    static SINCE: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
+    SINCE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The driver version and every counted device's reading, or why there are none.
+pub fn read_devices() -> Result<(String, Vec<DeviceReading>), String> {
+    let gpus = gpus()?;
+    let devices = blocking(|| gpus.devices().map(|d| read_device(&gpus, d)).collect());
+    Ok((gpus.nvml.driver_version.clone(), devices))
+}
+
+/// `result`'s value; a failure other than "not supported" is noted in `errors`.
+fn keep<T>(errors: &mut Vec<String>, what: &str, result: Result<T, nvml::Error>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(error) => {
+            if error.code != nvml::ERROR_NOT_SUPPORTED {
+                errors.push(format!("{what}: {error}"));
+            }
+            None
+        }
+    }
+}
+
+fn fraction(percent: u32) -> f64 {
+    f64::from(percent.min(100)) / 100.0
+}
+
+fn read_device(gpus: &Gpus, device: &Device) -> DeviceReading {
+    let nvml = &gpus.nvml;
+    let mut errors = Vec::new();
+    let utilization = keep(&mut errors, "utilization", nvml.utilization(device));
+    let (encoder, decoder) = nvml.codec_utilization(device);
+    let encoder = keep(&mut errors, "encoder utilization", encoder);
+    let decoder = keep(&mut errors, "decoder utilization", decoder);
+    let memory = keep(&mut errors, "memory", nvml.memory(device));
+    let power = keep(&mut errors, "power", nvml.power_mw(device));
+    let energy = keep(&mut errors, "energy", nvml.total_energy_mj(device));
+    let temperature = keep(&mut errors, "temperature", nvml.temperature_celsius(device));
+    let (process_memory_bytes, process_share) = match gpus.host_pid {
+        Ok(pid) => {
+            let processes = keep(&mut errors, "processes", nvml.compute_processes(device));
+            let memory = processes.and_then(|all| memory_of(&all, pid));
+            (memory, process_share(gpus, device, pid, &mut errors))
+        }
+        Err(_) => (None, None),
+    };
+    DeviceReading {
+        index: device.index,
+        uuid: device.uuid.clone(),
+        name: device.name.clone(),
+        utilization: utilization.map(|(gpu, _)| fraction(gpu)),
+        encoder_utilization: encoder.map(fraction),
+        decoder_utilization: decoder.map(fraction),
+        memory_used_bytes: memory.map(|(used, _)| used),
+        memory_total_bytes: memory.map(|(_, total)| total),
+        power_watts: power.map(|mw| f64::from(mw) / 1000.0),
+        energy_joules: energy.map(|mj| mj as f64 / 1000.0),
+        temperature_celsius: temperature.map(f64::from),
+        process_memory_bytes,
+        process_share,
+        errors,
+    }
+}
+
+/// This process's latest utilization sample since the previous collection (0 when it has
+/// none: it did no work on the device in between).
+fn process_share(
+    gpus: &Gpus,
+    device: &Device,
+    pid: u32,
+    errors: &mut Vec<String>,
+) -> Option<ProcessShare> {
+    let mut since = process_utilization_since().lock().ok()?;
+    let last = since.get(&device.uuid).copied().unwrap_or(0);
+    let samples = keep(
+        errors,
+        "process utilization",
+        gpus.nvml.process_utilization(device, last),
+    )?;
+    if let Some(newest) = samples.iter().map(|s| s.timestamp_us).max() {
+        since.insert(device.uuid.clone(), newest.max(last));
+    }
+    let own = samples
+        .iter()
+        .filter(|s| s.pid == pid)
+        .max_by_key(|s| s.timestamp_us);
+    Some(own.map_or(ProcessShare::default(), |s| ProcessShare {
+        sm: fraction(s.sm_percent),
+        encoder: fraction(s.encoder_percent),
+        decoder: fraction(s.decoder_percent),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(index: u32, uuid: &str) -> Device {
+        Device::for_tests(index, uuid)
+    }
+
+    #[test]
+    fn visible_devices_stop_at_the_first_invalid_entry() {
+        use DeviceKey::*;
+        assert_eq!(
+            parse_visible_devices("1, 0,GPU-ab12"),
+            [Index(1), Index(0), Uuid("GPU-ab12".into())]
+        );
+        assert_eq!(parse_visible_devices("0,-1,1"), [Index(0)]);
+        assert_eq!(parse_visible_devices(""), []);
+        assert_eq!(parse_visible_devices("MIG-abc,0"), []);
+    }
+
+    #[test]
+    fn keys_resolve_by_index_or_uuid_prefix() {
+        let devices = [device(0, "GPU-aaaa-1111"), device(1, "GPU-bbbb-2222")];
+        let keys = parse_visible_devices("GPU-bbbb,0");
+        assert_eq!(resolve(&devices, &keys, true), Ok(vec![1, 0]));
+        // CUDA's rule: an unknown entry ends the list.
+        let keys = parse_visible_devices("1,7,0");
+        assert_eq!(resolve(&devices, &keys, false), Ok(vec![1]));
+        let error = resolve(&devices, &keys, true).unwrap_err();
+        assert!(error.contains("Index(7)") && error.contains("GPU-aaaa-1111"), "{error}");
+        // An ambiguous prefix names more than one GPU.
+        let error = resolve(&devices, &[DeviceKey::Uuid("GPU-".into())], true).unwrap_err();
+        assert!(error.contains("more than one"), "{error}");
+        let twice = [DeviceKey::Index(0), DeviceKey::Index(0)];
+        assert!(resolve(&devices, &twice, true).is_err());
+        assert_eq!(resolve(&devices, &twice, false), Ok(vec![0]));
+    }
+
+    #[test]
+    fn long_calls_use_the_counter_and_short_ones_an_estimate() {
+        let before = GpuReading {
+            at_ns: 1_000,
+            energy_mj: Some(10_000),
+            ..GpuReading::default()
+        };
+        let long_after = GpuReading {
+            at_ns: 1_000 + ENERGY_COUNTER_MIN_NS,
+            energy_mj: Some(12_500),
+            power_mw: Some(300_000),
+            memory_bytes: Some(1 << 20),
+        };
+        assert_eq!(
+            long_after.since(&before),
+            GpuDelta {
+                energy_mj: Some(2_500),
+                estimated_energy_uj: None,
+                memory_bytes: Some(1 << 20),
+            }
+        );
+        // 2 ms at 300 W: 0.6 J = 600,000 µJ, whatever the counter did.
+        let short_after = GpuReading {
+            at_ns: 1_000 + 2_000_000,
+            ..long_after
+        };
+        let delta = short_after.since(&before);
+        assert_eq!(delta.energy_mj, None);
+        assert_eq!(delta.estimated_energy_uj, Some(600_000));
+        // No counter on this device: always the estimate.
+        let no_counter = GpuReading {
+            energy_mj: None,
+            ..long_after
+        };
+        let delta = no_counter.since(&before);
+        assert_eq!(
+            (delta.energy_mj, delta.estimated_energy_uj),
+            (None, Some(30_000_000))
+        );
+        // Neither: nothing rather than a number that is not one.
+        let nothing = GpuReading {
+            at_ns: 2_000,
+            ..GpuReading::default()
+        };
+        assert_eq!(nothing.since(&before), GpuDelta::default());
+    }
+}
