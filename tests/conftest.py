@@ -80,3 +80,40 @@ def burn_cpu(ns: int) -> int:
 @pytest.fixture
 def burn() -> Callable[[int], int]:
     return burn_cpu
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_library(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The fake NVML library, compiled once per test run."""
+    from nvml_fake import build
+
+    return build(tmp_path_factory.mktemp("fake-nvml"))
+
+
+@pytest.fixture
+def fake_nvml(fake_nvml_library: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """meterage with the fake NVML as its library (``METERAGE_NVML_LIBRARY``): script the
+    devices, then ``load()`` it. Afterwards meterage loads the machine's NVML (if any)
+    again, with the default device selection."""
+    from nvml_fake import FakeNvml
+
+    from meterage import _meter, _native
+
+    fake = FakeNvml(fake_nvml_library)
+    fake.reset()
+    monkeypatch.setenv("METERAGE_NVML_LIBRARY", fake_nvml_library)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _native.select_gpus(None)
+    _meter._warned_unavailable.clear()
+
+    def load() -> str | None:
+        """(Re)loads NVML from the fake; returns why the gpu probe is unavailable, or None."""
+        return _native._reload_nvml()
+
+    fake.load = load  # type: ignore[attr-defined]
+    yield fake
+    _native.select_gpus(None)
+    monkeypatch.delenv("METERAGE_NVML_LIBRARY")
+    _native._reload_nvml()
+    fake.reset()
+    _meter._warned_unavailable.clear()

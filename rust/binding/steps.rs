@@ -13,6 +13,9 @@ use pyo3::{ffi, intern, PyTraverseError, PyTypeInfo, PyVisit};
 use std::sync::Arc;
 
 /// Whose call the steps belong to.
+// `Own` carries the call's summed readings inline: a `Steps` object is made per call
+// anyway, and boxing them would add an allocation to every coroutine call.
+#[allow(clippy::large_enum_variant)]
 enum Owner {
     /// A coroutine or generator: these steps are the whole call, kept right here.
     Own {

@@ -29,15 +29,54 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub const ENERGY_COUNTER_MIN_NS: u64 = 100_000_000;
 pub const VISIBLE_DEVICES_VARIABLE: &str = "CUDA_VISIBLE_DEVICES";
 
-/// Raw GPU values around a call, summed over the counted devices (`None`: not read, or a
-/// device failed).
+/// Raw GPU values around a call, summed over the counted devices. Kept small (it travels
+/// inside every probe reading): a value is present when its bit in `present` is set
+/// (absent: not read, or a device failed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GpuReading {
     /// Monotonic time of the energy reading.
     pub at_ns: u64,
-    pub energy_mj: Option<u64>,
-    pub power_mw: Option<u64>,
-    pub memory_bytes: Option<u64>,
+    energy_mj: u64,
+    memory_bytes: u64,
+    power_mw: u32,
+    present: u8,
+}
+
+const ENERGY: u8 = 1;
+const POWER: u8 = 2;
+const MEMORY: u8 = 4;
+
+impl GpuReading {
+    pub fn new(
+        at_ns: u64,
+        energy_mj: Option<u64>,
+        power_mw: Option<u32>,
+        memory_bytes: Option<u64>,
+    ) -> Self {
+        let bit = |present: bool, bit: u8| if present { bit } else { 0 };
+        GpuReading {
+            at_ns,
+            energy_mj: energy_mj.unwrap_or(0),
+            memory_bytes: memory_bytes.unwrap_or(0),
+            power_mw: power_mw.unwrap_or(0),
+            present: bit(energy_mj.is_some(), ENERGY)
+                | bit(power_mw.is_some(), POWER)
+                | bit(memory_bytes.is_some(), MEMORY),
+        }
+    }
+
+    fn has(&self, bit: u8) -> bool {
+        self.present & bit != 0
+    }
+    pub fn energy_mj(&self) -> Option<u64> {
+        self.has(ENERGY).then_some(self.energy_mj)
+    }
+    pub fn power_mw(&self) -> Option<u32> {
+        self.has(POWER).then_some(self.power_mw)
+    }
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.has(MEMORY).then_some(self.memory_bytes)
+    }
 }
 
 /// What a call used, from two readings.
@@ -54,7 +93,7 @@ pub struct GpuDelta {
 impl GpuReading {
     pub fn since(&self, before: &GpuReading) -> GpuDelta {
         let elapsed_ns = self.at_ns.saturating_sub(before.at_ns);
-        let counter = match (before.energy_mj, self.energy_mj) {
+        let counter = match (before.energy_mj(), self.energy_mj()) {
             (Some(start), Some(end)) if elapsed_ns >= ENERGY_COUNTER_MIN_NS => {
                 Some(end.saturating_sub(start))
             }
@@ -63,13 +102,13 @@ impl GpuReading {
         let estimate = match counter {
             Some(_) => None,
             None => self
-                .power_mw
+                .power_mw()
                 .map(|mw| (mw as u128 * elapsed_ns as u128 / 1_000_000) as u64),
         };
         GpuDelta {
             energy_mj: counter,
             estimated_energy_uj: estimate,
-            memory_bytes: self.memory_bytes,
+            memory_bytes: self.memory_bytes(),
         }
     }
 }
@@ -153,7 +192,11 @@ pub fn resolve(devices: &[Device], keys: &[DeviceKey], strict: bool) -> Result<V
                         .iter()
                         .map(|d| format!("{} ({})", d.index, d.uuid))
                         .collect();
-                    let problem = if found.is_empty() { "no" } else { "more than one" };
+                    let problem = if found.is_empty() {
+                        "no"
+                    } else {
+                        "more than one"
+                    };
                     return Err(format!(
                         "{key:?} names {problem} GPU; the GPUs here are {}",
                         known.join(", ")
@@ -187,12 +230,15 @@ fn explicit() -> &'static Mutex<Option<Vec<DeviceKey>>> {
     EXPLICIT.get_or_init(|| Mutex::new(None))
 }
 
-fn cached() -> &'static Mutex<Option<Result<Arc<Gpus>, String>>> {
-    static CACHED: OnceLock<Mutex<Option<Result<Arc<Gpus>, String>>>> = OnceLock::new();
+/// The counted devices, or why there are none.
+type Counted = Result<Arc<Gpus>, String>;
+
+fn cached() -> &'static Mutex<Option<Counted>> {
+    static CACHED: OnceLock<Mutex<Option<Counted>>> = OnceLock::new();
     CACHED.get_or_init(|| Mutex::new(None))
 }
 
-fn build(status: nvml::Status) -> Result<Arc<Gpus>, String> {
+fn build(status: nvml::Status) -> Counted {
     let nvml = status?;
     let keys = explicit().lock().unwrap_or_else(|p| p.into_inner()).clone();
     let selected = match keys {
@@ -218,7 +264,7 @@ fn build(status: nvml::Status) -> Result<Arc<Gpus>, String> {
 }
 
 /// The counted devices, or why the `gpu` probe cannot run here.
-pub fn gpus() -> Result<Arc<Gpus>, String> {
+pub fn gpus() -> Counted {
     let mut cached = cached().lock().unwrap_or_else(|p| p.into_inner());
     cached.get_or_insert_with(|| build(nvml::status())).clone()
 }
@@ -231,12 +277,11 @@ pub fn availability() -> Option<String> {
 /// Counts the devices `keys` names from now on (`None`: back to `CUDA_VISIBLE_DEVICES` or
 /// all). Fails, changing nothing, when a key names no device or NVML is not available.
 pub fn select(keys: Option<Vec<DeviceKey>>) -> Result<(), String> {
-    let nvml = nvml::status()?;
     if let Some(keys) = &keys {
         if keys.is_empty() {
             return Err("the list of GPUs is empty; pass None to count every GPU".to_owned());
         }
-        resolve(&nvml.devices, keys, true)?;
+        resolve(&nvml::status()?.devices, keys, true)?;
     }
     *explicit().lock().unwrap_or_else(|p| p.into_inner()) = keys;
     *cached().lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -253,7 +298,10 @@ pub fn reload() -> Option<String> {
         *explicit().lock().unwrap_or_else(|p| p.into_inner()) = None;
         gpus = build(status);
     }
-    process_utilization_since().lock().map(|mut m| m.clear()).ok();
+    process_utilization_since()
+        .lock()
+        .map(|mut m| m.clear())
+        .ok();
     let reason = gpus.as_ref().err().cloned();
     *cached = Some(gpus);
     reason
@@ -261,7 +309,8 @@ pub fn reload() -> Option<String> {
 
 /// Sums `read` over the counted devices; `None` if any device fails.
 fn sum_devices(gpus: &Gpus, read: impl Fn(&Device) -> Option<u64>) -> Option<u64> {
-    gpus.devices().try_fold(0u64, |total, device| Some(total + read(device)?))
+    gpus.devices()
+        .try_fold(0u64, |total, device| Some(total + read(device)?))
 }
 
 /// This process's GPU memory among a device's processes (0 when it has no context there;
@@ -278,10 +327,9 @@ pub fn read_before() -> GpuReading {
     let Ok(gpus) = gpus() else {
         return GpuReading::default();
     };
-    blocking(|| GpuReading {
-        energy_mj: sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok()),
-        at_ns: super::monotonic_ns(),
-        ..GpuReading::default()
+    blocking(|| {
+        let energy_mj = sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok());
+        GpuReading::new(super::monotonic_ns(), energy_mj, None, None)
     })
 }
 
@@ -293,19 +341,15 @@ pub fn read_after() -> GpuReading {
     blocking(|| {
         let at_ns = super::monotonic_ns();
         let energy_mj = sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok());
-        let power_mw = sum_devices(&gpus, |d| gpus.nvml.power_mw(d).ok().map(u64::from));
+        let power_mw = sum_devices(&gpus, |d| gpus.nvml.power_mw(d).ok().map(u64::from))
+            .map(|mw| mw.min(u32::MAX as u64) as u32);
         let memory_bytes = match gpus.host_pid {
             Ok(pid) => sum_devices(&gpus, |d| {
                 memory_of(&gpus.nvml.compute_processes(d).ok()?, pid)
             }),
             Err(_) => None,
         };
-        GpuReading {
-            at_ns,
-            energy_mj,
-            power_mw,
-            memory_bytes,
-        }
+        GpuReading::new(at_ns, energy_mj, power_mw, memory_bytes)
     })
 }
 
@@ -464,7 +508,10 @@ mod tests {
         let keys = parse_visible_devices("1,7,0");
         assert_eq!(resolve(&devices, &keys, false), Ok(vec![1]));
         let error = resolve(&devices, &keys, true).unwrap_err();
-        assert!(error.contains("Index(7)") && error.contains("GPU-aaaa-1111"), "{error}");
+        assert!(
+            error.contains("Index(7)") && error.contains("GPU-aaaa-1111"),
+            "{error}"
+        );
         // An ambiguous prefix names more than one GPU.
         let error = resolve(&devices, &[DeviceKey::Uuid("GPU-".into())], true).unwrap_err();
         assert!(error.contains("more than one"), "{error}");
@@ -475,17 +522,14 @@ mod tests {
 
     #[test]
     fn long_calls_use_the_counter_and_short_ones_an_estimate() {
-        let before = GpuReading {
-            at_ns: 1_000,
-            energy_mj: Some(10_000),
-            ..GpuReading::default()
-        };
-        let long_after = GpuReading {
-            at_ns: 1_000 + ENERGY_COUNTER_MIN_NS,
-            energy_mj: Some(12_500),
-            power_mw: Some(300_000),
-            memory_bytes: Some(1 << 20),
-        };
+        let before = GpuReading::new(1_000, Some(10_000), None, None);
+        let at = |elapsed_ns: u64| 1_000 + elapsed_ns;
+        let long_after = GpuReading::new(
+            at(ENERGY_COUNTER_MIN_NS),
+            Some(12_500),
+            Some(300_000),
+            Some(1 << 20),
+        );
         assert_eq!(
             long_after.since(&before),
             GpuDelta {
@@ -495,28 +539,24 @@ mod tests {
             }
         );
         // 2 ms at 300 W: 0.6 J = 600,000 µJ, whatever the counter did.
-        let short_after = GpuReading {
-            at_ns: 1_000 + 2_000_000,
-            ..long_after
-        };
+        let short_after = GpuReading::new(at(2_000_000), Some(12_500), Some(300_000), None);
         let delta = short_after.since(&before);
         assert_eq!(delta.energy_mj, None);
         assert_eq!(delta.estimated_energy_uj, Some(600_000));
-        // No counter on this device: always the estimate.
-        let no_counter = GpuReading {
-            energy_mj: None,
-            ..long_after
-        };
+        assert_eq!(delta.memory_bytes, None);
+        // No counter on this device: always the estimate (100 ms at 300 W: 30 J).
+        let no_counter = GpuReading::new(at(ENERGY_COUNTER_MIN_NS), None, Some(300_000), None);
         let delta = no_counter.since(&before);
         assert_eq!(
             (delta.energy_mj, delta.estimated_energy_uj),
             (None, Some(30_000_000))
         );
         // Neither: nothing rather than a number that is not one.
-        let nothing = GpuReading {
-            at_ns: 2_000,
-            ..GpuReading::default()
-        };
+        let nothing = GpuReading::new(at(5), None, None, None);
         assert_eq!(nothing.since(&before), GpuDelta::default());
+        assert_eq!(
+            GpuReading::default().since(&GpuReading::default()),
+            GpuDelta::default()
+        );
     }
 }

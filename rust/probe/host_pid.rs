@@ -24,7 +24,11 @@ pub fn namespace_pids(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|line| line.strip_prefix("NSpid:"))
-        .map(|pids| pids.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|pids| {
+            pids.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

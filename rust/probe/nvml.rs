@@ -280,10 +280,7 @@ fn load() -> Status {
     // SAFETY: nvmlInit takes no arguments.
     let code = unsafe { init() };
     if code != SUCCESS {
-        return Err(format!(
-            "NVML did not initialise: {}",
-            nvml.error(code)
-        ));
+        return Err(format!("NVML did not initialise: {}", nvml.error(code)));
     }
     let mut devices: c_uint = 0;
     // SAFETY: a valid pointer to a c_uint.
@@ -493,7 +490,10 @@ impl Nvml {
         device: &Device,
         since_us: u64,
     ) -> Result<Vec<ProcessSample>, Error> {
-        let f = self.functions.process_utilization.ok_or_else(Self::missing)?;
+        let f = self
+            .functions
+            .process_utilization
+            .ok_or_else(Self::missing)?;
         let mut count: c_uint = 0;
         // SAFETY: a null buffer asks for the number of samples.
         let code = unsafe { f(device.handle, std::ptr::null_mut(), &mut count, since_us) };

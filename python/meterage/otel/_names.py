@@ -86,7 +86,7 @@ DEFAULT_BOUNDARIES = (
 
 OPERATION_KEY = "meterage.operation"
 #: How a call's GPU energy was found: "counter" (the device's energy counter, calls of
-#: 100 ms or more) or "power_estimate" (power × time, shorter calls).
+#: 100 ms or more) or "power_estimate" (power times time, shorter calls).
 ENERGY_SOURCE_KEY = "meterage.gpu.energy.source"
 #: The up-down counter of calls in flight, per operation and meter attributes.
 ACTIVE_CALLS = "meterage.calls.active"
