@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -67,14 +68,20 @@ def _sdk_provider(provider: Any) -> MeterProvider:
 
 
 def attach(
-    provider: MeterProvider | None = None, *, process: bool = True, spans: bool = True
+    provider: MeterProvider | None = None,
+    *,
+    process: bool = True,
+    spans: bool = True,
+    gpu: bool | None = None,
 ) -> None:
     """Adds meterage's metrics to every reader of ``provider`` (default: the global one).
 
     Idempotent; ``detach`` undoes it. With ``process=True`` the standard ``process.*``
     metrics are exported too (read natively at collection time). With ``spans=True`` and
     an SDK TracerProvider set globally, spans get the totals of the metered calls that ran
-    in them (see ``span_attributes``).
+    in them (see ``span_attributes``). ``gpu``: the GPU device metrics (``hw.gpu.*``,
+    ``hw.power``, ...; read through NVML at collection time); None exports them when NVML
+    works here, True also warns once when it does not.
     """
     provider = _sdk_provider(provider)
     if spans:
@@ -105,6 +112,22 @@ def attach(
         from meterage.otel._process import register_process_metrics
 
         register_process_metrics(meter)
+    if gpu is not False:
+        _register_gpu(meter, required=gpu is True)
+
+
+def _register_gpu(meter: Any, *, required: bool) -> None:
+    reason = _native.available_probes(["gpu"])["gpu"]
+    if reason is None:
+        from meterage.otel._gpu import register_gpu_metrics
+
+        register_gpu_metrics(meter)
+    elif required:
+        warnings.warn(
+            f"meterage GPU metrics are unavailable and will not be exported: {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def span_attributes(tracer_provider: Any = None, *, enabled: bool = True) -> bool:
@@ -146,7 +169,7 @@ def detach(provider: MeterProvider | None = None) -> bool:
 _configured: MeterProvider | None = None
 
 
-def configure(*, process: bool = True) -> MeterProvider:
+def configure(*, process: bool = True, gpu: bool | None = None) -> MeterProvider:
     """Builds a MeterProvider from the standard OTEL_* environment variables, attaches
     meterage to it and makes it the global provider; returns it.
 
@@ -170,7 +193,7 @@ def configure(*, process: bool = True) -> MeterProvider:
 
         provider = build_provider()
         _metrics_api.set_meter_provider(provider)
-    attach(provider, process=process)
+    attach(provider, process=process, gpu=gpu)
     _configured = provider
     return provider
 

@@ -28,19 +28,13 @@ Notes on the values:
 
 from __future__ import annotations
 
-import math
 import os
-import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from meterage import _native
-
-READING_MAX_AGE_S = 0.05
-"""The longest a reading is shared. Within that, a reading serves each instrument once: an
-instrument asking again means a new collection has started, which reads again."""
+from meterage.otel._shared import SharedReading
 
 Reading = dict[str, float | int | None]
 
@@ -147,65 +141,41 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-class _ProcessReadings:
-    """One registration's shared reading and the CPU times of its previous utilization.
-
-    The callbacks of one collection share one reading whatever order the SDK calls them
-    in: the first callback of a collection is one the current reading has served already
-    (or finds it older than ``READING_MAX_AGE_S``), and it reads again. Collections of
-    several readers may run at once, so everything is behind one lock.
-    """
+class _ProcessReadings(SharedReading[Reading]):
+    """The shared process reading, and the CPU times of the previous utilization."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._reading: Reading = {}
-        self._read_at = -math.inf  # time.monotonic() of the reading
-        self._served: set[int] = set()  # the callbacks the reading has served
-        self._pid = os.getpid()
+        # Looked up at each reading (tests replace it).
+        super().__init__(lambda: _native.process_metrics(), {})
         # (monotonic time, user s, system s) the last utilization was computed at.
         self._previous: tuple[float, float, float] | None = None
         self._utilization: dict[str, float] | None = None  # for the current reading
 
-    def _refresh(self, callback: int) -> None:
-        now = time.monotonic()
-        pid = os.getpid()
-        if pid != self._pid:  # a forked child: the reading is the parent's, and its
-            self._pid = pid  # CPU times started again from zero
-            self._previous = None
-            self._read_at = -math.inf
-        if callback not in self._served and now - self._read_at < READING_MAX_AGE_S:
-            self._served.add(callback)
-            return
-        self._reading = _native.process_metrics()
-        self._read_at = now
-        self._served = {callback}
+    def forked(self) -> None:
+        self._previous = None  # the child's CPU times started again from zero
+
+    def refreshed(self) -> None:
         self._utilization = None
 
-    def reading(self, callback: int) -> Reading:
-        """The reading for one collection; ``callback`` identifies the asking callback."""
-        with self._lock:
-            self._refresh(callback)
-            return self._reading
-
     def utilization(self, callback: int) -> dict[str, float]:
-        with self._lock:
-            self._refresh(callback)
+        with self.lock:
+            self.refresh(callback)
             if self._utilization is None:
                 self._utilization = self._compute_utilization()
             return self._utilization
 
     def _compute_utilization(self) -> dict[str, float]:
-        user = self._reading.get("cpu.time.user")
-        system = self._reading.get("cpu.time.system")
+        user = self.current.get("cpu.time.user")
+        system = self.current.get("cpu.time.system")
         if user is None or system is None:
             return {}
-        previous, self._previous = self._previous, (self._read_at, user, system)
+        previous, self._previous = self._previous, (self.read_at, user, system)
         if previous is None:  # the first collection: since the process started
-            wall = self._reading.get("uptime")
+            wall = self.current.get("uptime")
             since_user = since_system = 0.0
         else:
             at, since_user, since_system = previous
-            wall = self._read_at - at
+            wall = self.read_at - at
         if not wall or wall <= 0:
             return {}
         capacity = wall * _usable_cpus()

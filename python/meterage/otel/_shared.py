@@ -1,0 +1,64 @@
+"""One native reading shared by the observable instruments of one collection.
+
+The SDK calls each instrument's callback once per collection, in an order of its own.
+Reading the machine once per callback would multiply the cost by the number of instruments
+(and give them readings from different instants), so a `SharedReading` serves one reading
+to each callback once: a callback asking again means a new collection has started, which
+reads again. A reading is never shared for longer than ``MAX_AGE_S``. Collections of
+several readers may run at once, so everything is behind one lock.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+MAX_AGE_S = 0.05
+"""The longest a reading is shared between the callbacks of one collection."""
+
+
+class SharedReading(Generic[T]):
+    """``reading(callback)`` returns the current collection's reading of ``read()``."""
+
+    def __init__(self, read: Callable[[], T], empty: T) -> None:
+        self.lock = threading.Lock()
+        self._read = read
+        self.current: T = empty
+        self.read_at = -math.inf  # time.monotonic() of the current reading
+        self._served: set[int] = set()  # the callbacks the current reading has served
+        self._pid = os.getpid()
+
+    def forked(self) -> None:
+        """A forked child: the reading and anything derived from it are the parent's."""
+
+    def refreshed(self) -> None:
+        """A new reading was taken: values derived from the previous one are stale."""
+
+    def refresh(self, callback: int) -> None:
+        """Takes a new reading unless ``callback`` has not been served the current one.
+        Call with ``lock`` held."""
+        now = time.monotonic()
+        pid = os.getpid()
+        if pid != self._pid:
+            self._pid = pid
+            self.read_at = -math.inf
+            self.forked()
+        if callback not in self._served and now - self.read_at < MAX_AGE_S:
+            self._served.add(callback)
+            return
+        self.current = self._read()
+        self.read_at = now
+        self._served = {callback}
+        self.refreshed()
+
+    def reading(self, callback: int) -> T:
+        """The reading for one collection; ``callback`` identifies the asking callback."""
+        with self.lock:
+            self.refresh(callback)
+            return self.current
