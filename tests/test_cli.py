@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,13 +19,16 @@ from meterage.cli import demo, table
 DURATION = 0.5
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "meterage", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -117,6 +121,47 @@ def test_text_table_shows_each_operation_and_its_calls(text_output: str) -> None
     assert "sample=1.0" in text_output
     assert "measured on this machine" in text_output
     assert "Custom instruments" in text_output
+
+
+def test_demo_without_a_gpu_says_why_in_one_line(tmp_path) -> None:
+    missing = str(tmp_path / "libnvidia-ml.so.1")
+    result = run_cli("demo", "--duration", "0.2", env={"METERAGE_NVML_LIBRARY": missing})
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("GPU")]
+    assert line.startswith("GPU columns: none (no usable NVIDIA GPU here: ") and missing in line
+    assert "GPU per call" not in result.stdout
+
+
+def test_demo_with_a_gpu_shows_energy_and_memory_per_call(fake_nvml_library: str) -> None:
+    power_w = 75.0  # the fake's first live GPU
+    result = run_cli(
+        "demo",
+        "--duration",
+        str(DURATION),
+        "--json",
+        env={"METERAGE_NVML_LIBRARY": fake_nvml_library, "FAKE_NVML_DEVICES": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["probes"]["gpu"] is None
+    styles = {operation.name: operation.style for operation in demo.OPERATIONS}
+    for row in report["operations"]:
+        if row["sampling"] != "sample=1.0":
+            continue
+        # Every call is under 100 ms: a power x time estimate.
+        assert row["gpu_energy_estimated_share"] == 1.0, row["operation"]
+        assert row["gpu_memory_per_call_bytes"] == 0  # no CUDA context in the demo
+        energy, low = row["gpu_energy_per_call_j"], power_w * row["wall_per_call_s"]
+        if styles[row["operation"]] == "steps":
+            # Coroutines and generators are charged for their own steps only, not for
+            # the time they wait between steps.
+            assert 0 < energy < low, row["operation"]
+        else:
+            # The GPU readings enclose the call (and the fake answers in microseconds).
+            assert low <= energy <= low + power_w * 0.001, row["operation"]
+    text = demo.format_report(report)
+    assert "GPU per call (counted GPUs: 0 NVIDIA Fake Live 0):" in text
+    assert "GPU columns: none" not in text
 
 
 def test_no_arguments_prints_help_and_exits_2() -> None:

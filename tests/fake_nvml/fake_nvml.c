@@ -3,11 +3,17 @@
  * on the same loaded library) to add devices, move counters and inject NVML errors.
  *
  * Built by the test suite with the system C compiler; loaded by meterage through
- * METERAGE_NVML_LIBRARY. Signatures and struct layouts follow nvml.h. */
+ * METERAGE_NVML_LIBRARY. Signatures and struct layouts follow nvml.h.
+ *
+ * For a whole program (the demo, in a subprocess) FAKE_NVML_DEVICES=N makes nvmlInit add N
+ * "live" devices when none were scripted: their energy counters advance with the clock at
+ * their power draw, updating every FAKE_NVML_ENERGY_PERIOD_MS (default 50) like real ones. */
 
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef int nvmlReturn_t;
 typedef struct fake_device *nvmlDevice_t;
@@ -47,6 +53,7 @@ typedef struct {
 #define ALL_DEVICES 0xFFFFFFFFu
 
 struct fake_device {
+    int live; /* energy follows the clock */
     char name[64], uuid[80];
     unsigned long long energy_mj, memory_total, memory_used;
     unsigned int power_mw, utilization_gpu, utilization_memory, encoder, decoder, temperature;
@@ -74,6 +81,35 @@ static struct failure failures[MAX_FAILURES];
 static struct call_count calls[64];
 static int initialised;
 static char driver_version[32] = "550.54.15";
+static struct timespec live_since;
+static long long live_period_ms = 50;
+
+static long long elapsed_ms(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - live_since.tv_sec) * 1000LL + (now.tv_nsec - live_since.tv_nsec) / 1000000;
+}
+
+/* N live devices from FAKE_NVML_DEVICES, when the tests scripted none. */
+static void add_live_devices(void) {
+    const char *wanted = getenv("FAKE_NVML_DEVICES");
+    if (wanted == NULL || device_count != 0) return;
+    const char *period = getenv("FAKE_NVML_ENERGY_PERIOD_MS");
+    if (period != NULL && atoll(period) > 0) live_period_ms = atoll(period);
+    clock_gettime(CLOCK_MONOTONIC, &live_since);
+    for (int i = 0; i < atoi(wanted) && device_count < MAX_DEVICES; i++) {
+        struct fake_device *d = &devices[device_count++];
+        memset(d, 0, sizeof *d);
+        d->live = 1;
+        snprintf(d->name, sizeof d->name, "NVIDIA Fake Live %d", i);
+        snprintf(d->uuid, sizeof d->uuid, "GPU-fake-live-%d", i);
+        d->memory_total = 16ULL << 30;
+        d->memory_used = 1ULL << 30;
+        d->power_mw = 75000 + 25000 * (unsigned int)i;
+        d->utilization_gpu = 20;
+        d->temperature = 45;
+    }
+}
 
 static void count_call(const char *function) {
     for (unsigned i = 0; i < sizeof calls / sizeof calls[0]; i++) {
@@ -131,7 +167,10 @@ nvmlReturn_t nvmlInit_v2(void) {
     pthread_mutex_lock(&lock);
     count_call(__func__);
     nvmlReturn_t code = injected(__func__, ALL_DEVICES);
-    if (code == NVML_SUCCESS) initialised++;
+    if (code == NVML_SUCCESS) {
+        initialised++;
+        add_live_devices();
+    }
     return leave(code);
 }
 
@@ -194,6 +233,10 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int len
 nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *mj) {
     ENTER(device);
     *mj = device->energy_mj;
+    if (device->live) {
+        long long updated_ms = elapsed_ms() / live_period_ms * live_period_ms;
+        *mj += (unsigned long long)updated_ms * device->power_mw / 1000;
+    }
     return leave(NVML_SUCCESS);
 }
 

@@ -160,21 +160,23 @@ class DriverReport:
 class Workload:
     """The metered operations; built fresh for each run so meters start empty."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, gpu: bool = False) -> None:
         sample = 1.0  # every call runs the probes, except the adaptive operation
+        # The OS probes, and the GPU's when NVML works here.
+        probes = ("cpu", "rusage", "io", "gpu") if gpu else ("cpu", "rusage", "io")
         self.path = os.path.join(directory, "demo.bin")
         self.payload = os.urandom(FILE_BYTES)
         self.cache: dict[int, int] = {}
         self.table = {key: key * key for key in range(1024)}
 
-        self.cpu_bound = meterage.meter("demo.cpu_bound", sample=sample)(_checksum)
-        self.file_io = meterage.meter("demo.file_io", sample=sample)(self._file_io)
-        self.sleep = meterage.meter("demo.sleep", sample=sample)(time.sleep)
-        self.fetch = meterage.meter("demo.async_fetch", sample=sample)(self._fetch)
-        self.flaky = meterage.meter("demo.flaky", sample=sample)(self._parse)
-        self.rows = meterage.meter("demo.generator", sample=sample)(self._rows)
-        self.batch = meterage.meter("demo.batch", sample=sample)
-        self.lookup = meterage.meter(ADAPTIVE_OPERATION)(self.table.get)
+        self.cpu_bound = meterage.meter("demo.cpu_bound", probes=probes, sample=sample)(_checksum)
+        self.file_io = meterage.meter("demo.file_io", probes=probes, sample=sample)(self._file_io)
+        self.sleep = meterage.meter("demo.sleep", probes=probes, sample=sample)(time.sleep)
+        self.fetch = meterage.meter("demo.async_fetch", probes=probes, sample=sample)(self._fetch)
+        self.flaky = meterage.meter("demo.flaky", probes=probes, sample=sample)(self._parse)
+        self.rows = meterage.meter("demo.generator", probes=probes, sample=sample)(self._rows)
+        self.batch = meterage.meter("demo.batch", probes=probes, sample=sample)
+        self.lookup = meterage.meter(ADAPTIVE_OPERATION, probes=probes)(self.table.get)
         self.batch_items = meterage.histogram(
             "demo.batch.items", unit="{item}", description="items per batch"
         )
@@ -445,7 +447,10 @@ MEASURES_PER_CALL = (
     ("faults_major_per_call", "paging.faults.major"),
     ("context_switches_voluntary_per_call", "context_switches.voluntary"),
     ("context_switches_involuntary_per_call", "context_switches.involuntary"),
+    ("gpu_memory_per_call_bytes", "gpu.memory"),
 )
+# A call's GPU energy is one of these two (see docs/gpu.md): summed per call.
+GPU_ENERGY_MEASURES = ("gpu.energy", "gpu.energy.estimated")
 
 
 def merged_quantile(histograms: Sequence[Any], q: float) -> float | None:
@@ -465,6 +470,17 @@ def _overhead_per_call(
     cost = overhead[operation.style]
     per_unit = cost.timer_only_s + cost.probes_s * probed_share
     return per_unit * (operation.steps_per_call if operation.style == "steps" else 1)
+
+
+def _estimated_share(series: Sequence[meterage.Series]) -> float | None:
+    """Of the probed calls with a GPU energy value, the share that got an estimate."""
+    counted = sum(s.histograms["gpu.energy"].count for s in series if "gpu.energy" in s.histograms)
+    estimated = sum(
+        s.histograms["gpu.energy.estimated"].count
+        for s in series
+        if "gpu.energy.estimated" in s.histograms
+    )
+    return estimated / (counted + estimated) if counted + estimated else None
 
 
 def operation_rows(
@@ -506,6 +522,11 @@ def operation_rows(
                 if present and calls
                 else None
             )
+        energy = [(s, m) for s in series for m in GPU_ENERGY_MEASURES if m in s.histograms]
+        row["gpu_energy_per_call_j"] = (
+            sum(s.estimated_total(m) for s, m in energy) / calls if energy and calls else None
+        )
+        row["gpu_energy_estimated_share"] = _estimated_share(series)
         row["overhead_per_call_s"] = _overhead_per_call(
             operation, overhead, row["probed_share"] or 0.0
         )
@@ -609,6 +630,42 @@ def _format_resource_table(rows: list[dict[str, Any]]) -> str:
     return render(headers, cells, indent="  ")
 
 
+def _format_gpu_table(rows: list[dict[str, Any]]) -> str:
+    headers = ("operation", "GPU energy/call", "estimated", "GPU memory at end")
+    cells = [
+        (
+            row["operation"],
+            "n/a"
+            if row["gpu_energy_per_call_j"] is None
+            else f"{row['gpu_energy_per_call_j']:.4g} J",
+            format_share(row["gpu_energy_estimated_share"]),
+            format_bytes(row["gpu_memory_per_call_bytes"]),
+        )
+        for row in rows
+    ]
+    return render(headers, cells, indent="  ")
+
+
+def _gpu_section(report: dict[str, Any]) -> list[str]:
+    """The GPU table when NVML works here, else one line saying why not."""
+    reason = report["probes"].get("gpu")
+    if reason is not None:
+        return [f"GPU columns: none (no usable NVIDIA GPU here: {reason})", ""]
+    names = ", ".join(f"{gpu['index']} {gpu['name']}" for gpu in report["gpus"] if gpu["counted"])
+    return [
+        f"GPU per call (counted GPUs: {names}):",
+        "",
+        _format_gpu_table(report["operations"]),
+        _notes(
+            "energy: what the GPUs used during the call (all work on them, not only this "
+            "process's); calls under 100 ms get a power x time estimate (their share in "
+            "'estimated'), longer ones the energy counter's difference. memory: this "
+            "process's GPU memory when the call ended (mean)."
+        ),
+        "",
+    ]
+
+
 def _format_attributes(attributes: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(attributes.items())) or "-"
 
@@ -686,7 +743,7 @@ def format_report(report: dict[str, Any]) -> str:
         ),
     ]
     for name, why in report["probes"].items():
-        if why:
+        if why and name != "gpu":  # the GPU section says its own
             out.append(_paragraph(f"Probe {name!r} is unavailable here ({why}); n/a below."))
     out += [
         "",
@@ -740,6 +797,7 @@ def format_report(report: dict[str, Any]) -> str:
             "tmpfs, or when reads come from the page cache)."
         ),
         "",
+        *_gpu_section(report),
         "Custom instruments:",
         "",
         _format_instruments(report["instruments"]),
@@ -821,8 +879,9 @@ def collect(duration: float) -> dict[str, Any]:
     started = time.perf_counter()
     # The demo owns this process: start from empty series so only its own calls show.
     meterage.reset()
+    probes = meterage.available_probes()
     with tempfile.TemporaryDirectory(prefix="meterage-demo-") as directory:
-        workload = Workload(directory)
+        workload = Workload(directory, gpu=probes["gpu"] is None)
         driver = run_workload(workload, plan(duration))
     snapshot = meterage.snapshot()
     workload_s = time.perf_counter() - started
@@ -834,7 +893,8 @@ def collect(duration: float) -> dict[str, Any]:
     overhead_s = time.perf_counter() - overhead_started
     return {
         "duration": duration,
-        "probes": meterage.available_probes(),
+        "probes": probes,
+        "gpus": meterage.gpu_info()["devices"],
         "operations": operation_rows(snapshot, overhead, driver),
         "instruments": instrument_rows(snapshot),
         "overhead": {
