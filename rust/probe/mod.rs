@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod fork;
+pub mod host;
 pub mod process;
 mod rusage;
 mod thread_io;
