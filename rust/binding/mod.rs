@@ -3,6 +3,7 @@
 mod convert;
 mod export;
 mod floor;
+mod host;
 mod instruments;
 mod meter;
 mod metered_function;
@@ -117,5 +118,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
     module.add_function(wrap_pyfunction!(process::process_metrics, module)?)?;
+    module.add_function(wrap_pyfunction!(host::host_metrics, module)?)?;
     Ok(())
 }
