@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -635,24 +636,13 @@ def test_container_values_are_exported_as_read(reader, monkeypatch):
 # ---- one reading per collection, missing sources -------------------------------------------------
 
 
-def count_native_readings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = _native.host_metrics
-
-    def counting() -> Any:
-        calls.append(1)
-        return real()
-
-    monkeypatch.setattr(_native, "host_metrics", counting)
-    return calls
-
-
 def test_each_collection_reads_the_host_once(reader, monkeypatch):
-    calls = count_native_readings(monkeypatch)
+    reading = mock.Mock(wraps=_native.host_metrics)
+    monkeypatch.setattr(_native, "host_metrics", reading)
     collect(reader)
-    assert len(calls) == 1
+    assert reading.call_count == 1
     collect(reader)  # straight after: a new collection all the same
-    assert len(calls) == 2
+    assert reading.call_count == 2
 
 
 def test_unavailable_sources_are_left_out(reader, monkeypatch):

@@ -178,46 +178,82 @@ pub fn read_host() -> HostReading {
 
 /// [`read_host`] with every absolute path taken below `root` (tests use a fixed tree).
 pub fn read_host_at(root: &Path) -> HostReading {
-    let at = |absolute: &str| root.join(absolute.trim_start_matches('/'));
-    let mounts = std::fs::read(at("/proc/self/mounts"))
-        .map(|text| parse_mounts(&text))
+    let mut files = Files::new(root);
+    let mounts = files
+        .bytes("/proc/self/mounts", u64::MAX)
+        .map(parse_mounts)
         .unwrap_or_default();
     HostReading {
-        cpu: read_prefix(&at("/proc/stat"), 4096)
-            .as_deref()
-            .and_then(parse_cpu_ticks)
+        // Only the first line is needed; the kernel makes the whole file but copies out
+        // what is asked for.
+        cpu: files
+            .bytes("/proc/stat", 4096)
+            .and_then(|text| parse_cpu_ticks(std::str::from_utf8(text).ok()?))
             .zip(clock_ticks_per_second())
             .map(|(ticks, hz)| CpuTimes {
                 seconds: ticks.map(|count| count as f64 / hz),
             }),
-        memory: read_text(&at("/proc/meminfo")).and_then(|text| parse_meminfo(&text)),
-        disks: read_text(&at("/proc/diskstats"))
-            .map(|text| parse_diskstats(&text))
+        memory: files.text("/proc/meminfo").and_then(parse_meminfo),
+        disks: files
+            .text("/proc/diskstats")
+            .map(parse_diskstats)
             .unwrap_or_default(),
-        interfaces: read_text(&at("/proc/net/dev"))
-            .map(|text| parse_net_dev(&text))
+        interfaces: files
+            .text("/proc/net/dev")
+            .map(parse_net_dev)
             .unwrap_or_default(),
         filesystems: filesystem_usage(root, &mounts),
-        container: cgroup_directory(root, &mounts)
-            .map(|directory| read_cgroup(&directory))
+        container: cgroup_directory(&mut files, &mounts)
+            .map(|directory| read_cgroup(&mut files, &directory))
             .unwrap_or_default(),
     }
 }
 
-fn read_text(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok()
+/// Reads files below a root into one reused buffer: an open, two reads (the data, then
+/// the end) and a close per file. (`std::fs::read` would also stat the file and, as /proc
+/// files have no size, read them in small growing pieces.)
+struct Files<'a> {
+    root: &'a Path,
+    buffer: Vec<u8>,
 }
 
-/// The first `limit` bytes of a file (the kernel makes all of /proc/stat, whose one line
-/// needed comes first, but copies out only what is asked for).
-fn read_prefix(path: &Path, limit: u64) -> Option<String> {
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(limit)
-        .read_to_string(&mut text)
-        .ok()?;
-    Some(text)
+impl<'a> Files<'a> {
+    fn new(root: &'a Path) -> Files<'a> {
+        Files {
+            root,
+            buffer: Vec::with_capacity(16 << 10),
+        }
+    }
+
+    /// An absolute path (as bytes) taken below the root.
+    fn below(&self, absolute: impl AsRef<[u8]>) -> PathBuf {
+        below(self.root, absolute.as_ref())
+    }
+
+    /// Up to `limit` bytes of a file below the root; `None` if it cannot be opened or read.
+    fn bytes(&mut self, absolute: impl AsRef<[u8]>, limit: u64) -> Option<&[u8]> {
+        self.bytes_at(&self.below(absolute), limit)
+    }
+
+    fn bytes_at(&mut self, path: &Path, limit: u64) -> Option<&[u8]> {
+        self.buffer.clear();
+        std::fs::File::open(path)
+            .ok()?
+            .take(limit)
+            .read_to_end(&mut self.buffer)
+            .ok()?;
+        Some(&self.buffer)
+    }
+
+    /// A whole text file; `None` if it cannot be read or is not UTF-8.
+    fn text(&mut self, absolute: impl AsRef<[u8]>) -> Option<&str> {
+        std::str::from_utf8(self.bytes(absolute, u64::MAX)?).ok()
+    }
+
+    /// A text file at `path` (already below the root) made into a value by `parse`.
+    fn parse_at<T>(&mut self, path: &Path, parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
+        parse(std::str::from_utf8(self.bytes_at(path, u64::MAX)?).ok()?)
+    }
 }
 
 fn clock_ticks_per_second() -> Option<f64> {
@@ -492,23 +528,24 @@ pub fn parse_cgroup_v2_path(text: &str) -> Option<&str> {
 /// The directory of this process's cgroup v2, where the cgroup2 file system is mounted
 /// (`/sys/fs/cgroup` on a unified machine, `/sys/fs/cgroup/unified` on a hybrid one). `None`
 /// for the root cgroup: it has no `cgroup.type`, and its counters are the whole machine's.
-fn cgroup_directory(root: &Path, mounts: &[Mount]) -> Option<PathBuf> {
-    let cgroups = read_text(&root.join("proc/self/cgroup"))?;
-    let cgroup = parse_cgroup_v2_path(&cgroups)?;
+fn cgroup_directory(files: &mut Files, mounts: &[Mount]) -> Option<PathBuf> {
+    let cgroup = parse_cgroup_v2_path(files.text("/proc/self/cgroup")?)?;
+    let relative = cgroup.trim_start_matches('/').trim_end().to_owned();
     let mount = mounts
         .iter()
         .find(|mount| mount.filesystem_type == "cgroup2")?;
-    let directory = below(root, &mount.mountpoint).join(cgroup.trim_start_matches('/').trim_end());
+    let directory = files.below(&mount.mountpoint).join(relative);
     directory.join("cgroup.type").exists().then_some(directory)
 }
 
-fn read_cgroup(directory: &Path) -> ContainerReading {
-    let file = |name: &str| read_text(&directory.join(name));
+fn read_cgroup(files: &mut Files, directory: &Path) -> ContainerReading {
+    let file = |name: &str| directory.join(name);
     ContainerReading {
-        cpu_limit: file("cpu.max").and_then(|text| parse_cpu_max(&text)),
-        cpu_seconds: file("cpu.stat").and_then(|text| parse_cpu_stat_usage(&text)),
-        memory_usage_bytes: file("memory.current").and_then(|text| text.trim().parse().ok()),
-        memory_limit_bytes: file("memory.max").and_then(|text| parse_memory_max(&text)),
+        cpu_limit: files.parse_at(&file("cpu.max"), parse_cpu_max),
+        cpu_seconds: files.parse_at(&file("cpu.stat"), parse_cpu_stat_usage),
+        memory_usage_bytes: files
+            .parse_at(&file("memory.current"), |text| text.trim().parse().ok()),
+        memory_limit_bytes: files.parse_at(&file("memory.max"), parse_memory_max),
     }
 }
 
@@ -970,7 +1007,7 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0
     fn this_machine_container_values_match_the_cgroup_files() {
         let mounts = parse_mounts(&std::fs::read("/proc/self/mounts").unwrap());
         let container = read_host().container;
-        let Some(directory) = cgroup_directory(Path::new("/"), &mounts) else {
+        let Some(directory) = cgroup_directory(&mut Files::new(Path::new("/")), &mounts) else {
             // Not in a cgroup v2 below the root (v1, hybrid at the root, or no cgroups).
             assert_eq!(container, ContainerReading::default());
             return;

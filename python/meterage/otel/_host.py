@@ -292,10 +292,12 @@ class _HostReadings:
     The callbacks of one collection share one reading whatever order the SDK calls them
     in: a callback the current reading has served already (or one finding it older than
     ``READING_MAX_AGE_S``) starts a new collection, which reads again. Collections of
-    several readers may run at once, so everything is behind one lock.
+    several readers may run at once, so everything is behind one lock. ``read`` makes a
+    reading in the layout of ``_native.host_metrics()``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[], Reading]) -> None:
+        self._read = read
         self._lock = threading.Lock()
         self._reading: Reading = {}
         self._read_at = -math.inf  # time.monotonic() of the reading
@@ -309,7 +311,7 @@ class _HostReadings:
             if callback not in self._served and now - self._read_at < READING_MAX_AGE_S:
                 self._served.add(callback)
                 return self._reading
-            reading = _native.host_metrics()
+            reading = self._read()
             cpu = _cpu(reading)
             shares = cpu_shares(self._utilization_since, cpu) if cpu else None
             if shares is not None:  # else keep the baseline: the next share spans both
@@ -334,7 +336,16 @@ def register_host_metrics(meter: Meter) -> None:
     Their callbacks share one native reading per collection; values this machine does not
     provide are left out. See the module docstring for what each value means.
     """
-    readings = _HostReadings()
+    register_readings(meter, _HostReadings(_read_natively))
+
+
+def _read_natively() -> Reading:
+    return _native.host_metrics()  # looked up at every reading: tests replace it
+
+
+def register_readings(meter: Meter, readings: _HostReadings) -> None:
+    """The host instruments on ``meter``, fed by ``readings`` (the benchmark feeds them
+    from psutil to compare)."""
     for index, (name, kind, unit, description, observe) in enumerate(_METRICS):
         getattr(meter, f"create_observable_{kind}")(
             name,
