@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 AttributeValue = str | int | float | bool
@@ -203,6 +203,71 @@ def configure(
 def memory_bytes() -> int: ...
 def set_active_tracking(on: bool) -> None: ...
 def process_metrics() -> dict[str, float | int | None]: ...
+
+# host_metrics(): CPU seconds since boot per mode ("user", "nice", "system", "idle",
+# "iowait", "interrupt", "steal"), memory in bytes (used + free + buffers + cached ==
+# total), cumulative disk and interface counters, file system bytes (used + free +
+# reserved == size), and the cgroup v2 values (None outside one, or where unlimited).
+HostDisk = TypedDict(
+    "HostDisk",
+    {
+        "device": str,
+        "read.bytes": int,
+        "write.bytes": int,
+        "read.operations": int,
+        "write.operations": int,
+    },
+)
+HostInterface = TypedDict(
+    "HostInterface",
+    {
+        "interface": str,
+        "receive.bytes": int,
+        "transmit.bytes": int,
+        "receive.packets": int,
+        "transmit.packets": int,
+        "receive.errors": int,
+        "transmit.errors": int,
+    },
+)
+
+class HostFilesystem(TypedDict):
+    device: str
+    type: str
+    mountpoint: str
+    used: int
+    free: int
+    reserved: int
+
+class HostMemory(TypedDict):
+    total: int
+    used: int
+    free: int
+    buffers: int
+    cached: int
+
+HostContainer = TypedDict(
+    "HostContainer",
+    {
+        "cpu.limit": float | None,
+        "cpu.time": float | None,
+        "memory.usage": int | None,
+        "memory.limit": int | None,
+    },
+)
+HostMetrics = TypedDict(
+    "HostMetrics",
+    {
+        "cpu.time": dict[str, float] | None,
+        "memory": HostMemory | None,
+        "disks": list[HostDisk],
+        "network": list[HostInterface],
+        "filesystems": list[HostFilesystem],
+        "container": HostContainer,
+    },
+)
+
+def host_metrics() -> HostMetrics: ...
 def _after_fork_in_child() -> None: ...
 def floor_wrap(function: _F, probes: list[str] = ...) -> _F: ...
 def floor_calls() -> int: ...

@@ -4,6 +4,7 @@ mod convert;
 mod export;
 mod floor;
 mod gpu;
+mod host;
 mod instruments;
 mod meter;
 mod metered_function;
@@ -133,5 +134,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(gpu::select_gpus, module)?)?;
     module.add_function(wrap_pyfunction!(gpu::_reload_nvml, module)?)?;
     gpu::install_blocking_hooks();
+    module.add_function(wrap_pyfunction!(host::host_metrics, module)?)?;
     Ok(())
 }

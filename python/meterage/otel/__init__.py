@@ -53,6 +53,8 @@ __all__ = [
 
 # Providers whose meter got meterage's instruments, weakly (ids can be reused).
 _instrumented: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
+# Providers whose meter got the host instruments (a later attach(host=True) adds them).
+_host_instrumented: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
 
 
 def _sdk_provider(provider: Any) -> MeterProvider:
@@ -73,6 +75,7 @@ def attach(
     process: bool = True,
     spans: bool = True,
     gpu: bool | None = None,
+    host: bool | None = None,
 ) -> None:
     """Adds meterage's metrics to every reader of ``provider`` (default: the global one).
 
@@ -81,14 +84,26 @@ def attach(
     an SDK TracerProvider set globally, spans get the totals of the metered calls that ran
     in them (see ``span_attributes``). ``gpu``: the GPU device metrics (``hw.gpu.*``,
     ``hw.power``, ...; read through NVML at collection time); None exports them when NVML
-    works here, True also warns once when it does not.
+    works here, True also warns once when it does not. With ``host=True`` the host's
+    ``system.*`` metrics (CPU, memory, disks, network, file systems) and, in a cgroup v2,
+    the ``container.*`` ones are exported too; ``host=None`` leaves it to
+    ``METERAGE_HOST_METRICS`` (``1/true/yes/on`` or ``0/false/no/off``; unset: off), and
+    any other value of it raises ValueError.
     """
+    from meterage.otel._host import host_metrics_enabled
+
+    with_host = host_metrics_enabled(host)
     provider = _sdk_provider(provider)
     if spans:
         span_attributes()
     # Counting calls in flight costs two atomic operations per call: only once exported.
     _native.set_active_tracking(True)
     attach_provider(provider)
+    if with_host and provider not in _host_instrumented:
+        from meterage.otel._host import register_host_metrics
+
+        _host_instrumented.add(provider)
+        register_host_metrics(provider.get_meter("meterage", meterage.__version__))
     if provider in _instrumented:
         return
     _instrumented.add(provider)
@@ -169,7 +184,9 @@ def detach(provider: MeterProvider | None = None) -> bool:
 _configured: MeterProvider | None = None
 
 
-def configure(*, process: bool = True, gpu: bool | None = None) -> MeterProvider:
+def configure(
+    *, process: bool = True, gpu: bool | None = None, host: bool | None = None
+) -> MeterProvider:
     """Builds a MeterProvider from the standard OTEL_* environment variables, attaches
     meterage to it and makes it the global provider; returns it.
 
@@ -181,7 +198,12 @@ def configure(*, process: bool = True, gpu: bool | None = None) -> MeterProvider
     ``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION``. A bad value raises
     ValueError naming the variable. If an SDK provider is already global, meterage attaches
     to it instead of building another. Calling it again returns the same provider.
+    ``process``, ``gpu`` and ``host`` are passed to ``attach`` (``host=None``: from
+    ``METERAGE_HOST_METRICS``).
     """
+    from meterage.otel._host import host_metrics_enabled
+
+    with_host = host_metrics_enabled(host)  # a bad value raises before anything is built
     global _configured
     if _configured is not None:
         return _configured
@@ -193,7 +215,7 @@ def configure(*, process: bool = True, gpu: bool | None = None) -> MeterProvider
 
         provider = build_provider()
         _metrics_api.set_meter_provider(provider)
-    attach(provider, process=process, gpu=gpu)
+    attach(provider, process=process, gpu=gpu, host=with_host)
     _configured = provider
     return provider
 
