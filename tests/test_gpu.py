@@ -354,3 +354,26 @@ def test_in_a_pid_namespace_gpu_memory_is_not_guessed(fake_nvml_library, tmp_pat
         check=True,
     ).stdout
     assert out.split() == ["1", "None", "True", "0", "1"]
+
+
+def test_a_forked_child_matches_its_own_pid(fake_nvml, unique):
+    one_gpu(fake_nvml)
+    fake_nvml.set_process(0, os.getpid(), 1 * GIB)
+    name = unique()
+    work = meterage.meter(name, probes=("gpu",), sample=1.0)(lambda: None)
+    work()
+    assert measures(name)["gpu.memory"].sum == 1 * GIB
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own GPU memory, not the parent's
+        try:
+            fake_nvml.set_process(0, os.getpid(), 2 * GIB)
+            work()
+            os.write(write, str(measures(name)["gpu.memory"].sum).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child_memory = pipe.read()
+    os.waitpid(pid, 0)
+    assert float(child_memory) == 2 * GIB

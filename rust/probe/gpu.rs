@@ -216,6 +216,8 @@ pub struct Gpus {
     pub selected: Vec<usize>,
     /// This process's PID as NVML reports it, or why it is not known.
     pub host_pid: Result<u32, String>,
+    /// The fork generation this was made in (a child matches its own PID).
+    generation: u64,
 }
 
 impl Gpus {
@@ -256,17 +258,40 @@ fn build(status: nvml::Status) -> Counted {
             Err(_) => (0..nvml.devices.len()).collect(),
         },
     };
+    super::fork::install();
     Ok(Arc::new(Gpus {
         nvml,
         selected,
         host_pid: host_pid(),
+        generation: super::fork::generation(),
     }))
+}
+
+/// The cached value, unless there is none yet or it belongs to the parent of a fork.
+fn current(cached: &Option<Counted>) -> Option<Counted> {
+    match cached {
+        Some(Ok(gpus)) if gpus.generation != super::fork::generation() => None,
+        other => other.clone(),
+    }
 }
 
 /// The counted devices, or why the `gpu` probe cannot run here.
 pub fn gpus() -> Counted {
-    let mut cached = cached().lock().unwrap_or_else(|p| p.into_inner());
-    cached.get_or_insert_with(|| build(nvml::status())).clone()
+    if let Some(found) = current(&cached().lock().unwrap_or_else(|p| p.into_inner())) {
+        return found;
+    }
+    // The first use loads NVML (slow: the driver initialises), and a forked child has a
+    // PID of its own to match: both without the GIL, and without holding the lock while
+    // taking the GIL back.
+    blocking(|| {
+        let mut cached = cached().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = current(&cached) {
+            return found;
+        }
+        let built = build(nvml::status());
+        *cached = Some(built.clone());
+        built
+    })
 }
 
 /// `None` when the `gpu` probe works here, else why not.
