@@ -20,6 +20,9 @@ NOT_SUPPORTED = 3
 NO_PERMISSION = 4
 DRIVER_NOT_LOADED = 9
 GPU_IS_LOST = 15
+#: Memory the fake's driver keeps for itself: in "used" of nvmlDeviceGetMemoryInfo (v1), not
+#: of nvmlDeviceGetMemoryInfo_v2.
+RESERVED_BYTES = 256 << 20
 #: ``usedGpuMemory`` when the driver does not say (NVML_VALUE_NOT_AVAILABLE).
 VALUE_NOT_AVAILABLE = 2**64 - 1
 
@@ -27,12 +30,14 @@ VALUE_NOT_AVAILABLE = 2**64 - 1
 FLAGS = ("-shared", "-fPIC", "-O1", "-Wall", "-Werror")
 
 
-def build(directory: Path) -> str:
-    """Compiles the fake into ``directory``; returns the library's path."""
+def build(directory: Path, *, r535: bool = False) -> str:
+    """Compiles the fake into ``directory``; returns the library's path. ``r535``: the
+    layout of drivers 535.43-535.86, whose ``_v3`` process entries are 32 bytes."""
     compiler = require_binary("cc", fallbacks=["/usr/bin/gcc"], hint="apt-get install gcc")
-    library = directory / "libfake_nvml.so"
+    library = directory / ("libfake_nvml_r535.so" if r535 else "libfake_nvml.so")
+    defines = ["-DFAKE_NVML_R535"] if r535 else []
     subprocess.run(
-        [compiler, *FLAGS, "-o", str(library), str(SOURCE), "-lpthread"],
+        [compiler, *FLAGS, *defines, "-o", str(library), str(SOURCE), "-lpthread"],
         check=True,
         capture_output=True,
         text=True,

@@ -101,6 +101,32 @@ def test_the_wheel_works_without_nvml(tmp_path):
     ]
 
 
+def test_meters_without_the_gpu_probe_never_load_nvml(fake_nvml_library):
+    """A fresh process whose meters do not ask for the GPU: NVML is never initialised
+    (the fake counts its nvmlInit calls)."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import meterage
+        from nvml_fake import FakeNvml
+        work = meterage.meter("no.gpu", probes=("cpu", "rusage", "io"), sample=1.0)(len)
+        work("abc")
+        with meterage.meter("no.gpu.block"):
+            pass
+        meterage.snapshot()
+        before = FakeNvml({fake_nvml_library!r}).calls("nvmlInit_v2")
+        meterage.available_probes(["gpu"])  # asking about the GPU loads it
+        print(before, FakeNvml({fake_nvml_library!r}).calls("nvmlInit_v2"))
+        """
+    )
+    env = {**os.environ, "METERAGE_NVML_LIBRARY": fake_nvml_library, "FAKE_NVML_DEVICES": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["0", "1"]
+
+
 def test_meters_without_the_gpu_probe_never_call_nvml(fake_nvml, unique):
     one_gpu(fake_nvml)
     before = fake_nvml.calls("nvmlDeviceGetTotalEnergyConsumption")
@@ -377,3 +403,28 @@ def test_a_forked_child_matches_its_own_pid(fake_nvml, unique):
         child_memory = pipe.read()
     os.waitpid(pid, 0)
     assert float(child_memory) == 2 * GIB
+
+
+@pytest.mark.parametrize("r535", [False, True], ids=["v3", "r535-v3"])
+def test_process_lists_of_any_length_and_entry_size(fake_nvml, monkeypatch, tmp_path, unique, r535):
+    """Drivers 535.43-535.86 write 32-byte entries from the _v3 query; the others 24. More
+    processes than the first buffer holds take NVML's "insufficient size" round trip."""
+    from nvml_fake import FakeNvml, build
+
+    if r535:
+        fake = FakeNvml(build(tmp_path, r535=True))
+        monkeypatch.setenv("METERAGE_NVML_LIBRARY", fake.path)
+        fake.reset()
+    else:
+        fake = fake_nvml
+    fake.add_device("NVIDIA Fake", "GPU-fake-layout", 80 * GIB)
+    fake.set_power(0, 10_000)
+    pid = os.getpid()
+    for other in range(40):  # others first: this process is the last of 41
+        fake.set_process(0, pid + 1 + other, (other + 1) << 20)
+    fake.set_process(0, pid, 3 * GIB)
+    assert fake_nvml.load() is None
+    name = unique()
+    meterage.meter(name, probes=("gpu",), sample=1.0)(lambda: None)()
+    memory = measures(name)["gpu.memory"]
+    assert (memory.count, memory.sum) == (1, 3 * GIB)

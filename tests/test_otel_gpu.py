@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk.metrics")
 
-from nvml_fake import GPU_IS_LOST, NOT_SUPPORTED
+from nvml_fake import GPU_IS_LOST, NOT_SUPPORTED, RESERVED_BYTES
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     InMemoryMetricReader,
@@ -75,10 +75,17 @@ def two_scripted_gpus(fake) -> None:
         fake.set_temperature(index, 61 + index)
     fake.set_process(0, pid, 3 * GIB)
     fake.set_process(0, pid + 1, 5 * GIB)
-    fake.add_process_sample(0, pid, 1_000, sm=30, encoder=2)
-    fake.add_process_sample(0, pid, 2_000, sm=45, encoder=1)  # the newest counts
-    fake.add_process_sample(0, pid + 1, 2_500, sm=40)
+    now = now_us()
+    fake.add_process_sample(0, pid, now - 5_000_000, sm=90)  # older than a second: ignored
+    fake.add_process_sample(0, pid, now - 400_000, sm=30, encoder=2)
+    fake.add_process_sample(0, pid, now - 200_000, sm=45, encoder=1)  # the newest counts
+    fake.add_process_sample(0, pid + 1, now - 100_000, sm=40)
     assert fake.load() is None
+
+
+def now_us() -> int:
+    """NVML's sample timestamps: µs since the epoch."""
+    return time.time_ns() // 1000
 
 
 def test_device_metrics_carry_the_devices_values_and_attributes(fake_nvml, exported):
@@ -99,7 +106,18 @@ def test_device_metrics_carry_the_devices_values_and_attributes(fake_nvml, expor
     assert by_gpu(metrics["hw.gpu.memory.utilization"]) == {h100: 10 / 80, l4: 11 / 24}
     assert by_gpu(metrics["hw.power"]) == {h100: 350.5, l4: 250.5}
     assert by_gpu(metrics["hw.energy"]) == {h100: 123_456.789, l4: 123_456.790}
-    assert by_gpu(metrics["hw.temperature"]) == {h100: 61, l4: 62}
+    # The temperature belongs to each GPU's sensor, a component of its own.
+    temperatures = {p.attributes["hw.parent"]: p for p in metrics["hw.temperature"]}
+    assert {gpu: p.value for gpu, p in temperatures.items()} == {h100: 61, l4: 62}
+    assert dict(temperatures[h100].attributes) == {
+        "hw.id": f"{h100}-temperature",
+        "hw.type": "temperature",
+        "hw.name": "GPU 0 temperature",
+        "hw.parent": h100,
+        "hw.vendor": "NVIDIA",
+        "hw.model": "NVIDIA Fake H100",
+        "hw.driver_version": "550.54.15",
+    }
     # This process: 3 GiB on the H100 (not the other process's 5), none on the L4.
     assert by_gpu(metrics["meterage.process.gpu.memory.usage"]) == {h100: 3 * GIB, l4: 0}
     process = metrics["meterage.process.gpu.utilization"]
@@ -117,17 +135,34 @@ def test_device_metrics_carry_the_devices_values_and_attributes(fake_nvml, expor
     }
 
 
-def test_process_utilization_covers_the_time_since_the_previous_collection(fake_nvml, exported):
+def test_every_reader_sees_the_same_process_utilization(fake_nvml):
+    """The process's share is its newest NVML sample of the last second: no state, so no
+    reader takes the samples away from another."""
+    two_scripted_gpus(fake_nvml)
+    readers = [InMemoryMetricReader(), InMemoryMetricReader()]
+    provider = MeterProvider(metric_readers=readers)
+    meterage.otel.attach(provider, process=False, spans=False)
+    try:
+        for _ in range(2):
+            for reader in readers:
+                process = collect(reader)["meterage.process.gpu.utilization"]
+                assert by_gpu(process, **{"hw.gpu.task": "general"})["GPU-fake-0"] == 0.45
+        fake_nvml.add_process_sample(0, os.getpid(), now_us(), sm=12)
+        process = collect(readers[1])["meterage.process.gpu.utilization"]
+        assert by_gpu(process, **{"hw.gpu.task": "general"})["GPU-fake-0"] == 0.12
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+
+
+def test_memory_in_use_leaves_out_what_the_driver_reserves(fake_nvml, exported):
     two_scripted_gpus(fake_nvml)
     reader = exported()
-    collect(reader)  # takes the samples so far
-    metrics = collect(reader)  # no new sample: the process did no work in between
-    process = metrics["meterage.process.gpu.utilization"]
-    assert by_gpu(process, **{"hw.gpu.task": "general"})["GPU-fake-0"] == 0.0
-    fake_nvml.add_process_sample(0, os.getpid(), 3_000, sm=12)
-    metrics = collect(reader)
-    process = metrics["meterage.process.gpu.utilization"]
-    assert by_gpu(process, **{"hw.gpu.task": "general"})["GPU-fake-0"] == 0.12
+    assert by_gpu(collect(reader)["hw.gpu.memory.usage"])["GPU-fake-0"] == 10 * GIB
+    # A driver without nvmlDeviceGetMemoryInfo_v2: the v1 figure, reserved memory included.
+    fake_nvml.fail("nvmlDeviceGetMemoryInfo_v2", NOT_SUPPORTED)
+    used = by_gpu(collect(reader)["hw.gpu.memory.usage"])["GPU-fake-0"]
+    assert used == 10 * GIB + RESERVED_BYTES
 
 
 def test_device_metrics_follow_the_gpu_selection(fake_nvml, exported, monkeypatch):

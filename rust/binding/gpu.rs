@@ -1,35 +1,12 @@
 //! The GPU from Python: NVML's status, device selection, and the readings the OpenTelemetry
-//! bridge exports. NVML calls run with the GIL released.
+//! bridge exports. Each of these runs with the GIL released (loading NVML and reading
+//! every device can take a while); only a metered call's own short readings keep it.
 
-use crate::probe::gpu::{self, BlockingHooks, DeviceKey, DeviceReading};
+use crate::probe::gpu::{self, DeviceKey, DeviceReading};
 use crate::probe::nvml;
 use pyo3::exceptions::{PyTypeError, PyValueError};
-use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
-use std::ffi::c_void;
-
-/// Lets the probe release the GIL around NVML calls made from a metered call.
-pub fn install_blocking_hooks() {
-    fn enter() -> *mut c_void {
-        // SAFETY: PyGILState_Check is callable from any thread; PyEval_SaveThread only
-        // runs when this thread holds the GIL.
-        unsafe {
-            if ffi::PyGILState_Check() == 1 {
-                ffi::PyEval_SaveThread().cast()
-            } else {
-                std::ptr::null_mut()
-            }
-        }
-    }
-    fn leave(saved: *mut c_void) {
-        if !saved.is_null() {
-            // SAFETY: `saved` came from PyEval_SaveThread on this thread.
-            unsafe { ffi::PyEval_RestoreThread(saved.cast()) };
-        }
-    }
-    gpu::set_blocking_hooks(BlockingHooks { enter, leave });
-}
 
 /// What meterage knows of the GPUs: whether NVML works (`reason` is None then), the
 /// library and driver, every device NVML lists with whether the `gpu` probe counts it, and

@@ -65,7 +65,8 @@ impl PyMeterCore {
             _ => ProbeSet::DEFAULT,
         };
         // Probes that cannot work here are dropped; the Python layer warns about them.
-        let probes = requested.without(probe::unavailable(requested));
+        // Asking about the GPU may load NVML (slow): without the GIL.
+        let probes = requested.without(py.detach(|| probe::unavailable(requested)));
         let mode = match (sample, budget) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err(
                 "give either sample (a fixed probing rate) or budget (an overhead share), not both",

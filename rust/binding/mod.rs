@@ -133,7 +133,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(gpu::gpu_metrics, module)?)?;
     module.add_function(wrap_pyfunction!(gpu::select_gpus, module)?)?;
     module.add_function(wrap_pyfunction!(gpu::_reload_nvml, module)?)?;
-    gpu::install_blocking_hooks();
     module.add_function(wrap_pyfunction!(host::host_metrics, module)?)?;
     Ok(())
 }

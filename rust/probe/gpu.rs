@@ -16,14 +16,18 @@
 //! calls the counter difference as `gpu.energy`; a call never has both. The energy is the
 //! whole device's during the call: other work on the device counts too.
 //!
-//! NVML calls go through the driver (microseconds each). They run with the GIL released
-//! (the binding installs [`BlockingHooks`]), so other Python threads are not held up.
+//! **The GIL.** A probed call's NVML queries are short driver calls, and they run with the
+//! GIL held: releasing and retaking it around them would hand the GIL to any busy Python
+//! thread for up to its switch interval (5 ms), twice per call. Everything that can take
+//! long — loading NVML, the device readings, `gpu_info()` — runs with the GIL released
+//! (the binding calls it so), and nothing here holds a lock while NVML initialises that a
+//! metered call would wait for: the loaded state is read without locks.
 
 use super::host_pid::host_pid;
 use super::nvml::{self, Device, Nvml};
-use std::collections::HashMap;
-use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+use arc_swap::ArcSwapOption;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Calls shorter than this get a power × time estimate instead of the counter difference.
 pub const ENERGY_COUNTER_MIN_NS: u64 = 100_000_000;
@@ -39,6 +43,8 @@ pub struct GpuReading {
     energy_mj: u64,
     memory_bytes: u64,
     power_mw: u32,
+    /// The device selection the sums are over: readings of two selections do not subtract.
+    selection: u32,
     present: u8,
 }
 
@@ -49,6 +55,7 @@ const MEMORY: u8 = 4;
 impl GpuReading {
     pub fn new(
         at_ns: u64,
+        selection: u32,
         energy_mj: Option<u64>,
         power_mw: Option<u32>,
         memory_bytes: Option<u64>,
@@ -56,6 +63,7 @@ impl GpuReading {
         let bit = |present: bool, bit: u8| if present { bit } else { 0 };
         GpuReading {
             at_ns,
+            selection,
             energy_mj: energy_mj.unwrap_or(0),
             memory_bytes: memory_bytes.unwrap_or(0),
             power_mw: power_mw.unwrap_or(0),
@@ -92,6 +100,9 @@ pub struct GpuDelta {
 
 impl GpuReading {
     pub fn since(&self, before: &GpuReading) -> GpuDelta {
+        if self.selection != before.selection {
+            return GpuDelta::default(); // the GPUs counted changed during the call
+        }
         let elapsed_ns = self.at_ns.saturating_sub(before.at_ns);
         let counter = match (before.energy_mj(), self.energy_mj()) {
             (Some(start), Some(end)) if elapsed_ns >= ENERGY_COUNTER_MIN_NS => {
@@ -110,31 +121,6 @@ impl GpuReading {
             estimated_energy_uj: estimate,
             memory_bytes: self.memory_bytes(),
         }
-    }
-}
-
-/// How the binding releases and takes back the GIL around NVML calls.
-pub struct BlockingHooks {
-    /// Releases the GIL if this thread holds it; returns what `leave` needs.
-    pub enter: fn() -> *mut c_void,
-    pub leave: fn(*mut c_void),
-}
-
-static HOOKS: OnceLock<BlockingHooks> = OnceLock::new();
-
-pub fn set_blocking_hooks(hooks: BlockingHooks) {
-    let _ = HOOKS.set(hooks);
-}
-
-fn blocking<T>(work: impl FnOnce() -> T) -> T {
-    match HOOKS.get() {
-        Some(hooks) => {
-            let saved = (hooks.enter)();
-            let result = work();
-            (hooks.leave)(saved);
-            result
-        }
-        None => work(),
     }
 }
 
@@ -216,8 +202,8 @@ pub struct Gpus {
     pub selected: Vec<usize>,
     /// This process's PID as NVML reports it, or why it is not known.
     pub host_pid: Result<u32, String>,
-    /// The fork generation this was made in (a child matches its own PID).
-    generation: u64,
+    /// The selection version this was made for.
+    selection: u32,
 }
 
 impl Gpus {
@@ -227,22 +213,19 @@ impl Gpus {
 }
 
 /// The explicit selection (`None`: from `CUDA_VISIBLE_DEVICES`, else all).
-fn explicit() -> &'static Mutex<Option<Vec<DeviceKey>>> {
-    static EXPLICIT: OnceLock<Mutex<Option<Vec<DeviceKey>>>> = OnceLock::new();
-    EXPLICIT.get_or_init(|| Mutex::new(None))
-}
+static EXPLICIT: Mutex<Option<Vec<DeviceKey>>> = Mutex::new(None);
+/// Bumped by every change of selection (and reload): cached views of an older one rebuild.
+static SELECTION: AtomicU32 = AtomicU32::new(0);
 
 /// The counted devices, or why there are none.
 type Counted = Result<Arc<Gpus>, String>;
 
-fn cached() -> &'static Mutex<Option<Counted>> {
-    static CACHED: OnceLock<Mutex<Option<Counted>>> = OnceLock::new();
-    CACHED.get_or_init(|| Mutex::new(None))
-}
+/// The current view, read without a lock; (selection, fork generation, view).
+static CACHED: ArcSwapOption<(u32, u64, Counted)> = ArcSwapOption::const_empty();
 
-fn build(status: nvml::Status) -> Counted {
+fn build(status: nvml::Status, selection: u32) -> Counted {
     let nvml = status?;
-    let keys = explicit().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let keys = EXPLICIT.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let selected = match keys {
         Some(keys) => resolve(&nvml.devices, &keys, true)?,
         None => match std::env::var(VISIBLE_DEVICES_VARIABLE) {
@@ -263,35 +246,25 @@ fn build(status: nvml::Status) -> Counted {
         nvml,
         selected,
         host_pid: host_pid(),
-        generation: super::fork::generation(),
+        selection,
     }))
 }
 
-/// The cached value, unless there is none yet or it belongs to the parent of a fork.
-fn current(cached: &Option<Counted>) -> Option<Counted> {
-    match cached {
-        Some(Ok(gpus)) if gpus.generation != super::fork::generation() => None,
-        other => other.clone(),
-    }
-}
-
-/// The counted devices, or why the `gpu` probe cannot run here.
+/// The counted devices, or why the `gpu` probe cannot run here. The first call loads NVML
+/// (slow: call it without the GIL); later ones read the cached view without a lock, and a
+/// forked child or a new selection builds a new one (fast: NVML is loaded).
 pub fn gpus() -> Counted {
-    if let Some(found) = current(&cached().lock().unwrap_or_else(|p| p.into_inner())) {
-        return found;
-    }
-    // The first use loads NVML (slow: the driver initialises), and a forked child has a
-    // PID of its own to match: both without the GIL, and without holding the lock while
-    // taking the GIL back.
-    blocking(|| {
-        let mut cached = cached().lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(found) = current(&cached) {
-            return found;
+    let selection = SELECTION.load(Ordering::Acquire);
+    let generation = super::fork::generation();
+    if let Some(cached) = CACHED.load().as_ref() {
+        let (made_for, made_in, view) = &**cached;
+        if *made_for == selection && (*made_in == generation || view.is_err()) {
+            return view.clone();
         }
-        let built = build(nvml::status());
-        *cached = Some(built.clone());
-        built
-    })
+    }
+    let view = build(nvml::status(), selection);
+    CACHED.store(Some(Arc::new((selection, generation, view.clone()))));
+    view
 }
 
 /// `None` when the `gpu` probe works here, else why not.
@@ -308,28 +281,27 @@ pub fn select(keys: Option<Vec<DeviceKey>>) -> Result<(), String> {
         }
         resolve(&nvml::status()?.devices, keys, true)?;
     }
-    *explicit().lock().unwrap_or_else(|p| p.into_inner()) = keys;
-    *cached().lock().unwrap_or_else(|p| p.into_inner()) = None;
+    *EXPLICIT.lock().unwrap_or_else(|p| p.into_inner()) = keys;
+    SELECTION.fetch_add(1, Ordering::AcqRel);
     Ok(())
 }
 
 /// Loads NVML again (for tests of the fake library); keeps an explicit selection only if
-/// it still resolves.
+/// it still resolves. Returns why the `gpu` probe is unavailable, or `None`.
 pub fn reload() -> Option<String> {
     let status = nvml::reload();
-    let mut cached = cached().lock().unwrap_or_else(|p| p.into_inner());
-    let mut gpus = build(status.clone());
-    if gpus.is_err() && status.is_ok() {
-        *explicit().lock().unwrap_or_else(|p| p.into_inner()) = None;
-        gpus = build(status);
+    let keeps = {
+        let explicit = EXPLICIT.lock().unwrap_or_else(|p| p.into_inner());
+        match (&status, &*explicit) {
+            (Ok(nvml), Some(keys)) => resolve(&nvml.devices, keys, true).is_ok(),
+            _ => true,
+        }
+    };
+    if !keeps {
+        *EXPLICIT.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
-    process_utilization_since()
-        .lock()
-        .map(|mut m| m.clear())
-        .ok();
-    let reason = gpus.as_ref().err().cloned();
-    *cached = Some(gpus);
-    reason
+    SELECTION.fetch_add(1, Ordering::AcqRel);
+    gpus().err()
 }
 
 /// Sums `read` over the counted devices; `None` if any device fails.
@@ -352,10 +324,8 @@ pub fn read_before() -> GpuReading {
     let Ok(gpus) = gpus() else {
         return GpuReading::default();
     };
-    blocking(|| {
-        let energy_mj = sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok());
-        GpuReading::new(super::monotonic_ns(), energy_mj, None, None)
-    })
+    let energy_mj = sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok());
+    GpuReading::new(super::monotonic_ns(), gpus.selection, energy_mj, None, None)
 }
 
 /// The reading after a call: energy counters, power, and this process's memory.
@@ -363,19 +333,17 @@ pub fn read_after() -> GpuReading {
     let Ok(gpus) = gpus() else {
         return GpuReading::default();
     };
-    blocking(|| {
-        let at_ns = super::monotonic_ns();
-        let energy_mj = sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok());
-        let power_mw = sum_devices(&gpus, |d| gpus.nvml.power_mw(d).ok().map(u64::from))
-            .map(|mw| mw.min(u32::MAX as u64) as u32);
-        let memory_bytes = match gpus.host_pid {
-            Ok(pid) => sum_devices(&gpus, |d| {
-                memory_of(&gpus.nvml.compute_processes(d).ok()?, pid)
-            }),
-            Err(_) => None,
-        };
-        GpuReading::new(at_ns, energy_mj, power_mw, memory_bytes)
-    })
+    let at_ns = super::monotonic_ns();
+    let energy_mj = sum_devices(&gpus, |d| gpus.nvml.total_energy_mj(d).ok());
+    let power_mw = sum_devices(&gpus, |d| gpus.nvml.power_mw(d).ok().map(u64::from))
+        .map(|mw| mw.min(u32::MAX as u64) as u32);
+    let memory_bytes = match gpus.host_pid {
+        Ok(pid) => sum_devices(&gpus, |d| {
+            memory_of(&gpus.nvml.compute_processes(d).ok()?, pid)
+        }),
+        Err(_) => None,
+    };
+    GpuReading::new(at_ns, gpus.selection, energy_mj, power_mw, memory_bytes)
 }
 
 /// This process's share of a device's work since the previous reading.
@@ -409,15 +377,10 @@ pub struct DeviceReading {
     pub errors: Vec<String>,
 }
 
-fn process_utilization_since() -> &'static Mutex<HashMap<String, u64>> {
-    static SINCE: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
-    SINCE.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
 /// The driver version and every counted device's reading, or why there are none.
 pub fn read_devices() -> Result<(String, Vec<DeviceReading>), String> {
     let gpus = gpus()?;
-    let devices = blocking(|| gpus.devices().map(|d| read_device(&gpus, d)).collect());
+    let devices = gpus.devices().map(|d| read_device(&gpus, d)).collect();
     Ok((gpus.nvml.driver_version.clone(), devices))
 }
 
@@ -475,24 +438,27 @@ fn read_device(gpus: &Gpus, device: &Device) -> DeviceReading {
     }
 }
 
-/// This process's latest utilization sample since the previous collection (0 when it has
-/// none: it did no work on the device in between).
+/// How far back a device reading looks for this process's utilization samples.
+const PROCESS_SAMPLE_WINDOW_US: u64 = 1_000_000;
+
+/// This process's newest utilization sample from the last second (NVML keeps one per
+/// driver sample period, 1/6 s to 1 s; none: the process did no work on the device in
+/// that time, so 0). Stateless, so every reader of every provider sees the same value.
 fn process_share(
     gpus: &Gpus,
     device: &Device,
     pid: u32,
     errors: &mut Vec<String>,
 ) -> Option<ProcessShare> {
-    let mut since = process_utilization_since().lock().ok()?;
-    let last = since.get(&device.uuid).copied().unwrap_or(0);
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as u64);
+    let since = now_us.saturating_sub(PROCESS_SAMPLE_WINDOW_US);
     let samples = keep(
         errors,
         "process utilization",
-        gpus.nvml.process_utilization(device, last),
+        gpus.nvml.process_utilization(device, since),
     )?;
-    if let Some(newest) = samples.iter().map(|s| s.timestamp_us).max() {
-        since.insert(device.uuid.clone(), newest.max(last));
-    }
     let own = samples
         .iter()
         .filter(|s| s.pid == pid)
@@ -547,10 +513,11 @@ mod tests {
 
     #[test]
     fn long_calls_use_the_counter_and_short_ones_an_estimate() {
-        let before = GpuReading::new(1_000, Some(10_000), None, None);
+        let before = GpuReading::new(1_000, 0, Some(10_000), None, None);
         let at = |elapsed_ns: u64| 1_000 + elapsed_ns;
         let long_after = GpuReading::new(
             at(ENERGY_COUNTER_MIN_NS),
+            0,
             Some(12_500),
             Some(300_000),
             Some(1 << 20),
@@ -564,20 +531,20 @@ mod tests {
             }
         );
         // 2 ms at 300 W: 0.6 J = 600,000 µJ, whatever the counter did.
-        let short_after = GpuReading::new(at(2_000_000), Some(12_500), Some(300_000), None);
+        let short_after = GpuReading::new(at(2_000_000), 0, Some(12_500), Some(300_000), None);
         let delta = short_after.since(&before);
         assert_eq!(delta.energy_mj, None);
         assert_eq!(delta.estimated_energy_uj, Some(600_000));
         assert_eq!(delta.memory_bytes, None);
         // No counter on this device: always the estimate (100 ms at 300 W: 30 J).
-        let no_counter = GpuReading::new(at(ENERGY_COUNTER_MIN_NS), None, Some(300_000), None);
+        let no_counter = GpuReading::new(at(ENERGY_COUNTER_MIN_NS), 0, None, Some(300_000), None);
         let delta = no_counter.since(&before);
         assert_eq!(
             (delta.energy_mj, delta.estimated_energy_uj),
             (None, Some(30_000_000))
         );
         // Neither: nothing rather than a number that is not one.
-        let nothing = GpuReading::new(at(5), None, None, None);
+        let nothing = GpuReading::new(at(5), 0, None, None, None);
         assert_eq!(nothing.since(&before), GpuDelta::default());
         assert_eq!(
             GpuReading::default().since(&GpuReading::default()),

@@ -65,16 +65,20 @@ mod tests {
     }
 
     #[test]
-    fn the_host_pid_is_found_or_explained() {
+    fn the_host_pid_follows_the_namespace() {
+        let in_initial = namespace_inode("/proc/self/ns/pid") == Some(INITIAL_PID_NAMESPACE);
         match host_pid() {
+            Ok(pid) if in_initial => assert_eq!(pid, std::process::id()),
             Ok(pid) => {
-                // Knowable only from the initial namespace or through an outer /proc.
-                let own = std::process::id();
+                // Through an outer /proc only: its first NSpid entry.
                 let status = std::fs::read_to_string("/proc/self/status").unwrap();
-                let pids = namespace_pids(&status);
-                assert!(pid == own || pids.first() == Some(&pid), "{pid} {pids:?}");
+                assert_eq!(namespace_pids(&status).first(), Some(&pid));
+                assert_ne!(pid, std::process::id());
             }
-            Err(reason) => assert!(reason.contains("PID namespace"), "{reason}"),
+            Err(reason) => {
+                assert!(!in_initial, "the initial namespace always knows: {reason}");
+                assert!(reason.contains("PID namespace"), "{reason}");
+            }
         }
     }
 }

@@ -9,8 +9,9 @@
 //! `METERAGE_NVML_LIBRARY` names a library file to load instead of `libnvidia-ml.so.1`
 //! (non-standard driver installs; the test suite's fake NVML).
 
+use arc_swap::ArcSwapOption;
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr, CString};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// NVML's return code (`nvmlReturn_t`).
 pub type Code = c_int;
@@ -35,6 +36,20 @@ struct Memory {
     used: c_ulonglong,
 }
 
+/// `nvmlMemory_v2_t`: `used` leaves out the memory the driver reserves (as nvidia-smi).
+#[repr(C)]
+#[derive(Default)]
+struct MemoryV2 {
+    version: c_uint,
+    total: c_ulonglong,
+    reserved: c_ulonglong,
+    free: c_ulonglong,
+    used: c_ulonglong,
+}
+
+/// `nvmlMemory_v2` of nvml.h: the struct's size with the version in the top byte.
+const MEMORY_V2_VERSION: c_uint = std::mem::size_of::<MemoryV2>() as c_uint | (2 << 24);
+
 #[repr(C)]
 #[derive(Default)]
 struct Utilization {
@@ -42,15 +57,12 @@ struct Utilization {
     memory: c_uint,
 }
 
-/// `nvmlProcessInfo_t` of the `_v2` and `_v3` process queries.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct ProcessInfo {
-    pid: c_uint,
-    used_gpu_memory: c_ulonglong,
-    gpu_instance_id: c_uint,
-    compute_instance_id: c_uint,
-}
+/// Bytes per entry of the process queries: `nvmlProcessInfo_t` of `_v2` and `_v3` (pid,
+/// usedGpuMemory, gpuInstanceId, computeInstanceId) is 24, but drivers 535.43–535.86 export
+/// a `_v3` that writes 32 (an extra usedGpuCcProtectedMemory) without a new version.
+/// Buffers always have room for the larger entry, so no driver can write past them.
+const PROCESS_ENTRY_BYTES: usize = 24;
+const R535_PROCESS_ENTRY_BYTES: usize = 32;
 
 /// `nvmlProcessUtilizationSample_t`.
 #[repr(C)]
@@ -73,10 +85,11 @@ type SystemTextFn = unsafe extern "C" fn(*mut c_char, c_uint) -> Code;
 type U64Fn = unsafe extern "C" fn(DeviceHandle, *mut c_ulonglong) -> Code;
 type U32Fn = unsafe extern "C" fn(DeviceHandle, *mut c_uint) -> Code;
 type MemoryFn = unsafe extern "C" fn(DeviceHandle, *mut Memory) -> Code;
+type MemoryV2Fn = unsafe extern "C" fn(DeviceHandle, *mut MemoryV2) -> Code;
 type UtilizationFn = unsafe extern "C" fn(DeviceHandle, *mut Utilization) -> Code;
 type CodecUtilizationFn = unsafe extern "C" fn(DeviceHandle, *mut c_uint, *mut c_uint) -> Code;
 type TemperatureFn = unsafe extern "C" fn(DeviceHandle, c_int, *mut c_uint) -> Code;
-type ProcessesFn = unsafe extern "C" fn(DeviceHandle, *mut c_uint, *mut ProcessInfo) -> Code;
+type ProcessesFn = unsafe extern "C" fn(DeviceHandle, *mut c_uint, *mut c_void) -> Code;
 type ProcessUtilizationFn = unsafe extern "C" fn(
     DeviceHandle,
     *mut ProcessUtilizationSample,
@@ -94,11 +107,14 @@ struct Functions {
     total_energy: Option<U64Fn>,
     power: Option<U32Fn>,
     memory: Option<MemoryFn>,
+    memory_v2: Option<MemoryV2Fn>,
     utilization: Option<UtilizationFn>,
     encoder_utilization: Option<CodecUtilizationFn>,
     decoder_utilization: Option<CodecUtilizationFn>,
     temperature: Option<TemperatureFn>,
     compute_processes: Option<ProcessesFn>,
+    /// The size of one entry `compute_processes` writes.
+    process_entry_bytes: usize,
     process_utilization: Option<ProcessUtilizationFn>,
 }
 
@@ -153,28 +169,37 @@ impl std::fmt::Display for Error {
 /// The outcome of loading: NVML, or why there is none.
 pub type Status = Result<Arc<Nvml>, String>;
 
-fn state() -> &'static Mutex<Option<Status>> {
-    static STATE: OnceLock<Mutex<Option<Status>>> = OnceLock::new();
-    STATE.get_or_init(|| Mutex::new(None))
-}
+/// The loaded NVML: read without a lock (a metered call may read it while another thread
+/// is loading), written only under `LOADING`.
+static STATE: ArcSwapOption<Status> = ArcSwapOption::const_empty();
+static LOADING: Mutex<()> = Mutex::new(());
 
 /// NVML, loaded on first use, or the reason it is not available.
 pub fn status() -> Status {
-    let mut state = state().lock().unwrap_or_else(|p| p.into_inner());
-    state.get_or_insert_with(load).clone()
+    if let Some(status) = STATE.load_full() {
+        return (*status).clone();
+    }
+    let _loading = LOADING.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(status) = STATE.load_full() {
+        return (*status).clone(); // another thread loaded it meanwhile
+    }
+    let status = load();
+    STATE.store(Some(Arc::new(status.clone())));
+    status
 }
 
 /// Shuts NVML down and loads it again (reading `METERAGE_NVML_LIBRARY` again): for tests.
 /// The old library stays mapped, since another thread may still be inside it.
 pub fn reload() -> Status {
-    let mut state = state().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(Ok(old)) = state.take() {
-        if let Some(shutdown) = old.functions.shutdown {
-            // SAFETY: a symbol of the loaded library with nvmlShutdown's signature.
-            unsafe { shutdown() };
+    let _loading = LOADING.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(old) = STATE.swap(None) {
+        if let Ok(old) = &*old {
+            old.shutdown();
         }
     }
-    state.insert(load()).clone()
+    let status = load();
+    STATE.store(Some(Arc::new(status.clone())));
+    status
 }
 
 fn dl_error() -> String {
@@ -257,6 +282,7 @@ fn load() -> Status {
             total_energy: symbol(library, "nvmlDeviceGetTotalEnergyConsumption"),
             power: symbol(library, "nvmlDeviceGetPowerUsage"),
             memory: symbol(library, "nvmlDeviceGetMemoryInfo"),
+            memory_v2: symbol(library, "nvmlDeviceGetMemoryInfo_v2"),
             utilization: symbol(library, "nvmlDeviceGetUtilizationRates"),
             encoder_utilization: symbol(library, "nvmlDeviceGetEncoderUtilization"),
             decoder_utilization: symbol(library, "nvmlDeviceGetDecoderUtilization"),
@@ -268,6 +294,7 @@ fn load() -> Status {
                     "nvmlDeviceGetComputeRunningProcesses_v2",
                 ],
             ),
+            process_entry_bytes: process_entry_bytes(library),
             process_utilization: symbol(library, "nvmlDeviceGetProcessUtilization"),
         }
     };
@@ -282,14 +309,20 @@ fn load() -> Status {
     if code != SUCCESS {
         return Err(format!("NVML did not initialise: {}", nvml.error(code)));
     }
+    // From here on a failure shuts NVML down again (its initialisation is counted).
+    let failed = |nvml: &Nvml, reason: String| {
+        nvml.shutdown();
+        Err(reason)
+    };
     let mut devices: c_uint = 0;
     // SAFETY: a valid pointer to a c_uint.
     let code = unsafe { count(&mut devices) };
     if code != SUCCESS {
-        return Err(format!("NVML could not count GPUs: {}", nvml.error(code)));
+        let reason = format!("NVML could not count GPUs: {}", nvml.error(code));
+        return failed(&nvml, reason);
     }
     if devices == 0 {
-        return Err("NVML found no GPUs on this machine".to_owned());
+        return failed(&nvml, "NVML found no GPUs on this machine".to_owned());
     }
     nvml.driver_version = nvml
         .functions
@@ -316,12 +349,28 @@ fn load() -> Status {
         });
     }
     if nvml.devices.is_empty() {
-        return Err(format!(
-            "NVML could not open any GPU: {}",
-            skipped.join("; ")
-        ));
+        let reason = format!("NVML could not open any GPU: {}", skipped.join("; "));
+        return failed(&nvml, reason);
     }
     Ok(Arc::new(nvml))
+}
+
+/// The entry size of the process query: the R535 drivers with the 32-byte `_v3` are those
+/// with confidential-computing memory queries but not yet the process detail list.
+fn process_entry_bytes(library: *mut c_void) -> usize {
+    let has = |name: &str| {
+        let name = CString::new(name).expect("no NUL");
+        // SAFETY: only the address is looked at.
+        !unsafe { libc::dlsym(library, name.as_ptr()) }.is_null()
+    };
+    if has("nvmlDeviceGetComputeRunningProcesses_v3")
+        && has("nvmlDeviceGetConfComputeMemSizeInfo")
+        && !has("nvmlDeviceGetRunningProcessDetailList")
+    {
+        R535_PROCESS_ENTRY_BYTES
+    } else {
+        PROCESS_ENTRY_BYTES
+    }
 }
 
 /// Text from an NVML call that fills a buffer.
@@ -358,6 +407,13 @@ pub struct ProcessSample {
 }
 
 impl Nvml {
+    fn shutdown(&self) {
+        if let Some(shutdown) = self.functions.shutdown {
+            // SAFETY: a symbol of the loaded library with nvmlShutdown's signature.
+            unsafe { shutdown() };
+        }
+    }
+
     fn error(&self, code: Code) -> Error {
         let text = self
             .functions
@@ -412,8 +468,19 @@ impl Nvml {
         Ok(value)
     }
 
-    /// (used, total) bytes of device memory.
+    /// (used, total) bytes of device memory; with drivers that have `_v2`, "used" leaves
+    /// out what the driver reserves for itself (as nvidia-smi shows it).
     pub fn memory(&self, device: &Device) -> Result<(u64, u64), Error> {
+        if let Some(f) = self.functions.memory_v2 {
+            let mut value = MemoryV2 {
+                version: MEMORY_V2_VERSION,
+                ..MemoryV2::default()
+            };
+            // SAFETY: a valid handle and out pointer, with the version nvml.h asks for.
+            if self.check(unsafe { f(device.handle, &mut value) }).is_ok() {
+                return Ok((value.used, value.total));
+            }
+        }
         let f = self.functions.memory.ok_or_else(Self::missing)?;
         let mut value = Memory::default();
         // SAFETY: a valid handle and out pointer.
@@ -458,33 +525,42 @@ impl Nvml {
     /// The compute processes on the device (their PIDs as the host sees them).
     pub fn compute_processes(&self, device: &Device) -> Result<Vec<ProcessUse>, Error> {
         let f = self.functions.compute_processes.ok_or_else(Self::missing)?;
+        let stride = self.functions.process_entry_bytes;
         let mut capacity: usize = 32;
         for _ in 0..4 {
-            let mut infos = vec![ProcessInfo::default(); capacity];
+            // u64 words: 8-byte aligned, room for the larger entry size whatever `stride` is.
+            let mut buffer = vec![0u64; capacity * R535_PROCESS_ENTRY_BYTES / 8];
             let mut count = capacity as c_uint;
-            // SAFETY: `infos` has room for `count` entries.
-            let code = unsafe { f(device.handle, &mut count, infos.as_mut_ptr()) };
+            // SAFETY: the buffer has room for `count` entries of up to 32 bytes.
+            let code = unsafe { f(device.handle, &mut count, buffer.as_mut_ptr().cast()) };
             if code == ERROR_INSUFFICIENT_SIZE {
                 // More processes than room: NVML said how many; they may grow meanwhile.
                 capacity = (count as usize).max(capacity) * 2;
                 continue;
             }
             self.check(code)?;
-            infos.truncate((count as usize).min(capacity));
-            return Ok(infos
-                .iter()
-                .map(|info| ProcessUse {
-                    pid: info.pid,
-                    memory_bytes: (info.used_gpu_memory != VALUE_NOT_AVAILABLE)
-                        .then_some(info.used_gpu_memory),
+            let count = (count as usize).min(capacity);
+            let words_per_entry = stride / 8;
+            return Ok((0..count)
+                .map(|index| {
+                    let entry = &buffer[index * words_per_entry..];
+                    // pid: the first 4 bytes (little-endian or not, the low address);
+                    // usedGpuMemory: the next 8-byte word.
+                    let pid = entry[0].to_ne_bytes();
+                    let pid = u32::from_ne_bytes([pid[0], pid[1], pid[2], pid[3]]);
+                    let used = entry[1];
+                    ProcessUse {
+                        pid,
+                        memory_bytes: (used != VALUE_NOT_AVAILABLE).then_some(used),
+                    }
                 })
                 .collect());
         }
         Err(self.error(ERROR_INSUFFICIENT_SIZE))
     }
 
-    /// Per-process utilization samples newer than `since_us` (NVML's timestamps).
-    /// No sample since then is an empty list, not an error.
+    /// Per-process utilization samples newer than `since_us` (NVML's timestamps, µs since
+    /// the epoch). No sample since then is an empty list, not an error.
     pub fn process_utilization(
         &self,
         device: &Device,
@@ -494,35 +570,41 @@ impl Nvml {
             .functions
             .process_utilization
             .ok_or_else(Self::missing)?;
-        let mut count: c_uint = 0;
-        // SAFETY: a null buffer asks for the number of samples.
-        let code = unsafe { f(device.handle, std::ptr::null_mut(), &mut count, since_us) };
-        match code {
-            ERROR_NOT_FOUND => return Ok(Vec::new()),
-            SUCCESS | ERROR_INSUFFICIENT_SIZE => {}
-            _ => return Err(self.error(code)),
+        let mut capacity: usize = 0;
+        for _ in 0..4 {
+            let mut samples = vec![ProcessUtilizationSample::default(); capacity];
+            let mut count = capacity as c_uint;
+            let buffer = if capacity == 0 {
+                std::ptr::null_mut() // asks for the number of samples
+            } else {
+                samples.as_mut_ptr()
+            };
+            // SAFETY: `buffer` is null or has room for `count` samples.
+            let code = unsafe { f(device.handle, buffer, &mut count, since_us) };
+            match code {
+                ERROR_NOT_FOUND => return Ok(Vec::new()),
+                SUCCESS if capacity == 0 && count == 0 => return Ok(Vec::new()),
+                ERROR_INSUFFICIENT_SIZE | SUCCESS if capacity == 0 || count as usize > capacity => {
+                    // Samples may arrive between the calls: room for some more.
+                    capacity = count as usize + 8;
+                    continue;
+                }
+                SUCCESS => {}
+                _ => return Err(self.error(code)),
+            }
+            samples.truncate(count as usize);
+            return Ok(samples
+                .iter()
+                .map(|s| ProcessSample {
+                    pid: s.pid,
+                    timestamp_us: s.time_stamp,
+                    sm_percent: s.sm_util,
+                    memory_percent: s.mem_util,
+                    encoder_percent: s.enc_util,
+                    decoder_percent: s.dec_util,
+                })
+                .collect());
         }
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let mut samples = vec![ProcessUtilizationSample::default(); count as usize];
-        // SAFETY: `samples` has room for `count` entries.
-        let code = unsafe { f(device.handle, samples.as_mut_ptr(), &mut count, since_us) };
-        if code == ERROR_NOT_FOUND {
-            return Ok(Vec::new());
-        }
-        self.check(code)?;
-        samples.truncate(count as usize);
-        Ok(samples
-            .iter()
-            .map(|s| ProcessSample {
-                pid: s.pid,
-                timestamp_us: s.time_stamp,
-                sm_percent: s.sm_util,
-                memory_percent: s.mem_util,
-                encoder_percent: s.enc_util,
-                decoder_percent: s.dec_util,
-            })
-            .collect())
+        Err(self.error(ERROR_INSUFFICIENT_SIZE))
     }
 }

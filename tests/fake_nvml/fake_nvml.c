@@ -35,9 +35,22 @@ typedef struct {
 } nvmlUtilization_t;
 
 typedef struct {
+    unsigned int version;
+    unsigned long long total, reserved, free, used;
+} nvmlMemory_v2_t;
+#define NVML_MEMORY_V2 ((unsigned int)(sizeof(nvmlMemory_v2_t) | (2 << 24)))
+#define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
+/* What the driver keeps for itself: in "used" of the v1 query, apart in v2. */
+#define RESERVED_BYTES (256ULL << 20)
+
+typedef struct {
     unsigned int pid;
     unsigned long long usedGpuMemory;
     unsigned int gpuInstanceId, computeInstanceId;
+#ifdef FAKE_NVML_R535
+    /* Drivers 535.43-535.86 write this too, from the same _v3 entry point. */
+    unsigned long long usedGpuCcProtectedMemory;
+#endif
 } nvmlProcessInfo_t;
 
 typedef struct {
@@ -249,8 +262,18 @@ nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *mw) {
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
     ENTER(device);
     memory->total = device->memory_total;
+    memory->used = device->memory_used + RESERVED_BYTES;
+    memory->free = device->memory_total - memory->used;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory) {
+    ENTER(device);
+    if (memory->version != NVML_MEMORY_V2) return leave(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
+    memory->total = device->memory_total;
+    memory->reserved = RESERVED_BYTES;
     memory->used = device->memory_used;
-    memory->free = device->memory_total - device->memory_used;
+    memory->free = device->memory_total - device->memory_used - RESERVED_BYTES;
     return leave(NVML_SUCCESS);
 }
 
@@ -321,6 +344,15 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
     *count = out;
     return leave(NVML_SUCCESS);
 }
+
+#ifdef FAKE_NVML_R535
+/* Present on the R535 drivers whose _v3 process entries are 32 bytes. */
+nvmlReturn_t nvmlDeviceGetConfComputeMemSizeInfo(nvmlDevice_t device, void *info) {
+    (void)info;
+    ENTER(device);
+    return leave(3); /* Not Supported */
+}
+#endif
 
 /* ---- the tests' controls ---------------------------------------------------------------- */
 

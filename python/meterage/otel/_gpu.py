@@ -5,7 +5,8 @@ development): per counted GPU ``hw.gpu.utilization`` {``hw.gpu.task``: general, 
 decoder}, ``hw.gpu.memory.usage``, ``hw.gpu.memory.limit``, ``hw.gpu.memory.utilization``
 (the fraction of memory in use), ``hw.power``, ``hw.energy`` and ``hw.temperature``, each
 with ``hw.id`` (the GPU's UUID), ``hw.type`` = "gpu", ``hw.name``, ``hw.vendor``,
-``hw.model`` and ``hw.driver_version``. This process's share has no semantic-convention
+``hw.model`` and ``hw.driver_version`` (``hw.temperature`` is its sensor's: ``hw.type`` =
+"temperature", ``hw.parent`` = the GPU's UUID). This process's share has no semantic-convention
 name yet: ``meterage.process.gpu.memory.usage`` and ``meterage.process.gpu.utilization``
 {``hw.gpu.task``}.
 
@@ -46,6 +47,17 @@ def _by_task(device: Device) -> list[tuple[float | None, dict[str, str]]]:
     return [(device[key], {"hw.gpu.task": task}) for key, task in _TASKS]
 
 
+def _sensor(device: Device) -> dict[str, str]:
+    """The GPU's temperature sensor as its own hardware component (the semantic
+    conventions define hw.temperature for hw.type=temperature), with the GPU as parent."""
+    return {
+        "hw.id": f"{device['uuid']}-temperature",
+        "hw.type": "temperature",
+        "hw.name": f"GPU {device['index']} temperature",
+        "hw.parent": device["uuid"],
+    }
+
+
 def _memory_utilization(device: Device) -> list[tuple[float | None, dict[str, str]]]:
     used, total = device["memory_used"], device["memory_total"]
     return [(used / total if used is not None and total else None, {})]
@@ -73,7 +85,13 @@ _METRICS: tuple[tuple[str, str, str, str, Values], ...] = (
     ),
     ("hw.power", "gauge", "W", "Power the GPU draws.", _value("power")),
     ("hw.energy", "counter", "J", "Energy the GPU used since its driver loaded.", _value("energy")),
-    ("hw.temperature", "gauge", "Cel", "Temperature of the GPU.", _value("temperature")),
+    (
+        "hw.temperature",
+        "gauge",
+        "Cel",
+        "Temperature of the GPU's sensor.",
+        lambda device: [(device["temperature"], _sensor(device))],
+    ),
     (
         "meterage.process.gpu.memory.usage",
         "updown",
@@ -85,7 +103,7 @@ _METRICS: tuple[tuple[str, str, str, str, Values], ...] = (
         "meterage.process.gpu.utilization",
         "gauge",
         "1",
-        "Fraction of time the GPU worked for this process since the previous collection.",
+        "Fraction of the driver's latest sample period the GPU worked for this process.",
         _process_by_task,
     ),
 )
