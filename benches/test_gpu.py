@@ -91,3 +91,27 @@ def test_device_reading(benchmark: Any, nvml: str) -> None:
     benchmark.extra_info["nvml"] = nvml
     reading = benchmark(_native.gpu_metrics)
     assert reading is not None and reading["devices"]
+
+
+@pytest.mark.benchmark(group="gpu probe, per call, beside a busy Python thread")
+@pytest.mark.parametrize("probes", [("cpu",), ("cpu", "gpu")], ids=["cpu", "cpu+gpu"])
+def test_gpu_probe_beside_a_busy_thread(benchmark: Any, nvml: str, probes: tuple[str, ...]) -> None:
+    """The readings keep the GIL: a CPU-bound thread beside the metered one must not add
+    a GIL hand-over (up to the 5 ms switch interval) to every probed call."""
+    import threading
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    subject = meterage.meter(f"bench.gpu.busy.{'-'.join(probes)}", probes=probes, sample=1.0)(_work)
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        benchmark.extra_info["nvml"] = nvml
+        benchmark(_calls(subject))
+    finally:
+        stop.set()
+        spinner.join()

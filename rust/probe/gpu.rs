@@ -73,6 +73,11 @@ impl GpuReading {
         }
     }
 
+    /// Nothing was read (no `gpu` probe, or every query failed).
+    pub fn is_empty(&self) -> bool {
+        self.present == 0
+    }
+
     fn has(&self, bit: u8) -> bool {
         self.present & bit != 0
     }
@@ -290,16 +295,13 @@ pub fn select(keys: Option<Vec<DeviceKey>>) -> Result<(), String> {
 /// it still resolves. Returns why the `gpu` probe is unavailable, or `None`.
 pub fn reload() -> Option<String> {
     let status = nvml::reload();
-    let keeps = {
-        let explicit = EXPLICIT.lock().unwrap_or_else(|p| p.into_inner());
-        match (&status, &*explicit) {
-            (Ok(nvml), Some(keys)) => resolve(&nvml.devices, keys, true).is_ok(),
-            _ => true,
-        }
-    };
-    if !keeps {
-        *EXPLICIT.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let mut explicit = EXPLICIT.lock().unwrap_or_else(|p| p.into_inner());
+    let stale = matches!((&status, &*explicit),
+        (Ok(nvml), Some(keys)) if resolve(&nvml.devices, keys, true).is_err());
+    if stale {
+        *explicit = None;
     }
+    drop(explicit);
     SELECTION.fetch_add(1, Ordering::AcqRel);
     gpus().err()
 }

@@ -297,7 +297,15 @@ impl Reading {
             delta.values[measure::CPU_TIME] =
                 delta.values[measure::CPU_TIME].saturating_sub(clock::thread_cpu_read_cost_ns());
         }
-        let gpu = self.gpu.since(&start.gpu);
+        if !self.gpu.is_empty() {
+            // Probed calls of meters without `gpu` skip this (their readings are empty).
+            delta.add_gpu(self.gpu.since(&start.gpu));
+        }
+        Some(delta)
+    }
+
+    /// Puts a call's GPU measures into this delta.
+    fn add_gpu(&mut self, gpu: gpu::GpuDelta) {
         for (value, index, probe) in [
             (gpu.energy_mj, measure::GPU_ENERGY, ProbeSet::GPU_ENERGY),
             (
@@ -308,11 +316,10 @@ impl Reading {
             (gpu.memory_bytes, measure::GPU_MEMORY, ProbeSet::GPU_MEMORY),
         ] {
             if let Some(value) = value {
-                delta.values[index] = value;
-                delta.probes = delta.probes.union(probe);
+                self.values[index] = value;
+                self.probes = self.probes.union(probe);
             }
         }
-        Some(delta)
     }
 
     /// Adds another delta into this one (steps of a coroutine or generator).

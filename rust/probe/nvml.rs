@@ -17,10 +17,8 @@ use std::sync::{Arc, Mutex};
 pub type Code = c_int;
 pub const SUCCESS: Code = 0;
 pub const ERROR_NOT_SUPPORTED: Code = 3;
-pub const ERROR_NO_PERMISSION: Code = 4;
 pub const ERROR_NOT_FOUND: Code = 6;
 pub const ERROR_INSUFFICIENT_SIZE: Code = 7;
-pub const ERROR_GPU_IS_LOST: Code = 15;
 /// `usedGpuMemory` when the driver cannot say (`NVML_VALUE_NOT_AVAILABLE`).
 const VALUE_NOT_AVAILABLE: u64 = u64::MAX;
 const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
@@ -399,9 +397,8 @@ pub struct ProcessSample {
     pub pid: u32,
     /// The sample's time, µs since the epoch (NVML's clock).
     pub timestamp_us: u64,
-    /// Percent of time the SMs, the memory, the encoder and the decoder worked for it.
+    /// Percent of time the SMs, the encoder and the decoder worked for it.
     pub sm_percent: u32,
-    pub memory_percent: u32,
     pub encoder_percent: u32,
     pub decoder_percent: u32,
 }
@@ -599,7 +596,6 @@ impl Nvml {
                     pid: s.pid,
                     timestamp_us: s.time_stamp,
                     sm_percent: s.sm_util,
-                    memory_percent: s.mem_util,
                     encoder_percent: s.enc_util,
                     decoder_percent: s.dec_util,
                 })
