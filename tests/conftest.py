@@ -104,7 +104,7 @@ def fake_nvml(fake_nvml_library: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     monkeypatch.setenv("METERAGE_NVML_LIBRARY", fake_nvml_library)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     _native.select_gpus(None)
-    _meter._warned_unavailable.clear()
+    _meter._checked_probes.clear()
 
     def load() -> str | None:
         """(Re)loads NVML from the fake; returns why the gpu probe is unavailable, or None."""
@@ -116,4 +116,4 @@ def fake_nvml(fake_nvml_library: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     monkeypatch.delenv("METERAGE_NVML_LIBRARY")
     _native._reload_nvml()
     fake.reset()
-    _meter._warned_unavailable.clear()
+    _meter._checked_probes.clear()

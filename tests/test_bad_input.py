@@ -95,7 +95,7 @@ def test_fractions_must_be_numbers(unique, keyword, value):
         meterage.meter(unique(), **{keyword: value})
 
 
-@pytest.mark.parametrize("value", [1, 1.0, 0.25, 1e-9])
+@pytest.mark.parametrize("value", [1, 1.0, 0.25, meterage.MIN_SAMPLE])
 def test_valid_fractions_are_accepted(unique, value):
     assert meterage.meter(unique(), sample=value).sample_rate == pytest.approx(value)
     meterage.meter(unique(), budget=value)

@@ -307,8 +307,9 @@ def test_bad_gpu_selections_say_what_is_allowed(fake_nvml):
         meterage.configure(gpu_devices=[True])
     with pytest.raises(TypeError, match="not float"):
         meterage.configure(gpu_devices=[0.5])
-    with pytest.raises(ValueError, match="negative"):
-        meterage.configure(gpu_devices=[-1])
+    for index in (-1, 2**32, 2**70):
+        with pytest.raises(ValueError, match=f"GPU index {index} is out of range"):
+            meterage.configure(gpu_devices=[index])
     # Nothing changed by the failures: both GPUs still count.
     assert [d["counted"] for d in meterage.gpu_info()["devices"]] == [True, True]
 

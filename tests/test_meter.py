@@ -679,9 +679,10 @@ def test_updating_a_call_from_inside_its_own_update_raises_instead_of_aborting(u
 
     class Sneaky(dict):
         def items(self):
-            meter.__exit__(None, None, None)  # re-enters the call being updated
+            block_call(None, None, None)  # the block's own exit, re-entering the update
             return super().items()
 
     with pytest.raises(RuntimeError, match="already being updated"):
         with meter as call:
+            block_call = call
             call.set_attributes(types.MappingProxyType(Sneaky(a=1)))

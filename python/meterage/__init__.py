@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -20,6 +19,8 @@ from meterage import _native
 from meterage._instruments import counter, histogram
 from meterage._meter import Meter, meter
 from meterage._native import (
+    BoundCounter,
+    BoundHistogram,
     Call,
     Counter,
     Histogram,
@@ -31,6 +32,10 @@ from meterage._native import (
 from meterage._validate import check_fraction, check_positive_int
 
 __all__ = [
+    "MAX_CARDINALITY_LIMIT",
+    "MIN_SAMPLE",
+    "BoundCounter",
+    "BoundHistogram",
     "Call",
     "Counter",
     "Histogram",
@@ -50,11 +55,13 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# A child made by os.fork() (multiprocessing included) starts with empty aggregates.
-os.register_at_fork(after_in_child=_native._after_fork_in_child)
+# A child made by fork() (os.fork, multiprocessing) starts with empty aggregates: the
+# native core starts a new epoch in its fork handler, in O(1), touching no series.
 
 #: Largest per-operation series limit `configure` accepts (memory must stay bounded).
-MAX_CARDINALITY_LIMIT = 1_000_000
+MAX_CARDINALITY_LIMIT: int = _native.MAX_CARDINALITY_LIMIT
+#: Smallest fixed probing rate a meter takes (``sample=``).
+MIN_SAMPLE: float = _native.MIN_SAMPLE
 
 
 def snapshot() -> list[Series]:
@@ -70,7 +77,9 @@ def snapshot() -> list[Series]:
 
 
 def reset() -> None:
-    """Clears every recorded value; meters and instruments stay usable (for tests)."""
+    """Clears every recorded value in O(1); meters and instruments stay usable, calls in
+    flight stay counted in flight, and every operation gets its whole cardinality budget
+    back (for tests, and for processes that report in windows of their own)."""
     _native.reset()
 
 
@@ -83,8 +92,10 @@ def available_probes(names: Iterable[str] | None = None) -> dict[str, str | None
     >>> import meterage
     >>> sorted(meterage.available_probes())
     ['cpu', 'gpu', 'io', 'rusage']
+    >>> meterage.available_probes(["cpu"])
+    {'cpu': None}
     """
-    return _native.available_probes(None if names is None else list(names))
+    return _native.available_probes(names)
 
 
 def gpu_info() -> dict[str, Any]:

@@ -1,21 +1,84 @@
 """Turning a callable into its metered twin, keeping what kind of callable it is.
 
-Plain callables become a native vectorcall ``MeteredFunction``. Coroutine functions,
-generator functions and async generator functions stay what they are (so
-``inspect.iscoroutinefunction`` and friends still answer True) and meter their object
-step by step, so a call is charged only for its own steps.
+Every callable becomes a native vectorcall wrapper. It binds as a method exactly as the
+callable does (a function like a function; a descriptor such as an ``lru_cache`` wrapper
+through its own ``__get__``; anything else not at all), and it carries the function's
+``__code__``, defaults and annotations besides what ``functools.update_wrapper`` copies,
+so ``inspect.iscoroutinefunction``, ``isgeneratorfunction`` and ``isasyncgenfunction``
+answer as they do for the function.
+
+Calling a coroutine, generator or async generator function only binds its arguments
+(so a wrong call raises at the call, as without meterage) and makes the object; the
+object is metered step by step, through one of the drivers below, so a call is charged
+only for its own steps. The same holds for any callable that returns such an object.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Callable
+import types
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, TypeVar
 
 from meterage import _native
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Attributes that make a wrapper look like the function to ``inspect``.
+_FUNCTION_LIKE = ("__code__", "__defaults__", "__kwdefaults__")
+
+
+async def _drive_coroutine(steps: Any) -> Any:
+    return await steps
+
+
+def _drive_generator(steps: Any) -> Generator[Any, Any, Any]:
+    return (yield from steps)
+
+
+@types.coroutine
+def _drive_iterable_coroutine(steps: Any) -> Generator[Any, Any, Any]:
+    return (yield from steps)
+
+
+async def _drive_async_generator(call: _native.Call, inner: Any) -> AsyncGenerator[Any, Any]:
+    # An async generator cannot delegate with `yield from`, so this forwards asend,
+    # athrow and aclose by hand, metering each awaitable's steps as part of one call.
+    try:
+        value = await call.steps(inner.asend(None))
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                await call.steps(inner.aclose())
+                raise
+            except BaseException as thrown:  # forwarded into the generator as is
+                value = await call.steps(inner.athrow(thrown))
+            else:
+                value = await call.steps(inner.asend(sent))
+    except StopAsyncIteration:
+        call.finish()
+    except GeneratorExit:
+        call.finish()
+        raise
+    except BaseException as error:
+        call.finish(type(error))
+        raise
+
+
+_native._set_drivers(
+    _drive_coroutine, _drive_generator, _drive_iterable_coroutine, _drive_async_generator
+)
+
+
+def _same_series(core: _native.MeterCore, function: Any) -> bool:
+    """Whether ``function`` is already metered into the series ``core`` records into."""
+    existing = getattr(function, "__meterage_meter__", None)
+    return (
+        isinstance(existing, _native.MeterCore)
+        and existing.operation == core.operation
+        and existing.attributes == core.attributes
+    )
 
 
 def decorate(core: _native.MeterCore, function: F) -> F:
@@ -31,63 +94,14 @@ def decorate(core: _native.MeterCore, function: F) -> F:
             f"meterage.meter cannot decorate the class {function.__qualname__}: the result would "
             "no longer be a class; decorate its __init__ (or __call__) instead"
         )
-    if inspect.iscoroutinefunction(function):
-        return _coroutine_function(core, function)
-    if inspect.isasyncgenfunction(function):
-        return _async_generator_function(core, function)
-    if inspect.isgeneratorfunction(function):
-        return _generator_function(core, function)
+    if _same_series(core, function):
+        # Metered twice into one series would count every call twice: meter the original
+        # once, with these settings.
+        function = function.__wrapped__
     metered = core.wrap(function)
     functools.update_wrapper(metered, function)
+    for name in _FUNCTION_LIKE:
+        if hasattr(function, name) and types.FunctionType is type(function):
+            setattr(metered, name, getattr(function, name))
+    metered.__meterage_meter__ = core
     return metered  # type: ignore[no-any-return]
-
-
-def _coroutine_function(core: _native.MeterCore, function: Any) -> Any:
-    steps = core.steps
-
-    @functools.wraps(function)
-    async def metered(*args: Any, **kwargs: Any) -> Any:
-        return await steps(function(*args, **kwargs))
-
-    return metered
-
-
-def _generator_function(core: _native.MeterCore, function: Any) -> Any:
-    steps = core.steps
-
-    @functools.wraps(function)
-    def metered(*args: Any, **kwargs: Any) -> Any:
-        return (yield from steps(function(*args, **kwargs)))
-
-    return metered
-
-
-def _async_generator_function(core: _native.MeterCore, function: Any) -> Any:
-    # An async generator cannot delegate with `yield from`, so this forwards asend,
-    # athrow and aclose by hand, metering each awaitable's steps as part of one call.
-    @functools.wraps(function)
-    async def metered(*args: Any, **kwargs: Any) -> Any:
-        inner = function(*args, **kwargs)
-        call = core.call()
-        try:
-            value = await call.steps(inner.asend(None))
-            while True:
-                try:
-                    sent = yield value
-                except GeneratorExit:
-                    await call.steps(inner.aclose())
-                    raise
-                except BaseException as thrown:  # forwarded into the generator as is
-                    value = await call.steps(inner.athrow(thrown))
-                else:
-                    value = await call.steps(inner.asend(sent))
-        except StopAsyncIteration:
-            call.finish()
-        except GeneratorExit:
-            call.finish()
-            raise
-        except BaseException as error:
-            call.finish(type(error))
-            raise
-
-    return metered

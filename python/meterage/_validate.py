@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from meterage._native import MIN_SAMPLE
+
 
 def check_name(what: str, name: Any) -> str:
     if not isinstance(name, str):
@@ -14,8 +16,8 @@ def check_name(what: str, name: Any) -> str:
     return name
 
 
-def check_fraction(what: str, value: Any) -> float | None:
-    """None, or a number in (0, 1]."""
+def check_fraction(what: str, value: Any, *, minimum: float = 0.0) -> float | None:
+    """None, or a number in (0, 1] (in [minimum, 1] when a minimum is given)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -24,9 +26,19 @@ def check_fraction(what: str, value: Any) -> float | None:
         number = float(value)
     except OverflowError:
         raise ValueError(f"{what} must be in (0, 1], got {value!r}") from None
+    if minimum > 0 and not (math.isnan(number) or number > 1) and number < minimum:
+        raise ValueError(
+            f"{what} must be between {minimum:g} and 1, got {value!r}: below one call in "
+            f"{1 / minimum:,.0f}, a probed call would stand for more calls than a process makes"
+        )
     if math.isnan(number) or not 0 < number <= 1:
         raise ValueError(f"{what} must be in (0, 1], got {value!r}")
     return number
+
+
+def check_sample(value: Any) -> float | None:
+    """None, or a fixed probing rate in [MIN_SAMPLE, 1]."""
+    return check_fraction("sample", value, minimum=MIN_SAMPLE)
 
 
 def check_text(what: str, value: Any) -> str:
@@ -44,3 +56,20 @@ def check_positive_int(what: str, value: Any, *, maximum: int) -> int | None:
     if not 1 <= value <= maximum:
         raise ValueError(f"{what} must be between 1 and {maximum}, got {value!r}")
     return value
+
+
+def check_probe_names(probes: Any) -> tuple[str, ...] | None:
+    """None, or the probe names as a tuple (the native layer checks each name)."""
+    if probes is None:
+        return None
+    if isinstance(probes, str):
+        raise TypeError(
+            f'probes must be a tuple of probe names such as ("cpu", "io"), not the str {probes!r}'
+        )
+    try:
+        return tuple(probes)
+    except TypeError:
+        raise TypeError(
+            'probes must be a tuple of probe names such as ("cpu", "io"), not '
+            f"{type(probes).__name__}"
+        ) from None

@@ -88,9 +88,138 @@ impl From<&str> for AttributeValue {
     }
 }
 
-/// An immutable set of attributes, sorted by key with unique keys, cheap to clone.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
-pub struct AttributeSet(Arc<[(Arc<str>, AttributeValue)]>);
+/// A borrowed attribute value: what a lookup compares and hashes without allocating.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ValueRef<'a> {
+    Str(&'a str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl AttributeValue {
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Self::Str(value) => ValueRef::Str(value),
+            Self::Int(value) => ValueRef::Int(*value),
+            Self::Float(value) => ValueRef::Float(*value),
+            Self::Bool(value) => ValueRef::Bool(*value),
+        }
+    }
+
+    /// Whether this value is `other` (floats bitwise, types distinct).
+    pub fn is(&self, other: ValueRef<'_>) -> bool {
+        match (self, other) {
+            (Self::Str(a), ValueRef::Str(b)) => **a == *b,
+            (Self::Int(a), ValueRef::Int(b)) => *a == b,
+            (Self::Float(a), ValueRef::Float(b)) => a.to_bits() == b.to_bits(),
+            (Self::Bool(a), ValueRef::Bool(b)) => *a == b,
+            _ => false,
+        }
+    }
+}
+
+fn hasher_seed() -> &'static foldhash::fast::RandomState {
+    static SEED: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();
+    SEED.get_or_init(foldhash::fast::RandomState::default)
+}
+
+/// The hash of one key/value pair. A set's hash adds its pairs' hashes, so it does not
+/// depend on their order: a lookup can hash a Python dict as it iterates, with no sorting
+/// and no allocation, and get the hash of the sorted set. Seeded per process, so attribute
+/// values chosen by an attacker cannot be made to collide.
+pub fn pair_hash(key: &str, value: ValueRef<'_>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = hasher_seed().build_hasher();
+    hasher.write(key.as_bytes());
+    hasher.write_u8(0xff); // no key is a prefix of another key's bytes plus a value
+    match value {
+        ValueRef::Str(text) => {
+            hasher.write_u8(0);
+            hasher.write(text.as_bytes());
+        }
+        ValueRef::Int(number) => {
+            hasher.write_u8(1);
+            hasher.write_u64(number as u64);
+        }
+        ValueRef::Float(number) => {
+            hasher.write_u8(2);
+            hasher.write_u64(number.to_bits());
+        }
+        ValueRef::Bool(flag) => {
+            hasher.write_u8(3);
+            hasher.write_u8(flag.into());
+        }
+    }
+    hasher.finish()
+}
+
+/// Combines pair hashes (in any order) and the number of pairs into a set's hash.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetHasher {
+    sum: u64,
+    len: u64,
+}
+
+impl SetHasher {
+    #[inline]
+    pub fn add(&mut self, key: &str, value: ValueRef<'_>) {
+        self.sum = self.sum.wrapping_add(pair_hash(key, value));
+        self.len += 1;
+    }
+
+    #[inline]
+    pub fn finish(self) -> u64 {
+        // splitmix64's finaliser over the sum and the length.
+        let mut z = self.sum ^ self.len.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// An immutable set of attributes, sorted by key with unique keys, cheap to clone. Its
+/// hash is computed once, when it is built.
+#[derive(Clone, Debug)]
+pub struct AttributeSet {
+    pairs: Arc<[(Arc<str>, AttributeValue)]>,
+    hash: u64,
+}
+
+impl Default for AttributeSet {
+    fn default() -> Self {
+        AttributeSet {
+            pairs: Arc::from([]),
+            hash: SetHasher::default().finish(),
+        }
+    }
+}
+
+impl PartialEq for AttributeSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.pairs == other.pairs
+    }
+}
+
+impl Eq for AttributeSet {}
+
+impl Hash for AttributeSet {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for AttributeSet {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for AttributeSet {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.pairs.cmp(&other.pairs)
+    }
+}
 
 /// The attribute OpenTelemetry puts on the series that absorbs values past the
 /// cardinality limit.
@@ -111,7 +240,30 @@ impl AttributeSet {
                 _ => unique.push(pair),
             }
         }
-        AttributeSet(unique.into())
+        let mut hasher = SetHasher::default();
+        for (key, value) in &unique {
+            hasher.add(key, value.as_ref());
+        }
+        AttributeSet {
+            pairs: unique.into(),
+            hash: hasher.finish(),
+        }
+    }
+
+    /// The set's hash: equal to [`SetHasher`] over the same pairs in any order.
+    pub fn hash_value(&self) -> u64 {
+        self.hash
+    }
+
+    /// Whether this set holds exactly `len` pairs and `pair(key)` is each key's value here
+    /// (a lookup from borrowed data, e.g. a Python dict, with no set built).
+    pub fn matches<'a>(
+        &self,
+        len: usize,
+        mut pairs: impl Iterator<Item = (&'a str, ValueRef<'a>)>,
+    ) -> bool {
+        len == self.pairs.len()
+            && pairs.all(|(key, value)| self.get(key).is_some_and(|mine| mine.is(value)))
     }
 
     pub fn empty() -> Self {
@@ -120,7 +272,7 @@ impl AttributeSet {
 
     /// This set with `extra` added (its values win over this set's).
     pub fn merged(&self, extra: impl IntoIterator<Item = (Arc<str>, AttributeValue)>) -> Self {
-        Self::new(self.0.iter().cloned().chain(extra))
+        Self::new(self.pairs.iter().cloned().chain(extra))
     }
 
     /// This set with one more attribute.
@@ -133,28 +285,28 @@ impl AttributeSet {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &AttributeValue)> {
-        self.0.iter().map(|(key, value)| (&**key, value))
+        self.pairs.iter().map(|(key, value)| (&**key, value))
     }
 
     pub fn get(&self, key: &str) -> Option<&AttributeValue> {
-        self.0
+        self.pairs
             .binary_search_by(|(probe, _)| (**probe).cmp(key))
             .ok()
-            .map(|index| &self.0[index].1)
+            .map(|index| &self.pairs[index].1)
     }
 
     /// Where this set's pairs live: equal for clones of one set, so a value derived from a
     /// set can be cached by it while the set is alive.
     pub fn address(&self) -> usize {
-        self.0.as_ptr() as usize
+        self.pairs.as_ptr() as usize
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.pairs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.pairs.is_empty()
     }
 }
 
@@ -211,6 +363,38 @@ mod tests {
         let short = set(&[("a", "x".into())]);
         let long = set(&[("a", "x".into()), ("b", "y".into())]);
         assert!(short < long);
+    }
+
+    #[test]
+    fn the_hash_does_not_depend_on_the_order_and_matches_borrowed_pairs() {
+        let a = set(&[("b", AttributeValue::Int(1)), ("a", "x".into())]);
+        let mut hasher = SetHasher::default();
+        hasher.add("b", ValueRef::Int(1));
+        hasher.add("a", ValueRef::Str("x"));
+        assert_eq!(a.hash_value(), hasher.finish());
+        assert!(a.matches(
+            2,
+            [("b", ValueRef::Int(1)), ("a", ValueRef::Str("x"))].into_iter()
+        ));
+        assert!(!a.matches(
+            2,
+            [("b", ValueRef::Bool(true)), ("a", ValueRef::Str("x"))].into_iter()
+        ));
+        assert!(!a.matches(1, [("a", ValueRef::Str("x"))].into_iter()));
+        // Types and values that Python calls equal are distinct attributes here.
+        let one = set(&[("n", AttributeValue::Int(1))]);
+        let yes = set(&[("n", AttributeValue::Bool(true))]);
+        let float = set(&[("n", AttributeValue::Float(1.0))]);
+        assert_ne!(one.hash_value(), yes.hash_value());
+        assert_ne!(one.hash_value(), float.hash_value());
+        assert_ne!(
+            set(&[("ab", "c".into())]).hash_value(),
+            set(&[("a", "bc".into())]).hash_value()
+        );
+        assert_eq!(
+            AttributeSet::empty().hash_value(),
+            AttributeSet::new([]).hash_value()
+        );
     }
 
     #[test]

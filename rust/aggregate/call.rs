@@ -9,7 +9,7 @@ use super::registry::{registry, Operation};
 use super::sampling::{Sampler, SamplingMode};
 use super::series::CallSeries;
 use super::series_map::SeriesData;
-use crate::probe::{monotonic_ns, ProbeSet, Reading};
+use crate::probe::{fork, monotonic_ns, ProbeSet, Reading};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,15 +19,21 @@ pub struct MeterCore {
     attributes: AttributeSet,
     series: Arc<CallSeries>,
     probes: ProbeSet,
-    sampler: Sampler,
+    mode: SamplingMode,
+    sampler: Arc<Sampler>,
     /// Series of failed calls by exception class name: looked up once per class.
     error_series: ArcSwap<Vec<(Box<str>, Arc<CallSeries>)>>,
+    /// Whether a call returned an awaitable that is not a coroutine (warned about once).
+    warned_awaitable: AtomicBool,
 }
 
 /// State taken before a call.
 #[derive(Clone, Copy, Debug)]
 pub struct CallStart {
     wall_ns: u64,
+    /// The fork generation the call started in: a call in flight when the process forks is
+    /// its parent's, and the child neither records it nor uncounts it.
+    generation: u64,
     /// Whether this call was counted in flight (and so must be uncounted at its end).
     counted: bool,
     /// The probe reading and the call's weight, when the call was chosen for probing.
@@ -56,6 +62,7 @@ pub struct Measured {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SteppedCall {
     started_ns: Option<u64>,
+    generation: u64,
     counted: bool,
     weight: Option<f64>,
     total: Reading,
@@ -89,13 +96,39 @@ fn cap_cpu(mut delta: Reading, duration_ns: u64) -> Reading {
 }
 
 impl MeterCore {
+    /// The meter of `operation` with these settings: one made earlier if the operation kept
+    /// it (so an inline `meterage.meter(...)` costs a lookup), else a new one.
+    pub fn get(
+        operation: &str,
+        attributes: AttributeSet,
+        probes: ProbeSet,
+        mode: SamplingMode,
+    ) -> Arc<MeterCore> {
+        let operation = registry().operation(operation);
+        if let Some(core) = operation.reused_meter(&attributes, probes, mode) {
+            return core;
+        }
+        let core = Arc::new(Self::build(operation, attributes, probes, mode));
+        core.operation.keep_meter(&core);
+        core
+    }
+
+    /// A new meter of `operation` (not kept for reuse).
     pub fn new(
         operation: &str,
         attributes: AttributeSet,
         probes: ProbeSet,
         mode: SamplingMode,
     ) -> MeterCore {
-        let operation = registry().operation(operation);
+        Self::build(registry().operation(operation), attributes, probes, mode)
+    }
+
+    fn build(
+        operation: Arc<Operation>,
+        attributes: AttributeSet,
+        probes: ProbeSet,
+        mode: SamplingMode,
+    ) -> MeterCore {
         operation.request_probes(probes);
         if probes.contains(ProbeSet::CPU) {
             // One-time calibration, here rather than inside the first probed call.
@@ -103,13 +136,38 @@ impl MeterCore {
         }
         let series = operation.series.get_or_create(&attributes);
         MeterCore {
+            sampler: operation.sampler(mode),
             operation,
             attributes,
             series,
             probes,
-            sampler: Sampler::new(mode),
+            mode,
             error_series: ArcSwap::from_pointee(Vec::new()),
+            warned_awaitable: AtomicBool::new(false),
         }
+    }
+
+    /// True the first time only: whether to warn that a call returned a plain awaitable.
+    pub fn first_awaitable_warning(&self) -> bool {
+        !self.warned_awaitable.swap(true, Ordering::Relaxed)
+    }
+
+    /// Gives up a started call that will not be recorded (its work happens later, in the
+    /// steps of the object it returned): it is no longer in flight.
+    pub fn abandon(&self, start: CallStart) {
+        if start.generation == fork::generation() {
+            self.leave_active(start.counted, start.generation);
+        }
+    }
+
+    /// Whether this meter was made with these settings.
+    pub fn has_settings(
+        &self,
+        attributes: &AttributeSet,
+        probes: ProbeSet,
+        mode: SamplingMode,
+    ) -> bool {
+        self.probes == probes && self.mode == mode && self.attributes == *attributes
     }
 
     pub fn operation_name(&self) -> &str {
@@ -127,21 +185,18 @@ impl MeterCore {
     /// Counts a call in flight on this meter's series, when tracking is on; returns whether
     /// it did (the call's end must then uncount it).
     #[inline(always)]
-    pub fn enter_active(&self) -> bool {
+    pub fn enter_active(&self, generation: u64) -> bool {
         if !TRACK_ACTIVE.load(Ordering::Relaxed) {
             return false;
         }
-        self.series.active.fetch_add(1, Ordering::Relaxed);
-        if !self.series.tracks_active.load(Ordering::Relaxed) {
-            self.series.tracks_active.store(true, Ordering::Relaxed);
-        }
+        self.series.active.enter(generation);
         true
     }
 
     #[inline(always)]
-    pub fn leave_active(&self, counted: bool) {
+    pub fn leave_active(&self, counted: bool, generation: u64) {
         if counted {
-            self.series.active.fetch_sub(1, Ordering::Relaxed);
+            self.series.active.leave(generation);
         }
     }
 
@@ -171,10 +226,12 @@ impl MeterCore {
     /// Before the call: decide whether to probe it, read the probes if so, start the clock.
     #[inline(always)]
     pub fn begin(&self) -> CallStart {
-        let counted = self.enter_active();
+        let generation = fork::generation();
+        let counted = self.enter_active(generation);
         match self.decide() {
             None => CallStart {
                 counted,
+                generation,
                 wall_ns: monotonic_ns(),
                 sample: None,
                 probes_began_ns: 0,
@@ -184,6 +241,7 @@ impl MeterCore {
                 let reading = Reading::take_before(self.probes);
                 CallStart {
                     counted,
+                    generation,
                     wall_ns: monotonic_ns(),
                     sample: Some((reading, weight)),
                     probes_began_ns,
@@ -192,13 +250,37 @@ impl MeterCore {
         }
     }
 
-    /// After the call: stop the clock and read the probes. Recording is separate so the
-    /// series (which can depend on the outcome) is chosen outside the timed span.
+    /// Before a call of a meter without probes: the clock only.
     #[inline(always)]
-    pub fn stop(&self, start: CallStart) -> Measured {
+    pub fn begin_timer(&self) -> CallStart {
+        let generation = fork::generation();
+        CallStart {
+            counted: self.enter_active(generation),
+            generation,
+            wall_ns: monotonic_ns(),
+            sample: None,
+            probes_began_ns: 0,
+        }
+    }
+
+    /// After the call: stop the clock and read the probes; None for a call that started
+    /// before this process was forked from its parent (the parent records it). Recording is
+    /// separate so the series (which can depend on the outcome) is chosen outside the
+    /// timed span.
+    #[inline(always)]
+    pub fn stop(&self, start: CallStart) -> Option<Measured> {
         let wall_end = monotonic_ns();
-        self.leave_active(start.counted);
+        if start.generation != fork::generation() {
+            return None;
+        }
+        self.leave_active(start.counted, start.generation);
         let duration_ns = wall_end.saturating_sub(start.wall_ns);
+        if start.sample.is_none() {
+            return Some(Measured {
+                duration_ns,
+                sample: None,
+            });
+        }
         let sample = start.sample.and_then(|(before, weight)| {
             let delta = Reading::take_after(self.probes).since(&before);
             if self.sampler.is_adaptive() {
@@ -208,10 +290,10 @@ impl MeterCore {
             }
             delta.map(|delta| (cap_cpu(delta, duration_ns), weight))
         });
-        Measured {
+        Some(Measured {
             duration_ns,
             sample,
-        }
+        })
     }
 
     #[inline(always)]
@@ -228,8 +310,9 @@ impl MeterCore {
     /// `stop` then `record`.
     #[inline(always)]
     pub fn end(&self, start: CallStart, series: &CallSeries) {
-        let measured = self.stop(start);
-        self.record(&measured, series);
+        if let Some(measured) = self.stop(start) {
+            self.record(&measured, series);
+        }
     }
 
     /// Before one step of a stepped call; the first step decides sampling and starts
@@ -249,7 +332,8 @@ impl MeterCore {
             step.reading_cost_ns = self.probe_clock().saturating_sub(began);
         }
         if call.started_ns.is_none() {
-            call.counted = self.enter_active();
+            call.generation = fork::generation();
+            call.counted = self.enter_active(call.generation);
             call.started_ns = Some(monotonic_ns());
         }
         step
@@ -268,11 +352,14 @@ impl MeterCore {
         }
     }
 
-    /// Stops the clock of a finished stepped call; `None` if it never took a step (then
-    /// there is nothing to record).
+    /// Stops the clock of a finished stepped call; `None` if it never took a step, or
+    /// started before this process was forked (then there is nothing to record).
     pub fn stop_stepped(&self, call: &SteppedCall) -> Option<Measured> {
         let started = call.started_ns?;
-        self.leave_active(call.counted);
+        if call.generation != fork::generation() {
+            return None;
+        }
+        self.leave_active(call.counted, call.generation);
         let duration_ns = monotonic_ns().saturating_sub(started);
         let sample = match call.weight {
             Some(weight) if !call.broken => {
@@ -382,7 +469,7 @@ mod tests {
         core.end(start, core.series());
         std::fs::remove_file(path).unwrap();
         assert_eq!(core.series().duration.snapshot().count, 1);
-        let written = core.series().probes[measure::IO_WRITE].snapshot();
+        let written = core.series().probe(measure::IO_WRITE).unwrap().snapshot();
         assert_eq!((written.count, written.sum), (1, 1000.0));
     }
 
@@ -399,7 +486,7 @@ mod tests {
             core.end(start, core.series());
         }
         assert_eq!(core.series().duration.snapshot().count, 10);
-        assert!(core.series().probes.iter().all(|h| h.is_empty()));
+        assert!(core.series().probes().is_none());
     }
 
     #[test]
@@ -425,7 +512,7 @@ mod tests {
             busy(5);
         }
         core.record(&core.stop_stepped(&call).unwrap(), core.series());
-        let cpu = core.series().probes[measure::CPU_TIME].snapshot();
+        let cpu = core.series().probe(measure::CPU_TIME).unwrap().snapshot();
         assert_eq!(cpu.count, 1);
         // 6 ms of own steps out of ~21 ms busy; allow scheduling noise but not the 15 ms gap.
         assert!(cpu.sum > 0.003 && cpu.sum < 0.012, "cpu {}", cpu.sum);
@@ -466,8 +553,16 @@ mod tests {
             .count() as u64;
         assert_eq!(failed, expected_failed);
         // Probed calls: a fair coin per call; 160k draws have sd ~200.
-        let probed = core.series().probes[measure::FAULTS_MINOR].snapshot().count
-            + core.error_series("Boom").probes[measure::FAULTS_MINOR]
+        let probed = core
+            .series()
+            .probe(measure::FAULTS_MINOR)
+            .unwrap()
+            .snapshot()
+            .count
+            + core
+                .error_series("Boom")
+                .probe(measure::FAULTS_MINOR)
+                .unwrap()
                 .snapshot()
                 .count;
         assert!((probed as i64 - 80_000).abs() < 2_000, "probed {probed}");

@@ -3,7 +3,8 @@
 //! configured), never on the plain hot path; a contended slot skips the exemplar rather
 //! than wait.
 
-use std::sync::Mutex;
+use std::ptr;
+use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
 
 /// One call that landed in a histogram range, with the span it ran in.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -18,9 +19,39 @@ pub struct Exemplar {
 const SLOTS: usize = 64;
 const LOWEST_EXPONENT: i32 = -31;
 
+/// One exemplar under a sequence number: even and non-zero when it holds one, odd while a
+/// writer fills it. No lock, so a fork can never leave one held in the child.
 #[derive(Default)]
+struct Slot {
+    sequence: AtomicU64,
+    value: AtomicU64,
+    time_unix_ns: AtomicU64,
+    trace_high: AtomicU64,
+    trace_low: AtomicU64,
+    span_id: AtomicU64,
+}
+
+/// A series' exemplar slots: a pointer until tracing offers the first one (then 3 KiB).
 pub struct ExemplarSlots {
-    slots: Mutex<Vec<Option<Exemplar>>>,
+    slots: AtomicPtr<[Slot; SLOTS]>,
+}
+
+impl Default for ExemplarSlots {
+    fn default() -> Self {
+        ExemplarSlots {
+            slots: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+}
+
+impl Drop for ExemplarSlots {
+    fn drop(&mut self) {
+        let slots = *self.slots.get_mut();
+        if !slots.is_null() {
+            // SAFETY: allocated by `offer` with Box::into_raw; `&mut self`: no other users.
+            drop(unsafe { Box::from_raw(slots) });
+        }
+    }
 }
 
 fn slot_of(value: f64) -> usize {
@@ -33,28 +64,96 @@ fn slot_of(value: f64) -> usize {
 }
 
 impl ExemplarSlots {
-    /// Keeps `exemplar` as its range's most recent (skipped if another thread holds the slots).
+    fn slots(&self) -> Option<&[Slot; SLOTS]> {
+        let slots = self.slots.load(Ordering::Acquire);
+        // SAFETY: published by `offer`, freed only by Drop.
+        (!slots.is_null()).then(|| unsafe { &*slots })
+    }
+
+    /// Keeps `exemplar` as its range's most recent (skipped if another thread is writing
+    /// that range's slot).
     pub fn offer(&self, exemplar: Exemplar) {
-        if let Ok(mut slots) = self.slots.try_lock() {
-            if slots.is_empty() {
-                slots.resize(SLOTS, None);
+        let slots = match self.slots() {
+            Some(slots) => slots,
+            None => {
+                let fresh = Box::into_raw(Box::new(std::array::from_fn(|_| Slot::default())));
+                match self.slots.compare_exchange(
+                    ptr::null_mut(),
+                    fresh,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    // SAFETY: just published; freed only by Drop.
+                    Ok(_) => unsafe { &*fresh },
+                    Err(winner) => {
+                        // SAFETY: `fresh` was never published; the winner lives until Drop.
+                        unsafe {
+                            drop(Box::from_raw(fresh));
+                            &*winner
+                        }
+                    }
+                }
             }
-            slots[slot_of(exemplar.value)] = Some(exemplar);
+        };
+        let slot = &slots[slot_of(exemplar.value)];
+        let sequence = slot.sequence.load(Ordering::Relaxed);
+        if sequence % 2 == 1
+            || slot
+                .sequence
+                .compare_exchange(sequence, sequence + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
         }
+        slot.value
+            .store(exemplar.value.to_bits(), Ordering::Relaxed);
+        slot.time_unix_ns
+            .store(exemplar.time_unix_ns, Ordering::Relaxed);
+        slot.trace_high
+            .store((exemplar.trace_id >> 64) as u64, Ordering::Relaxed);
+        slot.trace_low
+            .store(exemplar.trace_id as u64, Ordering::Relaxed);
+        slot.span_id.store(exemplar.span_id, Ordering::Relaxed);
+        slot.sequence.store(sequence + 2, Ordering::Release);
     }
 
-    /// The exemplars held, lowest range first.
+    /// The exemplars held, lowest range first (a slot being written is left out).
     pub fn snapshot(&self) -> Vec<Exemplar> {
-        self.slots
-            .lock()
-            .map(|slots| slots.iter().flatten().copied().collect())
-            .unwrap_or_default()
+        let Some(slots) = self.slots() else {
+            return Vec::new();
+        };
+        slots
+            .iter()
+            .filter_map(|slot| {
+                let before = slot.sequence.load(Ordering::Acquire);
+                if before == 0 || before % 2 == 1 {
+                    return None;
+                }
+                let exemplar = Exemplar {
+                    value: f64::from_bits(slot.value.load(Ordering::Relaxed)),
+                    time_unix_ns: slot.time_unix_ns.load(Ordering::Relaxed),
+                    trace_id: (u128::from(slot.trace_high.load(Ordering::Relaxed)) << 64)
+                        | u128::from(slot.trace_low.load(Ordering::Relaxed)),
+                    span_id: slot.span_id.load(Ordering::Relaxed),
+                };
+                fence(Ordering::Acquire);
+                (slot.sequence.load(Ordering::Relaxed) == before).then_some(exemplar)
+            })
+            .collect()
     }
 
+    /// Forgets every exemplar (a writer racing with it may keep its own).
     pub fn reset(&self) {
-        if let Ok(mut slots) = self.slots.lock() {
-            slots.clear();
+        if let Some(slots) = self.slots() {
+            for slot in slots {
+                slot.sequence.store(0, Ordering::Release);
+            }
         }
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.slots()
+            .map_or(0, |_| std::mem::size_of::<[Slot; SLOTS]>())
     }
 }
 

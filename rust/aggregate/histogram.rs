@@ -17,6 +17,7 @@
 //! whatever synchronisation hands the histogram to the reader (thread join, a lock, ...).
 //! Directory pointers use Release/Acquire so a reader of a pointer sees the zeroed chunk.
 
+use super::boundaries;
 use std::fmt;
 use std::ptr;
 use std::sync::atomic::{
@@ -27,12 +28,10 @@ use std::sync::atomic::{
 /// The scale every [`AtomicHistogram`] records at (base `2^(2^-4)`).
 pub const SCALE: i32 = 4;
 
-const SUB: usize = 1 << SCALE; // buckets per octave
-const CHUNKS_PER_GROUP: usize = 64;
-const GROUPS: usize = 32;
-const SLOTS: usize = GROUPS * CHUNKS_PER_GROUP * SUB; // 2^15 covers every f64 index at scale 4
+pub(super) const SUB: usize = 1 << SCALE; // buckets per octave
+pub(super) const SLOTS: usize = 1 << 15; // covers every f64 index at scale 4
 /// slot = bucket index + SLOT_BIAS; indices span -16353 (2^-1022 and subnormals) ..= 16383.
-const SLOT_BIAS: i32 = 16384;
+pub(super) const SLOT_BIAS: i32 = 16384;
 const MANT_MASK: u64 = (1 << 52) - 1;
 const SIGN_BIT: u64 = 1 << 63;
 const MIN_NORMAL_BITS: u64 = 1 << 52; // f64::MIN_POSITIVE
@@ -93,9 +92,14 @@ const CANDIDATE: [u8; 256] = {
 /// Sign is ignored and the result is masked into range, so precondition violations in release
 /// builds record garbage but never panic or touch memory out of bounds.
 #[inline(always)]
-fn slot_of_bits(bits: u64) -> usize {
+pub(super) const fn slot_of_bits(bits: u64) -> usize {
     // Subnormals are raised to MIN_POSITIVE: they share the lowest normal bucket.
-    let bits = (bits & !SIGN_BIT).max(MIN_NORMAL_BITS);
+    let bits = bits & !SIGN_BIT;
+    let bits = if bits < MIN_NORMAL_BITS {
+        MIN_NORMAL_BITS
+    } else {
+        bits
+    };
     let e = (bits >> 52) as usize; // biased exponent, >= 1
     let m = bits & MANT_MASK;
     let c = CANDIDATE[(m >> 44) as usize] as usize;
@@ -160,12 +164,13 @@ pub fn lower_boundary(index: i32, scale: i32) -> f64 {
     lower_boundary_i64(index as i64, scale)
 }
 
-/// `f64` stored as bits: `v += x` via a CAS loop.
+/// `f64` stored as bits: `v += x` via a CAS loop, saturating at `f64::MAX` (two values near
+/// the top of the range would otherwise make the sum infinite, which no exporter accepts).
 #[inline]
 fn add_f64(a: &AtomicU64, x: f64) {
     let mut cur = a.load(Relaxed);
     loop {
-        let new = (f64::from_bits(cur) + x).to_bits();
+        let new = (f64::from_bits(cur) + x).min(f64::MAX).to_bits();
         match a.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
             Ok(_) => return,
             Err(seen) => cur = seen,
@@ -173,43 +178,75 @@ fn add_f64(a: &AtomicU64, x: f64) {
     }
 }
 
+/// The counters of one octave (16 buckets), and how many of its values fell at or below
+/// each explicit boundary that cuts one of its buckets (see [`boundaries`]).
 struct Chunk {
     counts: [AtomicU64; SUB],
+    below: [AtomicU64; boundaries::CUTS_PER_OCTAVE],
 }
 
-struct Group {
-    chunks: [AtomicPtr<Chunk>; CHUNKS_PER_GROUP],
-}
-
-fn new_chunk() -> Box<Chunk> {
-    Box::new(Chunk {
+fn new_chunk() -> *mut Chunk {
+    Box::into_raw(Box::new(Chunk {
         counts: [const { AtomicU64::new(0) }; SUB],
-    })
+        below: [const { AtomicU64::new(0) }; boundaries::CUTS_PER_OCTAVE],
+    }))
 }
 
-fn new_group() -> Box<Group> {
-    Box::new(Group {
-        chunks: [const { AtomicPtr::new(ptr::null_mut()) }; CHUNKS_PER_GROUP],
-    })
+/// Octaves a histogram finds without the overflow directory: any 16 consecutive ones (a
+/// 65536x range of values), since entry `octave % 16` holds one octave for good.
+const TABLE: usize = 16;
+const OCTAVES: usize = SLOTS / SUB;
+const OCTAVES_PER_GROUP: usize = 64;
+const GROUPS: usize = OCTAVES / OCTAVES_PER_GROUP;
+/// A table entry is `(octave + 1) << KEY_SHIFT | chunk address`; user-space addresses fit
+/// below it on x86-64 and AArch64 (a chunk that does not goes to the overflow directory).
+const KEY_SHIFT: u32 = 48;
+const ADDRESS_MASK: u64 = (1 << KEY_SHIFT) - 1;
+
+/// Octaves whose table entry another octave holds: a two-level directory, allocated the
+/// first time a histogram's values spread over more than 16 octaves.
+struct Overflow {
+    groups: [AtomicPtr<[AtomicPtr<Chunk>; OCTAVES_PER_GROUP]>; GROUPS],
 }
 
-/// Installs a fresh node in an empty directory slot; a losing racer frees its node and uses
-/// the winner's.
+/// Installs `make()` in an empty slot; a losing racer frees its node and uses the winner's.
 #[cold]
 #[inline(never)]
-fn install<T>(slot: &AtomicPtr<T>, make: fn() -> Box<T>) -> *mut T {
-    let fresh = Box::into_raw(make());
+fn install<T>(slot: &AtomicPtr<T>, make: fn() -> *mut T, free: unsafe fn(*mut T)) -> *mut T {
+    let fresh = make();
     match slot.compare_exchange(ptr::null_mut(), fresh, AcqRel, Acquire) {
         Ok(_) => fresh,
         Err(winner) => {
-            // SAFETY: `fresh` came from Box::into_raw above and was never published.
-            drop(unsafe { Box::from_raw(fresh) });
+            // SAFETY: `fresh` came from `make` (Box::into_raw) and was never published.
+            unsafe { free(fresh) };
             winner
         }
     }
 }
 
+/// # Safety
+/// `pointer` came from `Box::into_raw` and is not used again.
+unsafe fn free_box<T>(pointer: *mut T) {
+    // SAFETY: guaranteed by the caller.
+    drop(unsafe { Box::from_raw(pointer) });
+}
+
+fn new_overflow() -> *mut Overflow {
+    Box::into_raw(Box::new(Overflow {
+        groups: [const { AtomicPtr::new(ptr::null_mut()) }; GROUPS],
+    }))
+}
+
+fn new_group() -> *mut [AtomicPtr<Chunk>; OCTAVES_PER_GROUP] {
+    Box::into_raw(Box::new(
+        [const { AtomicPtr::new(ptr::null_mut()) }; OCTAVES_PER_GROUP],
+    ))
+}
+
 /// Lock-free exponential histogram at [`SCALE`]; share it across threads (e.g. in an `Arc`).
+///
+/// 176 bytes, plus 144 per octave (power of two) that holds values: a histogram of call
+/// durations spread over a 1000x range takes under 2 KiB.
 pub struct AtomicHistogram {
     zero_count: AtomicU64,
     // f64 fields are stored as bits. Non-negative f64 bits order like the values, so min/max
@@ -218,7 +255,8 @@ pub struct AtomicHistogram {
     min: AtomicU64,
     max: AtomicU64,
     weighted_extra: AtomicU64,
-    groups: [AtomicPtr<Group>; GROUPS],
+    table: [AtomicU64; TABLE],
+    overflow: AtomicPtr<Overflow>,
 }
 
 impl Default for AtomicHistogram {
@@ -235,26 +273,69 @@ impl AtomicHistogram {
             min: AtomicU64::new(INF_BITS),
             max: AtomicU64::new(0),
             weighted_extra: AtomicU64::new(0),
-            groups: [const { AtomicPtr::new(ptr::null_mut()) }; GROUPS],
+            table: [const { AtomicU64::new(0) }; TABLE],
+            overflow: AtomicPtr::new(ptr::null_mut()),
         }
     }
 
-    /// Counter of a directory slot, allocating its group/chunk on first use.
+    /// The counters of `octave`, allocated on its first value.
     #[inline(always)]
-    fn counter(&self, slot: usize) -> &AtomicU64 {
-        let g = &self.groups[(slot >> 10) & (GROUPS - 1)];
-        let mut gp = g.load(Acquire);
-        if gp.is_null() {
-            gp = install(g, new_group);
+    fn chunk(&self, octave: usize) -> &Chunk {
+        let entry = self.table[octave & (TABLE - 1)].load(Acquire);
+        if entry >> KEY_SHIFT == octave as u64 + 1 {
+            // SAFETY: a published entry holds a chunk from `new_chunk`, freed only by Drop.
+            return unsafe { &*((entry & ADDRESS_MASK) as *const Chunk) };
         }
-        // SAFETY: non-null group pointers come from Box::into_raw and live until Drop.
-        let c = unsafe { &(*gp).chunks[(slot >> 4) & (CHUNKS_PER_GROUP - 1)] };
-        let mut cp = c.load(Acquire);
-        if cp.is_null() {
-            cp = install(c, new_chunk);
+        self.chunk_slow(octave)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn chunk_slow(&self, octave: usize) -> &Chunk {
+        let key = octave as u64 + 1;
+        let entry = &self.table[octave & (TABLE - 1)];
+        if entry.load(Acquire) == 0 {
+            let fresh = new_chunk();
+            let address = fresh as u64;
+            if address >> KEY_SHIFT == 0 {
+                match entry.compare_exchange(0, key << KEY_SHIFT | address, AcqRel, Acquire) {
+                    // SAFETY: just published; lives until Drop.
+                    Ok(_) => return unsafe { &*fresh },
+                    Err(_) => {
+                        // SAFETY: never published.
+                        unsafe { free_box(fresh) }
+                    }
+                }
+            } else {
+                // SAFETY: never published.
+                unsafe { free_box(fresh) }
+            }
+            let now = entry.load(Acquire);
+            if now >> KEY_SHIFT == key {
+                // SAFETY: as in `chunk`.
+                return unsafe { &*((now & ADDRESS_MASK) as *const Chunk) };
+            }
         }
-        // SAFETY: as above, for chunks.
-        unsafe { &(*cp).counts[slot & (SUB - 1)] }
+        // Another octave holds the entry for good: this one lives in the directory. (If
+        // an octave ever had chunks in both places, snapshots add them up.)
+        let mut overflow = self.overflow.load(Acquire);
+        if overflow.is_null() {
+            overflow = install(&self.overflow, new_overflow, free_box);
+        }
+        // SAFETY: published directory nodes live until Drop.
+        let group_slot = unsafe { &(*overflow).groups[octave / OCTAVES_PER_GROUP] };
+        let mut group = group_slot.load(Acquire);
+        if group.is_null() {
+            group = install(group_slot, new_group, free_box);
+        }
+        // SAFETY: as above.
+        let chunk_slot = unsafe { &(*group)[octave % OCTAVES_PER_GROUP] };
+        let mut chunk = chunk_slot.load(Acquire);
+        if chunk.is_null() {
+            chunk = install(chunk_slot, new_chunk, free_box);
+        }
+        // SAFETY: as above.
+        unsafe { &*chunk }
     }
 
     /// Records one value. Precondition: finite and `>= 0` (checked in debug builds only).
@@ -270,7 +351,14 @@ impl AtomicHistogram {
             return;
         }
         let bits = value.to_bits();
-        self.counter(slot_of_bits(bits)).fetch_add(1, Relaxed);
+        let slot = slot_of_bits(bits);
+        let chunk = self.chunk(slot / SUB);
+        chunk.counts[slot & (SUB - 1)].fetch_add(1, Relaxed);
+        if let Some(cut) = boundaries::cut_of_slot(slot) {
+            if bits <= cut.bits {
+                chunk.below[cut.position].fetch_add(1, Relaxed);
+            }
+        }
         // Loads first: the RMW is needed only while min/max still move.
         if bits < self.min.load(Relaxed) {
             self.min.fetch_min(bits, Relaxed);
@@ -302,20 +390,33 @@ impl AtomicHistogram {
         }
     }
 
-    /// Calls `f(first_slot, chunk)` for every allocated chunk, in index order.
+    /// Calls `f(octave, chunk)` for every allocated chunk, in no particular order.
     fn for_each_chunk(&self, mut f: impl FnMut(usize, &Chunk)) {
-        for (gi, g) in self.groups.iter().enumerate() {
-            let gp = g.load(Acquire);
-            if gp.is_null() {
+        for entry in &self.table {
+            let entry = entry.load(Acquire);
+            if entry != 0 {
+                // SAFETY: as in `chunk`.
+                f((entry >> KEY_SHIFT) as usize - 1, unsafe {
+                    &*((entry & ADDRESS_MASK) as *const Chunk)
+                });
+            }
+        }
+        let overflow = self.overflow.load(Acquire);
+        if overflow.is_null() {
+            return;
+        }
+        // SAFETY: published directory nodes live until Drop.
+        for (group_index, group) in unsafe { &(*overflow).groups }.iter().enumerate() {
+            let group = group.load(Acquire);
+            if group.is_null() {
                 continue;
             }
-            // SAFETY: see `counter`.
-            let group = unsafe { &*gp };
-            for (ci, c) in group.chunks.iter().enumerate() {
-                let cp = c.load(Acquire);
-                if !cp.is_null() {
-                    // SAFETY: see `counter`.
-                    f((gi * CHUNKS_PER_GROUP + ci) * SUB, unsafe { &*cp });
+            // SAFETY: as above.
+            for (index, chunk) in unsafe { &*group }.iter().enumerate() {
+                let chunk = chunk.load(Acquire);
+                if !chunk.is_null() {
+                    // SAFETY: as above.
+                    f(group_index * OCTAVES_PER_GROUP + index, unsafe { &*chunk });
                 }
             }
         }
@@ -324,18 +425,20 @@ impl AtomicHistogram {
     /// Point-in-time copy. Under concurrent writers each counter is read once; `count` is the
     /// sum of what was read, and `sum`/`min`/`max` may be a few records ahead or behind.
     pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut chunks: Vec<(usize, [u64; SUB])> = Vec::new();
-        self.for_each_chunk(|first_slot, chunk| {
-            let mut c = [0u64; SUB];
+        let mut chunks: Vec<(usize, [u64; SUB], [u64; boundaries::CUTS_PER_OCTAVE])> = Vec::new();
+        self.for_each_chunk(|octave, chunk| {
+            let mut counts = [0u64; SUB];
             let mut any = 0;
-            for (dst, src) in c.iter_mut().zip(&chunk.counts) {
+            for (dst, src) in counts.iter_mut().zip(&chunk.counts) {
                 *dst = src.load(Relaxed);
                 any |= *dst;
             }
             if any != 0 {
-                chunks.push((first_slot, c));
+                let below = std::array::from_fn(|i| chunk.below[i].load(Relaxed));
+                chunks.push((octave, counts, below));
             }
         });
+        chunks.sort_unstable_by_key(|&(octave, _, _)| octave);
         let zero_count = self.zero_count.load(Relaxed);
         let sum = f64::from_bits(self.sum.load(Relaxed));
         let weighted_extra = f64::from_bits(self.weighted_extra.load(Relaxed));
@@ -345,17 +448,27 @@ impl AtomicHistogram {
         let mut count = zero_count;
         let mut snap_offset = 0;
         let mut bucket_counts = Vec::new();
+        let mut cuts = Vec::new();
         if let (Some(first), Some(last)) = (chunks.first(), chunks.last()) {
             // Chunks kept above have a non-zero count, so both positions exist.
-            let lo = first.0 + first.1.iter().position(|&c| c != 0).unwrap_or(0);
-            let hi = last.0 + last.1.iter().rposition(|&c| c != 0).unwrap_or(SUB - 1);
+            let lo = first.0 * SUB + first.1.iter().position(|&c| c != 0).unwrap_or(0);
+            let hi = last.0 * SUB + last.1.iter().rposition(|&c| c != 0).unwrap_or(SUB - 1);
             bucket_counts = vec![0u64; hi - lo + 1];
-            for (first_slot, c) in &chunks {
-                for (i, &n) in c.iter().enumerate() {
-                    let s = first_slot + i;
-                    if (lo..=hi).contains(&s) {
-                        bucket_counts[s - lo] = n;
-                        count += n;
+            for (octave, counts, below) in &chunks {
+                for (i, &n) in counts.iter().enumerate() {
+                    let slot = octave * SUB + i;
+                    if n == 0 {
+                        continue;
+                    }
+                    bucket_counts[slot - lo] += n;
+                    count += n;
+                    if let Some(cut) = boundaries::cut_of_slot(slot) {
+                        let index = slot as i32 - SLOT_BIAS;
+                        let below = below[cut.position];
+                        match cuts.last_mut() {
+                            Some((last, total)) if *last == index => *total += below,
+                            _ => cuts.push((index, below)),
+                        }
                     }
                 }
             }
@@ -391,6 +504,7 @@ impl AtomicHistogram {
             offset: snap_offset,
             bucket_counts,
             weighted_extra,
+            cuts,
         }
     }
 
@@ -411,7 +525,7 @@ impl AtomicHistogram {
     /// (e.g. counted but not summed).
     pub fn reset(&self) {
         self.for_each_chunk(|_, chunk| {
-            for c in &chunk.counts {
+            for c in chunk.counts.iter().chain(&chunk.below) {
                 c.store(0, Relaxed);
             }
         });
@@ -422,36 +536,53 @@ impl AtomicHistogram {
         self.max.store(0, Relaxed);
     }
 
-    /// Bytes held: the struct plus allocated groups and chunks (allocator overhead excluded).
+    /// Bytes held: the struct plus allocated chunks and directory nodes (allocator overhead
+    /// excluded).
     pub fn memory_bytes(&self) -> usize {
-        let mut groups = 0;
-        for g in &self.groups {
-            if !g.load(Acquire).is_null() {
-                groups += 1;
-            }
-        }
         let mut chunks = 0;
         self.for_each_chunk(|_, _| chunks += 1);
-        std::mem::size_of::<Self>()
-            + groups * std::mem::size_of::<Group>()
-            + chunks * std::mem::size_of::<Chunk>()
+        let mut total = std::mem::size_of::<Self>() + chunks * std::mem::size_of::<Chunk>();
+        let overflow = self.overflow.load(Acquire);
+        if !overflow.is_null() {
+            total += std::mem::size_of::<Overflow>();
+            // SAFETY: published directory nodes live until Drop.
+            for group in unsafe { &(*overflow).groups } {
+                if !group.load(Acquire).is_null() {
+                    total += std::mem::size_of::<[AtomicPtr<Chunk>; OCTAVES_PER_GROUP]>();
+                }
+            }
+        }
+        total
     }
 }
 
 impl Drop for AtomicHistogram {
     fn drop(&mut self) {
-        for g in &mut self.groups {
-            let gp = *g.get_mut();
-            if gp.is_null() {
+        for entry in &mut self.table {
+            let entry = *entry.get_mut();
+            if entry != 0 {
+                // SAFETY: installed from `new_chunk`; `&mut self` means no other users remain.
+                unsafe { free_box((entry & ADDRESS_MASK) as *mut Chunk) };
+            }
+        }
+        let overflow = *self.overflow.get_mut();
+        if overflow.is_null() {
+            return;
+        }
+        // SAFETY: as above, for the directory and its nodes.
+        let mut overflow = unsafe { Box::from_raw(overflow) };
+        for group in &mut overflow.groups {
+            let group = *group.get_mut();
+            if group.is_null() {
                 continue;
             }
-            // SAFETY: installed via Box::into_raw; `&mut self` means no other users remain.
-            let mut group = unsafe { Box::from_raw(gp) };
-            for c in &mut group.chunks {
-                let cp = *c.get_mut();
-                if !cp.is_null() {
+            // SAFETY: as above.
+            let mut group = unsafe { Box::from_raw(group) };
+            for chunk in group.iter_mut() {
+                let chunk = *chunk.get_mut();
+                if !chunk.is_null() {
                     // SAFETY: as above.
-                    drop(unsafe { Box::from_raw(cp) });
+                    unsafe { free_box(chunk) };
                 }
             }
         }
@@ -489,6 +620,10 @@ pub struct HistogramSnapshot {
     pub bucket_counts: Vec<u64>,
     /// Horvitz-Thompson correction: `estimated_sum = sum + weighted_extra`.
     pub weighted_extra: f64,
+    /// For buckets an exported explicit boundary cuts (see [`boundaries`]): (bucket index,
+    /// how many of its values are at or below the boundary), ascending by index. Only at
+    /// the recording scale; a downscaled snapshot has none.
+    pub cuts: Vec<(i32, u64)>,
 }
 
 /// 1-based nearest rank: `max(1, ceil(q * n))`, capped at `n`.
@@ -508,6 +643,7 @@ impl HistogramSnapshot {
             offset: 0,
             bucket_counts: Vec::new(),
             weighted_extra: 0.0,
+            cuts: Vec::new(),
         }
     }
 
@@ -591,8 +727,23 @@ impl HistogramSnapshot {
         }
         self.count += other.count;
         self.zero_count += other.zero_count;
-        self.sum += other.sum;
-        self.weighted_extra += other.weighted_extra;
+        self.sum = (self.sum + other.sum).min(f64::MAX);
+        self.weighted_extra = (self.weighted_extra + other.weighted_extra).min(f64::MAX);
+        if scale == SCALE {
+            let mut cuts = std::mem::take(&mut self.cuts);
+            cuts.extend_from_slice(&other.cuts);
+            cuts.sort_unstable_by_key(|&(index, _)| index);
+            cuts.dedup_by(|later, earlier| {
+                let same = later.0 == earlier.0;
+                if same {
+                    earlier.1 += later.1;
+                }
+                same
+            });
+            self.cuts = cuts;
+        } else {
+            self.cuts.clear();
+        }
     }
 
     /// Same data at `new_scale <= self.scale`: bucket `i` becomes `i >> (scale - new_scale)`
@@ -612,6 +763,11 @@ impl HistogramSnapshot {
             scale: new_scale,
             bucket_counts: Vec::new(),
             offset: 0,
+            cuts: if shift == 0 {
+                self.cuts.clone()
+            } else {
+                Vec::new()
+            },
             ..*self
         };
         if !self.bucket_counts.is_empty() {

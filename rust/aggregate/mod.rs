@@ -2,7 +2,9 @@
 //! sampling policy and the call wrapper's logic.
 
 pub mod attributes;
+pub mod boundaries;
 pub mod call;
+pub mod epoch;
 pub mod exemplars;
 pub mod histogram;
 pub mod registry;

@@ -1,18 +1,29 @@
 //! The process-wide registry: operations (metered code) and custom instruments, by name.
 //!
-//! Like the series maps it is lock-free: lookups load an `ArcSwap`, inserts swap in a
-//! copy. After `os.fork()` the child clears every series (`reset`, called by the binding),
-//! so it starts with empty state while the parent's data stays untouched; handles held by
-//! decorated functions stay valid.
+//! Lock-free like the series maps: lookups load an `ArcSwap`, inserts swap in a new
+//! persistent trie. A reset, and the child side of `fork()`, start a new epoch in O(1)
+//! (see [`epoch`]): every series reads as empty until it records again, handles held by
+//! decorated functions stay valid, and a forked child writes to no series it does not use.
 
+use super::attributes::AttributeSet;
+use super::call::MeterCore;
+use super::epoch;
+use super::histogram::{HistogramSnapshot, SCALE};
+use super::sampling::{Sampler, SamplingMode};
 use super::series::{CallSeries, CounterSeries, HistogramSeries};
 use super::series_map::{SeriesData, SeriesMap};
 use super::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
-use crate::probe::{fork, ProbeSet, DURATION, MEASURES};
+use crate::probe::{ProbeSet, DURATION, MEASURES};
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use rpds::HashTrieMapSync;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Once, OnceLock};
+
+/// Meters of one operation kept for reuse, so that a meter made inline (`with
+/// meterage.meter("db.query"):`) finds its core, series and sampler instead of building
+/// them, and its sampling adapts across uses. Beyond this many distinct settings, new
+/// meters are built afresh.
+const REUSED_METERS: usize = 32;
 
 /// Metered code with one name: its series by attribute set.
 pub struct Operation {
@@ -21,6 +32,9 @@ pub struct Operation {
     /// Union of the probes any meter of this operation asked for: these measures appear
     /// in snapshots (empty until sampled) and the others do not.
     probes_requested: AtomicU8,
+    meters: ArcSwap<Vec<Arc<MeterCore>>>,
+    /// One adaptive sampler per budget setting, shared by this operation's meters.
+    samplers: ArcSwap<Vec<Arc<Sampler>>>,
 }
 
 impl Operation {
@@ -32,6 +46,52 @@ impl Operation {
     pub fn probes_requested(&self) -> ProbeSet {
         ProbeSet::from_bits(self.probes_requested.load(Ordering::Relaxed))
     }
+
+    /// A meter of this operation made earlier with these settings, if kept.
+    pub fn reused_meter(
+        &self,
+        attributes: &AttributeSet,
+        probes: ProbeSet,
+        mode: SamplingMode,
+    ) -> Option<Arc<MeterCore>> {
+        self.meters
+            .load()
+            .iter()
+            .find(|core| core.has_settings(attributes, probes, mode))
+            .cloned()
+    }
+
+    /// Keeps `core` for reuse (up to [`REUSED_METERS`] per operation).
+    pub fn keep_meter(&self, core: &Arc<MeterCore>) {
+        self.meters.rcu(|current| {
+            if current.len() >= REUSED_METERS {
+                return Arc::clone(current);
+            }
+            let mut next = Vec::clone(current);
+            next.push(Arc::clone(core));
+            Arc::new(next)
+        });
+    }
+
+    /// The sampler meters of this operation with `mode` share.
+    pub fn sampler(&self, mode: SamplingMode) -> Arc<Sampler> {
+        if let Some(found) = self.samplers.load().iter().find(|s| s.mode() == mode) {
+            return Arc::clone(found);
+        }
+        let fresh = Arc::new(Sampler::new(mode));
+        let mut chosen = Arc::clone(&fresh);
+        self.samplers.rcu(|current| {
+            if let Some(found) = current.iter().find(|s| s.mode() == mode) {
+                chosen = Arc::clone(found);
+                return Arc::clone(current);
+            }
+            chosen = Arc::clone(&fresh);
+            let mut next = Vec::clone(current);
+            next.push(Arc::clone(&fresh));
+            Arc::new(next)
+        });
+        chosen
+    }
 }
 
 /// A custom instrument: a histogram or a counter with its own name, unit and description.
@@ -42,17 +102,52 @@ pub struct Instrument<T> {
     pub series: SeriesMap<T>,
 }
 
-type Named<T> = ArcSwap<HashMap<Arc<str>, Arc<T>>>;
+type Named<T> = ArcSwap<HashTrieMapSync<Arc<str>, Arc<T>, foldhash::fast::RandomState>>;
 
-#[derive(Default)]
+fn named<T>() -> Named<T> {
+    ArcSwap::from_pointee(HashTrieMapSync::new_with_hasher_and_ptr_kind(
+        foldhash::fast::RandomState::default(),
+    ))
+}
+
 pub struct Registry {
     operations: Named<Operation>,
     histograms: Named<Instrument<HistogramSeries>>,
     counters: Named<Instrument<CounterSeries>>,
-    /// How many times `reset` ran, and the Unix time (ns) of the latest: exporters start
-    /// their cumulative windows again there.
-    resets: AtomicU64,
-    last_reset_unix_ns: AtomicU64,
+}
+
+/// How many times the values were cleared (resets and forks), and the Unix time (ns) of
+/// the latest: exporters start their cumulative windows again there. Statics, so a fork
+/// child handler can update them with atomics only.
+static RESETS: AtomicU64 = AtomicU64::new(0);
+static LAST_RESET_UNIX_NS: AtomicU64 = AtomicU64::new(0);
+
+fn unix_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec; clock_gettime is async-signal-safe (this runs in a fork
+    // child handler too).
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
+/// Every value recorded so far belongs to the past: a new epoch, noted for exporters.
+fn start_epoch() {
+    epoch::advance();
+    // The time is stored before the count, so a count read in `resets` has its time.
+    LAST_RESET_UNIX_NS.store(unix_now_ns(), Ordering::Relaxed);
+    RESETS.fetch_add(1, Ordering::Release);
+}
+
+/// In a child right after `fork()`: its values start empty, in O(1) (nothing but atomics,
+/// as a fork handler must; no series page is written, so the parent's stay shared).
+extern "C" fn after_fork_in_child() {
+    start_epoch();
+    super::sampling::reseed_thread();
 }
 
 /// The entry for `name`, inserting `make()` if there is none (the first insert wins).
@@ -68,9 +163,7 @@ fn get_or_insert<T>(map: &Named<T>, name: &str, make: impl FnOnce() -> T) -> Arc
             return Arc::clone(current);
         }
         chosen = Arc::clone(&fresh);
-        let mut next = HashMap::clone(current);
-        next.insert(Arc::from(name), Arc::clone(&fresh));
-        Arc::new(next)
+        Arc::new(current.insert(Arc::from(name), Arc::clone(&fresh)))
     });
     chosen
 }
@@ -83,8 +176,17 @@ fn values<T>(map: &Named<T>) -> Vec<Arc<T>> {
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(|| {
-        fork::install();
-        Registry::default()
+        crate::probe::fork::install();
+        static HANDLER: Once = Once::new();
+        HANDLER.call_once(|| {
+            // SAFETY: a plain extern "C" function that lives forever.
+            unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        });
+        Registry {
+            operations: named(),
+            histograms: named(),
+            counters: named(),
+        }
     })
 }
 
@@ -97,24 +199,37 @@ fn instrument<T: SeriesData>(name: &str, unit: &str, description: &str) -> Instr
     }
 }
 
-/// The instrument `name` in `own`, unless `other` (the other kind, `kinds.1`) has it.
-fn named_instrument<T: SeriesData, U>(
-    own: &Named<Instrument<T>>,
-    other: &Named<Instrument<U>>,
-    kinds: (&str, &str),
-    name: &str,
-    unit: &str,
-    description: &str,
-) -> Result<Arc<Instrument<T>>, String> {
-    if other.load().contains_key(name) {
-        let (kind, other_kind) = kinds;
-        return Err(format!(
-            "{name:?} is already a {other_kind}; pick another name for the {kind}"
+/// Why `name` cannot be a new instrument of kind `kind`, if it cannot.
+fn refused(registry: &Registry, kind: &str, name: &str) -> Option<String> {
+    if let Some(owner) = crate::bridge::names::reserved_by(name) {
+        return Some(format!(
+            "{name:?} is reserved: it would be exported as, or in place of, {owner}; pick \
+             another name for the {kind}"
         ));
     }
-    Ok(get_or_insert(own, name, || {
-        instrument(name, unit, description)
-    }))
+    // Exporters spell names their own way (Prometheus: `.` becomes `_`): two instruments
+    // that end up with one name would break every scrape.
+    let spelled = crate::bridge::names::normalized(name);
+    let clash = |names: Vec<Arc<str>>, other_kind: &str| {
+        names
+            .into_iter()
+            .find(|other| **other == *name || crate::bridge::names::normalized(other) == spelled)
+            .map(|other| (other, other_kind.to_owned()))
+    };
+    let histograms = registry.histograms.load().keys().cloned().collect();
+    let counters = registry.counters.load().keys().cloned().collect();
+    let found = clash(histograms, "histogram").or_else(|| clash(counters, "counter"));
+    match found {
+        Some((other, other_kind)) if *other == *name && other_kind == kind => None,
+        Some((other, other_kind)) if *other == *name => Some(format!(
+            "{name:?} is already a {other_kind}; pick another name for the {kind}"
+        )),
+        Some((other, other_kind)) => Some(format!(
+            "{name:?} would be exported under the same name as the {other_kind} {other:?}; \
+             pick another name for the {kind}"
+        )),
+        None => None,
+    }
 }
 
 impl Registry {
@@ -123,6 +238,8 @@ impl Registry {
             name: Arc::from(name),
             series: SeriesMap::new(),
             probes_requested: AtomicU8::new(0),
+            meters: ArcSwap::from_pointee(Vec::new()),
+            samplers: ArcSwap::from_pointee(Vec::new()),
         })
     }
 
@@ -133,15 +250,15 @@ impl Registry {
         unit: &str,
         description: &str,
     ) -> Result<Arc<Instrument<HistogramSeries>>, String> {
-        let kinds = ("histogram", "counter");
-        named_instrument(
-            &self.histograms,
-            &self.counters,
-            kinds,
-            name,
-            unit,
-            description,
-        )
+        if let Some(found) = self.histograms.load().get(name) {
+            return Ok(Arc::clone(found));
+        }
+        if let Some(why) = refused(self, "histogram", name) {
+            return Err(why);
+        }
+        Ok(get_or_insert(&self.histograms, name, || {
+            instrument(name, unit, description)
+        }))
     }
 
     /// The counter instrument `name`; an existing one keeps its first unit and description.
@@ -151,43 +268,37 @@ impl Registry {
         unit: &str,
         description: &str,
     ) -> Result<Arc<Instrument<CounterSeries>>, String> {
-        let kinds = ("counter", "histogram");
-        named_instrument(
-            &self.counters,
-            &self.histograms,
-            kinds,
-            name,
-            unit,
-            description,
-        )
+        if let Some(found) = self.counters.load().get(name) {
+            return Ok(Arc::clone(found));
+        }
+        if let Some(why) = refused(self, "counter", name) {
+            return Err(why);
+        }
+        Ok(get_or_insert(&self.counters, name, || {
+            instrument(name, unit, description)
+        }))
     }
 
-    /// (number of resets so far, Unix time in ns of the latest).
+    /// (number of resets so far, Unix time in ns of the latest). Forks count as resets.
     pub fn resets(&self) -> (u64, u64) {
-        // The time is stored before the count, so a count read here has its time.
-        let count = self.resets.load(Ordering::Acquire);
-        (count, self.last_reset_unix_ns.load(Ordering::Relaxed))
+        let count = RESETS.load(Ordering::Acquire);
+        (count, LAST_RESET_UNIX_NS.load(Ordering::Relaxed))
     }
 
-    /// Clears every recorded value. Handles stay valid and record into the cleared series.
+    /// Clears every recorded value in O(1), and drops the series nothing else holds.
+    /// Handles stay valid and record into their (cleared) series; calls in flight stay
+    /// counted in flight. Values recorded by other threads at the same instant (only
+    /// possible without the GIL) may be kept or lost.
     pub fn reset(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-        self.last_reset_unix_ns.store(now, Ordering::Relaxed);
-        self.resets.fetch_add(1, Ordering::Release);
+        start_epoch();
         for operation in values(&self.operations) {
-            operation.series.all().iter().for_each(|s| s.reset());
+            operation.series.prune();
         }
         for histogram in values(&self.histograms) {
-            histogram
-                .series
-                .all()
-                .iter()
-                .for_each(|s| s.histogram.reset());
+            histogram.series.prune();
         }
         for counter in values(&self.counters) {
-            counter.series.all().iter().for_each(|s| s.reset());
+            counter.series.prune();
         }
     }
 
@@ -197,11 +308,20 @@ impl Registry {
         for operation in values(&self.operations) {
             let requested = operation.probes_requested();
             for series in operation.series.all() {
-                let tracks_active = series.tracks_active.load(Ordering::Relaxed);
-                if series.is_empty() && !(tracks_active && series.active_calls() > 0) {
+                let active = series.active.now();
+                let in_flight = active.is_some_and(|calls| calls > 0);
+                let current = series.liveness().is_current();
+                if !current && !in_flight {
                     continue;
                 }
-                let duration = series.duration.snapshot();
+                let read = |histogram: Option<&super::histogram::AtomicHistogram>| match histogram {
+                    Some(histogram) if current => histogram.snapshot(),
+                    _ => HistogramSnapshot::empty(SCALE),
+                };
+                let duration = read(Some(&series.duration));
+                if duration.count == 0 && !in_flight {
+                    continue;
+                }
                 let mut measures = vec![MeasureSnapshot {
                     name: DURATION.name.into(),
                     unit: DURATION.unit.into(),
@@ -212,7 +332,7 @@ impl Registry {
                         measures.push(MeasureSnapshot {
                             name: info.name.into(),
                             unit: info.unit.into(),
-                            histogram: series.probes[index].snapshot(),
+                            histogram: read(series.probe(index)),
                         });
                     }
                 }
@@ -225,14 +345,18 @@ impl Registry {
                     count: measures[0].histogram.count,
                     measures,
                     value: 0.0,
-                    exemplars: series.exemplars.snapshot(),
-                    active: tracks_active.then(|| series.active_calls()),
+                    exemplars: if current {
+                        series.exemplars.snapshot()
+                    } else {
+                        Vec::new()
+                    },
+                    active,
                 });
             }
         }
         for histogram in values(&self.histograms) {
             for series in histogram.series.all() {
-                if series.histogram.is_empty() {
+                if series.is_empty() {
                     continue;
                 }
                 let snapshot = series.histogram.snapshot();
@@ -280,17 +404,13 @@ impl Registry {
         out
     }
 
-    /// How many bytes the histograms of every series hold (for memory-bound checks).
+    /// Bytes held by every series' histograms and counters (for checking that memory stays
+    /// bounded; the maps' own nodes and the attribute sets are not counted).
     pub fn memory_bytes(&self) -> usize {
         let mut total = 0;
         for operation in values(&self.operations) {
             for series in operation.series.all() {
-                total += series.duration.memory_bytes();
-                total += series
-                    .probes
-                    .iter()
-                    .map(|h| h.memory_bytes())
-                    .sum::<usize>();
+                total += series.memory_bytes();
             }
         }
         for histogram in values(&self.histograms) {

@@ -17,6 +17,10 @@ pub const DEFAULT_BUDGET: f64 = 0.01;
 /// The adaptive rate never drops below this, so probes keep reporting on very cheap
 /// operations (at 2^-16 a 5 µs probe costs under 0.1 ns per call).
 pub const MIN_RATE: f64 = 1.0 / 65536.0;
+/// The smallest fixed probing rate or budget a meter takes: a call probed at rate p weighs
+/// 1/p in estimated totals, and below one in a million a few probed calls would stand for
+/// more calls than a process makes.
+pub const MIN_SAMPLE: f64 = 1e-6;
 /// Weight of each new observation in the moving averages of wall time and probe cost.
 const SMOOTHING: f64 = 1.0 / 8.0;
 const ALWAYS: u64 = u64::MAX;
@@ -118,6 +122,10 @@ impl Sampler {
             mean_probe_cost_ns: AtomicU64::new(0f64.to_bits()),
             warmed_up: AtomicBool::new(false),
         }
+    }
+
+    pub fn mode(&self) -> SamplingMode {
+        self.mode
     }
 
     /// The current probability of probing a call.

@@ -1,77 +1,204 @@
 //! What one series holds: a call series (operation + attributes) keeps a duration
-//! histogram and one histogram per probe measure; custom instruments keep one histogram
-//! or one counter.
+//! histogram and, once a call of it is probed, one histogram per probe measure; custom
+//! instruments keep one histogram or one counter.
+//!
+//! Every series carries the epoch its values belong to ([`Liveness`]): after a reset or a
+//! fork its values read as empty, and its first record clears them.
 
 use super::attributes::AttributeSet;
+use super::epoch::Liveness;
 use super::exemplars::ExemplarSlots;
 use super::histogram::AtomicHistogram;
 use super::series_map::SeriesData;
-use crate::probe::{measure, Reading, DURATION, MEASURES};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use crate::probe::{fork, measure, Reading, DURATION, MEASURES};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+
+type ProbeHistograms = [AtomicHistogram; measure::COUNT];
 
 pub struct CallSeries {
     attributes: AttributeSet,
+    liveness: Liveness,
     pub duration: AtomicHistogram,
-    pub probes: [AtomicHistogram; measure::COUNT],
+    /// The probe measures' histograms, allocated by the first probed call: a timer-only
+    /// series never pays for them.
+    probes: AtomicPtr<ProbeHistograms>,
     /// Traced calls' durations with their trace and span (only while tracing is on).
     pub exemplars: ExemplarSlots,
-    /// Calls in flight (counted only while an exporter wants `meterage.calls.active`).
-    pub active: AtomicI64,
+    pub active: ActiveCalls,
+}
+
+/// Calls of a series in flight in this process (counted only while an exporter wants
+/// `meterage.calls.active`). Not data of an epoch: a reset leaves calls in flight as they
+/// are. A forked child starts counting from zero (its parent's calls are not its own),
+/// without writing to the series until it counts a call of its own.
+#[derive(Default)]
+pub struct ActiveCalls {
+    count: AtomicI64,
+    /// The fork generation `count` belongs to.
+    generation: AtomicU64,
     /// Whether in-flight calls were ever counted here (only such series export them).
-    pub tracks_active: AtomicBool,
+    tracked: AtomicBool,
+}
+
+impl ActiveCalls {
+    /// A call starts.
+    #[inline(always)]
+    pub fn enter(&self, generation: u64) {
+        if self.generation.load(Ordering::Relaxed) != generation {
+            self.restart(generation);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if !self.tracked.load(Ordering::Relaxed) {
+            self.tracked.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[cold]
+    fn restart(&self, generation: u64) {
+        // A child's first call: the count it inherited is its parent's.
+        self.count.store(0, Ordering::Relaxed);
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// A call that started in fork `generation` ends (one that started before a fork is
+    /// the parent's, and the parent counts its end).
+    #[inline(always)]
+    pub fn leave(&self, generation: u64) {
+        if self.generation.load(Ordering::Relaxed) == generation {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls in flight now, or None if they were never counted here.
+    pub fn now(&self) -> Option<i64> {
+        if !self.tracked.load(Ordering::Relaxed) {
+            return None;
+        }
+        if self.generation.load(Ordering::Relaxed) != fork::generation() {
+            return Some(0);
+        }
+        Some(self.count.load(Ordering::Relaxed).max(0))
+    }
 }
 
 impl SeriesData for CallSeries {
     fn new(attributes: AttributeSet) -> Self {
         CallSeries {
             attributes,
+            liveness: Liveness::default(),
             duration: AtomicHistogram::new(),
-            probes: std::array::from_fn(|_| AtomicHistogram::new()),
+            probes: AtomicPtr::new(ptr::null_mut()),
             exemplars: ExemplarSlots::default(),
-            active: AtomicI64::new(0),
-            tracks_active: AtomicBool::new(false),
+            active: ActiveCalls {
+                generation: AtomicU64::new(fork::generation()),
+                ..ActiveCalls::default()
+            },
         }
     }
     fn attributes(&self) -> &AttributeSet {
         &self.attributes
     }
+    fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+    fn clear(&self) {
+        self.duration.reset();
+        if let Some(probes) = self.probes() {
+            probes.iter().for_each(AtomicHistogram::reset);
+        }
+        self.exemplars.reset();
+    }
+}
+
+impl Drop for CallSeries {
+    fn drop(&mut self) {
+        let probes = *self.probes.get_mut();
+        if !probes.is_null() {
+            // SAFETY: allocated with Box::into_raw by `probes_or_new`; no other users remain.
+            drop(unsafe { Box::from_raw(probes) });
+        }
+    }
 }
 
 impl CallSeries {
-    /// Records one call: its wall time, and the probe deltas when the call was sampled.
-    /// `weight` is 1 / (the probability the call had of being sampled).
-    #[inline]
-    pub fn record(&self, duration_ns: u64, sample: Option<(&Reading, f64)>) {
-        self.duration.record(duration_ns as f64 * DURATION.factor);
-        if let Some((delta, weight)) = sample {
-            for (index, info) in MEASURES.iter().enumerate() {
-                if delta.probes.contains(info.probe) {
-                    self.probes[index]
-                        .record_weighted(delta.values[index] as f64 * info.factor, weight);
+    /// The probe histograms, if a call was ever probed here.
+    pub fn probes(&self) -> Option<&ProbeHistograms> {
+        let probes = self.probes.load(Ordering::Acquire);
+        // SAFETY: published once by `probes_or_new`, freed only by Drop.
+        (!probes.is_null()).then(|| unsafe { &*probes })
+    }
+
+    /// One probe measure's histogram, if a call was ever probed here.
+    pub fn probe(&self, index: usize) -> Option<&AtomicHistogram> {
+        self.probes().map(|probes| &probes[index])
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn probes_or_new(&self) -> &ProbeHistograms {
+        if let Some(probes) = self.probes() {
+            return probes;
+        }
+        let fresh = Box::into_raw(Box::new(std::array::from_fn(|_| AtomicHistogram::new())));
+        match self.probes.compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: just published; freed only by Drop.
+            Ok(_) => unsafe { &*fresh },
+            Err(winner) => {
+                // SAFETY: `fresh` was never published; the winner lives until Drop.
+                unsafe {
+                    drop(Box::from_raw(fresh));
+                    &*winner
                 }
             }
         }
     }
 
-    pub fn reset(&self) {
-        self.duration.reset();
-        self.probes.iter().for_each(AtomicHistogram::reset);
-        self.exemplars.reset();
-        self.active.store(0, Ordering::Relaxed);
+    /// Records one call: its wall time, and the probe deltas when the call was sampled.
+    /// `weight` is 1 / (the probability the call had of being sampled).
+    #[inline]
+    pub fn record(&self, duration_ns: u64, sample: Option<(&Reading, f64)>) {
+        self.liveness.ensure_current(|| self.clear());
+        self.duration.record(duration_ns as f64 * DURATION.factor);
+        if let Some((delta, weight)) = sample {
+            let probes = match self.probes() {
+                Some(probes) => probes,
+                None => self.probes_or_new(),
+            };
+            for (index, info) in MEASURES.iter().enumerate() {
+                if delta.probes.contains(info.probe) {
+                    probes[index].record_weighted(delta.values[index] as f64 * info.factor, weight);
+                }
+            }
+        }
     }
 
+    /// Whether the series holds no call of the current epoch.
     pub fn is_empty(&self) -> bool {
-        self.duration.is_empty()
+        !self.liveness.is_current() || self.duration.is_empty()
     }
 
-    /// Calls in flight now (never below zero: a reset or fork can race with ending calls).
-    pub fn active_calls(&self) -> i64 {
-        self.active.load(Ordering::Relaxed).max(0)
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() - std::mem::size_of::<AtomicHistogram>()
+            + self.duration.memory_bytes()
+            + self.exemplars.memory_bytes()
+            + self.probes().map_or(0, |probes| {
+                probes
+                    .iter()
+                    .map(AtomicHistogram::memory_bytes)
+                    .sum::<usize>()
+            })
     }
 }
 
 pub struct HistogramSeries {
     attributes: AttributeSet,
+    liveness: Liveness,
     pub histogram: AtomicHistogram,
 }
 
@@ -79,19 +206,41 @@ impl SeriesData for HistogramSeries {
     fn new(attributes: AttributeSet) -> Self {
         HistogramSeries {
             attributes,
+            liveness: Liveness::default(),
             histogram: AtomicHistogram::new(),
         }
     }
     fn attributes(&self) -> &AttributeSet {
         &self.attributes
     }
+    fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+    fn clear(&self) {
+        self.histogram.reset();
+    }
 }
 
-/// A monotonic sum. f64 so that fractional amounts add up; integers stay exact to 2^53.
+impl HistogramSeries {
+    #[inline]
+    pub fn record(&self, value: f64) {
+        self.liveness.ensure_current(|| self.clear());
+        self.histogram.record(value);
+    }
+
+    /// Whether the series holds no value of the current epoch.
+    pub fn is_empty(&self) -> bool {
+        !self.liveness.is_current() || self.histogram.is_empty()
+    }
+}
+
+/// A monotonic sum. f64 so that fractional amounts add up; integers stay exact to 2^53;
+/// the total saturates at `f64::MAX` rather than become infinite.
 pub struct CounterSeries {
     attributes: AttributeSet,
+    liveness: Liveness,
     total_bits: AtomicU64,
-    /// Whether anything was ever added (a counter at 0 after `add(0)` still exists).
+    /// How many times `add` was called (a counter at 0 after `add(0)` still exists).
     touched: AtomicU64,
 }
 
@@ -99,6 +248,7 @@ impl SeriesData for CounterSeries {
     fn new(attributes: AttributeSet) -> Self {
         CounterSeries {
             attributes,
+            liveness: Liveness::default(),
             total_bits: AtomicU64::new(0f64.to_bits()),
             touched: AtomicU64::new(0),
         }
@@ -106,14 +256,22 @@ impl SeriesData for CounterSeries {
     fn attributes(&self) -> &AttributeSet {
         &self.attributes
     }
+    fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+    fn clear(&self) {
+        self.total_bits.store(0f64.to_bits(), Ordering::Relaxed);
+        self.touched.store(0, Ordering::Relaxed);
+    }
 }
 
 impl CounterSeries {
     #[inline]
     pub fn add(&self, amount: f64) {
+        self.liveness.ensure_current(|| self.clear());
         let mut current = self.total_bits.load(Ordering::Relaxed);
         loop {
-            let next = (f64::from_bits(current) + amount).to_bits();
+            let next = (f64::from_bits(current) + amount).min(f64::MAX).to_bits();
             match self.total_bits.compare_exchange_weak(
                 current,
                 next,
@@ -127,18 +285,20 @@ impl CounterSeries {
         self.touched.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The total of the current epoch.
     pub fn value(&self) -> f64 {
+        if !self.liveness.is_current() {
+            return 0.0;
+        }
         f64::from_bits(self.total_bits.load(Ordering::Relaxed))
     }
 
-    /// How many times `add` was called.
+    /// How many times `add` was called in the current epoch.
     pub fn adds(&self) -> u64 {
+        if !self.liveness.is_current() {
+            return 0;
+        }
         self.touched.load(Ordering::Relaxed)
-    }
-
-    pub fn reset(&self) {
-        self.total_bits.store(0f64.to_bits(), Ordering::Relaxed);
-        self.touched.store(0, Ordering::Relaxed);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,12 +327,44 @@ mod tests {
         let duration = series.duration.snapshot();
         assert_eq!(duration.count, 2);
         assert!((duration.sum - 0.012).abs() < 1e-12);
-        let cpu = series.probes[measure::CPU_TIME].snapshot();
+        let cpu = series.probe(measure::CPU_TIME).unwrap().snapshot();
         assert_eq!(cpu.count, 1);
         assert!((cpu.sum - 0.002).abs() < 1e-12);
-        assert_eq!(series.probes[measure::IO_READ].snapshot().sum, 4096.0);
+        assert_eq!(
+            series.probe(measure::IO_READ).unwrap().snapshot().sum,
+            4096.0
+        );
         // Probes not read are not recorded, not even as zero.
-        assert_eq!(series.probes[measure::FAULTS_MINOR].snapshot().count, 0);
+        assert_eq!(
+            series
+                .probe(measure::FAULTS_MINOR)
+                .unwrap()
+                .snapshot()
+                .count,
+            0
+        );
+    }
+
+    #[test]
+    fn a_timer_only_series_has_no_probe_histograms_and_stays_small() {
+        let series = CallSeries::new(AttributeSet::empty());
+        for i in 0..1000u64 {
+            series.record(20_000 + i * 20, None); // 20-40 us: a typical spread
+        }
+        assert!(series.probes().is_none());
+        assert!(series.memory_bytes() <= 2048, "{}", series.memory_bytes());
+    }
+
+    #[test]
+    fn sums_saturate_rather_than_become_infinite() {
+        let counter = CounterSeries::new(AttributeSet::empty());
+        counter.add(1.7e308);
+        counter.add(1.7e308);
+        assert_eq!(counter.value(), f64::MAX);
+        let histogram = HistogramSeries::new(AttributeSet::empty());
+        histogram.record(1.7e308);
+        histogram.record(1.7e308);
+        assert_eq!(histogram.histogram.snapshot().sum, f64::MAX);
     }
 
     #[test]
@@ -184,7 +376,7 @@ mod tests {
         };
         delta.values[measure::IO_WRITE] = 100;
         series.record(1, Some((&delta, 4.0)));
-        let write = series.probes[measure::IO_WRITE].snapshot();
+        let write = series.probe(measure::IO_WRITE).unwrap().snapshot();
         assert_eq!(write.sum, 100.0);
         assert_eq!(write.estimated_sum(), 400.0);
     }
@@ -201,7 +393,7 @@ mod tests {
         handles.into_iter().for_each(|h| h.join().unwrap());
         assert_eq!(counter.value(), 200_000.0);
         assert_eq!(counter.adds(), 200_000);
-        counter.reset();
+        counter.clear();
         assert!(counter.is_empty());
     }
 }

@@ -1,22 +1,34 @@
 //! The series of one operation or instrument, keyed by attribute set.
 //!
-//! Lookups are lock-free (one `ArcSwap` load and a hash probe); inserts copy the map and
-//! swap it in with compare-and-swap. There is no mutex anywhere, so a fork can never
-//! leave one locked in the child. Inserts are rare (a new attribute combination), so the
-//! copy is cheap next to the lookups it keeps lock-free.
+//! A persistent hash trie behind an `ArcSwap`: a lookup is one load and a walk of a few
+//! trie nodes (no lock); an insert builds the O(log n) nodes on its path and swaps the new
+//! root in with compare-and-swap, sharing everything else with the old trie. So a new
+//! series costs the same at 100,000 series as at 10, and there is no mutex anywhere, so a
+//! fork can never leave one locked in the child.
+//!
+//! Keys are the attribute sets' hashes (see [`AttributeSet::hash_value`]), which a lookup
+//! can compute from borrowed data (a Python dict) without building a set first.
+//!
+//! The cardinality limit counts the series in use in the current epoch: a reset or a fork
+//! child starts with the whole budget, although the earlier series are still in the trie
+//! (a reset drops those that nothing else holds; a fork child keeps its parent's, shared).
 
-use super::attributes::AttributeSet;
+use super::attributes::{AttributeSet, ValueRef};
+use super::epoch::{self, Liveness};
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use rpds::HashTrieMapSync;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// Series count per operation before new attribute sets go to the overflow series.
 pub const DEFAULT_CARDINALITY_LIMIT: usize = 2000;
+/// The largest limit `configure` accepts: memory per operation stays bounded.
+pub const MAX_CARDINALITY_LIMIT: usize = 1_000_000;
 static GLOBAL_CARDINALITY_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_CARDINALITY_LIMIT);
 
 pub fn set_global_cardinality_limit(limit: usize) {
-    GLOBAL_CARDINALITY_LIMIT.store(limit.max(1), Ordering::Relaxed);
+    GLOBAL_CARDINALITY_LIMIT.store(limit.clamp(1, MAX_CARDINALITY_LIMIT), Ordering::Relaxed);
 }
 
 pub fn global_cardinality_limit() -> usize {
@@ -27,12 +39,80 @@ pub fn global_cardinality_limit() -> usize {
 pub trait SeriesData: Send + Sync {
     fn new(attributes: AttributeSet) -> Self;
     fn attributes(&self) -> &AttributeSet;
+    /// The epoch its values belong to.
+    fn liveness(&self) -> &Liveness;
+    /// Forgets every recorded value (called once, by the first record of a new epoch).
+    fn clear(&self);
+}
+
+/// The keys are already hashes.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in anyway.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// The series whose attribute sets share one hash (almost always one).
+enum Bucket<T> {
+    One(Arc<T>),
+    Many(Arc<[Arc<T>]>),
+}
+
+impl<T> Bucket<T> {
+    fn as_slice(&self) -> &[Arc<T>] {
+        match self {
+            Bucket::One(one) => std::slice::from_ref(one),
+            Bucket::Many(many) => many,
+        }
+    }
+}
+
+type Trie<T> = HashTrieMapSync<u64, Bucket<T>, BuildHasherDefault<Identity>>;
+
+/// Series handed out or created in one epoch (what the cardinality limit counts).
+#[derive(Default)]
+struct InUse {
+    epoch: AtomicU64,
+    count: AtomicUsize,
+}
+
+impl InUse {
+    fn now(&self) -> usize {
+        if self.epoch.load(Ordering::Acquire) == epoch::current() {
+            self.count.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    fn add(&self) {
+        let current = epoch::current();
+        if self.epoch.swap(current, Ordering::AcqRel) != current {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 pub struct SeriesMap<T> {
-    map: ArcSwap<HashMap<AttributeSet, Arc<T>>>,
+    trie: ArcSwap<Trie<T>>,
     /// 0: follow the global limit.
     limit: AtomicUsize,
+    in_use: InUse,
+    /// The series past the limit (also in the trie, for iteration; never counted).
+    overflow: OnceLock<Arc<T>>,
 }
 
 impl<T: SeriesData> Default for SeriesMap<T> {
@@ -44,14 +124,20 @@ impl<T: SeriesData> Default for SeriesMap<T> {
 impl<T: SeriesData> SeriesMap<T> {
     pub fn new() -> Self {
         SeriesMap {
-            map: ArcSwap::from_pointee(HashMap::new()),
+            trie: ArcSwap::from_pointee(Trie::new_with_hasher_and_ptr_kind(
+                BuildHasherDefault::default(),
+            )),
             limit: AtomicUsize::new(0),
+            in_use: InUse::default(),
+            overflow: OnceLock::new(),
         }
     }
 
     pub fn set_limit(&self, limit: Option<usize>) {
-        self.limit
-            .store(limit.map_or(0, |limit| limit.max(1)), Ordering::Relaxed);
+        self.limit.store(
+            limit.map_or(0, |limit| limit.clamp(1, MAX_CARDINALITY_LIMIT)),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn limit(&self) -> usize {
@@ -61,66 +147,171 @@ impl<T: SeriesData> SeriesMap<T> {
         }
     }
 
+    fn find(&self, hash: u64, matches: impl Fn(&AttributeSet) -> bool) -> Option<Arc<T>> {
+        let trie = self.trie.load();
+        trie.get(&hash)?
+            .as_slice()
+            .iter()
+            .find(|series| matches(series.attributes()))
+            .cloned()
+    }
+
     /// The series for `attributes`, created if needed; past the cardinality limit, the
     /// overflow series (which does not count toward the limit).
     pub fn get_or_create(&self, attributes: &AttributeSet) -> Arc<T> {
-        let overflow = AttributeSet::overflow();
-        let limit = self.limit();
-        {
-            let current = self.map.load();
-            if let Some(series) = current.get(attributes) {
-                return Arc::clone(series);
+        self.get_or_create_with(
+            attributes.hash_value(),
+            |candidate| candidate == attributes,
+            || attributes.clone(),
+        )
+    }
+
+    /// The series of the attribute set with this `hash` that `matches`, created with
+    /// `make()` if there is none (so a lookup of an existing series allocates nothing).
+    pub fn get_or_create_with(
+        &self,
+        hash: u64,
+        matches: impl Fn(&AttributeSet) -> bool,
+        make: impl FnOnce() -> AttributeSet,
+    ) -> Arc<T> {
+        if let Some(series) = self.find(hash, &matches) {
+            if series.liveness().is_current() {
+                return series;
             }
-            // Already full: the overflow series, without an insert attempt each time.
-            if current.len() > limit {
-                if let Some(series) = current.get(&overflow) {
-                    return Arc::clone(series);
+            // A series of an earlier epoch: it counts again if the budget has room.
+            if self.in_use.now() < self.limit() {
+                if series.liveness().ensure_current(|| series.clear()) {
+                    self.in_use.add();
                 }
+                return series;
             }
+            return self.overflow();
         }
-        let mut chosen: Option<Arc<T>> = None;
-        self.map.rcu(|current| {
-            chosen = None;
-            if let Some(series) = current.get(attributes) {
-                chosen = Some(Arc::clone(series));
+        if self.in_use.now() >= self.limit() {
+            return self.overflow();
+        }
+        let series = self.insert(hash, &matches, make());
+        self.in_use.add();
+        series
+    }
+
+    /// Inserts a series for `attributes` unless one that `matches` is there already.
+    fn insert(
+        &self,
+        hash: u64,
+        matches: &impl Fn(&AttributeSet) -> bool,
+        attributes: AttributeSet,
+    ) -> Arc<T> {
+        let fresh = Arc::new(T::new(attributes));
+        let mut chosen = Arc::clone(&fresh);
+        self.trie.rcu(|current| {
+            let existing = current.get(&hash).map(Bucket::as_slice).unwrap_or(&[]);
+            if let Some(found) = existing.iter().find(|s| matches(s.attributes())) {
+                chosen = Arc::clone(found);
                 return Arc::clone(current);
             }
-            let regular = current.len() - usize::from(current.contains_key(&overflow));
-            let key = if regular < limit {
-                attributes
+            chosen = Arc::clone(&fresh);
+            let bucket = if existing.is_empty() {
+                Bucket::One(Arc::clone(&fresh))
             } else {
-                &overflow
+                Bucket::Many(
+                    existing
+                        .iter()
+                        .cloned()
+                        .chain([Arc::clone(&fresh)])
+                        .collect(),
+                )
             };
-            if let Some(series) = current.get(key) {
-                chosen = Some(Arc::clone(series));
-                return Arc::clone(current);
+            Arc::new(current.insert(hash, bucket))
+        });
+        chosen
+    }
+
+    /// The overflow series, created on first use.
+    fn overflow(&self) -> Arc<T> {
+        Arc::clone(self.overflow.get_or_init(|| {
+            let attributes = AttributeSet::overflow();
+            self.insert(
+                attributes.hash_value(),
+                &|candidate| *candidate == attributes,
+                attributes.clone(),
+            )
+        }))
+    }
+
+    /// The series for `attributes` if it holds values of the current epoch (never creates
+    /// one).
+    pub fn get(&self, attributes: &AttributeSet) -> Option<Arc<T>> {
+        self.find_current(attributes.hash_value(), |candidate| candidate == attributes)
+    }
+
+    /// As [`get`](Self::get), by hash and a match on borrowed pairs.
+    pub fn find_current(
+        &self,
+        hash: u64,
+        matches: impl Fn(&AttributeSet) -> bool,
+    ) -> Option<Arc<T>> {
+        self.find(hash, matches)
+            .filter(|series| series.liveness().is_current())
+    }
+
+    /// Every series (those of earlier epochs too), in no particular order.
+    pub fn all(&self) -> Vec<Arc<T>> {
+        let trie = self.trie.load();
+        let mut out = Vec::with_capacity(trie.size());
+        for bucket in trie.values() {
+            out.extend(bucket.as_slice().iter().cloned());
+        }
+        out
+    }
+
+    /// Drops the series of earlier epochs that nothing but this map holds (at a reset:
+    /// their values are gone, and memory must not grow with every reset).
+    pub fn prune(&self) {
+        self.trie.rcu(|current| {
+            let mut next = Trie::clone(current);
+            for (&hash, bucket) in current.iter() {
+                let kept: Vec<Arc<T>> = bucket
+                    .as_slice()
+                    .iter()
+                    .filter(|s| s.liveness().is_current() || Arc::strong_count(s) > 1)
+                    .cloned()
+                    .collect();
+                if kept.len() == bucket.as_slice().len() {
+                    continue;
+                }
+                next = match kept.len() {
+                    0 => next.remove(&hash),
+                    1 => next.insert(hash, Bucket::One(Arc::clone(&kept[0]))),
+                    _ => next.insert(hash, Bucket::Many(kept.into())),
+                };
             }
-            let series = Arc::new(T::new(key.clone()));
-            chosen = Some(Arc::clone(&series));
-            let mut next = HashMap::clone(current);
-            next.insert(key.clone(), series);
             Arc::new(next)
         });
-        chosen.expect("rcu ran the update at least once")
     }
 
-    /// The series for `attributes` if it exists (never creates one).
-    pub fn get(&self, attributes: &AttributeSet) -> Option<Arc<T>> {
-        self.map.load().get(attributes).cloned()
-    }
-
-    /// Every series, in no particular order.
-    pub fn all(&self) -> Vec<Arc<T>> {
-        self.map.load().values().cloned().collect()
-    }
-
+    /// Series in the trie (those of earlier epochs too).
     pub fn len(&self) -> usize {
-        self.map.load().len()
+        self.trie.load().size()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.load().is_empty()
+        self.len() == 0
     }
+
+    /// Series counted against the limit in the current epoch.
+    pub fn in_use(&self) -> usize {
+        self.in_use.now()
+    }
+}
+
+/// Looks up by borrowed pairs: the hash of `pairs` and a match against them.
+pub fn hash_of<'a>(pairs: impl Iterator<Item = (&'a str, ValueRef<'a>)>) -> u64 {
+    let mut hasher = super::attributes::SetHasher::default();
+    for (key, value) in pairs {
+        hasher.add(key, value);
+    }
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -128,14 +319,18 @@ mod tests {
     use super::super::attributes::AttributeValue;
     use super::*;
 
-    struct Dummy(AttributeSet);
+    struct Dummy(AttributeSet, Liveness);
     impl SeriesData for Dummy {
         fn new(attributes: AttributeSet) -> Self {
-            Dummy(attributes)
+            Dummy(attributes, Liveness::default())
         }
         fn attributes(&self) -> &AttributeSet {
             &self.0
         }
+        fn liveness(&self) -> &Liveness {
+            &self.1
+        }
+        fn clear(&self) {}
     }
 
     fn attrs(n: i64) -> AttributeSet {
@@ -149,6 +344,9 @@ mod tests {
         let b = map.get_or_create(&attrs(1));
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(map.len(), 1);
+        let hash = hash_of([("n", ValueRef::Int(1))].into_iter());
+        let c = map.get_or_create_with(hash, |s| *s == attrs(1), || unreachable!());
+        assert!(Arc::ptr_eq(&a, &c));
     }
 
     #[test]
@@ -165,6 +363,29 @@ mod tests {
         assert_eq!(map.len(), 4);
         // Existing series stay reachable.
         assert_eq!(map.get_or_create(&attrs(2)).attributes(), &attrs(2));
+    }
+
+    #[test]
+    fn colliding_hashes_keep_their_series_apart() {
+        let map = SeriesMap::<Dummy>::new();
+        let a = map.get_or_create_with(7, |s| *s == attrs(1), || attrs(1));
+        let b = map.get_or_create_with(7, |s| *s == attrs(2), || attrs(2));
+        assert!(!Arc::ptr_eq(&a, &b));
+        let again = map.get_or_create_with(7, |s| *s == attrs(2), || unreachable!());
+        assert!(Arc::ptr_eq(&b, &again));
+        assert_eq!(map.all().len(), 2);
+    }
+
+    #[test]
+    fn a_hundred_thousand_series_are_all_reachable() {
+        let map = SeriesMap::<Dummy>::new();
+        map.set_limit(Some(MAX_CARDINALITY_LIMIT));
+        let made: Vec<_> = (0..100_000).map(|n| map.get_or_create(&attrs(n))).collect();
+        assert_eq!(map.len(), 100_000);
+        assert_eq!(map.in_use(), 100_000);
+        for (n, series) in made.iter().enumerate().step_by(997) {
+            assert!(Arc::ptr_eq(series, &map.get(&attrs(n as i64)).unwrap()));
+        }
     }
 
     #[test]

@@ -1,14 +1,45 @@
 //! Conversions between Python values and the core's attribute and probe types, with the
 //! error messages users see for bad input.
 
-use crate::aggregate::attributes::{AttributeSet, AttributeValue};
+use crate::aggregate::attributes::{AttributeSet, AttributeValue, SetHasher, ValueRef};
 use crate::probe::ProbeSet;
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
 use std::sync::Arc;
 
 pub type Pairs = Vec<(Arc<str>, AttributeValue)>;
+
+/// The text of `value`, the argument `what`: a TypeError for anything but a str, and a
+/// ValueError for a str that is not valid Unicode (a lone surrogate cannot be exported).
+pub fn checked_str<'a>(what: &str, value: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+    let Ok(text) = value.cast::<PyString>() else {
+        return Err(PyTypeError::new_err(format!(
+            "{what} must be a str, not {}",
+            value.get_type().name()?
+        )));
+    };
+    let mut size: ffi::Py_ssize_t = 0;
+    // SAFETY: a live str; the UTF-8 buffer is cached on the object and lives as long as it.
+    let data = unsafe { ffi::PyUnicode_AsUTF8AndSize(text.as_ptr(), &mut size) };
+    if data.is_null() {
+        let error = PyErr::fetch(value.py());
+        let at = error
+            .value(value.py())
+            .getattr("start")
+            .and_then(|start| start.extract::<usize>())
+            .unwrap_or(0);
+        return Err(PyValueError::new_err(format!(
+            "{what} is not valid Unicode text: it has a lone surrogate at index {at}; only \
+             text that can be encoded as UTF-8 can be exported"
+        )));
+    }
+    // SAFETY: `size` UTF-8 bytes at `data`, owned by `value`, which outlives the result.
+    Ok(unsafe {
+        std::str::from_utf8_unchecked(std::slice::from_raw_parts(data.cast(), size as usize))
+    })
+}
 
 /// One attribute value: str, int, float or bool, nothing else.
 pub fn attribute_value(key: &str, value: &Bound<'_, PyAny>) -> PyResult<AttributeValue> {
@@ -16,7 +47,8 @@ pub fn attribute_value(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Attribut
         return Ok(AttributeValue::Bool(value.extract()?));
     }
     if value.is_instance_of::<PyString>() {
-        return Ok(AttributeValue::Str(Arc::from(value.extract::<&str>()?)));
+        let text = checked_str(&format!("the value of attribute {key:?}"), value)?;
+        return Ok(AttributeValue::Str(Arc::from(text)));
     }
     if value.is_instance_of::<PyInt>() {
         return value
@@ -38,13 +70,13 @@ pub fn attribute_value(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Attribut
 }
 
 pub fn attribute_key(key: &Bound<'_, PyAny>) -> PyResult<Arc<str>> {
-    let Ok(key) = key.cast::<PyString>() else {
+    if !key.is_instance_of::<PyString>() {
         return Err(PyTypeError::new_err(format!(
             "attribute keys must be str, not {}",
             key.get_type().name()?
         )));
-    };
-    let key = key.to_str()?;
+    }
+    let key = checked_str("an attribute key", key)?;
     if key.is_empty() {
         return Err(PyValueError::new_err("attribute keys must not be empty"));
     }
@@ -83,6 +115,123 @@ pub fn attribute_pairs(attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Pairs>
 
 pub fn attribute_set(attributes: Option<&Bound<'_, PyAny>>) -> PyResult<AttributeSet> {
     Ok(AttributeSet::new(attribute_pairs(attributes)?))
+}
+
+/// A borrowed view of one str object's UTF-8 text, None for anything else (or text that is
+/// not valid Unicode; a Python error that raised is cleared).
+///
+/// # Safety
+/// `object` is live and the GIL held; the text lives as long as the object.
+#[inline]
+unsafe fn borrowed_str<'a>(object: *mut ffi::PyObject) -> Option<&'a str> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if ffi::PyUnicode_CheckExact(object) == 0 {
+            return None;
+        }
+        let mut size: ffi::Py_ssize_t = 0;
+        let data = ffi::PyUnicode_AsUTF8AndSize(object, &mut size);
+        if data.is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        Some(std::str::from_utf8_unchecked(std::slice::from_raw_parts(
+            data.cast(),
+            size as usize,
+        )))
+    }
+}
+
+/// A borrowed view of one attribute value of the plain types, None for anything else.
+///
+/// # Safety
+/// As for [`borrowed_str`].
+#[inline]
+unsafe fn borrowed_value<'a>(object: *mut ffi::PyObject) -> Option<ValueRef<'a>> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if object == ffi::Py_True() {
+            return Some(ValueRef::Bool(true));
+        }
+        if object == ffi::Py_False() {
+            return Some(ValueRef::Bool(false));
+        }
+        if ffi::PyLong_CheckExact(object) != 0 {
+            let mut overflow = 0;
+            let number = ffi::PyLong_AsLongLongAndOverflow(object, &mut overflow);
+            if overflow != 0 || (number == -1 && !ffi::PyErr_Occurred().is_null()) {
+                ffi::PyErr_Clear();
+                return None;
+            }
+            return Some(ValueRef::Int(number));
+        }
+        if ffi::PyFloat_CheckExact(object) != 0 {
+            return Some(ValueRef::Float(ffi::PyFloat_AS_DOUBLE(object)));
+        }
+        borrowed_str(object).map(ValueRef::Str)
+    }
+}
+
+/// Calls `each(key, value)` on every pair of a dict of plain attributes read in place, and
+/// returns whether all were plain (str keys that are not empty; str, int, float or bool
+/// values). On false the caller converts the dict the slow way, with its error messages.
+fn for_each_borrowed<'a>(
+    dict: &'a Bound<'_, PyDict>,
+    mut each: impl FnMut(&'a str, ValueRef<'a>) -> bool,
+) -> bool {
+    let mut position: ffi::Py_ssize_t = 0;
+    let mut key: *mut ffi::PyObject = std::ptr::null_mut();
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: the dict is alive and not changed while iterated (no Python code runs here);
+    // the borrowed keys and values live as long as the dict holds them.
+    unsafe {
+        while ffi::PyDict_Next(dict.as_ptr(), &mut position, &mut key, &mut value) != 0 {
+            let (Some(key), Some(value)) = (borrowed_str(key), borrowed_value(value)) else {
+                return false;
+            };
+            if key.is_empty() || !each(key, value) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The hash of a dict of plain attributes (the same as its [`AttributeSet`]'s) and its
+/// length, read in place; None if it needs the slow path.
+pub fn borrowed_hash(dict: &Bound<'_, PyDict>) -> Option<(u64, usize)> {
+    let mut hasher = SetHasher::default();
+    let mut len = 0;
+    for_each_borrowed(dict, |key, value| {
+        hasher.add(key, value);
+        len += 1;
+        true
+    })
+    .then(|| (hasher.finish(), len))
+}
+
+/// The attribute set of a plain dict (one [`borrowed_hash`] accepted).
+pub fn borrowed_set(dict: &Bound<'_, PyDict>) -> AttributeSet {
+    let mut pairs = Vec::with_capacity(dict.len());
+    for_each_borrowed(dict, |key, value| {
+        let value = match value {
+            ValueRef::Str(text) => AttributeValue::Str(Arc::from(text)),
+            ValueRef::Int(number) => AttributeValue::Int(number),
+            ValueRef::Float(number) => AttributeValue::Float(number),
+            ValueRef::Bool(flag) => AttributeValue::Bool(flag),
+        };
+        pairs.push((Arc::from(key), value));
+        true
+    });
+    AttributeSet::new(pairs)
+}
+
+/// Whether `set` holds exactly the pairs of the plain dict `dict` (of `len` pairs).
+pub fn dict_matches(dict: &Bound<'_, PyDict>, len: usize, set: &AttributeSet) -> bool {
+    set.len() == len
+        && for_each_borrowed(dict, |key, value| {
+            set.get(key).is_some_and(|mine| mine.is(value))
+        })
 }
 
 pub fn value_to_python<'py>(
@@ -125,21 +274,25 @@ pub fn probe_set(probes: &Bound<'_, PyAny>) -> PyResult<ProbeSet> {
     let mut set = ProbeSet::NONE;
     for name in probes.try_iter().map_err(|_| {
         PyTypeError::new_err(format!(
-            "probes must be an iterable of probe names, not {}",
+            "probes must be a tuple of probe names such as (\"cpu\", \"io\"), not {}; valid \
+             probes: {}",
             probes
                 .get_type()
                 .name()
                 .map(|n| n.to_string())
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            valid()
         ))
     })? {
         let name = name?;
-        let Ok(text) = name.extract::<&str>() else {
+        if !name.is_instance_of::<PyString>() {
             return Err(PyTypeError::new_err(format!(
-                "probe names must be str, got {name:?}; valid probes: {}",
+                "probe names must be str, got {}; valid probes: {}",
+                name.repr()?,
                 valid()
             )));
-        };
+        }
+        let text = checked_str("a probe name", &name)?;
         match ProbeSet::from_name(text) {
             Some(probe) => set = set.union(probe),
             None => {

@@ -84,7 +84,7 @@ pub fn floor_wrap<'py>(
     } else {
         with_probes
     };
-    wrap_with(py, &core, function, call)
+    wrap_with(py, &core, function, call, false)
 }
 
 /// Calls recorded by floor wrappers (so a benchmark can check they really ran).

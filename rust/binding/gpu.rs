@@ -75,14 +75,17 @@ fn device_key(entry: &Bound<'_, PyAny>) -> PyResult<DeviceKey> {
             "GPUs are named by index (int) or UUID (str), not bool",
         ));
     }
-    match entry.extract::<i64>() {
-        Ok(index) if (0..=u32::MAX as i64).contains(&index) => Ok(DeviceKey::Index(index as u32)),
-        Ok(index) => Err(PyValueError::new_err(format!(
-            "GPU index {index} is negative or too large"
-        ))),
-        Err(_) => Err(PyTypeError::new_err(format!(
+    if !entry.is_instance_of::<pyo3::types::PyInt>() {
+        return Err(PyTypeError::new_err(format!(
             "GPUs are named by index (int) or UUID (str), not {}",
             entry.get_type().name()?
+        )));
+    }
+    match entry.extract::<u32>() {
+        Ok(index) => Ok(DeviceKey::Index(index)),
+        Err(_) => Err(PyValueError::new_err(format!(
+            "GPU index {entry} is out of range: NVML indices are 0 to {}",
+            u32::MAX
         ))),
     }
 }

@@ -1,6 +1,13 @@
-//! Custom instruments on the same native fast path: `Histogram.record` and `Counter.add`.
+//! Custom instruments on the same native fast path: `Histogram.record` and `Counter.add`,
+//! and their bound forms for one attribute set.
+//!
+//! A record with an attributes dict of plain values looks its series up in place: the
+//! dict's hash is computed from its keys and values as they are (the same hash as the
+//! attribute set's), and compared pair by pair with the series found, so a record into an
+//! existing series allocates nothing. Anything else (another mapping, other value types)
+//! takes the slow path, which converts the attributes and says what is wrong with them.
 
-use super::convert::attribute_set;
+use super::convert::{attribute_set, borrowed_hash, borrowed_set, checked_str, dict_matches};
 use super::snapshots::PyHistogramSnapshot;
 use crate::aggregate::attributes::AttributeSet;
 use crate::aggregate::histogram::HistogramSnapshot;
@@ -10,20 +17,28 @@ use crate::aggregate::series::{CounterSeries, HistogramSeries};
 use crate::aggregate::series_map::SeriesData;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyFloat, PyInt};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt};
 use std::sync::Arc;
 
 /// A measurement: an int or float that is finite and not negative.
+#[inline]
 fn measurement(what: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    let is_number = value.is_instance_of::<PyFloat>()
-        || (value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>());
-    if !is_number {
+    let number = if let Ok(float) = value.cast_exact::<PyFloat>() {
+        float.value()
+    } else if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+        value.extract::<f64>().map_err(|_| {
+            PyValueError::new_err(format!(
+                "{what} must be finite, got an int too large for a float"
+            ))
+        })?
+    } else if value.is_instance_of::<PyFloat>() {
+        value.extract::<f64>()?
+    } else {
         return Err(PyTypeError::new_err(format!(
             "{what} must be an int or float, not {}",
             value.get_type().name()?
         )));
-    }
-    let number = value.extract::<f64>()?;
+    };
     if !number.is_finite() || number < 0.0 {
         return Err(PyValueError::new_err(format!(
             "{what} must be finite and not negative, got {number}"
@@ -40,13 +55,21 @@ struct Handle<T> {
 
 impl<T: SeriesData> Handle<T> {
     fn open(
-        name: &str,
-        lookup: impl FnOnce(&str) -> Result<Arc<Instrument<T>>, String>,
+        kind: &str,
+        name: &Bound<'_, PyAny>,
+        unit: &Bound<'_, PyAny>,
+        description: &Bound<'_, PyAny>,
+        lookup: impl FnOnce(&str, &str, &str) -> Result<Arc<Instrument<T>>, String>,
     ) -> PyResult<Self> {
+        let name = checked_str(&format!("the {kind} name"), name)?;
         if name.is_empty() {
-            return Err(PyValueError::new_err("instrument names must not be empty"));
+            return Err(PyValueError::new_err(format!(
+                "the {kind} name must not be empty"
+            )));
         }
-        let instrument = lookup(name).map_err(PyValueError::new_err)?;
+        let unit = checked_str("unit", unit)?;
+        let description = checked_str("description", description)?;
+        let instrument = lookup(name, unit, description).map_err(PyValueError::new_err)?;
         let default = instrument.series.get_or_create(&AttributeSet::empty());
         Ok(Handle {
             instrument,
@@ -55,17 +78,25 @@ impl<T: SeriesData> Handle<T> {
     }
 
     /// The series to record into, created if needed.
+    #[inline]
     fn series(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Arc<T>> {
-        match attributes {
-            Some(attributes) if !attributes.is_none() => Ok(self
-                .instrument
-                .series
-                .get_or_create(&attribute_set(Some(attributes))?)),
-            _ => Ok(Arc::clone(&self.default)),
+        let Some(attributes) = attributes.filter(|a| !a.is_none()) else {
+            return Ok(Arc::clone(&self.default));
+        };
+        let series = &self.instrument.series;
+        if let Ok(dict) = attributes.cast_exact::<PyDict>() {
+            if let Some((hash, len)) = borrowed_hash(dict) {
+                return Ok(series.get_or_create_with(
+                    hash,
+                    |set| dict_matches(dict, len, set),
+                    || borrowed_set(dict),
+                ));
+            }
         }
+        Ok(series.get_or_create(&attribute_set(Some(attributes))?))
     }
 
-    /// The series to read, if it exists.
+    /// The series to read, if it holds values now.
     fn existing(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Arc<T>>> {
         match attributes {
             Some(attributes) if !attributes.is_none() => Ok(self
@@ -75,6 +106,26 @@ impl<T: SeriesData> Handle<T> {
             _ => Ok(Some(Arc::clone(&self.default))),
         }
     }
+
+    fn repr(&self, kind: &str, attributes: Option<&AttributeSet>) -> String {
+        let instrument = &self.instrument;
+        let bound = attributes.map_or_else(String::new, |set| {
+            let pairs: Vec<String> = set.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
+            format!(" bound to {{{}}}", pairs.join(", "))
+        });
+        format!(
+            "<meterage.{kind} {:?} unit={:?}{bound}>",
+            &*instrument.name, &*instrument.unit
+        )
+    }
+}
+
+fn histogram_snapshot(series: Option<&HistogramSeries>, unit: &str) -> PyHistogramSnapshot {
+    let snapshot = series.filter(|series| !series.is_empty()).map_or_else(
+        || HistogramSnapshot::empty(SCALE),
+        |s| s.histogram.snapshot(),
+    );
+    PyHistogramSnapshot::new(snapshot, unit)
 }
 
 #[pyclass(module = "meterage._native", name = "Histogram", frozen)]
@@ -83,9 +134,22 @@ pub struct PyHistogram(Handle<HistogramSeries>);
 #[pymethods]
 impl PyHistogram {
     #[new]
-    #[pyo3(signature = (name, unit = "", description = ""))]
-    fn new(name: &str, unit: &str, description: &str) -> PyResult<Self> {
-        Handle::open(name, |name| registry().histogram(name, unit, description)).map(PyHistogram)
+    #[pyo3(signature = (name, unit = None, description = None))]
+    fn new(
+        py: Python<'_>,
+        name: &Bound<'_, PyAny>,
+        unit: Option<&Bound<'_, PyAny>>,
+        description: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let empty = pyo3::types::PyString::new(py, "").into_any();
+        Handle::open(
+            "histogram",
+            name,
+            unit.unwrap_or(&empty),
+            description.unwrap_or(&empty),
+            |name, unit, description| registry().histogram(name, unit, description),
+        )
+        .map(PyHistogram)
     }
 
     #[getter]
@@ -109,26 +173,82 @@ impl PyHistogram {
         attributes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let value = measurement("histogram values", value)?;
-        self.0.series(attributes)?.histogram.record(value);
+        self.0.series(attributes)?.record(value);
         Ok(())
+    }
+
+    /// This histogram for one attribute set, resolved once: its `record` skips the lookup.
+    fn bind(&self, attributes: &Bound<'_, PyAny>) -> PyResult<BoundHistogram> {
+        let series = self.0.series(Some(attributes))?;
+        Ok(BoundHistogram {
+            instrument: Arc::clone(&self.0.instrument),
+            series,
+        })
     }
 
     /// The histogram of one attribute set (empty if nothing was recorded there).
     #[pyo3(signature = (attributes = None))]
     fn snapshot(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<PyHistogramSnapshot> {
-        let snapshot = self.0.existing(attributes)?.map_or_else(
-            || HistogramSnapshot::empty(SCALE),
-            |series| series.histogram.snapshot(),
-        );
-        Ok(PyHistogramSnapshot::new(snapshot, &self.0.instrument.unit))
+        let series = self.0.existing(attributes)?;
+        Ok(histogram_snapshot(
+            series.as_deref(),
+            &self.0.instrument.unit,
+        ))
     }
 
     fn __repr__(&self) -> String {
-        let instrument = &self.0.instrument;
-        format!(
-            "<meterage.histogram {:?} unit={:?}>",
-            &*instrument.name, &*instrument.unit
-        )
+        self.0.repr("histogram", None)
+    }
+}
+
+/// A histogram bound to one attribute set (`Histogram.bind(attributes)`).
+#[pyclass(module = "meterage._native", name = "BoundHistogram", frozen)]
+pub struct BoundHistogram {
+    instrument: Arc<Instrument<HistogramSeries>>,
+    series: Arc<HistogramSeries>,
+}
+
+#[pymethods]
+impl BoundHistogram {
+    /// Records one value (int or float, finite, not negative) in the bound series.
+    fn record(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.series.record(measurement("histogram values", value)?);
+        Ok(())
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.instrument.name
+    }
+
+    /// The bound attributes.
+    #[getter]
+    fn attributes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        super::convert::attributes_to_dict(py, self.series.attributes().iter())
+    }
+
+    /// The bound series' histogram.
+    fn snapshot(&self) -> PyHistogramSnapshot {
+        histogram_snapshot(Some(&self.series), &self.instrument.unit)
+    }
+
+    fn __repr__(&self) -> String {
+        Handle {
+            instrument: Arc::clone(&self.instrument),
+            default: Arc::clone(&self.series),
+        }
+        .repr("histogram", Some(self.series.attributes()))
+    }
+}
+
+/// A counter amount: an int or float, finite and not negative (1 when not given).
+pub struct Amount(f64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Amount {
+    type Error = PyErr;
+
+    fn extract(amount: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        measurement("counter amounts", &amount.to_owned()).map(Amount)
     }
 }
 
@@ -138,9 +258,22 @@ pub struct PyCounter(Handle<CounterSeries>);
 #[pymethods]
 impl PyCounter {
     #[new]
-    #[pyo3(signature = (name, unit = "", description = ""))]
-    fn new(name: &str, unit: &str, description: &str) -> PyResult<Self> {
-        Handle::open(name, |name| registry().counter(name, unit, description)).map(PyCounter)
+    #[pyo3(signature = (name, unit = None, description = None))]
+    fn new(
+        py: Python<'_>,
+        name: &Bound<'_, PyAny>,
+        unit: Option<&Bound<'_, PyAny>>,
+        description: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let empty = pyo3::types::PyString::new(py, "").into_any();
+        Handle::open(
+            "counter",
+            name,
+            unit.unwrap_or(&empty),
+            description.unwrap_or(&empty),
+            |name, unit, description| registry().counter(name, unit, description),
+        )
+        .map(PyCounter)
     }
 
     #[getter]
@@ -157,18 +290,19 @@ impl PyCounter {
     }
 
     /// Adds a non-negative amount (default 1; counters only go up).
-    #[pyo3(signature = (amount = None, attributes = None))]
-    fn add(
-        &self,
-        amount: Option<&Bound<'_, PyAny>>,
-        attributes: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        let amount = match amount {
-            Some(amount) => measurement("counter amounts", amount)?,
-            None => 1.0,
-        };
-        self.0.series(attributes)?.add(amount);
+    #[pyo3(signature = (amount = Amount(1.0), attributes = None))]
+    fn add(&self, amount: Amount, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        self.0.series(attributes)?.add(amount.0);
         Ok(())
+    }
+
+    /// This counter for one attribute set, resolved once: its `add` skips the lookup.
+    fn bind(&self, attributes: &Bound<'_, PyAny>) -> PyResult<BoundCounter> {
+        let series = self.0.series(Some(attributes))?;
+        Ok(BoundCounter {
+            instrument: Arc::clone(&self.0.instrument),
+            series,
+        })
     }
 
     /// The total of one attribute set (0 if nothing was added there).
@@ -181,10 +315,46 @@ impl PyCounter {
     }
 
     fn __repr__(&self) -> String {
-        let instrument = &self.0.instrument;
-        format!(
-            "<meterage.counter {:?} unit={:?}>",
-            &*instrument.name, &*instrument.unit
-        )
+        self.0.repr("counter", None)
+    }
+}
+
+/// A counter bound to one attribute set (`Counter.bind(attributes)`).
+#[pyclass(module = "meterage._native", name = "BoundCounter", frozen)]
+pub struct BoundCounter {
+    instrument: Arc<Instrument<CounterSeries>>,
+    series: Arc<CounterSeries>,
+}
+
+#[pymethods]
+impl BoundCounter {
+    /// Adds a non-negative amount (default 1) to the bound series.
+    #[pyo3(signature = (amount = Amount(1.0)))]
+    fn add(&self, amount: Amount) {
+        self.series.add(amount.0);
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.instrument.name
+    }
+
+    /// The bound attributes.
+    #[getter]
+    fn attributes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        super::convert::attributes_to_dict(py, self.series.attributes().iter())
+    }
+
+    /// The bound series' total.
+    fn value(&self) -> f64 {
+        self.series.value()
+    }
+
+    fn __repr__(&self) -> String {
+        Handle {
+            instrument: Arc::clone(&self.instrument),
+            default: Arc::clone(&self.series),
+        }
+        .repr("counter", Some(self.series.attributes()))
     }
 }

@@ -8,15 +8,16 @@
 //! doc, `__wrapped__` and signature), binds as a method like a function does, and is a
 //! method descriptor so `obj.method(...)` skips creating a bound method.
 
+use super::drivers;
+use super::guard::{quietly, stack_has_room};
 use super::spans;
 use crate::aggregate::call::{Measured, MeterCore};
-use crate::probe::monotonic_ns;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::ffi::{c_int, c_void};
 use std::mem::offset_of;
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Arc;
 
 #[repr(C)]
@@ -40,8 +41,16 @@ extern "C" {
 /// `MeteredFunction`: wraps a Python function and binds as a method like one.
 static FUNCTION_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
 /// `MeteredCallable`: wraps any other callable (builtins, partials, callable objects,
-/// classes), which do not bind `self`, so neither does the wrapper.
+/// descriptors such as `functools.lru_cache` wrappers), binding exactly as it does.
 static CALLABLE_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
+
+/// For tests: the next record panics (to show that a panic never reaches Python).
+static PANIC_ONCE: AtomicBool = AtomicBool::new(false);
+
+#[pyfunction]
+pub fn _panic_in_next_record() {
+    PANIC_ONCE.store(true, Ordering::Relaxed);
+}
 
 /// The wrapped function and the meter of a `MeteredFunction`, or `None` (with a Python
 /// error set) if the garbage collector already cleared it.
@@ -52,41 +61,50 @@ static CALLABLE_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mu
 pub unsafe fn parts<'a>(
     callable: *mut ffi::PyObject,
 ) -> Option<(*mut ffi::PyObject, &'a MeterCore)> {
-    let this = &*(callable as *const MeteredFunctionObject);
-    if this.function.is_null() {
-        ffi::PyErr_SetString(
-            ffi::PyExc_RuntimeError,
-            c"this metered function was cleared by the garbage collector".as_ptr(),
-        );
+    // SAFETY: guaranteed by the caller.
+    let this = unsafe { &*(callable as *const MeteredFunctionObject) };
+    if this.function.is_null() || this.core.is_null() {
+        // SAFETY: the GIL is held.
+        unsafe {
+            ffi::PyErr_SetString(
+                ffi::PyExc_RuntimeError,
+                c"this metered function was cleared by the garbage collector".as_ptr(),
+            )
+        };
         return None;
     }
-    Some((this.function, &*this.core))
+    // SAFETY: a non-null core is an `Arc::into_raw` kept until dealloc.
+    Some((this.function, unsafe { &*this.core }))
 }
 
+/// The call path of a meter with probes.
 unsafe extern "C" fn vectorcall(
     callable: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     nargsf: usize,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let Some((function, core)) = parts(callable) else {
+    // SAFETY: the interpreter calls this slot with a live MeteredFunction and the GIL.
+    let Some((function, core)) = (unsafe { parts(callable) }) else {
         return ptr::null_mut();
     };
-    let start = core.begin();
-    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
-    record(core, result, &core.stop(start));
-    result
-}
-
-/// Records a finished call: into the meter's series, or under its exception's class.
-#[inline(always)]
-unsafe fn record(core: &MeterCore, result: *mut ffi::PyObject, measured: &Measured) {
-    if result.is_null() {
-        record_failure(core, measured);
-    } else {
-        spans::note(measured, core.series());
-        core.record(measured, core.series());
+    if !stack_has_room() {
+        return ptr::null_mut();
     }
+    let start = quietly(|| core.begin());
+    // SAFETY: the caller's arguments, forwarded unchanged.
+    let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
+    if let Some(start) = start {
+        if let Some(stepped) = result_to_step(core, result) {
+            quietly(|| core.abandon(start));
+            return stepped;
+        }
+        if let Some(Some(measured)) = quietly(|| core.stop(start)) {
+            // SAFETY: the GIL is held; `result` is the call's own result or null.
+            unsafe { record(core, result, &measured) };
+        }
+    }
+    result
 }
 
 /// The call path of a meter without probes: the clock around the call and one record.
@@ -96,57 +114,190 @@ unsafe extern "C" fn vectorcall_timer_only(
     nargsf: usize,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let Some((function, core)) = parts(callable) else {
+    // SAFETY: the interpreter calls this slot with a live MeteredFunction and the GIL.
+    let Some((function, core)) = (unsafe { parts(callable) }) else {
         return ptr::null_mut();
     };
-    let counted = core.enter_active();
-    let started = monotonic_ns();
-    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
-    let duration_ns = monotonic_ns().saturating_sub(started);
-    core.leave_active(counted);
-    let measured = Measured {
-        duration_ns,
-        sample: None,
-    };
-    record(core, result, &measured);
+    if !stack_has_room() {
+        return ptr::null_mut();
+    }
+    let start = core.begin_timer();
+    // SAFETY: the caller's arguments, forwarded unchanged.
+    let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
+    if let Some(stepped) = result_to_step(core, result) {
+        quietly(|| core.abandon(start));
+        return stepped;
+    }
+    if let Some(Some(measured)) = quietly(|| core.stop(start)) {
+        // SAFETY: the GIL is held; `result` is the call's own result or null.
+        unsafe { record(core, result, &measured) };
+    }
     result
+}
+
+/// The call path of a coroutine, generator or async generator function: the call only
+/// makes the object (binding the arguments, so a wrong call raises right here), and the
+/// object is metered step by step, like any such object a metered callable returns.
+unsafe extern "C" fn vectorcall_stepped(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: the interpreter calls this slot with a live MeteredFunction and the GIL.
+    let Some((function, core)) = (unsafe { parts(callable) }) else {
+        return ptr::null_mut();
+    };
+    // SAFETY: the caller's arguments, forwarded unchanged.
+    let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
+    match result_to_step(core, result) {
+        Some(stepped) => stepped,
+        None => result,
+    }
+}
+
+/// A coroutine, generator or async generator that a metered call returned, wrapped so that
+/// its steps are metered (the call itself only made it); None for any other result. Other
+/// awaitables get a warning, once per meter: only their creation is timed.
+#[inline(always)]
+fn result_to_step(core: &MeterCore, result: *mut ffi::PyObject) -> Option<*mut ffi::PyObject> {
+    if result.is_null() {
+        return None;
+    }
+    // SAFETY: `result` is a live object and the GIL is held.
+    let kind = unsafe { drivers::kind_of(core, result) }?;
+    // SAFETY: as above; `core` is a wrapper's Arc; takes over the reference to `result`.
+    Some(unsafe { drivers::drive(core, result, kind) })
+}
+
+/// Records a finished call: into the meter's series, or under its exception's class.
+///
+/// # Safety
+/// The GIL is held; an exception is set exactly when `result` is null.
+#[inline(always)]
+unsafe fn record(core: &MeterCore, result: *mut ffi::PyObject, measured: &Measured) {
+    if result.is_null() {
+        // SAFETY: guaranteed by the caller.
+        unsafe { record_failure(core, measured) };
+    } else {
+        quietly(|| {
+            if PANIC_ONCE.load(Ordering::Relaxed) {
+                PANIC_ONCE.store(false, Ordering::Relaxed);
+                panic!("meterage: a panic requested by _panic_in_next_record");
+            }
+            spans::note(measured, core.series());
+            core.record(measured, core.series());
+        });
+    }
 }
 
 /// Records a failed call under `error.type` = the exception's class `__qualname__`. The
 /// exception is taken while meterage looks at it and put back as the same object with the
 /// same traceback.
+///
+/// # Safety
+/// The GIL is held and an exception is set.
 #[cold]
 unsafe fn record_failure(core: &MeterCore, measured: &Measured) {
-    let py = Python::assume_attached();
+    // SAFETY: guaranteed by the caller.
+    let py = unsafe { Python::assume_attached() };
     let error = PyErr::take(py);
-    let series = match &error {
-        Some(error) => {
-            let class_name = error
-                .get_type(py)
-                .qualname()
-                .map(|name| name.to_string())
-                .unwrap_or_else(|_| "Exception".to_owned());
-            core.error_series(&class_name)
-        }
-        None => core.series_for(&[], None),
-    };
-    spans::note(measured, &series);
-    core.record(measured, &series);
+    quietly(|| {
+        let series = match &error {
+            Some(error) => {
+                let class_name = error
+                    .get_type(py)
+                    .qualname()
+                    .map(|name| name.to_string())
+                    .unwrap_or_else(|_| "Exception".to_owned());
+                core.error_series(&class_name)
+            }
+            None => core.series_for(&[], None),
+        };
+        spans::note(measured, &series);
+        core.record(measured, &series);
+    });
     if let Some(error) = error {
         error.restore(py);
     }
 }
 
+/// Binding a wrapped Python function as a method: like a function does.
 unsafe extern "C" fn descr_get(
     function: *mut ffi::PyObject,
     instance: *mut ffi::PyObject,
     _owner: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     if instance.is_null() || instance == ffi::Py_None() {
-        ffi::Py_INCREF(function);
+        // SAFETY: a live object, returned as a new reference.
+        unsafe { ffi::Py_INCREF(function) };
         return function;
     }
-    PyMethod_New(function, instance)
+    // SAFETY: both objects are alive and the GIL is held.
+    unsafe { PyMethod_New(function, instance) }
+}
+
+/// Binding any other wrapped callable: exactly as the callable binds itself. One that is
+/// a descriptor (an `lru_cache` wrapper, a method descriptor, another metered function)
+/// gives its bound form, which is metered by a new wrapper with the same meter; one that
+/// is not (a builtin, a callable object) is returned as is, as it would be unwrapped.
+unsafe extern "C" fn callable_descr_get(
+    wrapper: *mut ffi::PyObject,
+    instance: *mut ffi::PyObject,
+    owner: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: the interpreter passes a live wrapper and holds the GIL.
+    let this = unsafe { &*(wrapper as *const MeteredFunctionObject) };
+    let inner = this.function;
+    let get = if inner.is_null() {
+        None
+    } else {
+        // SAFETY: `inner` is a live object; its type's slot is read, not written.
+        unsafe { (*ffi::Py_TYPE(inner)).tp_descr_get }
+    };
+    let Some(get) = get else {
+        // SAFETY: a live object, returned as a new reference.
+        unsafe { ffi::Py_INCREF(wrapper) };
+        return wrapper;
+    };
+    // SAFETY: the inner callable's own binding, with the arguments we were given.
+    let bound = unsafe { get(inner, instance, owner) };
+    if bound.is_null() || bound == inner {
+        if bound == inner {
+            // SAFETY: `bound` is a new reference to `inner`; the wrapper stands for it.
+            unsafe {
+                ffi::Py_DECREF(bound);
+                ffi::Py_INCREF(wrapper);
+            }
+            return wrapper;
+        }
+        return ptr::null_mut();
+    }
+    // SAFETY: `bound` is a new reference, handed to the new wrapper (or released). The
+    // wrapper's core is a live `Arc` (its reference stays with the wrapper).
+    unsafe {
+        let py = Python::assume_attached();
+        let bound = Bound::from_owned_ptr(py, bound);
+        let (Some(call), false) = (this.vectorcall, this.core.is_null()) else {
+            return ptr::null_mut();
+        };
+        let core = std::mem::ManuallyDrop::new(Arc::from_raw(this.core));
+        match wrap_with(py, &core, &bound, call, true) {
+            Ok(wrapped) => {
+                // The bound form shares the wrapper's __dict__: its name, doc, `__wrapped__`.
+                let made = &mut *(wrapped.as_ptr() as *mut MeteredFunctionObject);
+                if !this.dict.is_null() {
+                    ffi::Py_INCREF(this.dict);
+                    made.dict = this.dict;
+                }
+                wrapped.into_ptr()
+            }
+            Err(error) => {
+                error.restore(py);
+                ptr::null_mut()
+            }
+        }
+    }
 }
 
 unsafe extern "C" fn traverse(
@@ -154,10 +305,14 @@ unsafe extern "C" fn traverse(
     visit: ffi::visitproc,
     arg: *mut c_void,
 ) -> c_int {
-    let this = &*(object as *const MeteredFunctionObject);
-    for child in [this.function, this.dict, ffi::Py_TYPE(object).cast()] {
+    // SAFETY: the collector passes a live object of this type.
+    let this = unsafe { &*(object as *const MeteredFunctionObject) };
+    // SAFETY: reading the type of a live object.
+    let owner = unsafe { ffi::Py_TYPE(object) };
+    for child in [this.function, this.dict, owner.cast()] {
         if !child.is_null() {
-            let result = visit(child, arg);
+            // SAFETY: visiting live references, as the collector asks.
+            let result = unsafe { visit(child, arg) };
             if result != 0 {
                 return result;
             }
@@ -167,52 +322,64 @@ unsafe extern "C" fn traverse(
 }
 
 unsafe extern "C" fn clear(object: *mut ffi::PyObject) -> c_int {
-    let this = &mut *(object as *mut MeteredFunctionObject);
+    // SAFETY: the collector (or dealloc) passes a live object of this type.
+    let this = unsafe { &mut *(object as *mut MeteredFunctionObject) };
     for slot in [&mut this.function, &mut this.dict] {
         let old = std::mem::replace(slot, ptr::null_mut());
         if !old.is_null() {
-            ffi::Py_DECREF(old);
+            // SAFETY: the reference this object held.
+            unsafe { ffi::Py_DECREF(old) };
         }
     }
     0
 }
 
 unsafe extern "C" fn dealloc(object: *mut ffi::PyObject) {
-    ffi::PyObject_GC_UnTrack(object.cast());
-    let this = &mut *(object as *mut MeteredFunctionObject);
-    if !this.weak_references.is_null() {
-        ffi::PyObject_ClearWeakRefs(object);
+    // SAFETY: the interpreter deallocates a live object of this type, once, with the GIL.
+    unsafe {
+        ffi::PyObject_GC_UnTrack(object.cast());
+        let this = &mut *(object as *mut MeteredFunctionObject);
+        if !this.weak_references.is_null() {
+            ffi::PyObject_ClearWeakRefs(object);
+        }
+        clear(object);
+        if !this.core.is_null() {
+            drop(Arc::from_raw(std::mem::replace(
+                &mut this.core,
+                ptr::null(),
+            )));
+        }
+        let owner = ffi::Py_TYPE(object);
+        let free = ffi::PyType_GetSlot(owner, ffi::Py_tp_free);
+        let free: unsafe extern "C" fn(*mut c_void) = std::mem::transmute(free);
+        free(object.cast());
+        ffi::Py_DECREF(owner.cast());
     }
-    clear(object);
-    if !this.core.is_null() {
-        drop(Arc::from_raw(std::mem::replace(
-            &mut this.core,
-            ptr::null(),
-        )));
-    }
-    let owner = ffi::Py_TYPE(object);
-    let free = ffi::PyType_GetSlot(owner, ffi::Py_tp_free);
-    let free: unsafe extern "C" fn(*mut c_void) = std::mem::transmute(free);
-    free(object.cast());
-    ffi::Py_DECREF(owner.cast());
 }
 
 unsafe extern "C" fn repr(object: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    let py = Python::assume_attached();
-    let this = &*(object as *const MeteredFunctionObject);
+    // SAFETY: the interpreter passes a live object and holds the GIL.
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: as above.
+    let this = unsafe { &*(object as *const MeteredFunctionObject) };
     let target = if this.function.is_null() {
         "<cleared>".to_owned()
     } else {
-        Bound::from_borrowed_ptr(py, this.function)
+        // SAFETY: a live reference held by this object.
+        unsafe { Bound::from_borrowed_ptr(py, this.function) }
             .repr()
             .map(|r| r.to_string())
             .unwrap_or_default()
     };
-    let text = format!(
-        "<meterage.meter({:?}) of {target}>",
-        (*this.core).operation_name()
-    );
-    ffi::PyUnicode_FromStringAndSize(text.as_ptr().cast(), text.len() as ffi::Py_ssize_t)
+    let operation = if this.core.is_null() {
+        "<none>".to_owned()
+    } else {
+        // SAFETY: a non-null core lives until dealloc.
+        format!("{:?}", unsafe { (*this.core).operation_name() })
+    };
+    let text = format!("<meterage.meter({operation}) of {target}>");
+    // SAFETY: a valid UTF-8 buffer of this length.
+    unsafe { ffi::PyUnicode_FromStringAndSize(text.as_ptr().cast(), text.len() as ffi::Py_ssize_t) }
 }
 
 /// Pickles by reference, like a module-level function (`module.qualname`).
@@ -220,7 +387,8 @@ unsafe extern "C" fn reduce(
     object: *mut ffi::PyObject,
     _: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    ffi::PyObject_GetAttrString(object, c"__qualname__".as_ptr())
+    // SAFETY: a live object and the GIL.
+    unsafe { ffi::PyObject_GetAttrString(object, c"__qualname__".as_ptr()) }
 }
 
 /// Creates both wrapper types once per process (module init): `MeteredFunction` and
@@ -285,7 +453,7 @@ fn create_type<'py>(
         ffi::PyGetSetDef::default(),
     ]));
     let slot = |slot: c_int, pfunc: *mut c_void| ffi::PyType_Slot { slot, pfunc };
-    let doc = c"A callable metered by meterage: calls it and records what the call cost.";
+    let doc = c"A callable metered by meterage: calls it and records what the call cost. Made by meterage.meter, not directly.";
     let mut slots = vec![
         slot(ffi::Py_tp_dealloc, dealloc as *mut c_void),
         slot(ffi::Py_tp_traverse, traverse as *mut c_void),
@@ -297,11 +465,20 @@ fn create_type<'py>(
         slot(ffi::Py_tp_getset, getset.as_mut_ptr().cast()),
         slot(ffi::Py_tp_doc, doc.as_ptr() as *mut c_void),
     ];
-    let mut flags =
-        ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_HAVE_GC | ffi::Py_TPFLAGS_HAVE_VECTORCALL;
+    // Only `meterage.meter` makes these: an instance without a function and a meter
+    // would have nothing to call.
+    let mut flags = ffi::Py_TPFLAGS_DEFAULT
+        | ffi::Py_TPFLAGS_HAVE_GC
+        | ffi::Py_TPFLAGS_HAVE_VECTORCALL
+        | ffi::Py_TPFLAGS_DISALLOW_INSTANTIATION;
     if binds_as_method {
         slots.push(slot(ffi::Py_tp_descr_get, descr_get as *mut c_void));
         flags |= ffi::Py_TPFLAGS_METHOD_DESCRIPTOR;
+    } else {
+        slots.push(slot(
+            ffi::Py_tp_descr_get,
+            callable_descr_get as *mut c_void,
+        ));
     }
     slots.push(slot(0, ptr::null_mut()));
     let slots = slots.leak();
@@ -316,37 +493,48 @@ fn create_type<'py>(
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpec(spec)) }
 }
 
+/// How a wrapper calls: what the wrapped callable is decides it, once, when it is wrapped.
+fn call_path(core: &MeterCore, function: &Bound<'_, PyAny>) -> ffi::vectorcallfunc {
+    if drivers::makes_steps(function) {
+        vectorcall_stepped
+    } else if core.probes().is_empty() {
+        vectorcall_timer_only
+    } else {
+        vectorcall
+    }
+}
+
 /// Wraps `function` so every call is metered by `core`.
 pub fn wrap<'py>(
     py: Python<'py>,
     core: &Arc<MeterCore>,
     function: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let call = if core.probes().is_empty() {
-        vectorcall_timer_only
-    } else {
-        vectorcall
-    };
-    wrap_with(py, core, function, call)
+    // Only Python functions bind `self` like a function; anything else binds as it does.
+    // SAFETY: `function` is a live object.
+    let is_function = unsafe { ffi::PyFunction_Check(function.as_ptr()) } != 0;
+    wrap_with(py, core, function, call_path(core, function), !is_function)
 }
 
-/// Wraps `function` in this type with another call implementation (the benchmark floor).
+/// Wraps `function` in one of the wrapper types with this call implementation (also used
+/// by the benchmark floor).
 pub fn wrap_with<'py>(
     py: Python<'py>,
     core: &Arc<MeterCore>,
     function: &Bound<'py, PyAny>,
     call: ffi::vectorcallfunc,
+    as_callable: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    // Only Python functions bind `self` when stored on a class; a wrapper of anything
-    // else must not either.
-    // SAFETY: `function` is a live object.
-    let is_function = unsafe { ffi::PyFunction_Check(function.as_ptr()) } != 0;
-    let type_object = if is_function {
-        FUNCTION_TYPE.load(Ordering::Acquire)
-    } else {
+    let type_object = if as_callable {
         CALLABLE_TYPE.load(Ordering::Acquire)
+    } else {
+        FUNCTION_TYPE.load(Ordering::Acquire)
     };
-    assert!(!type_object.is_null(), "module init creates the types");
+    if type_object.is_null() {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "meterage._native was not initialised",
+        ));
+    }
     // SAFETY: PyType_GenericAlloc zero-fills the object, counts a reference to the heap
     // type and starts GC tracking; traverse and clear accept the null fields meanwhile.
     unsafe {

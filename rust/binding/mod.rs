@@ -1,9 +1,11 @@
 //! The PyO3 binding layer: the only module that knows about Python.
 
 mod convert;
+mod drivers;
 mod export;
 mod floor;
 mod gpu;
+mod guard;
 mod host;
 mod instruments;
 mod meter;
@@ -23,7 +25,7 @@ use pyo3::types::{PyDict, PyList};
 /// Every series with data, as plain objects.
 #[pyfunction]
 fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
-    snapshots::series_list(py, &registry().snapshot())
+    snapshots::series_list(py, registry().snapshot())
 }
 
 /// Clears every recorded value (meters and instruments stay usable).
@@ -32,20 +34,21 @@ fn reset() {
     registry().reset();
 }
 
-/// Each probe name (or each of `names`) mapped to None when it works here, or a sentence
-/// saying why not. Only asking about "gpu" loads NVML.
+/// Each probe name (or each of `names`, an iterable of probe names) mapped to None when it
+/// works here, or a sentence saying why not. Only asking about "gpu" loads NVML.
 #[pyfunction]
 #[pyo3(signature = (names = None))]
 fn available_probes<'py>(
     py: Python<'py>,
-    names: Option<Vec<String>>,
+    names: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let asked = match names {
+        Some(names) if !names.is_none() => convert::probe_set(names)?,
+        _ => probe::ProbeSet::ALL,
+    };
     let result = PyDict::new(py);
     for (name, probe) in probe::ProbeSet::NAMES {
-        if names
-            .as_ref()
-            .map_or(true, |names| names.iter().any(|n| n == name))
-        {
+        if asked.intersects(probe) {
             result.set_item(name, py.detach(|| probe::availability_of(probe)))?;
         }
     }
@@ -69,9 +72,10 @@ fn configure(
         sampling::set_global_budget(budget);
     }
     if let Some(limit) = cardinality_limit {
-        if limit < 1 {
+        let maximum = series_map::MAX_CARDINALITY_LIMIT as i64;
+        if !(1..=maximum).contains(&limit) {
             return Err(PyValueError::new_err(format!(
-                "cardinality_limit must be a positive int, got {limit}"
+                "cardinality_limit must be between 1 and {maximum}, got {limit}"
             )));
         }
         series_map::set_global_cardinality_limit(limit as usize);
@@ -82,12 +86,11 @@ fn configure(
     Ok(settings)
 }
 
-/// Runs in a child after `os.fork()` (registered with `os.register_at_fork`): the child
-/// starts with empty aggregates and its own sampling coins; the parent is untouched.
+/// Why a custom instrument cannot be called `name` (a metric of meterage's own, under any
+/// spelling an exporter gives it), or None.
 #[pyfunction]
-fn _after_fork_in_child() {
-    registry().reset();
-    sampling::reseed_thread();
+fn reserved_name(name: &str) -> Option<String> {
+    crate::bridge::names::reserved_by(name)
 }
 
 /// Counts calls in flight (for `meterage.calls.active`) or stops counting.
@@ -109,10 +112,18 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("MeteredFunction", function_type)?;
     module.add("MeteredCallable", callable_type)?;
     module.add_class::<meter::PyMeterCore>()?;
+    // A block's exit is found by looking `__exit__` up on the meter (see meter.rs).
+    let meter_type = py.get_type::<meter::PyMeterCore>();
+    meter_type.setattr("__exit__", Py::new(py, meter::BlockExit::new(false))?)?;
+    meter_type.setattr("__aexit__", Py::new(py, meter::BlockExit::new(true))?)?;
+    module.add_class::<meter::BlockExit>()?;
+    module.add_class::<meter::Ready>()?;
     module.add_class::<meter::Call>()?;
     module.add_class::<steps::Steps>()?;
     module.add_class::<instruments::PyHistogram>()?;
     module.add_class::<instruments::PyCounter>()?;
+    module.add_class::<instruments::BoundHistogram>()?;
+    module.add_class::<instruments::BoundCounter>()?;
     module.add_class::<snapshots::PyHistogramSnapshot>()?;
     module.add_class::<snapshots::PySeries>()?;
     module.add_class::<export::PyExportState>()?;
@@ -122,7 +133,21 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(configure, module)?)?;
     module.add_function(wrap_pyfunction!(memory_bytes, module)?)?;
     module.add_function(wrap_pyfunction!(set_active_tracking, module)?)?;
-    module.add_function(wrap_pyfunction!(_after_fork_in_child, module)?)?;
+    module.add_function(wrap_pyfunction!(drivers::_set_drivers, module)?)?;
+    module.add_function(wrap_pyfunction!(
+        metered_function::_panic_in_next_record,
+        module
+    )?)?;
+    module.add_function(wrap_pyfunction!(snapshots::_restore_series, module)?)?;
+    module.add_function(wrap_pyfunction!(snapshots::_restore_histogram, module)?)?;
+    module.add_function(wrap_pyfunction!(reserved_name, module)?)?;
+    module.add("MAX_CARDINALITY_LIMIT", series_map::MAX_CARDINALITY_LIMIT)?;
+    module.add("MIN_SAMPLE", sampling::MIN_SAMPLE)?;
+    let boundaries = PyDict::new(py);
+    for (name, values) in crate::aggregate::boundaries::SETS {
+        boundaries.set_item(name, pyo3::types::PyTuple::new(py, values)?)?;
+    }
+    module.add("BOUNDARIES", boundaries)?;
     module.add_function(wrap_pyfunction!(spans::set_span_attributes, module)?)?;
     module.add_function(wrap_pyfunction!(spans::take_span_attributes, module)?)?;
     module.add_function(wrap_pyfunction!(spans::pending_span_count, module)?)?;

@@ -1,13 +1,13 @@
 //! Snapshot objects handed to Python: plain data, no OpenTelemetry needed.
 
-use super::convert::attributes_to_dict;
+use super::convert::{attribute_set, attributes_to_dict};
 use crate::aggregate::exemplars::Exemplar;
 use crate::aggregate::histogram::HistogramSnapshot;
-use crate::aggregate::snapshot::SeriesSnapshot;
+use crate::aggregate::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
 use crate::bridge;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 /// One histogram: count, sum, min, max, quantiles, and its base-2 exponential buckets
 /// (OpenTelemetry data model: bucket `offset + i` holds values in (base^(offset+i), base^(offset+i+1)]).
@@ -149,82 +149,127 @@ impl PyHistogramSnapshot {
             self.inner.count, self.inner.sum, self.inner.min, self.inner.max, self.unit
         )
     }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .cast::<PyHistogramSnapshot>()
+            .is_ok_and(|other| other.get().inner == self.inner && other.get().unit == self.unit)
+    }
+
+    /// Immutable: a copy is the same object.
+    fn __copy__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __deepcopy__(slf: Py<Self>, _memo: &Bound<'_, PyAny>) -> Py<Self> {
+        slf
+    }
+
+    /// Pickles as its plain data.
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let restore = py
+            .import("meterage._native")?
+            .getattr("_restore_histogram")?;
+        let arguments = (histogram_state(py, &self.inner)?, self.unit.as_str());
+        PyTuple::new(py, [restore, arguments.into_pyobject(py)?.into_any()])
+    }
 }
 
-/// One series: an operation (or instrument) with one attribute set.
+/// One series: an operation (or instrument) with one attribute set. Plain data: it holds
+/// the native copy and builds Python objects only when they are asked for.
 #[pyclass(module = "meterage._native", name = "Series", frozen)]
 pub struct PySeries {
-    #[pyo3(get)]
-    kind: &'static str,
-    #[pyo3(get)]
-    operation: String,
-    #[pyo3(get)]
-    unit: String,
-    #[pyo3(get)]
-    description: String,
-    #[pyo3(get)]
-    count: u64,
-    /// Counters: the total.
-    #[pyo3(get)]
-    value: f64,
-    attributes: Py<PyDict>,
-    histograms: Py<PyDict>,
-    /// How many calls ran the probes (the largest count of any probe measure).
-    #[pyo3(get)]
-    sampled: u64,
-    exemplars: Vec<Exemplar>,
-    /// Calls of this series in flight now (None unless an exporter asked to count them).
-    #[pyo3(get)]
-    active: Option<i64>,
+    inner: SeriesSnapshot,
 }
 
 impl PySeries {
-    pub fn new(py: Python<'_>, series: &SeriesSnapshot) -> PyResult<Self> {
-        let histograms = PyDict::new(py);
-        let mut sampled = 0;
-        for (index, measure) in series.measures.iter().enumerate() {
-            if index > 0 || series.kind != crate::aggregate::snapshot::SeriesKind::Call {
-                sampled = sampled.max(measure.histogram.count);
-            }
-            histograms.set_item(
-                &*measure.name,
-                PyHistogramSnapshot::new(measure.histogram.clone(), &measure.unit),
-            )?;
-        }
-        Ok(PySeries {
-            kind: series.kind.name(),
-            operation: series.name.to_string(),
-            unit: series.unit.to_string(),
-            description: series.description.to_string(),
-            count: series.count,
-            value: series.value,
-            attributes: attributes_to_dict(py, series.attributes.iter())?.unbind(),
-            histograms: histograms.unbind(),
-            sampled,
-            exemplars: series.exemplars.clone(),
-            active: series.active,
-        })
+    pub fn new(inner: SeriesSnapshot) -> Self {
+        PySeries { inner }
+    }
+
+    fn measure(&self, name: &str) -> Option<&crate::aggregate::snapshot::MeasureSnapshot> {
+        self.inner.measures.iter().find(|m| &*m.name == name)
     }
 }
 
 #[pymethods]
 impl PySeries {
+    /// "call" (a metered operation), "histogram" or "counter".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.inner.kind.name()
+    }
+
+    /// The operation or instrument name.
+    #[getter]
+    fn operation(&self) -> &str {
+        &self.inner.name
+    }
+
     /// The operation or instrument name (same as `operation`).
     #[getter]
     fn name(&self) -> &str {
-        &self.operation
+        &self.inner.name
     }
 
-    /// Attributes of this series (a copy).
+    #[getter]
+    fn unit(&self) -> &str {
+        &self.inner.unit
+    }
+
+    #[getter]
+    fn description(&self) -> &str {
+        &self.inner.description
+    }
+
+    /// Calls, recorded values, or `add` calls.
+    #[getter]
+    fn count(&self) -> u64 {
+        self.inner.count
+    }
+
+    /// Counters: the total.
+    #[getter]
+    fn value(&self) -> f64 {
+        self.inner.value
+    }
+
+    /// How many calls ran the probes (the largest count of any probe measure).
+    #[getter]
+    fn sampled(&self) -> u64 {
+        let skip = usize::from(self.inner.kind == SeriesKind::Call);
+        self.inner
+            .measures
+            .iter()
+            .skip(skip)
+            .map(|m| m.histogram.count)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Calls of this series in flight now (None unless an exporter asked to count them).
+    #[getter]
+    fn active(&self) -> Option<i64> {
+        self.inner.active
+    }
+
+    /// Attributes of this series (a new dict each time).
     #[getter]
     fn attributes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.attributes.bind(py).copy()
+        attributes_to_dict(py, self.inner.attributes.iter())
     }
 
-    /// Measure name -> HistogramSnapshot (a copy of the mapping).
+    /// Measure name -> HistogramSnapshot (a new dict each time).
     #[getter]
     fn histograms<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.histograms.bind(py).copy()
+        let histograms = PyDict::new(py);
+        for measure in &self.inner.measures {
+            histograms.set_item(
+                &*measure.name,
+                PyHistogramSnapshot::new(measure.histogram.clone(), &measure.unit),
+            )?;
+        }
+        Ok(histograms)
     }
 
     /// Traced calls' durations with their spans: (seconds, unix time ns, trace id, span id),
@@ -232,47 +277,205 @@ impl PySeries {
     /// are on).
     #[getter]
     fn exemplars(&self) -> Vec<(f64, u64, u128, u64)> {
-        self.exemplars
+        self.inner
+            .exemplars
             .iter()
             .map(|e| (e.value, e.time_unix_ns, e.trace_id, e.span_id))
             .collect()
     }
 
     /// Estimated total of a measure over all calls (sampled probes weighted up).
-    fn estimated_total(&self, py: Python<'_>, measure: &str) -> PyResult<f64> {
-        let histograms = self.histograms.bind(py);
-        let Some(histogram) = histograms.get_item(measure)? else {
-            let known: Vec<String> = histograms.keys().extract()?;
+    fn estimated_total(&self, measure: &str) -> PyResult<f64> {
+        let Some(found) = self.measure(measure) else {
+            let known: Vec<&str> = self.inner.measures.iter().map(|m| &*m.name).collect();
             return Err(PyKeyError::new_err(format!(
                 "no measure {measure:?} in this series; it has {}",
                 known.join(", ")
             )));
         };
-        Ok(histogram
-            .cast::<PyHistogramSnapshot>()?
-            .get()
-            .inner
-            .estimated_sum())
+        Ok(found.histogram.estimated_sum())
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "Series(kind={:?}, operation={:?}, attributes={}, count={})",
-            self.kind,
-            self.operation,
-            self.attributes.bind(py).repr()?,
-            self.count
+            self.inner.kind.name(),
+            &*self.inner.name,
+            self.attributes(py)?.repr()?,
+            self.inner.count
         ))
     }
+
+    /// Immutable: a copy is the same object.
+    fn __copy__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __deepcopy__(slf: Py<Self>, _memo: &Bound<'_, PyAny>) -> Py<Self> {
+        slf
+    }
+
+    /// Pickles as its plain data.
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let restore = py.import("meterage._native")?.getattr("_restore_series")?;
+        let measures = self
+            .inner
+            .measures
+            .iter()
+            .map(|m| {
+                Ok((
+                    m.name.to_string(),
+                    m.unit.to_string(),
+                    histogram_state(py, &m.histogram)?,
+                ))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let state = (
+            self.inner.kind.name(),
+            &*self.inner.name,
+            &*self.inner.unit,
+            &*self.inner.description,
+            self.attributes(py)?,
+            self.inner.count,
+            measures,
+            self.inner.value,
+            self.exemplars(),
+            self.inner.active,
+        );
+        PyTuple::new(py, [restore, (state,).into_pyobject(py)?.into_any()])
+    }
+}
+
+fn histogram_state<'py>(
+    py: Python<'py>,
+    histogram: &HistogramSnapshot,
+) -> PyResult<Bound<'py, PyTuple>> {
+    (
+        histogram.scale,
+        histogram.count,
+        histogram.sum,
+        histogram.min,
+        histogram.max,
+        histogram.zero_count,
+        histogram.offset,
+        histogram.bucket_counts.clone(),
+        histogram.weighted_extra,
+        histogram.cuts.clone(),
+    )
+        .into_pyobject(py)
+}
+
+type HistogramState = (
+    i32,
+    u64,
+    f64,
+    f64,
+    f64,
+    u64,
+    i32,
+    Vec<u64>,
+    f64,
+    Vec<(i32, u64)>,
+);
+
+fn histogram_from_state(state: HistogramState) -> PyResult<HistogramSnapshot> {
+    let (scale, count, sum, min, max, zero_count, offset, bucket_counts, weighted_extra, cuts) =
+        state;
+    if count != zero_count + bucket_counts.iter().sum::<u64>() || !(-10..=20).contains(&scale) {
+        return Err(PyValueError::new_err(
+            "not the state of a HistogramSnapshot: its counts do not add up",
+        ));
+    }
+    Ok(HistogramSnapshot {
+        scale,
+        count,
+        sum,
+        min,
+        max,
+        zero_count,
+        offset,
+        bucket_counts,
+        weighted_extra,
+        cuts,
+    })
+}
+
+/// Rebuilds a pickled `HistogramSnapshot`.
+#[pyfunction]
+pub fn _restore_histogram(state: HistogramState, unit: String) -> PyResult<PyHistogramSnapshot> {
+    Ok(PyHistogramSnapshot::new(
+        histogram_from_state(state)?,
+        &unit,
+    ))
+}
+
+type SeriesState = (
+    String,
+    String,
+    String,
+    String,
+    Py<PyDict>,
+    u64,
+    Vec<(String, String, HistogramState)>,
+    f64,
+    Vec<(f64, u64, u128, u64)>,
+    Option<i64>,
+);
+
+/// Rebuilds a pickled `Series`.
+#[pyfunction]
+pub fn _restore_series(py: Python<'_>, state: SeriesState) -> PyResult<PySeries> {
+    let (kind, name, unit, description, attributes, count, measures, value, exemplars, active) =
+        state;
+    let kind = match kind.as_str() {
+        "call" => SeriesKind::Call,
+        "histogram" => SeriesKind::Histogram,
+        "counter" => SeriesKind::Counter,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "not the state of a Series: kind {other:?}"
+            )))
+        }
+    };
+    let measures = measures
+        .into_iter()
+        .map(|(name, unit, histogram)| {
+            Ok(MeasureSnapshot {
+                name: name.into(),
+                unit: unit.into(),
+                histogram: histogram_from_state(histogram)?,
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok(PySeries::new(SeriesSnapshot {
+        kind,
+        name: name.into(),
+        unit: unit.into(),
+        description: description.into(),
+        attributes: attribute_set(Some(attributes.bind(py).as_any()))?,
+        count,
+        measures,
+        value,
+        exemplars: exemplars
+            .into_iter()
+            .map(|(value, time_unix_ns, trace_id, span_id)| Exemplar {
+                value,
+                time_unix_ns,
+                trace_id,
+                span_id,
+            })
+            .collect(),
+        active,
+    }))
 }
 
 pub fn series_list<'py>(
     py: Python<'py>,
-    snapshot: &[SeriesSnapshot],
+    snapshot: Vec<SeriesSnapshot>,
 ) -> PyResult<Bound<'py, PyList>> {
     let items = snapshot
-        .iter()
-        .map(|series| Py::new(py, PySeries::new(py, series)?))
+        .into_iter()
+        .map(|series| Py::new(py, PySeries::new(series)))
         .collect::<PyResult<Vec<_>>>()?;
     PyList::new(py, items)
 }

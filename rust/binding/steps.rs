@@ -149,6 +149,9 @@ impl Steps {
         py: Python<'py>,
         run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Outcome<'py>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        if !super::guard::stack_has_room() {
+            return Err(PyErr::fetch(py));
+        }
         let inner = self.inner(py)?;
         let result = match &mut self.owner {
             Owner::Own { core, stepped, .. } => {

@@ -1,12 +1,15 @@
 //! Histogram conversions for export.
 
-use crate::aggregate::histogram::HistogramSnapshot;
+use crate::aggregate::boundaries;
+use crate::aggregate::histogram::{HistogramSnapshot, SCALE};
 
 /// Counts per explicit bucket for `boundaries` (ascending): `len + 1` buckets,
 /// (-inf, b0], (b0, b1], ..., (b_last, +inf), as in OpenTelemetry's explicit histogram.
 ///
 /// An exponential bucket (at scale 4 about 4.4% wide) that lies between two boundaries goes
-/// where it belongs exactly; one that a boundary cuts goes by its geometric midpoint, so a
+/// where it belongs exactly. One that a boundary cuts is split exactly when the histogram
+/// counted its values at or below that boundary (every boundary of meterage's own sets,
+/// [`boundaries::SETS`]); for any other boundary it goes by its geometric midpoint, so a
 /// value is at most one exponential bucket width away from the side it really fell on.
 pub fn explicit_counts(histogram: &HistogramSnapshot, boundaries: &[f64]) -> Vec<u64> {
     let mut counts = vec![0u64; boundaries.len() + 1];
@@ -14,19 +17,38 @@ pub fn explicit_counts(histogram: &HistogramSnapshot, boundaries: &[f64]) -> Vec
     if histogram.zero_count > 0 {
         counts[slot(0.0)] += histogram.zero_count;
     }
-    for (lower, upper, count) in histogram.buckets() {
+    let mut cuts = histogram.cuts.iter().peekable();
+    for (position, (lower, upper, count)) in histogram.buckets().enumerate() {
         if count == 0 {
             continue;
         }
-        let (low_slot, high_slot) = (slot(lower), slot(upper));
-        // (lower, upper] sits in one explicit bucket when both ends map to the same slot,
-        // or when `lower` is exactly a boundary (the bucket starts just above it).
-        let index = if low_slot == high_slot || boundaries.get(low_slot) == Some(&lower) {
-            high_slot
-        } else {
-            slot((lower * upper).sqrt())
-        };
-        counts[index] += count;
+        // Boundaries strictly inside (lower, upper) are first_inside..high_slot.
+        let first_inside = boundaries.partition_point(|&bound| bound <= lower);
+        let high_slot = slot(upper);
+        if first_inside == high_slot {
+            counts[high_slot] += count;
+            continue;
+        }
+        let index = histogram.offset + position as i32;
+        while cuts.next_if(|&&(cut, _)| cut < index).is_some() {}
+        let below = cuts
+            .next_if(|&&(cut, _)| cut == index)
+            .and_then(|&(_, below)| {
+                let cut = boundaries::cut_of_index(index)?;
+                let exact = histogram.scale == SCALE
+                    && first_inside + 1 == high_slot
+                    && boundaries[first_inside].to_bits() == cut.bits;
+                exact.then_some(below)
+            });
+        match below {
+            // Values at or below the one boundary inside go to its bucket, the rest above.
+            Some(below) => {
+                let below = below.min(count);
+                counts[first_inside] += below;
+                counts[high_slot] += count - below;
+            }
+            None => counts[slot((lower * upper).sqrt())] += count,
+        }
     }
     counts
 }
@@ -84,6 +106,18 @@ pub fn delta_since(
     if delta.count == 0 {
         return Some(delta);
     }
+    delta.cuts = current.cuts.clone();
+    for &(index, below) in &earlier.cuts {
+        let Some(at) = delta.cuts.iter().position(|&(cut, _)| cut == index) else {
+            return None; // a cut bucket the current snapshot no longer has: reset
+        };
+        let now = &mut delta.cuts[at].1;
+        if *now < below {
+            return None;
+        }
+        *now -= below;
+    }
+    delta.cuts.retain(|&(_, below)| below > 0);
     let mut counts = current.bucket_counts.clone();
     let shift = earlier.offset as i64 - current.offset as i64;
     for (position, &count) in earlier.bucket_counts.iter().enumerate() {
@@ -143,6 +177,53 @@ mod tests {
         // 1.0 is a bucket upper bound at every scale, and (b0, b1] is upper-inclusive.
         let counts = explicit_counts(&recorded(&[1.0, 2.0]), &[1.0, 2.0]);
         assert_eq!(counts, vec![1, 1, 0]);
+    }
+
+    #[test]
+    fn values_exactly_on_a_boundary_are_counted_below_it() {
+        // Integer values on the SDK's default boundaries, and a reader of those boundaries.
+        let values = [
+            5.0, 50.0, 100.0, 1000.0, 2500.0, 5.0, 4.9, 5.1, 999.0, 1001.0,
+        ];
+        let bounds = boundaries::SDK_DEFAULT;
+        let counts = explicit_counts(&recorded(&values), &bounds);
+        let mut expected = vec![0u64; bounds.len() + 1];
+        for value in values {
+            expected[bounds.partition_point(|&b| b < value)] += 1;
+        }
+        assert_eq!(counts, expected);
+        // Durations on the semantic-convention boundaries (5 ms is 5_000_000 ns * 1e-9).
+        let durations: Vec<f64> = [
+            5_000_000u64,
+            4_999_999,
+            5_000_001,
+            75_000_000,
+            2_500_000_000,
+        ]
+        .iter()
+        .map(|&ns| ns as f64 * 1e-9)
+        .collect();
+        let bounds = boundaries::DURATION;
+        let counts = explicit_counts(&recorded(&durations), &bounds);
+        let mut expected = vec![0u64; bounds.len() + 1];
+        for value in &durations {
+            expected[bounds.partition_point(|&b| b < *value)] += 1;
+        }
+        assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn deltas_keep_the_split_exact() {
+        let histogram = AtomicHistogram::new();
+        histogram.record(5.0);
+        histogram.record(5.1);
+        let earlier = histogram.snapshot();
+        histogram.record(5.0);
+        histogram.record(5.0);
+        histogram.record(5.2);
+        let delta = delta_since(&histogram.snapshot(), &earlier).unwrap();
+        let counts = explicit_counts(&delta, &boundaries::SDK_DEFAULT);
+        assert_eq!(&counts[1..3], &[2, 1]); // (0, 5]: the two 5.0s; (5, 10]: 5.2
     }
 
     #[test]

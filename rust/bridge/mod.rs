@@ -3,3 +3,4 @@
 
 pub mod export;
 pub mod histogram;
+pub mod names;

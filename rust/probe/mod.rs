@@ -347,10 +347,22 @@ pub fn availability() -> Vec<(&'static str, Option<String>)> {
 /// `None` when `probe` (one of [`ProbeSet::NAMES`]) works here, or why not. Asking about
 /// the GPU loads NVML.
 pub fn availability_of(probe: ProbeSet) -> Option<String> {
+    // The OS probes either work on this kernel or not: found out once per process (an IO
+    // check opens a file, ~10 us, which making a meter must not pay every time).
+    static OS: std::sync::OnceLock<[Option<String>; 3]> = std::sync::OnceLock::new();
+    let os = || {
+        OS.get_or_init(|| {
+            [
+                clock_availability(),
+                rusage::availability(),
+                thread_io::availability(),
+            ]
+        })
+    };
     match probe {
-        ProbeSet::CPU => clock_availability(),
-        ProbeSet::RUSAGE => rusage::availability(),
-        ProbeSet::IO => thread_io::availability(),
+        ProbeSet::CPU => os()[0].clone(),
+        ProbeSet::RUSAGE => os()[1].clone(),
+        ProbeSet::IO => os()[2].clone(),
         ProbeSet::GPU => gpu::availability(),
         _ => Some(format!("{probe:?} is not a single probe")),
     }

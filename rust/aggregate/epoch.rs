@@ -1,0 +1,140 @@
+//! Epochs: how a reset, or a fork, empties every series in O(1).
+//!
+//! `meterage.reset()` and the child side of `fork()` advance one global counter. A series
+//! remembers the epoch its values belong to; values of an earlier epoch read as empty, and
+//! the first record of a new epoch clears them. So neither a reset nor a fork touches the
+//! series: a forked child writes only to the series it records into, and leaves every other
+//! page shared with its parent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+/// A series' epoch while one thread clears it.
+const CLEARING: u64 = u64::MAX;
+
+/// The epoch in force now.
+#[inline(always)]
+pub fn current() -> u64 {
+    EPOCH.load(Ordering::Acquire)
+}
+
+/// Starts a new epoch (a reset, or a forked child): every series reads as empty. Only an
+/// atomic add, so it is safe in a `fork()` child handler.
+pub fn advance() {
+    EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// The epoch a series' values belong to.
+pub struct Liveness {
+    epoch: AtomicU64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            epoch: AtomicU64::new(current()),
+        }
+    }
+}
+
+impl Liveness {
+    /// Whether the values belong to the current epoch.
+    #[inline(always)]
+    pub fn is_current(&self) -> bool {
+        self.epoch.load(Ordering::Acquire) == current()
+    }
+
+    /// Before a record: if the values belong to an earlier epoch, `clear` them once (other
+    /// threads wait for it) and move them to this one. Returns whether this call cleared.
+    #[inline(always)]
+    pub fn ensure_current(&self, clear: impl FnOnce()) -> bool {
+        if self.is_current() {
+            return false;
+        }
+        self.renew(current, clear)
+    }
+
+    /// `ensure_current` against another epoch source (tests).
+    #[cold]
+    #[inline(never)]
+    fn renew(&self, epoch: impl Fn() -> u64, clear: impl FnOnce()) -> bool {
+        let mut clear = Some(clear);
+        loop {
+            let now = epoch();
+            let seen = self.epoch.load(Ordering::Acquire);
+            if seen == now {
+                return false;
+            }
+            if seen == CLEARING {
+                // Another thread is clearing (a few hundred ns): wait for it.
+                std::hint::spin_loop();
+                continue;
+            }
+            if self
+                .epoch
+                .compare_exchange(seen, CLEARING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                if let Some(clear) = clear.take() {
+                    clear();
+                }
+                self.epoch.store(now, Ordering::Release);
+                return true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    // The global epoch is left alone: other tests record meanwhile.
+    fn at(epoch: u64) -> Liveness {
+        Liveness {
+            epoch: AtomicU64::new(epoch),
+        }
+    }
+
+    #[test]
+    fn a_new_epoch_clears_once_on_first_use() {
+        let liveness = at(5);
+        let clears = AtomicUsize::new(0);
+        let clear = || {
+            clears.fetch_add(1, Ordering::Relaxed);
+        };
+        assert!(!liveness.renew(|| 5, clear));
+        assert!(liveness.renew(|| 6, clear));
+        assert!(!liveness.renew(|| 6, clear));
+        assert_eq!(clears.load(Ordering::Relaxed), 1);
+        assert_eq!(liveness.epoch.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn racing_threads_clear_once() {
+        let liveness = Arc::new(at(1));
+        let clears = Arc::new(AtomicUsize::new(0));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (liveness, clears) = (Arc::clone(&liveness), Arc::clone(&clears));
+                std::thread::spawn(move || {
+                    liveness.renew(
+                        || 2,
+                        || {
+                            clears.fetch_add(1, Ordering::Relaxed);
+                        },
+                    )
+                })
+            })
+            .collect();
+        let cleared = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|&c| c)
+            .count();
+        assert_eq!(cleared, 1);
+        assert_eq!(clears.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,85 @@
+//! Guards at the C boundary: a metered call never overflows the C stack, and no Rust panic
+//! ever crosses into Python.
+//!
+//! The release build unwinds on panic (Cargo.toml), so a panic inside meterage's own work
+//! around a call (reading probes, recording) can be caught here: the measurement is
+//! dropped and the application's call goes on as if it were not metered. PyO3 turns a
+//! panic in a `#[pyfunction]` or `#[pymethods]` into a Python exception by itself.
+
+use pyo3::ffi;
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Stack kept free below a metered call: enough for the interpreter to raise and unwind a
+/// RecursionError, and for whatever C code the function itself calls.
+const RESERVE: usize = 256 * 1024;
+
+thread_local! {
+    /// The lowest stack address a metered call may start at on this thread (0: unknown
+    /// yet; 1: unknown for good, never refuse).
+    static STACK_FLOOR: Cell<usize> = const { Cell::new(0) };
+}
+
+#[cold]
+fn stack_floor() -> usize {
+    // SAFETY: `attributes` is initialised by pthread_getattr_np before it is read, and
+    // destroyed once; the out-pointers are valid.
+    let floor = unsafe {
+        let mut attributes: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attributes) != 0 {
+            1
+        } else {
+            let mut low: *mut libc::c_void = std::ptr::null_mut();
+            let mut size: libc::size_t = 0;
+            let found = libc::pthread_attr_getstack(&attributes, &mut low, &mut size) == 0;
+            libc::pthread_attr_destroy(&mut attributes);
+            if found && size > RESERVE * 2 {
+                low as usize + RESERVE
+            } else if found {
+                low as usize + size / 4
+            } else {
+                1
+            }
+        }
+    };
+    let _ = STACK_FLOOR.try_with(|cell| cell.set(floor));
+    floor
+}
+
+/// Whether this thread's C stack has room for one more metered call. If not, a
+/// RecursionError is set (as the interpreter raises where its own recursion check
+/// trips): a deep recursion through metered functions raises, never crashes.
+#[inline(always)]
+pub fn stack_has_room() -> bool {
+    let marker = 0u8;
+    let here = std::ptr::addr_of!(marker) as usize;
+    let floor = match STACK_FLOOR.try_with(Cell::get) {
+        Ok(0) => stack_floor(),
+        Ok(floor) => floor,
+        Err(_) => 1,
+    };
+    if here > floor {
+        return true;
+    }
+    recursion_error();
+    false
+}
+
+#[cold]
+fn recursion_error() {
+    // SAFETY: the GIL is held by every caller (metered calls run Python code).
+    unsafe {
+        ffi::PyErr_SetString(
+            ffi::PyExc_RecursionError,
+            c"maximum recursion depth exceeded while calling a metered function (the thread's C stack is nearly exhausted)"
+                .as_ptr(),
+        )
+    };
+}
+
+/// Runs meterage's own work around a call; a panic in it gives `None` (the call is then
+/// not recorded) instead of unwinding into the interpreter.
+#[inline(always)]
+pub fn quietly<T>(work: impl FnOnce() -> T) -> Option<T> {
+    catch_unwind(AssertUnwindSafe(work)).ok()
+}
