@@ -1,30 +1,77 @@
 //! Fork awareness for the probes. A per-thread descriptor opened before a fork still
 //! points at the parent's thread, and readings from either side of a fork cannot be
-//! subtracted. A `pthread_atfork` child handler bumps a generation number — one atomic
-//! add, no memory touched, so a fork that is about to exec pays nothing else — and
-//! readings compare it with one relaxed load.
+//! subtracted. The `pthread_atfork` child handler closes the IO probe's registered
+//! descriptors (see `thread_io`: a daemonising child must not find the parent threads'
+//! descriptors, nor have one of its own files closed later under an inherited number) and
+//! bumps a generation number that readings compare with one relaxed load. The prepare
+//! handler waits out any thread caught between opening its descriptor and registering it.
+//! Together they cost a fork a walk over the registry (64 slots per block) and an fstat and
+//! close per probing thread.
 //!
 //! Clearing the aggregates in a child is not done here: that would touch (and copy) every
 //! page of histograms in each `fork()` + `exec()` of a subprocess. The binding does it from
 //! Python's `os.register_at_fork`, which runs for `os.fork()` and multiprocessing only.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use super::thread_io;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
-static INSTALL: Once = Once::new();
+
+/// `INSTALLED`, or 0 (not yet), or the pid of the process one of whose threads is
+/// registering the handlers right now.
+static INSTALL_STATE: AtomicU32 = AtomicU32::new(0);
+const INSTALLED: u32 = u32::MAX;
+
+extern "C" fn on_prepare() {
+    thread_io::before_fork();
+}
+
+extern "C" fn on_parent() {
+    thread_io::after_fork_in_parent();
+}
 
 extern "C" fn on_child() {
+    thread_io::close_all_in_child();
     GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Installs the handler (once per process; later calls are one atomic load).
+/// Installs the handlers (once per process; later calls are one atomic load). Not a
+/// `Once`: a fork while another thread is inside `call_once` would leave the child's
+/// `Once` running forever, and every install in the child would wait on it.
 #[inline]
 pub fn install() {
-    INSTALL.call_once(|| {
-        // SAFETY: the handler is a plain extern "C" function that lives forever.
-        unsafe { libc::pthread_atfork(None, None, Some(on_child)) };
-    });
+    if INSTALL_STATE.load(Ordering::Acquire) != INSTALLED {
+        install_slow();
+    }
+}
+
+#[cold]
+fn install_slow() {
+    let pid = std::process::id();
+    loop {
+        match INSTALL_STATE.load(Ordering::Acquire) {
+            INSTALLED => return,
+            // Another thread of this process is registering: a moment.
+            state if state == pid => std::thread::yield_now(),
+            // Nobody yet, or a thread of the parent that forked us mid-way (it never
+            // finishes here). glibc registers under the lock fork takes, so this child
+            // either inherited the handlers (registering again only runs them twice, which
+            // they tolerate) or has none.
+            state => {
+                if INSTALL_STATE
+                    .compare_exchange(state, pid, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    // SAFETY: the handlers are plain extern "C" functions that live forever.
+                    unsafe {
+                        libc::pthread_atfork(Some(on_prepare), Some(on_parent), Some(on_child))
+                    };
+                    INSTALL_STATE.store(INSTALLED, Ordering::Release);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// How many forks separate this process from the one that loaded meterage.
