@@ -312,19 +312,29 @@ const KEYS: [&[u8]; 7] = [
 /// put at our descriptor number, so anything short of the exact layout is rejected.
 fn parse(text: &[u8]) -> Option<Counters> {
     let mut values = [0u64; KEYS.len()];
-    let mut rest = text;
+    let mut at = 0;
+    // Plain indexing: this runs twice per probed call, and stays cheap in debug builds too.
     for (key, value) in KEYS.iter().zip(values.iter_mut()) {
-        rest = rest.strip_prefix(*key)?.strip_prefix(b": ")?;
-        let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
-        if digits == 0 || digits > 20 {
+        let digits_at = at + key.len() + 2;
+        if text.get(at..at + key.len()) != Some(key)
+            || text.get(at + key.len()..digits_at)? != b": "
+        {
             return None;
         }
-        for &byte in &rest[..digits] {
-            *value = value.checked_mul(10)?.checked_add(u64::from(byte - b'0'))?;
+        at = digits_at;
+        // At most 20 digits (u64::MAX); u128 holds any 20 without overflow.
+        let mut number = 0u128;
+        while at < text.len() && text[at].is_ascii_digit() && at - digits_at < 20 {
+            number = number * 10 + u128::from(text[at] - b'0');
+            at += 1;
         }
-        rest = rest[digits..].strip_prefix(b"\n")?;
+        if at == digits_at || text.get(at) != Some(&b'\n') {
+            return None;
+        }
+        *value = u64::try_from(number).ok()?;
+        at += 1;
     }
-    rest.is_empty().then_some(Counters {
+    (at == text.len()).then_some(Counters {
         rchar: values[0],
         wchar: values[1],
         read_bytes: values[4],
