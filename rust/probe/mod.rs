@@ -26,7 +26,8 @@ impl ProbeSet {
     pub const CPU: ProbeSet = ProbeSet(1);
     /// Page faults and context switches (getrusage(RUSAGE_THREAD)).
     pub const RUSAGE: ProbeSet = ProbeSet(2);
-    /// Syscall and storage IO bytes (/proc/thread-self/io).
+    /// Bytes of the read/write syscall family and of storage IO (/proc/thread-self/io);
+    /// socket send/recv, splice and mmap are not counted (see `thread_io`).
     pub const IO: ProbeSet = ProbeSet(4);
     /// The GPU energy counter difference of a call (long enough for the counter).
     pub const GPU_ENERGY: ProbeSet = ProbeSet(8);

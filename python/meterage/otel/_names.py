@@ -116,14 +116,16 @@ CALL_METRICS: dict[str, CallMetric] = {
     "io.read": CallMetric(
         "meterage.call.io",
         "By",
-        "Bytes of read/write syscalls made by metered calls.",
+        "Bytes moved by read/write-family syscalls (read, write, pread, pwrite, readv, writev, "
+        "sendfile, copy_file_range) of metered calls; socket send/recv and mmap are not counted.",
         _direction("io.direction", "read"),
         BYTE_BOUNDARIES,
     ),
     "io.write": CallMetric(
         "meterage.call.io",
         "By",
-        "Bytes of read/write syscalls made by metered calls.",
+        "Bytes moved by read/write-family syscalls (read, write, pread, pwrite, readv, writev, "
+        "sendfile, copy_file_range) of metered calls; socket send/recv and mmap are not counted.",
         _direction("io.direction", "write"),
         BYTE_BOUNDARIES,
     ),
