@@ -366,7 +366,9 @@ impl ThreadIoFile {
     fn read_fd(&self, fd: i32, values: &mut [u64; measure::COUNT]) -> bool {
         let mut buffer = [0u8; BUFFER];
         // SAFETY: the buffer is valid for its length. Reading a number that is not ours
-        // (closed, or the application's) fails or returns foreign bytes, rejected below.
+        // (closed, or the application's) fails or returns foreign bytes, rejected below; it
+        // never consumes the application's data, since pread keeps the file offset and
+        // pipes, sockets and ttys refuse it (ESPIPE).
         let read = unsafe { libc::pread(fd, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
         if read <= 0 {
             return false;
