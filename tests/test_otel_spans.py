@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import faulthandler
+import gc
 import os
+import threading
+import weakref
 
 import pytest
 
 pytest.importorskip("opentelemetry.sdk.trace")
 
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
@@ -30,6 +36,12 @@ def tracing():
     yield provider.get_tracer("test"), exporter
     meterage.otel.span_attributes(enabled=False)
     provider.shutdown()
+
+
+# The native table's bound (spans.rs MAX_PENDING_SPANS): more spans than this never fit.
+MAX_PENDING_SPANS = 8192
+# Enough spans to overflow the table with room to spare.
+MANY = 10_000
 
 
 def finished(exporter, name):
@@ -210,3 +222,206 @@ def test_the_openmetrics_exposition_carries_the_exemplars(unique, tracing):
     finally:
         meterage.otel.detach(provider)
         provider.shutdown()
+
+
+def metered_in(span, work, calls=1):
+    """Makes ``calls`` metered calls with ``span`` current, without ending it."""
+    with trace.use_span(span, end_on_exit=False):
+        for _ in range(calls):
+            work()
+
+
+def test_spans_that_never_end_are_freed_and_later_spans_still_get_totals(unique, tracing):
+    tracer, exporter = tracing
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    lost = []
+    for index in range(MANY):
+        span = tracer.start_span(f"lost-{index}")
+        metered_in(span, work)
+        lost.append(weakref.ref(span))
+        assert _native.pending_span_count() <= MAX_PENDING_SPANS
+    del span
+    gc.collect()
+    # Nothing meterage holds keeps a dropped span alive, and its slot goes with it.
+    assert [ref for ref in lost if ref() is not None] == []
+    assert _native.pending_span_count() == 0
+    with tracer.start_as_current_span("after"):
+        work()
+        work()
+    assert finished(exporter, "after")["meterage.calls"] == 2
+    assert _native.pending_span_count() == 0
+
+
+def test_a_table_full_of_live_unended_spans_still_takes_new_spans(unique, tracing):
+    tracer, exporter = tracing
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    kept = [tracer.start_span(f"kept-{index}") for index in range(MANY)]
+    for span in kept:
+        metered_in(span, work)
+        assert _native.pending_span_count() <= MAX_PENDING_SPANS
+    assert _native.pending_span_count() == MAX_PENDING_SPANS
+    with tracer.start_as_current_span("after"):
+        work()
+        work()
+        work()
+    assert finished(exporter, "after")["meterage.calls"] == 3
+    refs = [weakref.ref(span) for span in kept]
+    del kept, span
+    gc.collect()
+    assert [ref for ref in refs if ref() is not None] == []
+    assert _native.pending_span_count() == 0
+
+
+def test_spans_ended_without_meterage_processor_do_not_block_later_spans(unique, tracing):
+    tracer, exporter = tracing
+    # A second provider, without meterage's processor, whose exporter keeps every ended
+    # span alive: their totals are never taken.
+    other_exporter = InMemorySpanExporter()
+    other = TracerProvider()
+    other.add_span_processor(SimpleSpanProcessor(other_exporter))
+    other_tracer = other.get_tracer("other")
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    try:
+        for index in range(MANY):
+            with other_tracer.start_as_current_span(f"other-{index}"):
+                work()
+            assert _native.pending_span_count() <= MAX_PENDING_SPANS
+        assert len(other_exporter.get_finished_spans()) == MANY
+        with tracer.start_as_current_span("processed"):
+            work()
+            work()
+        assert finished(exporter, "processed")["meterage.calls"] == 2
+        ended = [weakref.ref(span) for span in other_exporter.get_finished_spans()]
+        assert not any(key.startswith("meterage.") for key in ended[-1]().attributes)
+        other_exporter.clear()
+        gc.collect()
+        assert [ref for ref in ended if ref() is not None] == []
+        assert _native.pending_span_count() == 0
+    finally:
+        other.shutdown()
+
+
+def test_a_long_lived_span_keeps_its_totals_while_dropped_spans_churn(unique, tracing):
+    tracer, exporter = tracing
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    patient = tracer.start_span("patient")
+    metered_in(patient, work, calls=3)
+    # Many short-lived spans come and go (and reuse addresses): each frees its slot.
+    for index in range(MANY):
+        metered_in(tracer.start_span(f"churn-{index}"), work, calls=2)
+    metered_in(patient, work, calls=1)
+    patient.end()
+    assert finished(exporter, "patient")["meterage.calls"] == 4
+
+
+def test_an_evicted_span_gets_no_totals_rather_than_partial_or_foreign_ones(unique, tracing):
+    tracer, exporter = tracing
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    patient = tracer.start_span("patient")
+    metered_in(patient, work, calls=3)
+    # More live spans than the table holds: the oldest (the patient) is evicted.
+    crowd = [tracer.start_span(f"crowd-{index}") for index in range(MANY)]
+    for span in crowd:
+        metered_in(span, work, calls=2)
+    # A call after eviction does not start a fresh, partial count.
+    metered_in(patient, work, calls=1)
+    patient.end()
+    attributes = finished(exporter, "patient")
+    assert not any(key.startswith("meterage.") for key in attributes)
+    # The newest of the crowd kept their slots and their own totals.
+    for span in crowd[-100:]:
+        span.end()
+    assert {finished(exporter, f"crowd-{MANY - 1 - i}")["meterage.calls"] for i in range(100)} == {
+        2
+    }
+    del crowd, span
+    gc.collect()
+    assert _native.pending_span_count() == 0
+
+
+def test_a_reused_address_never_inherits_a_dead_spans_totals(unique, tracing):
+    tracer, exporter = tracing
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    addresses = set()
+    for index in range(1000):
+        dropped = tracer.start_span(f"dropped-{index}")
+        addresses.add(id(dropped))
+        metered_in(dropped, work, calls=5)
+        del dropped
+        with tracer.start_as_current_span(f"ended-{index}") as span:
+            reused = id(span) in addresses
+            work()
+        assert finished(exporter, f"ended-{index}")["meterage.calls"] == 1, reused
+    exporter.clear()
+    gc.collect()
+    assert _native.pending_span_count() == 0
+
+
+def test_each_threads_spans_count_exactly_their_own_calls(unique, tracing):
+    tracer, exporter = tracing
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    threads_count, spans_per_thread = 8, 50
+    start = threading.Barrier(threads_count)
+    errors = []
+
+    def run(thread_index):
+        try:
+            start.wait()
+            for index in range(spans_per_thread):
+                with tracer.start_as_current_span(f"t{thread_index}-{index}"):
+                    for _ in range(thread_index + index % 7 + 1):
+                        work()
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for thread_index in range(threads_count):
+        for index in range(spans_per_thread):
+            calls = finished(exporter, f"t{thread_index}-{index}")["meterage.calls"]
+            assert calls == thread_index + index % 7 + 1
+    assert _native.pending_span_count() == 0
+
+
+def test_metered_finalizers_run_by_the_collector_mid_call_are_counted(unique, tracing):
+    """Garbage collection (and so finalizers that make metered calls, and the callbacks
+    of dying spans) can run inside a metered call's bookkeeping: nothing deadlocks and
+    every call lands on the span that was current when it ran."""
+    tracer, exporter = tracing
+    work = meterage.meter(unique(), probes=())(lambda: None)
+    in_span = collections.Counter()
+
+    class Finalized:
+        def __init__(self):
+            self.cycle = self
+
+        def __del__(self):
+            work()
+            in_span[getattr(trace.get_current_span(), "name", None)] += 1
+
+    spans = 500
+    thresholds = gc.get_threshold()
+    faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails, not hangs
+    gc.set_threshold(1, 1, 1)
+    try:
+        for index in range(spans):
+            with tracer.start_as_current_span(f"gc-{index}"):
+                Finalized()
+                work()
+                # A span dropped in a cycle, never ended: collected mid-way too.
+                dropped = tracer.start_span("dropped")
+                dropped.cycle = dropped
+                metered_in(dropped, work)
+                del dropped
+    finally:
+        gc.set_threshold(*thresholds)
+        faulthandler.cancel_dump_traceback_later()
+    gc.collect()
+    for index in range(spans):
+        name = f"gc-{index}"
+        assert finished(exporter, name)["meterage.calls"] == 1 + in_span[name]
+    assert _native.pending_span_count() == 0
