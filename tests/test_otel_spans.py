@@ -254,6 +254,8 @@ def test_spans_that_never_end_are_freed_and_later_spans_still_get_totals(unique,
         metered_in(span, work)
         lost.append(weakref.ref(span))
         assert _native.pending_span_count() <= MAX_PENDING_SPANS
+    # Each went as the next replaced it (no cycle): its slot went with it, at once.
+    assert _native.pending_span_count() == 1
     del span
     gc.collect()
     # Nothing meterage holds keeps a dropped span alive, and its slot goes with it.
@@ -357,15 +359,19 @@ def test_a_reused_address_never_inherits_a_dead_spans_totals(unique, tracing):
     tracer, exporter = tracing
     work = meterage.meter(unique(), probes=())(lambda: None)
     addresses = set()
+    reused = 0
     for index in range(1000):
         dropped = tracer.start_span(f"dropped-{index}")
         addresses.add(id(dropped))
         metered_in(dropped, work, calls=5)
         del dropped
         with tracer.start_as_current_span(f"ended-{index}") as span:
-            reused = id(span) in addresses
+            reused += id(span) in addresses
             work()
-        assert finished(exporter, f"ended-{index}")["meterage.calls"] == 1, reused
+        assert finished(exporter, f"ended-{index}")["meterage.calls"] == 1
+    # CPython's allocator hands freed span memory to the next span most of the time
+    # (about 600 of 1000 here): the case above did arise.
+    assert reused > 0
     exporter.clear()
     gc.collect()
     assert _native.pending_span_count() == 0

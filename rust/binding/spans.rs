@@ -85,32 +85,37 @@ impl Totals {
 struct Weak(Py<PyAny>);
 
 impl Weak {
-    /// Whether this still refers to the live object at `span`.
-    fn refers_to(&self, span: *mut ffi::PyObject) -> bool {
-        self.target() == Some(span)
+    /// Whether this still refers to `span`, a live object whose address keys this entry.
+    /// The strong reference taken to look is released at once, which never runs code: the
+    /// referent, if alive, is `span` (no other live object has its address), held here.
+    fn refers_to(&self, span: &Bound<'_, PyAny>) -> bool {
+        self.target(span.py()).is_some_and(|target| target.is(span))
     }
 
-    fn is_dead(&self) -> bool {
-        self.target().is_none()
+    /// Whether the referent has died. A live one is handed to `released` rather than let go
+    /// here: its last other reference may be dropped meanwhile on a free-threaded build.
+    fn is_dead(&self, py: Python<'_>, released: &mut Released) -> bool {
+        match self.target(py) {
+            Some(target) => {
+                released.push(target.unbind());
+                false
+            }
+            None => true,
+        }
     }
 
-    /// The referent's address while it is alive. Runs no Python code: the strong reference
-    /// taken here never drops the last one, as the referent is alive and the GIL is held.
-    fn target(&self) -> Option<*mut ffi::PyObject> {
+    /// The referent while it is alive (a new reference).
+    fn target<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
         let mut target: *mut ffi::PyObject = std::ptr::null_mut();
-        // SAFETY: `self.0` is a weakref object (made by `PyWeakref_NewRef`) and the GIL is
-        // held (the table is only used under it); `target` is a new reference or null.
+        // SAFETY: `self.0` is a weakref object (made by `PyWeakref_NewRef`) and the thread
+        // is attached (`py`); `target` comes back a new reference or null.
         unsafe {
             if ffi::compat::PyWeakref_GetRef(self.0.as_ptr(), &mut target) < 0 {
                 ffi::PyErr_Clear();
                 return None;
             }
-            if target.is_null() {
-                return None;
-            }
-            ffi::Py_DECREF(target);
+            Bound::from_owned_ptr_or_opt(py, target)
         }
-        Some(target)
     }
 }
 
@@ -205,7 +210,7 @@ impl<V> Fifo<V> {
     }
 
     /// Removes the entries `dead` picks, handing them to `removed`.
-    fn remove_where(&mut self, dead: impl Fn(&V) -> bool, removed: &mut Vec<V>) {
+    fn remove_where(&mut self, mut dead: impl FnMut(&V) -> bool, removed: &mut Vec<V>) {
         let keys: Vec<usize> = (self.entries.iter())
             .filter(|(_, (_, value))| dead(value))
             .map(|(key, _)| *key)
@@ -228,12 +233,12 @@ enum Known<'a> {
     Unknown,
 }
 
-/// Weak references removed from the table, released once its lock is let go (releasing a
-/// Python object outside the lock keeps any code that might run then clear of it).
-type Released = Vec<Weak>;
+/// Python objects taken out of the table, released once its lock is let go: releasing an
+/// object can run code (a finalizer, a weak reference's callback) that may use the table.
+type Released = Vec<Py<PyAny>>;
 
 impl Table {
-    fn find(&mut self, key: usize, span: *mut ffi::PyObject) -> Known<'_> {
+    fn find(&mut self, key: usize, span: &Bound<'_, PyAny>) -> Known<'_> {
         match self.pending.get_mut(key) {
             Some(entry) if entry.weak.refers_to(span) => Known::Pending(entry),
             _ if self.lost.get(key).is_some_and(|weak| weak.refers_to(span)) => Known::Lost,
@@ -243,12 +248,18 @@ impl Table {
 
     /// Adds the first entry of a span (replacing a dead span's at the same address), making
     /// room when the table is full.
-    fn insert(&mut self, key: usize, entry: Pending, released: &mut Released) -> &mut Pending {
+    fn insert(
+        &mut self,
+        py: Python<'_>,
+        key: usize,
+        entry: Pending,
+        released: &mut Released,
+    ) -> &mut Pending {
         if self.pending.get(key).is_none() {
-            while self.pending.len() >= MAX_PENDING_SPANS && self.make_room(released) {}
+            while self.pending.len() >= MAX_PENDING_SPANS && self.make_room(py, released) {}
         }
         if let Some(old) = self.pending.insert(key, entry) {
-            released.push(old.weak);
+            released.push(old.weak.0);
         }
         self.inserted_since_sweep += 1;
         self.pending
@@ -256,15 +267,19 @@ impl Table {
             .expect("the entry was just inserted")
     }
 
-    /// Frees at least one slot (false: nothing left to free).
-    fn make_room(&mut self, released: &mut Released) -> bool {
+    /// Frees at least one slot (false: nothing left to free): first the entries of dead
+    /// spans (whose callbacks never came), then the oldest, remembered as lost if alive.
+    fn make_room(&mut self, py: Python<'_>, released: &mut Released) -> bool {
         if self.inserted_since_sweep >= SWEEP_EVERY {
             self.inserted_since_sweep = 0;
+            let mut alive = Released::new();
             let mut dead = Vec::new();
-            self.pending
-                .remove_where(|entry| entry.weak.is_dead(), &mut dead);
-            released.extend(dead.into_iter().map(|entry| entry.weak));
-            self.lost.remove_where(Weak::is_dead, released);
+            (self.pending).remove_where(|entry| entry.weak.is_dead(py, &mut alive), &mut dead);
+            released.extend(dead.into_iter().map(|entry| entry.weak.0));
+            let mut dead = Vec::new();
+            (self.lost).remove_where(|weak| weak.is_dead(py, &mut alive), &mut dead);
+            released.extend(dead.into_iter().map(|weak| weak.0));
+            released.append(&mut alive);
             if self.pending.len() < MAX_PENDING_SPANS {
                 return true;
             }
@@ -272,32 +287,25 @@ impl Table {
         let Some((key, oldest)) = self.pending.pop_oldest() else {
             return false;
         };
-        if oldest.weak.is_dead() {
-            released.push(oldest.weak);
+        if oldest.weak.is_dead(py, released) {
+            released.push(oldest.weak.0);
             return true;
         }
         if self.lost.len() >= MAX_LOST_SPANS {
-            released.extend(self.lost.pop_oldest().map(|(_, weak)| weak));
+            released.extend(self.lost.pop_oldest().map(|(_, weak)| weak.0));
         }
-        released.extend(self.lost.insert(key, oldest.weak));
+        released.extend(self.lost.insert(key, oldest.weak).map(|weak| weak.0));
         true
     }
 
     /// Drops what the table holds for the span that `weak` referred to, if still that.
     fn forget(&mut self, key: usize, weak: *mut ffi::PyObject, released: &mut Released) {
-        if self
-            .pending
-            .get(key)
-            .is_some_and(|entry| entry.weak.0.as_ptr() == weak)
-        {
-            released.extend(self.pending.remove(key).map(|entry| entry.weak));
+        let owns = |held: &Weak| held.0.as_ptr() == weak;
+        if self.pending.get(key).is_some_and(|entry| owns(&entry.weak)) {
+            released.extend(self.pending.remove(key).map(|entry| entry.weak.0));
         }
-        if self
-            .lost
-            .get(key)
-            .is_some_and(|lost| lost.0.as_ptr() == weak)
-        {
-            released.extend(self.lost.remove(key));
+        if self.lost.get(key).is_some_and(owns) {
+            released.extend(self.lost.remove(key).map(|weak| weak.0));
         }
     }
 }
@@ -343,8 +351,8 @@ fn weak_reference(span: &Bound<'_, PyAny>) -> Option<Weak> {
         },
     )
     .ok()?;
-    // SAFETY: both pointers are live objects and the GIL is held; the result is a new
-    // reference or null with an exception set, which is cleared.
+    // SAFETY: both pointers are live objects held by `Bound`s and the thread is attached
+    // (`py`); the result is a new reference, or null with an exception set (cleared).
     unsafe {
         let weak = ffi::PyWeakref_NewRef(span.as_ptr(), callback.as_ptr());
         if weak.is_null() {
@@ -400,7 +408,8 @@ fn note_current(measured: &Measured, series: &CallSeries) {
     let Some(hook) = HOOK.get() else {
         return;
     };
-    // SAFETY: metered calls end with the GIL held; every pointer below is checked.
+    // SAFETY: metered calls end attached to the interpreter (`assume_attached` holds);
+    // every pointer below is checked, and each reference taken is owned by a `Bound`.
     let span = unsafe {
         let mut context: *mut ffi::PyObject = std::ptr::null_mut();
         if ffi::PyContextVar_Get(
@@ -420,19 +429,24 @@ fn note_current(measured: &Measured, series: &CallSeries) {
         if ffi::PyDict_Check(context.as_ptr()) == 0 {
             return;
         }
-        let span = ffi::PyDict_GetItemWithError(context.as_ptr(), hook.span_key.as_ptr());
-        if span.is_null() {
-            ffi::PyErr_Clear();
-            return;
+        let mut span: *mut ffi::PyObject = std::ptr::null_mut();
+        match ffi::compat::PyDict_GetItemRef(context.as_ptr(), hook.span_key.as_ptr(), &mut span) {
+            1 => {}
+            0 => return, // no current span
+            _ => {
+                ffi::PyErr_Clear();
+                return;
+            }
         }
-        if ffi::PyObject_TypeCheck(span, hook.span_type.as_ptr().cast()) == 0 {
+        // Strong: the span outlives the Python code run below for its first call.
+        let span = Bound::from_owned_ptr(py, span);
+        if ffi::PyObject_TypeCheck(span.as_ptr(), hook.span_type.as_ptr().cast()) == 0 {
             return; // not an SDK span (no tracing, or a non-recording span)
         }
-        // A strong reference: the span outlives the Python code run below for a new one.
-        Bound::from_borrowed_ptr(py, span)
+        span
     };
     let key = span.as_ptr() as usize;
-    match table().find(key, span.as_ptr()) {
+    match table().find(key, &span) {
         Known::Pending(entry) => return add_call(entry, measured, series),
         Known::Lost => return,
         Known::Unknown => {}
@@ -447,19 +461,19 @@ fn note_current(measured: &Measured, series: &CallSeries) {
     let mut released = Released::new();
     {
         let mut table = table();
-        match table.find(key, span.as_ptr()) {
+        match table.find(key, &span) {
             Known::Pending(entry) => {
                 add_call(entry, measured, series);
-                released.push(weak);
+                released.push(weak.0);
             }
-            Known::Lost => released.push(weak),
+            Known::Lost => released.push(weak.0),
             Known::Unknown => {
                 let entry = Pending {
                     weak,
                     totals: Totals::default(),
                     ids,
                 };
-                let entry = table.insert(key, entry, &mut released);
+                let entry = table.insert(span.py(), key, entry, &mut released);
                 add_call(entry, measured, series);
             }
         }
@@ -506,11 +520,11 @@ pub fn take_span_attributes<'py>(
     let (entry, lost) = {
         let mut table = table();
         let entry = match table.pending.get(key) {
-            Some(entry) if entry.weak.refers_to(span.as_ptr()) => table.pending.remove(key),
+            Some(entry) if entry.weak.refers_to(span) => table.pending.remove(key),
             _ => None,
         };
         let lost = match table.lost.get(key) {
-            Some(lost) if lost.refers_to(span.as_ptr()) => table.lost.remove(key),
+            Some(lost) if lost.refers_to(span) => table.lost.remove(key),
             _ => None,
         };
         (entry, lost)
