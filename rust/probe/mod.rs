@@ -494,12 +494,26 @@ mod tests {
 
     #[test]
     fn fresh_pages_count_as_minor_faults() {
+        const SIZE: usize = 64 * 4096;
         let delta = delta_of(ProbeSet::RUSAGE, || {
-            let mut pages = vec![0u8; 64 * 4096];
-            for page in pages.chunks_mut(4096) {
-                page[0] = 1;
+            // An anonymous mapping: fresh pages, whatever the heap holds already.
+            // SAFETY: a private anonymous mapping of SIZE bytes, written within its
+            // bounds and unmapped once.
+            unsafe {
+                let pages = libc::mmap(
+                    std::ptr::null_mut(),
+                    SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(pages, libc::MAP_FAILED);
+                for offset in (0..SIZE).step_by(4096) {
+                    pages.cast::<u8>().add(offset).write_volatile(1);
+                }
+                libc::munmap(pages, SIZE);
             }
-            std::hint::black_box(&pages);
         });
         // 64 fresh pages: at least most of them fault once (THP may merge some).
         assert!(delta.values[measure::FAULTS_MINOR] >= 1);
