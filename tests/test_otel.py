@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -389,3 +390,153 @@ def test_native_points_equal_the_sdk_constructed_ones(unique, exponential):
             )
             assert rebuilt == made
             assert (made.start_time_unix_nano, made.time_unix_nano) == (1, 2)
+
+
+# --- detach, then attach again -------------------------------------------------------
+
+DELTA_ALL = {
+    Histogram: AggregationTemporality.DELTA,
+    otel_sdk.Counter: AggregationTemporality.DELTA,
+}
+
+
+def collection(reader: InMemoryMetricReader, operation: str, counter: str):
+    """One collection: the operation's `meterage.call.duration` points and the counter's
+    values (none at all when the SDK collected nothing)."""
+    data = reader.get_metrics_data()
+    metrics = {
+        metric.name: metric
+        for resource_metrics in (data.resource_metrics if data is not None else ())
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+    }
+    duration = metrics.get("meterage.call.duration")
+    calls = points(duration, **{"meterage.operation": operation}) if duration else []
+    hits = metrics.get(counter)
+    return calls, list(hits.data.data_points) if hits else []
+
+
+def test_a_delta_reader_attached_again_gets_each_call_once(unique):
+    reader = InMemoryMetricReader(preferred_temporality=DELTA_ALL)
+    provider = MeterProvider(metric_readers=[reader])
+    name = unique()
+    work = meterage.meter(name, probes=())(lambda: None)
+    hits = meterage.counter(unique("hits"))
+    try:
+        meterage.otel.attach(provider, process=False)
+        for _ in range(10):
+            work()
+        hits.add(10)
+        (first,), (first_hits,) = collection(reader, name, hits.name)
+        assert (first.count, first_hits.value) == (10, 10)
+
+        assert meterage.otel.detach(provider) is True
+        work()
+        hits.add(1)
+        # Detached: the reader's collections carry none of meterage's data.
+        assert collection(reader, name, hits.name) == ([], [])
+        meterage.otel.attach(provider, process=False)
+
+        (again,), (again_hits,) = collection(reader, name, hits.name)
+        # Only what happened since the last export, in a window that starts where that
+        # export's ended (no overlap, no gap).
+        assert (again.count, again_hits.value) == (1, 1)
+        assert again.start_time_unix_nano == first.time_unix_nano
+        assert again_hits.start_time_unix_nano == first_hits.time_unix_nano
+        assert collection(reader, name, hits.name) == ([], [])  # nothing left for later
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+
+
+def test_a_cumulative_reader_attached_again_keeps_its_start_time(unique):
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    name = unique()
+    work = meterage.meter(name, probes=())(lambda: None)
+    hits = meterage.counter(unique("hits"))
+    try:
+        meterage.otel.attach(provider, process=False)
+        for _ in range(10):
+            work()
+        hits.add(10)
+        (first,), (first_hits,) = collection(reader, name, hits.name)
+        meterage.otel.detach(provider)
+        work()
+        hits.add(1)
+        meterage.otel.attach(provider, process=False)
+        (again,), (again_hits,) = collection(reader, name, hits.name)
+        # One cumulative window across the detach: same start, counts go on from 10.
+        assert (again.count, again_hits.value) == (11, 11)
+        assert again.start_time_unix_nano == first.start_time_unix_nano
+        assert again_hits.start_time_unix_nano == first_hits.start_time_unix_nano
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+
+
+def test_reattaching_a_delta_otlp_exporter_sends_each_call_once(unique):
+    pytest.importorskip("grpc")
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from otlp_receiver import GrpcReceiver
+
+    name = unique()
+    work = meterage.meter(name, probes=())(lambda: None)
+    with GrpcReceiver() as receiver:
+        exporter = OTLPMetricExporter(
+            endpoint=receiver.endpoint,
+            insecure=True,
+            timeout=5,
+            preferred_temporality=DELTA_ALL,
+        )
+        reader = PeriodicExportingMetricReader(exporter, export_interval_millis=math.inf)
+        provider = MeterProvider(metric_readers=[reader])
+
+        def exported_calls() -> int:
+            before = len(receiver.requests)
+            assert provider.force_flush(10_000)
+            requests = receiver.requests[before:]
+            return sum(
+                point.count
+                for request in requests
+                for resource in request.resource_metrics
+                for scope in resource.scope_metrics
+                for metric in scope.metrics
+                if metric.name == "meterage.call.duration"
+                for point in metric.histogram.data_points
+                if any(kv.value.string_value == name for kv in point.attributes)
+            )
+
+        try:
+            meterage.otel.attach(provider, process=False)
+            for _ in range(10):
+                work()
+            assert exported_calls() == 10
+            meterage.otel.detach(provider)
+            work()
+            meterage.otel.attach(provider, process=False)
+            assert exported_calls() == 1
+            assert exported_calls() == 0
+        finally:
+            meterage.otel.detach(provider)
+            provider.shutdown(5_000)
+
+
+def test_a_dropped_reader_frees_its_export_state(unique):
+    import gc
+    import weakref
+
+    from meterage.otel import _attach
+
+    reader = InMemoryMetricReader(preferred_temporality=DELTA_ALL)
+    provider = MeterProvider(metric_readers=[reader])
+    meterage.otel.attach(provider, process=False)
+    meterage.meter(unique(), probes=())(lambda: None)()
+    assert reader.get_metrics_data() is not None
+    meterage.otel.detach(provider)
+    provider.shutdown()
+    state = weakref.ref(_attach._reader_states[reader])
+    del provider, reader
+    gc.collect()
+    assert state() is None

@@ -27,24 +27,28 @@ SCOPE = InstrumentationScope("meterage", meterage.__version__)
 
 
 class _Attachment:
-    """meterage attached to one provider: its readers' hooks and their state."""
+    """meterage attached to one provider: its readers' hooks."""
 
     def __init__(self, provider: MeterProvider) -> None:
         # Weak: the attachment must not keep a provider the application dropped alive.
         self.provider_ref = weakref.ref(provider)
-        self.states: dict[int, ReaderState] = {}
-        self.lock = threading.Lock()
+        self.hooked: weakref.WeakSet[MetricReader] = weakref.WeakSet()
         self.failed_once = False
         #: Series in the last collection (what the `meterage.series` gauge reports).
         self.series_count = 0
 
     def readers(self) -> list[MetricReader]:
         provider = self.provider_ref()
-        return list(getattr(provider, "_metric_readers", ())) if provider is not None else []
+        return _readers_of(provider) if provider is not None else []
 
-    def hook(self, reader: MetricReader) -> None:
-        state = ReaderState(reader)
-        self.states[id(reader)] = state
+    @property
+    def states(self) -> dict[int, ReaderState]:
+        """The hooked readers' states by ``id(reader)`` (for inspection)."""
+        with _attach_lock:
+            return {id(reader): _reader_states[reader] for reader in self.hooked}
+
+    def hook(self, reader: MetricReader, state: ReaderState) -> None:
+        self.hooked.add(reader)
         original = reader._receive_metrics
 
         def receive_metrics(metrics_data: MetricsData, *args: Any, **kwargs: Any) -> Any:
@@ -81,17 +85,21 @@ class _Attachment:
                 del reader._receive_metrics  # back to the class's method
             else:
                 reader._receive_metrics = original  # type: ignore[method-assign]
-        self.states.pop(id(reader), None)
+        self.hooked.discard(reader)
 
     def merge(self, state: ReaderState, metrics_data: MetricsData) -> MetricsData:
         """The SDK's data plus meterage's, in the same ResourceMetrics (two with an equal
         Resource would make the OTLP encoder keep only one). Never raises: a failure is
         logged once and the SDK's data goes out unchanged."""
         try:
-            with self.lock:
+            if not metrics_data.resource_metrics:
+                # Nowhere to put the points: leave them (and a delta reader's window) for
+                # the next collection rather than advancing past them.
+                return metrics_data
+            with state.lock:
                 metrics = collect_metrics(state)
                 self.series_count = state.series_count
-            if not metrics or not metrics_data.resource_metrics:
+            if not metrics:
                 return metrics_data
             first, *rest = metrics_data.resource_metrics
             # meterage's own SDK instruments (process metrics, the series gauge) already
@@ -116,18 +124,42 @@ class _Attachment:
 
 # By provider, weakly: an id() could be reused by a new provider after one is dropped.
 _attachments: weakref.WeakKeyDictionary[MeterProvider, _Attachment] = weakref.WeakKeyDictionary()
+# Each reader's export state outlives its attachments: a reader detached and attached
+# again goes on from its last export (a delta reader gets no call twice and loses none,
+# a cumulative one keeps its start times). Weak, so that a dropped reader frees its state.
+_reader_states: weakref.WeakKeyDictionary[MetricReader, ReaderState] = weakref.WeakKeyDictionary()
 _attach_lock = threading.Lock()
 
 
 def attach_provider(provider: MeterProvider) -> _Attachment:
+    """Hooks every reader of ``provider`` (those already hooked stay as they are). A
+    reader whose preferences meterage cannot follow raises ValueError before any reader
+    is hooked."""
     with _attach_lock:
         attachment = _attachments.get(provider)
+        hooked = attachment.hooked if attachment is not None else ()
+        unhooked = [reader for reader in _readers_of(provider) if reader not in hooked]
+        # Every state first: one that cannot be made leaves nothing hooked.
+        states = [(reader, _state_of(reader)) for reader in unhooked]
         if attachment is None:
             attachment = _attachments[provider] = _Attachment(provider)
-        for reader in attachment.readers():
-            if id(reader) not in attachment.states:
-                attachment.hook(reader)
+        for reader, state in states:
+            attachment.hook(reader, state)
         return attachment
+
+
+def _readers_of(provider: MeterProvider) -> list[MetricReader]:
+    # SDK private: the provider keeps no public list of its readers.
+    readers: tuple[MetricReader, ...] = getattr(provider, "_metric_readers", ())
+    return list(readers)
+
+
+def _state_of(reader: MetricReader) -> ReaderState:
+    """The reader's export state, made at its first attach. Call with ``_attach_lock``."""
+    state = _reader_states.get(reader)
+    if state is None:
+        state = _reader_states[reader] = ReaderState(reader)
+    return state
 
 
 def detach_provider(provider: MeterProvider) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import threading
 from typing import Any
 
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
@@ -89,9 +90,12 @@ def _preference(table: dict[type, Any], instrument: str) -> Any:
 
 
 class ReaderState:
-    """What one reader wants, and (natively) what it was last given."""
+    """What one reader wants, and (natively) what it was last given. Made once per reader
+    and kept across detach and attach, so that its windows go on where they ended."""
 
     def __init__(self, reader: MetricReader) -> None:
+        #: Held for a collection: readers of one provider may collect at the same time.
+        self.lock = threading.Lock()
         temporality = reader._instrument_class_temporality
         self.histogram_temporality = (
             _preference(temporality, "_Histogram") or AggregationTemporality.CUMULATIVE
