@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -176,3 +179,240 @@ def test_prometheus_endpoint_serves_meterage_metrics():
     # OTEL_SERVICE_NAME reached the resource (Prometheus shows it on target_info).
     (target,) = [line for line in result.stdout.splitlines() if line.startswith("target_info{")]
     assert 'service_name="configure-test"' in target
+
+
+# --- the export interval and timeout -------------------------------------------------
+
+MAX_MS = 2**31 - 1
+
+
+@pytest.mark.parametrize("variable", ["OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT"])
+@pytest.mark.parametrize(
+    "value", ["99999999999999999999", str(MAX_MS + 1), "0", "-5", "1e3", "1_000", "0x10", "١٢"]
+)
+def test_an_export_interval_or_timeout_outside_the_range_is_refused(variable, value):
+    environ = {"OTEL_METRICS_EXPORTER": "console", variable: value}
+    before = threading.active_count()
+    with pytest.raises(ValueError) as raised:
+        build_provider(environ)
+    message = str(raised.value)
+    assert variable in message and repr(value) in message
+    assert f"from 1 to {MAX_MS}" in message
+    assert threading.active_count() == before  # no export thread was started
+
+
+def test_a_huge_integer_string_is_refused_quickly():
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="OTEL_METRIC_EXPORT_INTERVAL"):
+        build_provider(
+            {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": "9" * 10**6}
+        )
+    assert time.perf_counter() - started < 1
+
+
+def test_the_largest_interval_and_timeout_keep_the_export_thread_alive():
+    provider = build_provider(
+        {
+            "OTEL_METRICS_EXPORTER": "console",
+            "OTEL_METRIC_EXPORT_INTERVAL": str(MAX_MS),
+            "OTEL_METRIC_EXPORT_TIMEOUT": str(MAX_MS),
+        }
+    )
+    try:
+        (reader,) = readers_of(provider)
+        assert reader._export_interval_millis == MAX_MS
+        assert reader._export_timeout_millis == MAX_MS
+        time.sleep(0.2)  # a wait it cannot do would have killed the thread by now
+        assert reader._daemon_thread.is_alive()
+    finally:
+        provider.shutdown(timeout_millis=5_000)
+    assert not reader._daemon_thread.is_alive()
+
+
+def test_the_export_timeout_reaches_the_reader():
+    provider = build_provider(
+        {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_TIMEOUT": "1234"}
+    )
+    try:
+        (reader,) = readers_of(provider)
+        assert (reader._export_interval_millis, reader._export_timeout_millis) == (60_000, 1234)
+    finally:
+        provider.shutdown(timeout_millis=5_000)
+
+
+# --- the Prometheus endpoint ---------------------------------------------------------
+
+
+def prometheus_state() -> tuple[int, int]:
+    """Threads running and collectors registered with prometheus_client's registry."""
+    from prometheus_client import REGISTRY
+
+    return threading.active_count(), len(REGISTRY._collector_to_names)
+
+
+def test_a_prometheus_host_that_does_not_resolve_is_named():
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    before = prometheus_state()
+    environ = {
+        "OTEL_METRICS_EXPORTER": "prometheus",
+        "OTEL_EXPORTER_PROMETHEUS_HOST": "no.such.host.invalid",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": str(free_port()),
+    }
+    with pytest.raises(OSError) as raised:
+        build_provider(environ)
+    message = str(raised.value)
+    assert "OTEL_EXPORTER_PROMETHEUS_HOST='no.such.host.invalid'" in message
+    assert "does not resolve" in message
+    assert isinstance(raised.value.__cause__, socket.gaierror)
+    assert prometheus_state() == before
+
+
+@pytest.mark.parametrize("exporters", ["prometheus", "console,prometheus", "prometheus,otlp"])
+def test_a_prometheus_port_in_use_is_named_and_nothing_is_left_running(exporters):
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = prometheus_state()
+        environ = {
+            "OTEL_METRICS_EXPORTER": exporters,
+            "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+            "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
+            "OTEL_METRIC_EXPORT_INTERVAL": "3600000",
+        }
+        with pytest.raises(OSError) as raised:
+            build_provider(environ)
+        message = str(raised.value)
+        assert f"127.0.0.1:{port}" in message and "the port is in use" in message
+        assert f"OTEL_EXPORTER_PROMETHEUS_PORT={port}" in message
+        assert "OTEL_EXPORTER_PROMETHEUS_HOST='127.0.0.1'" in message
+        assert raised.value.errno == errno.EADDRINUSE
+        # No export thread, no scrape server, no collector registered.
+        assert prometheus_state() == before
+
+
+def test_configure_that_fails_leaves_no_global_provider_and_can_be_retried():
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    script = textwrap.dedent(
+        """
+        import os, socket, threading, urllib.request
+        import meterage, meterage.otel
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        os.environ.update(OTEL_METRICS_EXPORTER="prometheus",
+                          OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+                          OTEL_EXPORTER_PROMETHEUS_PORT=str(port))
+        threads = threading.active_count()
+        try:
+            meterage.otel.configure(process=False)
+        except OSError as error:
+            assert "the port is in use" in str(error), error
+        else:
+            raise AssertionError("configure() did not fail")
+        assert not isinstance(metrics.get_meter_provider(), MeterProvider)
+        assert meterage.otel.attached_providers() == []
+        assert threading.active_count() == threads
+        taken.close()
+        provider = meterage.otel.configure(process=False)
+        assert metrics.get_meter_provider() is provider
+        meterage.meter("retried.op", probes=())(lambda: None)()
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'meterage_call_duration_seconds_count{' in text, text[:2000]
+        meterage.otel.shutdown()
+        # shutdown() also stops the scrape server configure() started (SO_REUSEADDR: the
+        # scrape's connection may still be in TIME_WAIT; a listener would still refuse).
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- the OTLP exporter's own variables -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("protocol", "variable", "value", "problem"),
+    [
+        ("grpc", "OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1", "Invalid IPv6 URL"),
+        ("grpc", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "not a url", "white space"),
+        ("grpc", "OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:99999", "out of range"),
+        ("grpc", "OTEL_EXPORTER_OTLP_ENDPOINT", "", "set but empty"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "ftp://x:1", "http:// or"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318", "http:// or"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT", "http://:4318", "no host"),
+        ("grpc", "OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "positive number of seconds"),
+        ("grpc", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "", "set but empty"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "1e400", "positive number"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_TIMEOUT", "-1", "positive number"),
+        ("grpc", "OTEL_EXPORTER_OTLP_COMPRESSION", "zip", "not one of gzip"),
+        ("grpc", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "none", "not one of gzip"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_COMPRESSION", "br", "none, gzip, deflate"),
+    ],
+)
+def test_bad_otlp_exporter_values_are_named_before_anything_starts(
+    protocol, variable, value, problem
+):
+    environ = {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        variable: value,
+    }
+    before = threading.active_count()
+    with pytest.raises(ValueError) as raised:
+        build_provider(environ)
+    assert f"{variable}={value!r}" in str(raised.value) or variable in str(raised.value)
+    assert problem in str(raised.value)
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize(
+    ("protocol", "variable", "value"),
+    [
+        ("grpc", "OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4317"),
+        ("grpc", "OTEL_EXPORTER_OTLP_ENDPOINT", "unix:///tmp/collector.sock"),
+        ("grpc", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "https://collector.example:4317"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1]:4318"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        ("grpc", "OTEL_EXPORTER_OTLP_TIMEOUT", "2.5"),
+        ("grpc", "OTEL_EXPORTER_OTLP_COMPRESSION", "GZIP"),
+        ("http/protobuf", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "deflate"),
+    ],
+)
+def test_good_otlp_exporter_values_are_accepted(monkeypatch, protocol, variable, value):
+    module = {
+        "grpc": "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
+        "http/protobuf": "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    }[protocol]
+    pytest.importorskip(module)
+    monkeypatch.setenv(variable, value)  # the exporter itself reads the process environment
+    environ = {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_METRIC_EXPORT_INTERVAL": "3600000",
+        variable: value,
+    }
+    provider = build_provider(environ)
+    try:
+        (reader,) = readers_of(provider)
+        assert type(reader._exporter).__module__ == module
+    finally:
+        provider.shutdown(timeout_millis=1000)
+
+
+def test_an_exporter_named_twice_is_refused():
+    with pytest.raises(ValueError, match=r"OTEL_METRICS_EXPORTER='otlp, OTLP' names 'otlp'"):
+        build_provider({"OTEL_METRICS_EXPORTER": "otlp, OTLP"})

@@ -22,12 +22,14 @@ True
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import metrics as _metrics_api
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 import meterage
@@ -38,7 +40,11 @@ from meterage.otel._attach import (
     attachment_of,
     detach_provider,
 )
+from meterage.otel._configure import MAX_EXPORT_MILLIS
 from meterage.otel._names import CALL_METRICS, OPERATION_KEY
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = [
     "CALL_METRICS",
@@ -57,16 +63,32 @@ _instrumented: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
 _host_instrumented: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
 
 
-def _sdk_provider(provider: Any) -> MeterProvider:
+def _flag(function: str, name: str, value: object, *, none: str | None = None) -> None:
+    """``value`` must be a bool (or None, where ``none`` says what None means): a truthy
+    string such as "no" must not pass for True."""
+    if isinstance(value, bool) or (none is not None and value is None):
+        return
+    allowed = "True or False" if none is None else f"True, False or None ({none})"
+    raise TypeError(
+        f"meterage.otel.{function}: {name} must be {allowed}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _sdk_provider(function: str, provider: object) -> MeterProvider:
     if provider is None:
         provider = _metrics_api.get_meter_provider()
     if not isinstance(provider, MeterProvider):
         raise TypeError(
-            "meterage.otel.attach needs an opentelemetry.sdk.metrics.MeterProvider, got "
+            f"meterage.otel.{function} needs an opentelemetry.sdk.metrics.MeterProvider, got "
             f"{type(provider).__name__}; set one with opentelemetry.metrics."
             "set_meter_provider(...) first, or call meterage.otel.configure()"
         )
     return provider
+
+
+def _shut_down(provider: MeterProvider) -> bool:
+    # SDK private: MeterProvider has no public "is shut down".
+    return bool(getattr(provider, "_shutdown", False))
 
 
 def attach(
@@ -79,36 +101,68 @@ def attach(
 ) -> None:
     """Adds meterage's metrics to every reader of ``provider`` (default: the global one).
 
-    Idempotent; ``detach`` undoes it. With ``process=True`` the standard ``process.*``
-    metrics are exported too (read natively at collection time). With ``spans=True`` and
-    an SDK TracerProvider set globally, spans get the totals of the metered calls that ran
-    in them (see ``span_attributes``). ``gpu``: the GPU device metrics (``hw.gpu.*``,
-    ``hw.power``, ...; read through NVML at collection time); None exports them when NVML
-    works here, True also warns once when it does not. With ``host=True`` the host's
-    ``system.*`` metrics (CPU, memory, disks, network, file systems) and, in a cgroup v2,
-    the ``container.*`` ones are exported too; ``host=None`` leaves it to
-    ``METERAGE_HOST_METRICS`` (``1/true/yes/on`` or ``0/false/no/off``; unset: off), and
-    any other value of it raises ValueError.
+    Idempotent; ``detach`` undoes it, and attaching a reader again goes on from its last
+    export (a delta reader gets nothing twice). With ``process=True`` the standard
+    ``process.*`` metrics are exported too (read natively at collection time). With
+    ``spans=True`` and an SDK TracerProvider set globally, spans get the totals of the
+    metered calls that ran in them (see ``span_attributes``). ``gpu``: the GPU device
+    metrics (``hw.gpu.*``, ``hw.power``, ...; read through NVML at collection time); None
+    exports them when NVML works here, True also warns once when it does not. With
+    ``host=True`` the host's ``system.*`` metrics (CPU, memory, disks, network, file
+    systems) and, in a cgroup v2, the ``container.*`` ones are exported too; ``host=None``
+    leaves it to ``METERAGE_HOST_METRICS`` (``1/true/yes/on`` or ``0/false/no/off``; unset:
+    off), and any other value of it raises ValueError. ``process``, ``spans``, ``gpu`` and
+    ``host`` must be bools (``gpu`` and ``host`` may be None): anything else raises
+    TypeError. A provider that was shut down raises ValueError.
     """
-    from meterage.otel._host import host_metrics_enabled
+    with_host = _check_attach_arguments("attach", process, spans, gpu, host)
+    _attach_to("attach", provider, process=process, spans=spans, gpu=gpu, with_host=with_host)
 
-    with_host = host_metrics_enabled(host)
-    provider = _sdk_provider(provider)
+
+def _check_attach_arguments(
+    function: str, process: object, spans: object, gpu: object, host: bool | None
+) -> bool:
+    """Checks ``attach``'s flags (before anything changes); returns whether host metrics
+    are on."""
+    from meterage.otel._host import HOST_METRICS_VARIABLE, host_metrics_enabled
+
+    _flag(function, "process", process)
+    _flag(function, "spans", spans)
+    _flag(function, "gpu", gpu, none="None: when NVML works here")
+    _flag(function, "host", host, none=f"None: from {HOST_METRICS_VARIABLE}")
+    return host_metrics_enabled(host)
+
+
+def _attach_to(
+    function: str,
+    provider: object,
+    *,
+    process: bool,
+    spans: bool,
+    gpu: bool | None,
+    with_host: bool,
+) -> None:
+    sdk_provider = _sdk_provider(function, provider)
+    if _shut_down(sdk_provider):
+        raise ValueError(
+            f"meterage.otel.{function}: this MeterProvider was shut down; its readers "
+            "collect nothing any more"
+        )
     if spans:
         span_attributes()
     # Counting calls in flight costs two atomic operations per call: only once exported.
     _native.set_active_tracking(True)
-    attach_provider(provider)
-    if with_host and provider not in _host_instrumented:
+    attach_provider(sdk_provider)
+    if with_host and sdk_provider not in _host_instrumented:
         from meterage.otel._host import register_host_metrics
 
-        _host_instrumented.add(provider)
-        register_host_metrics(provider.get_meter("meterage", meterage.__version__))
-    if provider in _instrumented:
+        _host_instrumented.add(sdk_provider)
+        register_host_metrics(sdk_provider.get_meter("meterage", meterage.__version__))
+    if sdk_provider in _instrumented:
         return
-    _instrumented.add(provider)
-    meter = provider.get_meter("meterage", meterage.__version__)
-    provider_ref = weakref.ref(provider)
+    _instrumented.add(sdk_provider)
+    meter = sdk_provider.get_meter("meterage", meterage.__version__)
+    provider_ref = weakref.ref(sdk_provider)
 
     def series_count(options: CallbackOptions) -> list[Observation]:
         # An observable instrument keeps the SDK's collect() from returning None (which
@@ -131,7 +185,7 @@ def attach(
         _register_gpu(meter, required=gpu is True)
 
 
-def _register_gpu(meter: Any, *, required: bool) -> None:
+def _register_gpu(meter: Meter, *, required: bool) -> None:
     reason = _native.available_probes(["gpu"])["gpu"]
     if reason is None:
         from meterage.otel._gpu import register_gpu_metrics
@@ -141,15 +195,16 @@ def _register_gpu(meter: Any, *, required: bool) -> None:
         warnings.warn(
             f"meterage GPU metrics are unavailable and will not be exported: {reason}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
-def span_attributes(tracer_provider: Any = None, *, enabled: bool = True) -> bool:
+def span_attributes(tracer_provider: TracerProvider | None = None, *, enabled: bool = True) -> bool:
     """Sets, on each span of an SDK TracerProvider (default: the global one), the totals of
     the metered calls that ran in it: ``meterage.calls``, ``meterage.duration`` and, from
     probed calls, ``meterage.cpu.time``, ``meterage.io.read``, ... Returns whether it is on
-    (False when no SDK tracer provider is configured: then it costs nothing).
+    (False when no SDK tracer provider is configured: then it costs nothing). ``enabled``
+    must be a bool and ``tracer_provider`` an SDK TracerProvider or None (TypeError).
 
     >>> import meterage, meterage.otel
     >>> from opentelemetry.sdk.trace import TracerProvider
@@ -168,6 +223,14 @@ def span_attributes(tracer_provider: Any = None, *, enabled: bool = True) -> boo
     >>> meterage.otel.span_attributes(enabled=False)
     False
     """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    _flag("span_attributes", "enabled", enabled)
+    if tracer_provider is not None and not isinstance(tracer_provider, TracerProvider):
+        raise TypeError(
+            "meterage.otel.span_attributes needs an opentelemetry.sdk.trace.TracerProvider "
+            f"(or None: the global one), got {type(tracer_provider).__name__}"
+        )
     from meterage.otel import _spans
 
     if not enabled:
@@ -177,11 +240,13 @@ def span_attributes(tracer_provider: Any = None, *, enabled: bool = True) -> boo
 
 
 def detach(provider: MeterProvider | None = None) -> bool:
-    """Stops adding meterage's metrics to ``provider``'s readers; False if not attached."""
-    return detach_provider(_sdk_provider(provider))
+    """Stops adding meterage's metrics to ``provider``'s readers; False if not attached.
+    Each reader keeps its export state: attached again, it goes on from its last export."""
+    return detach_provider(_sdk_provider("detach", provider))
 
 
 _configured: MeterProvider | None = None
+_configure_lock = threading.Lock()
 
 
 def configure(
@@ -190,42 +255,99 @@ def configure(
     """Builds a MeterProvider from the standard OTEL_* environment variables, attaches
     meterage to it and makes it the global provider; returns it.
 
-    Honours ``OTEL_METRICS_EXPORTER`` (otlp, prometheus, console, none; comma lists),
-    ``OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`` / ``_PROTOCOL`` (grpc, http/protobuf),
-    ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT``, ``OTEL_METRIC_EXPORT_INTERVAL``,
-    ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES`` and the OTLP exporter's
-    ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` and
+    Honours ``OTEL_METRICS_EXPORTER`` (otlp, prometheus, console, none; comma lists, each
+    at most once), ``OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`` / ``_PROTOCOL`` (grpc,
+    http/protobuf) / ``_TIMEOUT`` / ``_COMPRESSION``, ``OTEL_EXPORTER_PROMETHEUS_HOST`` /
+    ``_PORT``, ``OTEL_METRIC_EXPORT_INTERVAL`` and ``OTEL_METRIC_EXPORT_TIMEOUT`` (whole
+    milliseconds, 1 to 2**31-1), ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES`` and the
+    OTLP exporter's ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` and
     ``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION``. A bad value raises
-    ValueError naming the variable. If an SDK provider is already global, meterage attaches
-    to it instead of building another. Calling it again returns the same provider.
-    ``process``, ``gpu`` and ``host`` are passed to ``attach`` (``host=None``: from
-    ``METERAGE_HOST_METRICS``).
+    ValueError naming the variable; a Prometheus endpoint that cannot be served raises
+    OSError naming ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT``. When it raises, nothing
+    was started and no global provider was set. If an SDK provider is already global,
+    meterage attaches to it instead of building another. Calling it again returns the same
+    provider. ``process``, ``gpu`` and ``host`` are passed to ``attach`` (``host=None``:
+    from ``METERAGE_HOST_METRICS``).
     """
-    from meterage.otel._host import host_metrics_enabled
-
-    with_host = host_metrics_enabled(host)  # a bad value raises before anything is built
+    # Bad arguments raise before anything is built.
+    with_host = _check_attach_arguments("configure", process, True, gpu, host)
+    options = {"process": process, "spans": True, "gpu": gpu, "with_host": with_host}
     global _configured
-    if _configured is not None:
-        return _configured
-    current = _metrics_api.get_meter_provider()
-    if isinstance(current, MeterProvider):
-        provider = current
-    else:
-        from meterage.otel._configure import build_provider
+    with _configure_lock:
+        if _configured is not None:
+            return _configured
+        current = _metrics_api.get_meter_provider()
+        if isinstance(current, MeterProvider):
+            if _shut_down(current):
+                raise RuntimeError(
+                    "meterage.otel.configure: the global MeterProvider was shut down (by "
+                    "meterage.otel.shutdown() or by its owner), and OpenTelemetry lets the "
+                    "global provider be set only once per process"
+                )
+            _attach_to("configure", current, **options)
+            _configured = current
+            return current
+        if not _is_unset(current):
+            raise RuntimeError(
+                "meterage.otel.configure: the global MeterProvider is already a "
+                f"{type(current).__name__}, not an SDK MeterProvider, and OpenTelemetry "
+                "lets it be set only once; attach meterage to an SDK provider of your own "
+                "with meterage.otel.attach(provider)"
+            )
+        from meterage.otel._configure import build_provider, stop_endpoints
 
         provider = build_provider()
-        _metrics_api.set_meter_provider(provider)
-    attach(provider, process=process, gpu=gpu, host=with_host)
-    _configured = provider
-    return provider
+        try:
+            _attach_to("configure", provider, **options)
+            _metrics_api.set_meter_provider(provider)
+            if _metrics_api.get_meter_provider() is not provider:
+                raise RuntimeError(
+                    "meterage.otel.configure: another MeterProvider was made global meanwhile"
+                )
+        except BaseException:
+            detach_provider(provider)
+            provider.shutdown(5_000)
+            stop_endpoints(provider)
+            raise
+        _configured = provider
+        return provider
+
+
+def _is_unset(provider: object) -> bool:
+    """Whether the API's global provider is still its placeholder (nothing set yet)."""
+    from opentelemetry.metrics._internal import _ProxyMeterProvider  # no public name
+
+    return isinstance(provider, _ProxyMeterProvider)
 
 
 def shutdown(timeout_millis: float = 30_000) -> None:
     """Flushes what readers hold (a last export) and shuts down the provider ``configure``
-    made. Providers you built yourself are yours to shut down."""
+    made, and stops the Prometheus scrape server it started. Providers you built yourself
+    are yours to shut down. ``timeout_millis``: a number from 1 to 2**31-1 (ms). The SDK's
+    own global provider stays set (OpenTelemetry allows one per process): a later
+    ``configure()`` raises."""
+    allowed = f"a number of milliseconds from 1 to {MAX_EXPORT_MILLIS}"
+    if isinstance(timeout_millis, bool) or not isinstance(timeout_millis, (int, float)):
+        raise TypeError(
+            f"meterage.otel.shutdown: timeout_millis must be {allowed}, got "
+            f"{type(timeout_millis).__name__} {timeout_millis!r}"
+        )
+    if not (math.isfinite(timeout_millis) and 1 <= timeout_millis <= MAX_EXPORT_MILLIS):
+        raise ValueError(
+            f"meterage.otel.shutdown: timeout_millis must be {allowed}, got {timeout_millis!r}"
+        )
+    from meterage.otel._configure import stop_endpoints
+
     global _configured
-    provider, _configured = _configured, None
-    if provider is not None:
+    with _configure_lock:
+        provider, _configured = _configured, None
+    if provider is None:
+        return
+    try:
         provider.force_flush(timeout_millis)  # the last export still carries meterage's data
+    finally:
         detach(provider)
-        provider.shutdown(timeout_millis)
+        try:
+            provider.shutdown(timeout_millis)
+        finally:
+            stop_endpoints(provider)
