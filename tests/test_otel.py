@@ -540,3 +540,42 @@ def test_a_dropped_reader_frees_its_export_state(unique):
     del provider, reader
     gc.collect()
     assert state() is None
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [{"flag": True}, {"ratio": 0.5, "shard": 3}, {"tier..name": "gold"}, {"1st": "x"}],
+    ids=["bool", "numbers", "repeated-separators", "leading-digit"],
+)
+def test_exemplars_reach_series_whose_labels_the_exporter_rewrites(unique, attributes):
+    """The Prometheus exporter writes non-string values as JSON (true, 0.5) and sanitizes
+    label names its own way; exemplars must still find their bucket."""
+    prometheus_exporter = pytest.importorskip("opentelemetry.exporter.prometheus")
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import REGISTRY
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    tracing = TracerProvider()
+    assert meterage.otel.span_attributes(tracing) is True
+    reader = prometheus_exporter.PrometheusMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meterage.otel.attach(provider, process=False)
+    try:
+        name = unique()
+        work = meterage.meter(name, attributes=attributes, probes=())(lambda: None)
+        with tracing.get_tracer("test").start_as_current_span("scraped") as span:
+            work()
+            context = span.get_span_context()
+        lines = [
+            line
+            for line in generate_latest(REGISTRY).decode().splitlines()
+            if line.startswith("meterage_call_duration_seconds_bucket") and name in line
+        ]
+        (with_exemplar,) = [line for line in lines if " # {" in line]
+        assert 'le="0.005"' in with_exemplar
+        assert f'span_id="{context.span_id:016x}"' in with_exemplar
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+        meterage.otel.span_attributes(enabled=False)
+        tracing.shutdown()

@@ -41,6 +41,7 @@ from meterage.otel._attach import (
     detach_provider,
 )
 from meterage.otel._configure import MAX_EXPORT_MILLIS
+from meterage.otel._convert import UnsupportedReader
 from meterage.otel._names import CALL_METRICS, OPERATION_KEY
 
 if TYPE_CHECKING:
@@ -148,11 +149,14 @@ def _attach_to(
             f"meterage.otel.{function}: this MeterProvider was shut down; its readers "
             "collect nothing any more"
         )
+    try:
+        attach_provider(sdk_provider)  # first: it may refuse a reader, leaving nothing hooked
+    except UnsupportedReader as error:
+        raise UnsupportedReader(f"meterage.otel.{function}: {error}") from None
     if spans:
         span_attributes()
     # Counting calls in flight costs two atomic operations per call: only once exported.
     _native.set_active_tracking(True)
-    attach_provider(sdk_provider)
     if with_host and sdk_provider not in _host_instrumented:
         from meterage.otel._host import register_host_metrics
 

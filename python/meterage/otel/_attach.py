@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -60,16 +61,22 @@ class _Attachment:
         if type(reader).__name__ == "PrometheusMetricReader" and collector is not None:
             self.add_exemplars(collector, state)
 
-    @staticmethod
-    def add_exemplars(collector: Any, state: ReaderState) -> None:
+    def add_exemplars(self, collector: Any, state: ReaderState) -> None:
         """Exemplars in the Prometheus reader's exposition (it drops the points' own)."""
-        from meterage.otel._openmetrics import exemplars_by_bucket, with_exemplars
+        from meterage.otel import _openmetrics
 
         original = collector.collect
 
-        def collect() -> Any:
+        def collect() -> Iterator[Any]:
             families = list(original())  # runs the collection, which updates `state`
-            yield from with_exemplars(families, exemplars_by_bucket(state.duration_points))
+            try:
+                found = _openmetrics.exemplars_by_bucket(state.duration_points)
+                enriched = list(_openmetrics.with_exemplars(families, found))
+            except Exception:
+                # The scrape goes out without exemplars rather than failing.
+                self.failed("adding exemplars to this scrape")
+                enriched = families
+            yield from enriched
 
         collect.__meterage_original__ = original  # type: ignore[attr-defined]
         collector.collect = collect
@@ -116,10 +123,14 @@ class _Attachment:
             merged = replace(first, scope_metrics=scopes)
             return MetricsData(resource_metrics=[merged, *rest])
         except Exception:
-            if not self.failed_once:
-                self.failed_once = True
-                _logger.exception("meterage: adding metered data to this collection failed")
+            self.failed("adding metered data to this collection")
             return metrics_data
+
+    def failed(self, what: str) -> None:
+        """Logs the exception being handled, once per attachment (collections repeat)."""
+        if not self.failed_once:
+            self.failed_once = True
+            _logger.exception("meterage: %s failed", what)
 
 
 # By provider, weakly: an id() could be reused by a new provider after one is dropped.

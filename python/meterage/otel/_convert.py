@@ -89,6 +89,10 @@ def _preference(table: dict[type, Any], instrument: str) -> Any:
     return None
 
 
+class UnsupportedReader(ValueError):
+    """A reader's preferences meterage cannot follow (e.g. unsorted bucket boundaries)."""
+
+
 class ReaderState:
     """What one reader wants, and (natively) what it was last given. Made once per reader
     and kept across detach and attach, so that its windows go on where they ended."""
@@ -109,24 +113,38 @@ class ReaderState:
         exponential = isinstance(aggregation, ExponentialBucketHistogramAggregation) and (
             not prometheus
         )
+        # SDK private: the aggregations keep their settings in underscored attributes.
         boundaries = (
             getattr(aggregation, "_boundaries", None)
             if isinstance(aggregation, ExplicitBucketHistogramAggregation)
             else None
         )
-        self.native = _native.ExportState(
-            delta_histograms=self.histogram_temporality == AggregationTemporality.DELTA,
-            delta_counters=self.counter_temporality == AggregationTemporality.DELTA,
-            exponential=exponential,
-            max_buckets=getattr(aggregation, "_max_size", 160) or 160,
-            max_scale=getattr(aggregation, "_max_scale", 20),
-            boundaries=[float(b) for b in boundaries] if boundaries is not None else None,
-            call_metrics=_CALL_SPECS,
-            active_calls=(ACTIVE_CALLS, "{call}", "Metered calls in flight."),
-            operation_key=OPERATION_KEY,
-            default_boundaries=list(DEFAULT_BOUNDARIES),
-            point_classes=_POINT_CLASSES,
-        )
+        max_size = getattr(aggregation, "_max_size", None)
+        max_scale = getattr(aggregation, "_max_scale", 20)
+        try:
+            self.native = _native.ExportState(
+                delta_histograms=self.histogram_temporality == AggregationTemporality.DELTA,
+                delta_counters=self.counter_temporality == AggregationTemporality.DELTA,
+                exponential=exponential,
+                max_buckets=160 if max_size is None else max_size,
+                max_scale=max_scale,
+                boundaries=[float(b) for b in boundaries] if boundaries is not None else None,
+                call_metrics=_CALL_SPECS,
+                active_calls=(ACTIVE_CALLS, "{call}", "Metered calls in flight."),
+                operation_key=OPERATION_KEY,
+                default_boundaries=list(DEFAULT_BOUNDARIES),
+                point_classes=_POINT_CLASSES,
+            )
+        except (ValueError, TypeError, OverflowError) as error:
+            wanted = (
+                f"exponential buckets (max_size={max_size!r}, max_scale={max_scale!r})"
+                if exponential
+                else f"explicit bucket boundaries {list(boundaries or ())!r}"
+            )
+            raise UnsupportedReader(
+                f"{type(reader).__name__} prefers {wanted} for histograms, which meterage "
+                f"cannot export: {error}"
+            ) from None
         #: The `meterage.call.duration` points of the latest collection (for exemplars
         #: in the OpenMetrics exposition).
         self.duration_points: list[Any] = []

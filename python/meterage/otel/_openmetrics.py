@@ -8,6 +8,7 @@ prometheus_client writes them in the OpenMetrics format (a scrape that asks for 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -17,13 +18,23 @@ from prometheus_client.samples import Exemplar, Sample
 
 from meterage.otel._names import CALL_METRICS
 
+try:  # the exporter's own rule, so that labels match whatever its version does
+    from opentelemetry.exporter.prometheus._mapping import sanitize_attribute as _label
+except ImportError:  # exporter versions without that module
+
+    def _label(key: str) -> str:
+        key = "_" + key[1:] if key[:1].isdigit() else key
+        return re.sub(r"[^a-zA-Z0-9]+", "_", key)
+
+
 # The Prometheus family of `meterage.call.duration` (name + unit suffix).
 _DURATION_FAMILY = CALL_METRICS["duration"].name.replace(".", "_") + "_seconds"
 _OWN_LABELS = {"le", "otel_scope_name", "otel_scope_version", "otel_scope_schema_url"}
 
 
-def _label(key: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+def _label_value(value: object) -> str:
+    # As the exporter writes them: strings as they are, anything else as JSON (true, 0.5).
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def _identity(labels: dict[str, str]) -> frozenset[tuple[str, str]]:
@@ -38,7 +49,7 @@ def exemplars_by_bucket(points: Iterable[Any]) -> dict[tuple[frozenset, float], 
     for point in points:
         if not point.exemplars or not hasattr(point, "explicit_bounds"):
             continue
-        labels = _identity({_label(k): str(v) for k, v in point.attributes.items()})
+        labels = _identity({_label(k): _label_value(v) for k, v in point.attributes.items()})
         bounds = list(point.explicit_bounds)
         for exemplar in point.exemplars:
             upper = next((b for b in bounds if exemplar.value <= b), math.inf)
