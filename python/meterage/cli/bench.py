@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from meterage.cli import overhead
@@ -45,8 +46,10 @@ def main(argv: list[str]) -> int:
     """Runs the benchmark and prints the table; returns the exit status (0)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.rounds_10us < 1 or args.batch_ms <= 0:
-        parser.error("rounds must be >= 1 and --batch-ms > 0")
+    if args.rounds < 1 or args.rounds_10us < 1:
+        parser.error("--rounds and --rounds-10us must be at least 1")
+    if not (math.isfinite(args.batch_ms) and args.batch_ms > 0):
+        parser.error(f"--batch-ms must be a positive number of milliseconds, got {args.batch_ms}")
     started = time.monotonic()
     subjects = overhead.build_subjects(extended=not args.basic, peers=not args.no_peers)
     results = overhead.measure_all(

@@ -845,6 +845,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    """A TCP port to listen on, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text}")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options."""
     parser.add_argument(
@@ -870,7 +881,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="address of the --serve endpoint (%(default)s)"
     )
     parser.add_argument(
-        "--port", type=int, default=9464, help="port of the --serve endpoint (%(default)s)"
+        "--port", type=_port, default=9464, help="port of the --serve endpoint (%(default)s)"
     )
 
 

@@ -24,8 +24,12 @@ def start_endpoint(host: str, port: int) -> Any:
             f"--serve needs the OpenTelemetry extras: pip install 'meterage[otel]' ({error})"
         ) from None
     import meterage.otel
+    from meterage.otel._configure import start_endpoint as start_server
 
-    start_http_server(port=port, addr=host)
+    try:
+        start_server(start_http_server, host, port, "--host", "--port")
+    except OSError as error:
+        raise SystemExit(f"python -m meterage demo --serve: {error.strerror or error}") from None
     provider = MeterProvider(
         metric_readers=[PrometheusMetricReader()],
         resource=Resource.create({"service.name": "meterage-demo"}),
