@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
@@ -44,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "bench":
         # Imported only when asked for: the benchmark pulls in optional libraries.
         try:
-            bench = importlib.import_module("meterage.cli.bench")
+            import meterage.cli.bench as bench
         except ModuleNotFoundError as error:
             if error.name != "meterage.cli.bench":
                 raise

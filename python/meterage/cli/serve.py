@@ -9,10 +9,13 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
 
 
-def start_endpoint(host: str, port: int) -> Any:
+def start_endpoint(host: str, port: int) -> MeterProvider:
     """Starts the scrape endpoint; returns the MeterProvider (to shut down at the end)."""
     try:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader

@@ -275,7 +275,6 @@ def configure(
     """
     # Bad arguments raise before anything is built.
     with_host = _check_attach_arguments("configure", process, True, gpu, host)
-    options = {"process": process, "spans": True, "gpu": gpu, "with_host": with_host}
     global _configured
     with _configure_lock:
         if _configured is not None:
@@ -288,7 +287,9 @@ def configure(
                     "meterage.otel.shutdown() or by its owner), and OpenTelemetry lets the "
                     "global provider be set only once per process"
                 )
-            _attach_to("configure", current, **options)
+            _attach_to(
+                "configure", current, process=process, spans=True, gpu=gpu, with_host=with_host
+            )
             _configured = current
             return current
         if not _is_unset(current):
@@ -302,7 +303,9 @@ def configure(
 
         provider = build_provider()
         try:
-            _attach_to("configure", provider, **options)
+            _attach_to(
+                "configure", provider, process=process, spans=True, gpu=gpu, with_host=with_host
+            )
             _metrics_api.set_meter_provider(provider)
             if _metrics_api.get_meter_provider() is not provider:
                 raise RuntimeError(

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, MetricsData, ScopeMetrics
@@ -23,8 +23,17 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 import meterage
 from meterage.otel._convert import ReaderState, collect_metrics
 
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric as Family
+
 _logger = logging.getLogger("meterage.otel")
 SCOPE = InstrumentationScope("meterage", meterage.__version__)
+
+
+class _Collector(Protocol):
+    """The Prometheus reader's prometheus_client collector (an SDK private class)."""
+
+    collect: Callable[[], Iterable[Family]]
 
 
 class _Attachment:
@@ -52,22 +61,22 @@ class _Attachment:
         self.hooked.add(reader)
         original = reader._receive_metrics
 
-        def receive_metrics(metrics_data: MetricsData, *args: Any, **kwargs: Any) -> Any:
-            return original(self.merge(state, metrics_data), *args, **kwargs)
+        def receive_metrics(metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
+            original(self.merge(state, metrics_data), *args, **kwargs)
 
         receive_metrics.__meterage_original__ = original  # type: ignore[attr-defined]
         reader._receive_metrics = receive_metrics  # type: ignore[method-assign]
-        collector = getattr(reader, "_collector", None)
+        collector: _Collector | None = getattr(reader, "_collector", None)  # SDK private
         if type(reader).__name__ == "PrometheusMetricReader" and collector is not None:
             self.add_exemplars(collector, state)
 
-    def add_exemplars(self, collector: Any, state: ReaderState) -> None:
+    def add_exemplars(self, collector: _Collector, state: ReaderState) -> None:
         """Exemplars in the Prometheus reader's exposition (it drops the points' own)."""
         from meterage.otel import _openmetrics
 
         original = collector.collect
 
-        def collect() -> Iterator[Any]:
+        def collect() -> Iterator[Family]:
             families = list(original())  # runs the collection, which updates `state`
             try:
                 found = _openmetrics.exemplars_by_bucket(state.duration_points)

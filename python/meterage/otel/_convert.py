@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import threading
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar
 from opentelemetry.sdk.metrics.export import (
@@ -34,6 +35,9 @@ from opentelemetry.sdk.metrics.view import (
 
 from meterage import _native
 from meterage.otel._names import ACTIVE_CALLS, CALL_METRICS, DEFAULT_BOUNDARIES, OPERATION_KEY
+
+_Instrument = TypeVar("_Instrument")
+_Value = TypeVar("_Value")
 
 # The fields the native layer fills, per SDK point class.
 _POINT_FIELDS = {
@@ -59,7 +63,7 @@ def _fills_dict(cls: type, fields: set[str]) -> bool:
         names = {field.name for field in dataclasses.fields(cls)}
     except TypeError:
         return False
-    return names == fields and hasattr(cls.__new__(cls), "__dict__")
+    return names == fields and hasattr(object.__new__(cls), "__dict__")
 
 
 def _point_classes() -> dict[str, Any]:
@@ -81,7 +85,7 @@ _CALL_SPECS = {
 }
 
 
-def _preference(table: dict[type, Any], instrument: str) -> Any:
+def _preference(table: Mapping[type[_Instrument], _Value], instrument: str) -> _Value | None:
     # The SDK keys these tables by its private instrument classes (_Histogram, _Counter).
     for cls, value in table.items():
         if cls.__name__ == instrument:
@@ -147,7 +151,7 @@ class ReaderState:
             ) from None
         #: The `meterage.call.duration` points of the latest collection (for exemplars
         #: in the OpenMetrics exposition).
-        self.duration_points: list[Any] = []
+        self.duration_points: list[HistogramDataPoint | ExponentialHistogramDataPoint] = []
 
     @property
     def series_count(self) -> int:
@@ -155,9 +159,12 @@ class ReaderState:
         return self.native.series_count
 
 
-def _metric(state: ReaderState, name: str, unit: str, description: str, kind: str, points: list):
+def _metric(
+    state: ReaderState, name: str, unit: str, description: str, kind: str, points: list[Any]
+) -> Metric:
+    data: Sum | ExponentialHistogram | Histogram
     if kind == "counter":
-        data: Any = Sum(
+        data = Sum(
             data_points=points,
             aggregation_temporality=state.counter_temporality,
             is_monotonic=True,

@@ -319,7 +319,9 @@ def register_host_metrics(meter: Meter) -> None:
 
 
 def _read_natively() -> Reading:
-    return _native.host_metrics()  # looked up at every reading: tests replace it
+    # Looked up at every reading: tests replace it. A plain dict (the stub's TypedDict
+    # has no "cpu.utilization", which refreshed() adds).
+    return dict(_native.host_metrics())
 
 
 def register_readings(meter: Meter, readings: _HostReadings) -> None:

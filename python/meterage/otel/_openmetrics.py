@@ -12,9 +12,10 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
 
-from prometheus_client.samples import Exemplar, Sample
+from opentelemetry.sdk.metrics.export import ExponentialHistogramDataPoint, HistogramDataPoint
+from prometheus_client.metrics_core import Metric as Family
+from prometheus_client.samples import Exemplar
 
 from meterage.otel._names import CALL_METRICS
 
@@ -37,19 +38,27 @@ def _label_value(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _identity(labels: dict[str, str]) -> frozenset[tuple[str, str]]:
+def _identity(labels: dict[str, str]) -> Labels:
     # The exporter gives every series of a family the union of its label names, empty where
     # a series has none: compare without the empty ones.
     return frozenset((key, value) for key, value in labels.items() if value != "")
 
 
-def exemplars_by_bucket(points: Iterable[Any]) -> dict[tuple[frozenset, float], Exemplar]:
+Labels = frozenset[tuple[str, str]]
+#: (series labels, bucket upper bound) -> the exemplar of that bucket.
+Found = dict[tuple[Labels, float], Exemplar]
+
+
+def exemplars_by_bucket(
+    points: Iterable[HistogramDataPoint | ExponentialHistogramDataPoint],
+) -> Found:
     """(series labels, bucket upper bound) -> exemplar, from explicit duration points."""
-    found: dict[tuple[frozenset, float], Exemplar] = {}
+    found: Found = {}
     for point in points:
-        if not point.exemplars or not hasattr(point, "explicit_bounds"):
+        if not point.exemplars or not isinstance(point, HistogramDataPoint):
             continue
-        labels = _identity({_label(k): _label_value(v) for k, v in point.attributes.items()})
+        attributes = point.attributes or {}
+        labels = _identity({_label(k): _label_value(v) for k, v in attributes.items()})
         bounds = list(point.explicit_bounds)
         for exemplar in point.exemplars:
             upper = next((b for b in bounds if exemplar.value <= b), math.inf)
@@ -61,9 +70,7 @@ def exemplars_by_bucket(points: Iterable[Any]) -> dict[tuple[frozenset, float], 
     return found
 
 
-def with_exemplars(
-    families: Iterable[Any], found: dict[tuple[frozenset, float], Exemplar]
-) -> Iterator[Any]:
+def with_exemplars(families: Iterable[Family], found: Found) -> Iterator[Family]:
     """The families, with exemplars on the duration bucket samples they belong to."""
     for family in families:
         if found and family.name == _DURATION_FAMILY:
@@ -75,7 +82,7 @@ def with_exemplars(
                     )
                     exemplar = found.get((labels, float(sample.labels["le"])))
                     if exemplar is not None:
-                        sample = Sample(*sample[:4], exemplar, *sample[5:])
+                        sample = sample._replace(exemplar=exemplar)
                 samples.append(sample)
             family.samples = samples
         yield family
