@@ -410,3 +410,42 @@ def test_bench_refuses_bad_numbers(args, problem):
     result = run_cli("bench", *args)
     assert result.returncode == 2
     assert problem in result.stderr
+
+
+def test_a_failing_native_reading_is_logged_once_and_its_values_left_out(
+    unique, caplog, monkeypatch
+):
+    from meterage import _native
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meterage.otel.attach(provider, process=True, gpu=False)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(_native, "process_metrics", failing)
+    try:
+        name = unique()
+        meterage.meter(name, probes=())(lambda: None)()
+        with caplog.at_level(logging.WARNING):
+            for collection in range(3):
+                data = reader.get_metrics_data()
+                names = {
+                    metric.name
+                    for resource_metrics in data.resource_metrics
+                    for scope_metrics in resource_metrics.scope_metrics
+                    for metric in scope_metrics.metrics
+                }
+                assert not {n for n in names if n.startswith("process.")}
+                assert duration_count(data, name) == 1  # the rest of the collection is whole
+                assert len(calls) == collection + 1  # one try per collection, not per metric
+        failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+        assert failures[0].name == "meterage.otel"
+        assert "no /proc here" in failures[0].getMessage()
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()

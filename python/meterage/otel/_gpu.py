@@ -127,7 +127,7 @@ class _GpuReadings(SharedReading["dict[str, Any] | None"]):
     """The shared device reading; NVML failures are logged once each."""
 
     def __init__(self) -> None:
-        super().__init__(lambda: _native.gpu_metrics(), None)
+        super().__init__(lambda: _native.gpu_metrics(), None, name="the GPU metrics")
         self._logged: set[tuple[str, str]] = set()
 
     def refreshed(self) -> None:

@@ -289,7 +289,7 @@ class _HostReadings(SharedReading[Reading]):
     ``_native.host_metrics()``."""
 
     def __init__(self, read: Callable[[], Reading]) -> None:
-        super().__init__(read, {})
+        super().__init__(read, {}, name="the host metrics")
         self._utilization_since: dict[str, float] = {}  # CPU times; empty: since boot
 
     def refreshed(self) -> None:

@@ -146,7 +146,7 @@ class _ProcessReadings(SharedReading[Reading]):
 
     def __init__(self) -> None:
         # Looked up at each reading (tests replace it).
-        super().__init__(lambda: _native.process_metrics(), {})
+        super().__init__(lambda: _native.process_metrics(), {}, name="the process metrics")
         # (monotonic time, user s, system s) the last utilization was computed at.
         self._previous: tuple[float, float, float] | None = None
         self._utilization: dict[str, float] | None = None  # for the current reading

@@ -5,11 +5,14 @@ Reading the machine once per callback would multiply the cost by the number of i
 (and give them readings from different instants), so a `SharedReading` serves one reading
 to each callback once: a callback asking again means a new collection has started, which
 reads again. A reading is never shared for longer than ``MAX_AGE_S``. Collections of
-several readers may run at once, so everything is behind one lock.
+several readers may run at once, so everything is behind one lock. A reading that fails
+is logged once and serves its empty value (the values are left out): collections go on.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import os
 import threading
@@ -19,6 +22,8 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+_logger = logging.getLogger("meterage.otel")
+
 MAX_AGE_S = 0.05
 """The longest a reading is shared between the callbacks of one collection."""
 
@@ -26,10 +31,13 @@ MAX_AGE_S = 0.05
 class SharedReading(Generic[T]):
     """``reading(callback)`` returns the current collection's reading of ``read()``."""
 
-    def __init__(self, read: Callable[[], T], empty: T) -> None:
+    def __init__(self, read: Callable[[], T], empty: T, *, name: str = "a reading") -> None:
         self.lock = threading.Lock()
         self._read = read
-        self.current: T = empty
+        self._empty = empty
+        self._name = name
+        self._failed_once = False
+        self.current: T = copy.copy(empty)
         self.read_at = -math.inf  # time.monotonic() of the current reading
         self._served: set[int] = set()  # the callbacks the current reading has served
         self._pid = os.getpid()
@@ -52,7 +60,19 @@ class SharedReading(Generic[T]):
         if callback not in self._served and now - self.read_at < MAX_AGE_S:
             self._served.add(callback)
             return
-        self.current = self._read()
+        try:
+            self.current = self._read()
+        except Exception as error:
+            # The SDK would log the failure of every callback at every collection.
+            if not self._failed_once:
+                self._failed_once = True
+                _logger.warning(
+                    "meterage: reading %s failed (%r); its values are left out while it fails",
+                    self._name,
+                    error,
+                    exc_info=True,
+                )
+            self.current = copy.copy(self._empty)  # refreshed() may add to it
         self.read_at = now
         self._served = {callback}
         self.refreshed()
