@@ -579,3 +579,52 @@ def test_exemplars_reach_series_whose_labels_the_exporter_rewrites(unique, attri
         provider.shutdown()
         meterage.otel.span_attributes(enabled=False)
         tracing.shutdown()
+
+
+def metric_names(reader: InMemoryMetricReader) -> set[str]:
+    data = reader.get_metrics_data()
+    return {
+        metric.name
+        for resource_metrics in (data.resource_metrics if data is not None else ())
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+    }
+
+
+def test_detach_stops_the_process_and_host_metrics_too():
+    from meterage.otel._host import HOST_METRIC_NAMES
+    from meterage.otel._process import PROCESS_METRIC_NAMES
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        meterage.otel.attach(provider, process=True, gpu=False, host=True)
+        names = metric_names(reader)
+        assert "process.cpu.time" in names and "system.cpu.time" in names
+        meterage.otel.detach(provider)
+        # Their instruments stay on the provider (the SDK cannot remove them), empty.
+        names = metric_names(reader)
+        assert not names & {*PROCESS_METRIC_NAMES, *HOST_METRIC_NAMES, "meterage.series"}
+        meterage.otel.attach(provider, process=True, gpu=False, host=True)
+        assert {"process.cpu.time", "system.cpu.time"} <= metric_names(reader)
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+
+
+def test_a_later_attach_chooses_the_metric_groups_again():
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        meterage.otel.attach(provider, process=False, gpu=False, host=False)
+        names = metric_names(reader)
+        assert "meterage.series" in names and "process.cpu.time" not in names
+        meterage.otel.attach(provider, process=True, gpu=False, host=True)
+        assert {"process.cpu.time", "system.cpu.time"} <= metric_names(reader)
+        meterage.otel.attach(provider, process=False, gpu=False, host=False)
+        names = metric_names(reader)
+        assert "meterage.series" in names
+        assert "process.cpu.time" not in names and "system.cpu.time" not in names
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()

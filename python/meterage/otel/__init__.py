@@ -26,10 +26,11 @@ import math
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from opentelemetry import metrics as _metrics_api
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 import meterage
@@ -57,11 +58,6 @@ __all__ = [
     "shutdown",
     "span_attributes",
 ]
-
-# Providers whose meter got meterage's instruments, weakly (ids can be reused).
-_instrumented: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
-# Providers whose meter got the host instruments (a later attach(host=True) adds them).
-_host_instrumented: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
 
 
 def _flag(function: str, name: str, value: object, *, none: str | None = None) -> None:
@@ -102,8 +98,10 @@ def attach(
 ) -> None:
     """Adds meterage's metrics to every reader of ``provider`` (default: the global one).
 
-    Idempotent; ``detach`` undoes it, and attaching a reader again goes on from its last
-    export (a delta reader gets nothing twice). With ``process=True`` the standard
+    Idempotent; calling it again for an attached provider applies its new ``process``,
+    ``gpu`` and ``host`` choices. ``detach`` undoes it (the process, GPU and host metrics
+    stop too), and attaching a reader again goes on from its last export (a delta reader
+    gets nothing twice). With ``process=True`` the standard
     ``process.*`` metrics are exported too (read natively at collection time). With
     ``spans=True`` and an SDK TracerProvider set globally, spans get the totals of the
     metered calls that ran in them (see ``span_attributes``). ``gpu``: the GPU device
@@ -157,50 +155,78 @@ def _attach_to(
         span_attributes()
     # Counting calls in flight costs two atomic operations per call: only once exported.
     _native.set_active_tracking(True)
-    if with_host and sdk_provider not in _host_instrumented:
-        from meterage.otel._host import register_host_metrics
+    groups = {"process"} if process else set()
+    if with_host:
+        groups.add("host")
+    if gpu is not False and _gpu_available(required=gpu is True):
+        groups.add("gpu")
+    with _groups_lock:
+        _exported[sdk_provider] = frozenset(groups)
+        registered = _registered.setdefault(sdk_provider, set())
+        new = ({"series"} | groups) - registered
+        registered |= new
+    if new:
+        _register(sdk_provider, new)
 
-        _host_instrumented.add(sdk_provider)
-        register_host_metrics(sdk_provider.get_meter("meterage", meterage.__version__))
-    if sdk_provider in _instrumented:
-        return
-    _instrumented.add(sdk_provider)
-    meter = sdk_provider.get_meter("meterage", meterage.__version__)
-    provider_ref = weakref.ref(sdk_provider)
 
-    def series_count(options: CallbackOptions) -> list[Observation]:
-        # An observable instrument keeps the SDK's collect() from returning None (which
-        # would skip the readers' hook) when the application has no metrics of its own.
-        current = provider_ref()
-        attachment = attachment_of(current) if current is not None else None
-        return [] if attachment is None else [Observation(attachment.series_count)]
+# Per provider, weakly: the metric groups whose instruments exist on its meter, and those
+# the latest attach asked for. The SDK cannot remove an instrument, so the callbacks of a
+# group not asked for any more, or of a detached provider, observe nothing.
+_registered: weakref.WeakKeyDictionary[MeterProvider, set[str]] = weakref.WeakKeyDictionary()
+_exported: weakref.WeakKeyDictionary[MeterProvider, frozenset[str]] = weakref.WeakKeyDictionary()
+_groups_lock = threading.Lock()
 
-    meter.create_observable_gauge(
-        "meterage.series",
-        callbacks=[series_count],
-        unit="{series}",
-        description="Series meterage exported at the previous collection.",
-    )
-    if process:
+
+def _register(provider: MeterProvider, groups: set[str]) -> None:
+    """Creates the instruments of ``groups`` on the provider's meterage meter."""
+    meter = provider.get_meter("meterage", meterage.__version__)
+    provider_ref = weakref.ref(provider)
+
+    def exporting(group: str) -> Callable[[], bool]:
+        def enabled() -> bool:
+            current = provider_ref()
+            return current is not None and group in _exported.get(current, ())
+
+        return enabled
+
+    if "series" in groups:
+
+        def series_count(options: CallbackOptions) -> list[Observation]:
+            # An observable instrument keeps the SDK's collect() from returning None (which
+            # would skip the readers' hook) when the application has no metrics of its own.
+            current = provider_ref()
+            attachment = attachment_of(current) if current is not None else None
+            return [] if attachment is None else [Observation(attachment.series_count)]
+
+        meter.create_observable_gauge(
+            "meterage.series",
+            callbacks=[series_count],
+            unit="{series}",
+            description="Series meterage exported at the previous collection.",
+        )
+    if "process" in groups:
         from meterage.otel._process import register_process_metrics
 
-        register_process_metrics(meter)
-    if gpu is not False:
-        _register_gpu(meter, required=gpu is True)
-
-
-def _register_gpu(meter: Meter, *, required: bool) -> None:
-    reason = _native.available_probes(["gpu"])["gpu"]
-    if reason is None:
+        register_process_metrics(meter, enabled=exporting("process"))
+    if "gpu" in groups:
         from meterage.otel._gpu import register_gpu_metrics
 
-        register_gpu_metrics(meter)
-    elif required:
+        register_gpu_metrics(meter, enabled=exporting("gpu"))
+    if "host" in groups:
+        from meterage.otel._host import register_host_metrics
+
+        register_host_metrics(meter, enabled=exporting("host"))
+
+
+def _gpu_available(*, required: bool) -> bool:
+    reason = _native.available_probes(["gpu"])["gpu"]
+    if reason is not None and required:
         warnings.warn(
             f"meterage GPU metrics are unavailable and will not be exported: {reason}",
             RuntimeWarning,
             stacklevel=4,
         )
+    return reason is None
 
 
 def span_attributes(tracer_provider: TracerProvider | None = None, *, enabled: bool = True) -> bool:
@@ -244,9 +270,13 @@ def span_attributes(tracer_provider: TracerProvider | None = None, *, enabled: b
 
 
 def detach(provider: MeterProvider | None = None) -> bool:
-    """Stops adding meterage's metrics to ``provider``'s readers; False if not attached.
-    Each reader keeps its export state: attached again, it goes on from its last export."""
-    return detach_provider(_sdk_provider("detach", provider))
+    """Stops adding meterage's metrics (the process, GPU and host ones included) to
+    ``provider``'s readers; False if it was not attached. Each reader keeps its export
+    state: attached again, it goes on from its last export."""
+    sdk_provider = _sdk_provider("detach", provider)
+    with _groups_lock:
+        _exported.pop(sdk_provider, None)
+    return detach_provider(sdk_provider)
 
 
 _configured: MeterProvider | None = None

@@ -24,7 +24,7 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from meterage import _native
-from meterage.otel._shared import SharedReading
+from meterage.otel._shared import SharedReading, gated
 
 _logger = logging.getLogger("meterage.otel")
 
@@ -163,8 +163,9 @@ def _callback(
     return observe
 
 
-def register_gpu_metrics(meter: Meter) -> None:
-    """Creates the GPU observable instruments on ``meter`` (see the module docstring)."""
+def register_gpu_metrics(meter: Meter, *, enabled: Callable[[], bool] | None = None) -> None:
+    """Creates the GPU observable instruments on ``meter`` (see the module docstring); they
+    observe nothing (and read nothing) while ``enabled()`` is false."""
     readings = _GpuReadings()
     create = {
         "counter": meter.create_observable_counter,
@@ -174,7 +175,7 @@ def register_gpu_metrics(meter: Meter) -> None:
     for index, (name, kind, unit, description, values) in enumerate(_METRICS):
         create[kind](
             name,
-            callbacks=[_callback(readings, index, values)],
+            callbacks=[gated(_callback(readings, index, values), enabled)],
             unit=unit,
             description=description,
         )

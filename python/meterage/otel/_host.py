@@ -32,7 +32,7 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from meterage import _native
-from meterage.otel._shared import SharedReading
+from meterage.otel._shared import SharedReading, gated
 
 HOST_METRICS_VARIABLE = "METERAGE_HOST_METRICS"
 _ENABLED_VALUES = ("1", "true", "yes", "on")
@@ -309,13 +309,14 @@ def _callback(
     return collect
 
 
-def register_host_metrics(meter: Meter) -> None:
+def register_host_metrics(meter: Meter, *, enabled: Callable[[], bool] | None = None) -> None:
     """Creates the ``system.*`` and ``container.*`` observable instruments on ``meter``.
 
     Their callbacks share one native reading per collection; values this machine does not
-    provide are left out. See the module docstring for what each value means.
+    provide are left out. See the module docstring for what each value means. While
+    ``enabled()`` is false they observe nothing (and read nothing).
     """
-    register_readings(meter, _HostReadings(_read_natively))
+    register_readings(meter, _HostReadings(_read_natively), enabled=enabled)
 
 
 def _read_natively() -> Reading:
@@ -324,13 +325,15 @@ def _read_natively() -> Reading:
     return dict(_native.host_metrics())
 
 
-def register_readings(meter: Meter, readings: _HostReadings) -> None:
+def register_readings(
+    meter: Meter, readings: _HostReadings, *, enabled: Callable[[], bool] | None = None
+) -> None:
     """The host instruments on ``meter``, fed by ``readings`` (the benchmark feeds them
     from psutil to compare)."""
     for index, (name, kind, unit, description, observe) in enumerate(_METRICS):
         getattr(meter, f"create_observable_{kind}")(
             name,
-            callbacks=[_callback(readings, index, observe)],
+            callbacks=[gated(_callback(readings, index, observe), enabled)],
             unit=unit,
             description=description,
         )

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from meterage import _native
-from meterage.otel._shared import SharedReading
+from meterage.otel._shared import SharedReading, gated
 
 Reading = dict[str, float | int | None]
 
@@ -217,11 +217,12 @@ def _utilization_callback(
     return observe
 
 
-def register_process_metrics(meter: Meter) -> None:
+def register_process_metrics(meter: Meter, *, enabled: Callable[[], bool] | None = None) -> None:
     """Creates the ``process.*`` observable instruments on ``meter``.
 
     Their callbacks share one native reading per collection; values this machine does not
-    provide are left out. See the module docstring for what each value means.
+    provide are left out. See the module docstring for what each value means. While
+    ``enabled()`` is false they observe nothing (and read nothing).
     """
     readings = _ProcessReadings()
     create = {
@@ -232,13 +233,13 @@ def register_process_metrics(meter: Meter) -> None:
     for index, (name, kind, unit, description, attribute_key, sources) in enumerate(_METRICS):
         create[kind](
             name,
-            callbacks=[_reading_callback(readings, index, attribute_key, sources)],
+            callbacks=[gated(_reading_callback(readings, index, attribute_key, sources), enabled)],
             unit=unit,
             description=description,
         )
     meter.create_observable_gauge(
         UTILIZATION,
-        callbacks=[_utilization_callback(readings, len(_METRICS))],
+        callbacks=[gated(_utilization_callback(readings, len(_METRICS)), enabled)],
         unit="1",
         description=(
             "Difference in process.cpu.time since the last measurement, divided by the "

@@ -17,8 +17,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
+
+from opentelemetry.metrics import CallbackOptions, Observation
 
 T = TypeVar("T")
 
@@ -82,3 +84,19 @@ class SharedReading(Generic[T]):
         with self.lock:
             self.refresh(callback)
             return self.current
+
+
+Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+def gated(callback: Callback, enabled: Callable[[], bool] | None) -> Callback:
+    """``callback``, observing nothing while ``enabled()`` is false (the SDK cannot remove an
+    instrument: a detached provider keeps meterage's, and they must go quiet)."""
+    if enabled is None:
+        return callback
+    is_enabled = enabled
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return callback(options) if is_enabled() else []
+
+    return observe
