@@ -416,3 +416,27 @@ def test_good_otlp_exporter_values_are_accepted(monkeypatch, protocol, variable,
 def test_an_exporter_named_twice_is_refused():
     with pytest.raises(ValueError, match=r"OTEL_METRICS_EXPORTER='otlp, OTLP' names 'otlp'"):
         build_provider({"OTEL_METRICS_EXPORTER": "otlp, OTLP"})
+
+
+@pytest.mark.parametrize(
+    ("value", "item"), [("a=b,c", "'c'"), ("=x", "'=x'"), ("deployment.environment", "'deploy")]
+)
+def test_a_malformed_resource_attribute_is_named(value, item):
+    environ = {"OTEL_METRICS_EXPORTER": "none", "OTEL_RESOURCE_ATTRIBUTES": value}
+    with pytest.raises(ValueError) as raised:
+        build_provider(environ)
+    message = str(raised.value)
+    assert message.startswith(f"OTEL_RESOURCE_ATTRIBUTES={value!r}: {item}")
+    assert "is not a key=value pair" in message
+
+
+def test_resource_attributes_reach_the_resource(monkeypatch):
+    # Resource.create reads the process environment.
+    value = "deployment.environment=prod, team=a%20b,"
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", value)
+    provider = build_provider({"OTEL_METRICS_EXPORTER": "none", "OTEL_RESOURCE_ATTRIBUTES": value})
+    try:
+        attributes = provider._sdk_config.resource.attributes
+        assert (attributes["deployment.environment"], attributes["team"]) == ("prod", "a b")
+    finally:
+        provider.shutdown()

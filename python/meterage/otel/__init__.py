@@ -300,8 +300,9 @@ def configure(
     OSError naming ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT``. When it raises, nothing
     was started and no global provider was set. If an SDK provider is already global,
     meterage attaches to it instead of building another. Calling it again returns the same
-    provider. ``process``, ``gpu`` and ``host`` are passed to ``attach`` (``host=None``:
-    from ``METERAGE_HOST_METRICS``).
+    provider and changes nothing (``attach(provider, ...)`` changes the metric choices).
+    ``process``, ``gpu`` and ``host`` are passed to ``attach`` (``host=None``: from
+    ``METERAGE_HOST_METRICS``).
     """
     # Bad arguments raise before anything is built.
     with_host = _check_attach_arguments("configure", process, True, gpu, host)

@@ -178,6 +178,21 @@ def _check_otlp(environ: Mapping[str, str]) -> str:
     return protocol
 
 
+def _check_resource_attributes(environ: Mapping[str, str]) -> None:
+    """OTEL_RESOURCE_ATTRIBUTES is key=value,...: the SDK drops a malformed pair with a
+    warning, which would leave e.g. a misspelled deployment attribute unnoticed."""
+    name = "OTEL_RESOURCE_ATTRIBUTES"
+    for item in environ.get(name, "").split(","):
+        if not item.strip():
+            continue  # the SDK skips those too
+        key, equals, _ = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(
+                f"{name}={environ[name]!r}: {item.strip()!r} is not a key=value pair "
+                "(pairs are separated by commas, values URL-encoded)"
+            )
+
+
 def _otlp_exporter_class(protocol: str) -> Callable[[], MetricExporter]:
     try:
         if protocol == "grpc":
@@ -293,6 +308,7 @@ def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
     if "console" in names:
         make_exporter["console"] = ConsoleMetricExporter
     prometheus = _check_prometheus(environ) if "prometheus" in names else None
+    _check_resource_attributes(environ)
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
     resource = Resource.create()
 
