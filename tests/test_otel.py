@@ -628,3 +628,41 @@ def test_a_later_attach_chooses_the_metric_groups_again():
     finally:
         meterage.otel.detach(provider)
         provider.shutdown()
+
+
+@pytest.mark.parametrize("temporality", ["delta", "cumulative"])
+def test_a_reset_while_detached_is_seen_at_the_next_attach(unique, temporality):
+    preferred = DELTA_ALL if temporality == "delta" else {}
+    reader = InMemoryMetricReader(preferred_temporality=preferred)
+    provider = MeterProvider(metric_readers=[reader])
+    name = unique()
+    work = meterage.meter(name, probes=())(lambda: None)
+    hits = meterage.counter(unique("hits"))
+    try:
+        meterage.otel.attach(provider, process=False)
+        for _ in range(5):
+            work()
+        hits.add(5)
+        (first,), (first_hits,) = collection(reader, name, hits.name)
+        assert (first.count, first_hits.value) == (5, 5)
+        meterage.otel.detach(provider)
+        reset_after = time.time_ns()
+        meterage.reset()
+        for _ in range(2):
+            work()
+        hits.add(2)
+        meterage.otel.attach(provider, process=False)
+        (again,), (again_hits,) = collection(reader, name, hits.name)
+        # Only what was recorded since the reset.
+        assert (again.count, again_hits.value) == (2, 2)
+        if temporality == "delta":
+            # Delta windows stay contiguous: this one starts where the last export ended.
+            assert again.start_time_unix_nano == first.time_unix_nano
+            assert again_hits.start_time_unix_nano == first_hits.time_unix_nano
+        else:
+            # A new cumulative window, started by the reset.
+            assert again.start_time_unix_nano >= reset_after
+            assert again_hits.start_time_unix_nano >= reset_after
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()
