@@ -449,3 +449,30 @@ def test_a_failing_native_reading_is_logged_once_and_its_values_left_out(
     finally:
         meterage.otel.detach(provider)
         provider.shutdown()
+
+
+def test_shutdown_leaves_a_provider_configure_did_not_build_to_its_owner():
+    result = run_script(
+        """
+        import meterage, meterage.otel
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        reader = InMemoryMetricReader()
+        mine = MeterProvider(metric_readers=[reader])
+        metrics.set_meter_provider(mine)
+        assert meterage.otel.configure(process=False) is mine
+        meterage.meter("adopted.op", probes=())(lambda: None)()
+        meterage.otel.shutdown()
+        assert mine not in meterage.otel.attached_providers()
+        assert not mine._shutdown  # still the application's, and still working
+        mine.get_meter("app").create_counter("app.requests").add(1)
+        names = {m.name for rm in reader.get_metrics_data().resource_metrics
+                 for sm in rm.scope_metrics for m in sm.metrics}
+        assert "app.requests" in names and "meterage.call.duration" not in names, names
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -280,6 +280,7 @@ def detach(provider: MeterProvider | None = None) -> bool:
 
 
 _configured: MeterProvider | None = None
+_configured_built = False  # whether configure() built it (else: it was already global)
 _configure_lock = threading.Lock()
 
 
@@ -306,7 +307,7 @@ def configure(
     """
     # Bad arguments raise before anything is built.
     with_host = _check_attach_arguments("configure", process, True, gpu, host)
-    global _configured
+    global _configured, _configured_built
     with _configure_lock:
         if _configured is not None:
             return _configured
@@ -321,7 +322,7 @@ def configure(
             _attach_to(
                 "configure", current, process=process, spans=True, gpu=gpu, with_host=with_host
             )
-            _configured = current
+            _configured, _configured_built = current, False
             return current
         if not _is_unset(current):
             raise RuntimeError(
@@ -347,7 +348,7 @@ def configure(
             provider.shutdown(5_000)
             stop_endpoints(provider)
             raise
-        _configured = provider
+        _configured, _configured_built = provider, True
         return provider
 
 
@@ -360,10 +361,11 @@ def _is_unset(provider: object) -> bool:
 
 def shutdown(timeout_millis: float = 30_000) -> None:
     """Flushes what readers hold (a last export) and shuts down the provider ``configure``
-    made, and stops the Prometheus scrape server it started. Providers you built yourself
-    are yours to shut down. ``timeout_millis``: a number from 1 to 2**31-1 (ms). The SDK's
-    own global provider stays set (OpenTelemetry allows one per process): a later
-    ``configure()`` raises."""
+    made, and stops the Prometheus scrape server it started. A provider that was already
+    global when ``configure`` ran is flushed and detached, not shut down: like providers you
+    attach yourself, it is yours to shut down. ``timeout_millis``: a number from 1 to
+    2**31-1 (ms). The global provider stays set (OpenTelemetry allows one per process), so
+    once the one ``configure`` built is shut down, a later ``configure()`` raises."""
     allowed = f"a number of milliseconds from 1 to {MAX_EXPORT_MILLIS}"
     if isinstance(timeout_millis, bool) or not isinstance(timeout_millis, (int, float)):
         raise TypeError(
@@ -379,13 +381,15 @@ def shutdown(timeout_millis: float = 30_000) -> None:
     global _configured
     with _configure_lock:
         provider, _configured = _configured, None
+        built = _configured_built
     if provider is None:
         return
     try:
         provider.force_flush(timeout_millis)  # the last export still carries meterage's data
     finally:
         detach(provider)
-        try:
-            provider.shutdown(timeout_millis)
-        finally:
-            stop_endpoints(provider)
+        if built:
+            try:
+                provider.shutdown(timeout_millis)
+            finally:
+                stop_endpoints(provider)
