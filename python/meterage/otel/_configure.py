@@ -247,9 +247,13 @@ _BIND_PROBLEMS = {
 }
 
 
+#: A running scrape server and its thread.
+Endpoint = tuple["WSGIServer", threading.Thread]
+
+
 def start_endpoint(
     start_server: _StartServer, host: str, port: int, host_name: str, port_name: str
-) -> tuple[WSGIServer, threading.Thread] | None:
+) -> Endpoint | None:
     """Starts prometheus_client's scrape server; an OSError names the settings (by
     ``host_name`` and ``port_name``) and says what was wrong."""
     try:
@@ -274,7 +278,7 @@ def start_endpoint(
     return None
 
 
-def stop_endpoint(endpoint: tuple[WSGIServer, threading.Thread]) -> None:
+def stop_endpoint(endpoint: Endpoint) -> None:
     server, thread = endpoint
     server.shutdown()
     server.server_close()
@@ -282,8 +286,7 @@ def stop_endpoint(endpoint: tuple[WSGIServer, threading.Thread]) -> None:
 
 
 # The scrape servers build_provider started, by provider (stopped by stop_endpoints).
-_endpoints: weakref.WeakKeyDictionary[MeterProvider, list[tuple[WSGIServer, threading.Thread]]]
-_endpoints = weakref.WeakKeyDictionary()
+_endpoints: weakref.WeakKeyDictionary[MeterProvider, list[Endpoint]] = weakref.WeakKeyDictionary()
 
 
 def stop_endpoints(provider: MeterProvider) -> None:

@@ -94,7 +94,7 @@ def gated(callback: Callback, enabled: Callable[[], bool] | None) -> Callback:
     instrument: a detached provider keeps meterage's, and they must go quiet)."""
     if enabled is None:
         return callback
-    is_enabled = enabled
+    is_enabled = enabled  # not None, also inside the closure
 
     def observe(options: CallbackOptions) -> Iterable[Observation]:
         return callback(options) if is_enabled() else []
