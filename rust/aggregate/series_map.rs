@@ -239,6 +239,24 @@ impl<T: SeriesData> SeriesMap<T> {
         }))
     }
 
+    /// `f` of the series of the attribute set with this `hash` that `matches`, if it
+    /// exists and belongs to the current epoch: used in place (no reference count taken).
+    #[inline]
+    pub fn with_current<R>(
+        &self,
+        hash: u64,
+        matches: impl Fn(&AttributeSet) -> bool,
+        f: impl FnOnce(&T) -> R,
+    ) -> Option<R> {
+        let trie = self.trie.load();
+        let series = trie
+            .get(&hash)?
+            .as_slice()
+            .iter()
+            .find(|series| matches(series.attributes()))?;
+        series.liveness().is_current().then(|| f(series))
+    }
+
     /// The series for `attributes` if it holds values of the current epoch (never creates
     /// one).
     pub fn get(&self, attributes: &AttributeSet) -> Option<Arc<T>> {

@@ -172,66 +172,96 @@ unsafe fn borrowed_value<'a>(object: *mut ffi::PyObject) -> Option<ValueRef<'a>>
     }
 }
 
-/// Calls `each(key, value)` on every pair of a dict of plain attributes read in place, and
-/// returns whether all were plain (str keys that are not empty; str, int, float or bool
-/// values). On false the caller converts the dict the slow way, with its error messages.
-fn for_each_borrowed<'a>(
-    dict: &'a Bound<'_, PyDict>,
-    mut each: impl FnMut(&'a str, ValueRef<'a>) -> bool,
-) -> bool {
-    let mut position: ffi::Py_ssize_t = 0;
-    let mut key: *mut ffi::PyObject = std::ptr::null_mut();
-    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
-    // SAFETY: the dict is alive and not changed while iterated (no Python code runs here);
-    // the borrowed keys and values live as long as the dict holds them.
-    unsafe {
-        while ffi::PyDict_Next(dict.as_ptr(), &mut position, &mut key, &mut value) != 0 {
-            let (Some(key), Some(value)) = (borrowed_str(key), borrowed_value(value)) else {
-                return false;
-            };
-            if key.is_empty() || !each(key, value) {
-                return false;
-            }
+/// The pairs of a dict of plain attributes (str keys that are not empty; str, int, float or
+/// bool values) read in place, with their set's hash: a lookup of an existing series
+/// from them allocates nothing (up to [`INLINE_PAIRS`] pairs are kept on the stack).
+pub struct BorrowedPairs<'a> {
+    inline: [std::mem::MaybeUninit<(&'a str, ValueRef<'a>)>; INLINE_PAIRS],
+    spilled: Vec<(&'a str, ValueRef<'a>)>,
+    len: usize,
+    pub hash: u64,
+}
+
+pub const INLINE_PAIRS: usize = 8;
+
+impl<'a> BorrowedPairs<'a> {
+    pub fn new() -> Self {
+        BorrowedPairs {
+            inline: [const { std::mem::MaybeUninit::uninit() }; INLINE_PAIRS],
+            spilled: Vec::new(),
+            len: 0,
+            hash: 0,
         }
     }
-    true
-}
 
-/// The hash of a dict of plain attributes (the same as its [`AttributeSet`]'s) and its
-/// length, read in place; None if it needs the slow path.
-pub fn borrowed_hash(dict: &Bound<'_, PyDict>) -> Option<(u64, usize)> {
-    let mut hasher = SetHasher::default();
-    let mut len = 0;
-    for_each_borrowed(dict, |key, value| {
-        hasher.add(key, value);
-        len += 1;
+    /// Reads the dict's pairs; false if one is not plain (the caller then converts the
+    /// dict the slow way, with its error messages).
+    pub fn read(&mut self, dict: &'a Bound<'_, PyDict>) -> bool {
+        let mut hasher = SetHasher::default();
+        let mut position: ffi::Py_ssize_t = 0;
+        let mut key: *mut ffi::PyObject = std::ptr::null_mut();
+        let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+        // SAFETY: the dict is alive and not changed while iterated (no Python code runs
+        // here); the borrowed keys and values live as long as the dict holds them, and
+        // the dict outlives 'a.
+        unsafe {
+            while ffi::PyDict_Next(dict.as_ptr(), &mut position, &mut key, &mut value) != 0 {
+                let (Some(key), Some(value)) = (borrowed_str(key), borrowed_value(value)) else {
+                    return false;
+                };
+                if key.is_empty() {
+                    return false;
+                }
+                hasher.add(key, value);
+                if self.len < INLINE_PAIRS {
+                    self.inline[self.len].write((key, value));
+                } else {
+                    if self.spilled.is_empty() {
+                        let inline = self.as_slice().to_vec();
+                        self.spilled = inline;
+                    }
+                    self.spilled.push((key, value));
+                }
+                self.len += 1;
+            }
+        }
+        self.hash = hasher.finish();
         true
-    })
-    .then(|| (hasher.finish(), len))
+    }
+
+    fn as_slice(&self) -> &[(&'a str, ValueRef<'a>)] {
+        if self.len > INLINE_PAIRS {
+            &self.spilled
+        } else {
+            // SAFETY: the first `len` entries were written by `read`.
+            unsafe { std::slice::from_raw_parts(self.inline.as_ptr().cast(), self.len) }
+        }
+    }
+
+    /// Whether `set` holds exactly these pairs.
+    #[inline]
+    pub fn matches(&self, set: &AttributeSet) -> bool {
+        set.matches(self.len, self.as_slice().iter().copied())
+    }
+
+    /// The attribute set of these pairs.
+    pub fn to_set(&self) -> AttributeSet {
+        AttributeSet::new(self.as_slice().iter().map(|&(key, value)| {
+            let value = match value {
+                ValueRef::Str(text) => AttributeValue::Str(Arc::from(text)),
+                ValueRef::Int(number) => AttributeValue::Int(number),
+                ValueRef::Float(number) => AttributeValue::Float(number),
+                ValueRef::Bool(flag) => AttributeValue::Bool(flag),
+            };
+            (Arc::from(key), value)
+        }))
+    }
 }
 
-/// The attribute set of a plain dict (one [`borrowed_hash`] accepted).
-pub fn borrowed_set(dict: &Bound<'_, PyDict>) -> AttributeSet {
-    let mut pairs = Vec::with_capacity(dict.len());
-    for_each_borrowed(dict, |key, value| {
-        let value = match value {
-            ValueRef::Str(text) => AttributeValue::Str(Arc::from(text)),
-            ValueRef::Int(number) => AttributeValue::Int(number),
-            ValueRef::Float(number) => AttributeValue::Float(number),
-            ValueRef::Bool(flag) => AttributeValue::Bool(flag),
-        };
-        pairs.push((Arc::from(key), value));
-        true
-    });
-    AttributeSet::new(pairs)
-}
-
-/// Whether `set` holds exactly the pairs of the plain dict `dict` (of `len` pairs).
-pub fn dict_matches(dict: &Bound<'_, PyDict>, len: usize, set: &AttributeSet) -> bool {
-    set.len() == len
-        && for_each_borrowed(dict, |key, value| {
-            set.get(key).is_some_and(|mine| mine.is(value))
-        })
+impl Default for BorrowedPairs<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub fn value_to_python<'py>(

@@ -9,7 +9,7 @@
 //! awaitable a call returns is only created by the call: that gets a warning, once per
 //! meter, since the number recorded is not the awaited work.
 
-use super::meter::Call;
+use super::meter::StepCall;
 use super::steps::Steps;
 use crate::aggregate::call::MeterCore;
 use pyo3::exceptions::PyRuntimeWarning;
@@ -182,7 +182,7 @@ pub unsafe fn drive(
         };
         match kind {
             Kind::AsyncGenerator => {
-                let call = Py::new(py, Call::stepped(core))?;
+                let call = Py::new(py, StepCall::new(core))?;
                 drivers.async_generator.bind(py).call1((call, result))
             }
             _ => {

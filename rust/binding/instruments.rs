@@ -7,7 +7,7 @@
 //! existing series allocates nothing. Anything else (another mapping, other value types)
 //! takes the slow path, which converts the attributes and says what is wrong with them.
 
-use super::convert::{attribute_set, borrowed_hash, borrowed_set, checked_str, dict_matches};
+use super::convert::{attribute_set, checked_str, BorrowedPairs};
 use super::snapshots::PyHistogramSnapshot;
 use crate::aggregate::attributes::AttributeSet;
 use crate::aggregate::histogram::HistogramSnapshot;
@@ -78,22 +78,55 @@ impl<T: SeriesData> Handle<T> {
     }
 
     /// The series to record into, created if needed.
-    #[inline]
     fn series(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Arc<T>> {
         let Some(attributes) = attributes.filter(|a| !a.is_none()) else {
             return Ok(Arc::clone(&self.default));
         };
         let series = &self.instrument.series;
         if let Ok(dict) = attributes.cast_exact::<PyDict>() {
-            if let Some((hash, len)) = borrowed_hash(dict) {
+            let mut pairs = BorrowedPairs::new();
+            if pairs.read(dict) {
                 return Ok(series.get_or_create_with(
-                    hash,
-                    |set| dict_matches(dict, len, set),
-                    || borrowed_set(dict),
+                    pairs.hash,
+                    |set| pairs.matches(set),
+                    || pairs.to_set(),
                 ));
             }
         }
         Ok(series.get_or_create(&attribute_set(Some(attributes))?))
+    }
+
+    /// Runs `record` on the series for `attributes`: an existing series of a plain dict is
+    /// found and used in place, with no allocation and no reference count taken.
+    #[inline]
+    fn record_into(
+        &self,
+        attributes: Option<&Bound<'_, PyAny>>,
+        record: impl Fn(&T),
+    ) -> PyResult<()> {
+        let Some(attributes) = attributes.filter(|a| !a.is_none()) else {
+            record(&self.default);
+            return Ok(());
+        };
+        if let Ok(dict) = attributes.cast_exact::<PyDict>() {
+            let mut pairs = BorrowedPairs::new();
+            if pairs.read(dict) {
+                let series = &self.instrument.series;
+                if series
+                    .with_current(pairs.hash, |set| pairs.matches(set), &record)
+                    .is_none()
+                {
+                    record(&*series.get_or_create_with(
+                        pairs.hash,
+                        |set| pairs.matches(set),
+                        || pairs.to_set(),
+                    ));
+                }
+                return Ok(());
+            }
+        }
+        record(&*self.series(Some(attributes))?);
+        Ok(())
     }
 
     /// The series to read, if it holds values now.
@@ -173,8 +206,8 @@ impl PyHistogram {
         attributes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let value = measurement("histogram values", value)?;
-        self.0.series(attributes)?.record(value);
-        Ok(())
+        self.0
+            .record_into(attributes, |series| series.record(value))
     }
 
     /// This histogram for one attribute set, resolved once: its `record` skips the lookup.
@@ -292,8 +325,8 @@ impl PyCounter {
     /// Adds a non-negative amount (default 1; counters only go up).
     #[pyo3(signature = (amount = Amount(1.0), attributes = None))]
     fn add(&self, amount: Amount, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        self.0.series(attributes)?.add(amount.0);
-        Ok(())
+        self.0
+            .record_into(attributes, |series| series.add(amount.0))
     }
 
     /// This counter for one attribute set, resolved once: its `add` skips the lookup.

@@ -1,5 +1,6 @@
 //! The PyO3 binding layer: the only module that knows about Python.
 
+mod block;
 mod convert;
 mod drivers;
 mod export;
@@ -112,13 +113,10 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("MeteredFunction", function_type)?;
     module.add("MeteredCallable", callable_type)?;
     module.add_class::<meter::PyMeterCore>()?;
-    // A block's exit is found by looking `__exit__` up on the meter (see meter.rs).
+    // A block's methods are descriptors that make its call (see block.rs).
     let meter_type = py.get_type::<meter::PyMeterCore>();
-    meter_type.setattr("__exit__", Py::new(py, meter::BlockExit::new(false))?)?;
-    meter_type.setattr("__aexit__", Py::new(py, meter::BlockExit::new(true))?)?;
-    module.add_class::<meter::BlockExit>()?;
-    module.add_class::<meter::Ready>()?;
-    module.add_class::<meter::Call>()?;
+    module.add("Call", block::install(py, meter_type.as_any())?)?;
+    module.add_class::<meter::StepCall>()?;
     module.add_class::<steps::Steps>()?;
     module.add_class::<instruments::PyHistogram>()?;
     module.add_class::<instruments::PyCounter>()?;
