@@ -89,6 +89,12 @@ class Meter(_native.MeterCore):
 
 _NO_TARGET: Any = object()
 
+# Meters made by name with the same settings (and no attributes), kept so that an inline
+# `with meterage.meter("db.query"):` costs a dict lookup: a meter is immutable, and one
+# made again would share the first one's series and sampling state anyway.
+_made: dict[tuple[Any, ...], Meter] = {}
+_MADE_LIMIT = 4096
+
 
 @overload
 def meter(target: F, /) -> F: ...
@@ -145,6 +151,18 @@ def meter(
     >>> lookup("k")
     'k'
     """
+    if type(target) is str and attributes is None and (probes is None or type(probes) is tuple):
+        key = (target, probes, sample, budget)
+        try:
+            return _made[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable settings: Meter says what is wrong with them
+            return Meter(target, probes=probes, sample=sample, budget=budget)
+        made = Meter(target, probes=probes, sample=sample, budget=budget)
+        if len(_made) < _MADE_LIMIT:
+            _made[key] = made
+        return made
     if isinstance(target, str):
         return Meter(target, attributes=attributes, probes=probes, sample=sample, budget=budget)
     if target is _NO_TARGET:

@@ -108,7 +108,12 @@ impl PyMeterCore {
         };
         // Probes that cannot work here are dropped; the Python layer warns about them.
         // Asking about the GPU may load NVML (slow): without the GIL.
-        let probes = requested.without(py.detach(|| probe::unavailable(requested)));
+        let unavailable = if requested.intersects(ProbeSet::GPU) {
+            py.detach(|| probe::unavailable(requested))
+        } else {
+            probe::unavailable(requested)
+        };
+        let probes = requested.without(unavailable);
         let mode = match (sample, budget) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err(
                 "give either sample (a fixed probing rate) or budget (an overhead share), not both",
