@@ -41,7 +41,7 @@ def _drive_iterable_coroutine(steps: Any) -> Generator[Any, Any, Any]:
     return (yield from steps)
 
 
-async def _drive_async_generator(call: _native.Call, inner: Any) -> AsyncGenerator[Any, Any]:
+async def _drive_async_generator(call: _native.StepCall, inner: Any) -> AsyncGenerator[Any, Any]:
     # An async generator cannot delegate with `yield from`, so this forwards asend,
     # athrow and aclose by hand, metering each awaitable's steps as part of one call.
     try:
@@ -81,7 +81,8 @@ def _same_series(core: _native.MeterCore, function: Any) -> bool:
     )
 
 
-def decorate(core: _native.MeterCore, function: F) -> F:
+def decorate(core: _native.MeterCore, target: F) -> F:
+    function: Any = target
     # staticmethod/classmethod objects: meter the function inside, keep the binding rule.
     if isinstance(function, staticmethod | classmethod):
         return type(function)(decorate(core, function.__func__))  # type: ignore[return-value]
@@ -98,10 +99,10 @@ def decorate(core: _native.MeterCore, function: F) -> F:
         # Metered twice into one series would count every call twice: meter the original
         # once, with these settings.
         function = function.__wrapped__
-    metered = core.wrap(function)
+    metered: Any = core.wrap(function)
     functools.update_wrapper(metered, function)
     for name in _FUNCTION_LIKE:
         if hasattr(function, name) and types.FunctionType is type(function):
             setattr(metered, name, getattr(function, name))
     metered.__meterage_meter__ = core
-    return metered  # type: ignore[no-any-return]
+    return metered  # type: ignore[no-any-return]  # the wrapper stands for the function

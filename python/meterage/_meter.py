@@ -97,7 +97,15 @@ _MADE_LIMIT = 4096
 
 
 @overload
-def meter(target: F, /) -> F: ...
+def meter(
+    target: F,
+    /,
+    *,
+    attributes: Mapping[str, AttributeValue] | None = ...,
+    probes: Iterable[str] | None = ...,
+    sample: float | None = ...,
+    budget: float | None = ...,
+) -> F: ...
 @overload
 def meter(
     target: str,
@@ -173,7 +181,7 @@ def meter(
         names = check_probe_names(probes)
 
         def decorator(function: F) -> F:
-            return meter(  # type: ignore[no-any-return]
+            return meter(
                 function, attributes=attributes, probes=names, sample=sample, budget=budget
             )
 

@@ -709,13 +709,13 @@ pub fn install<'py>(
             ml_name: c"set_attribute".as_ptr(),
             ml_meth: ffi::PyMethodDefPointer { PyCFunctionFast: set_attribute },
             ml_flags: ffi::METH_FASTCALL,
-            ml_doc: c"set_attribute(key, value): adds an attribute to this call's series (before the call ends).".as_ptr(),
+            ml_doc: c"set_attribute($self, key, value, /)\n--\n\nAdds an attribute to this call's series (before the call ends).".as_ptr(),
         },
         ffi::PyMethodDef {
             ml_name: c"set_attributes".as_ptr(),
             ml_meth: ffi::PyMethodDefPointer { PyCFunctionFast: set_attributes },
             ml_flags: ffi::METH_FASTCALL,
-            ml_doc: c"set_attributes(attributes): adds several attributes (a mapping) to this call's series.".as_ptr(),
+            ml_doc: c"set_attributes($self, attributes, /)\n--\n\nAdds several attributes (a mapping) to this call's series.".as_ptr(),
         },
         ffi::PyMethodDef::zeroed(),
     ]));
