@@ -258,3 +258,5 @@ def test_demo_serve_exposes_the_calls_on_a_prometheus_endpoint() -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
+        assert server.stdout is not None
+        server.stdout.close()

@@ -168,6 +168,7 @@ unsafe fn look_up(
             // SAFETY: the slot holds a strong reference to a live Call.
             && unsafe { state(pending) }.stage == Stage::LookedUp { enter: !enter }
             // Held by the first lookup's caller as well as the slot: a with statement's.
+            // SAFETY: as above.
             && unsafe { ffi::Py_REFCNT(pending) } > 1;
         if same_block {
             // SAFETY: as above; the slot's reference goes to our caller.

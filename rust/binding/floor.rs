@@ -29,11 +29,13 @@ unsafe extern "C" fn timer_only(
     nargsf: usize,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let Some((function, _)) = parts(callable) else {
+    // SAFETY: the interpreter calls this slot with a live wrapper and the GIL.
+    let Some((function, _)) = (unsafe { parts(callable) }) else {
         return ptr::null_mut();
     };
     let started = monotonic_ns();
-    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
+    // SAFETY: the caller's arguments, forwarded unchanged.
+    let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
     record_duration(monotonic_ns() - started);
     result
 }
@@ -44,13 +46,15 @@ unsafe extern "C" fn with_probes(
     nargsf: usize,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let Some((function, core)) = parts(callable) else {
+    // SAFETY: the interpreter calls this slot with a live wrapper and the GIL.
+    let Some((function, core)) = (unsafe { parts(callable) }) else {
         return ptr::null_mut();
     };
     let probes = core.probes();
     let before = Reading::take_before(probes);
     let started = monotonic_ns();
-    let result = ffi::PyObject_Vectorcall(function, args, nargsf, kwnames);
+    // SAFETY: the caller's arguments, forwarded unchanged.
+    let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
     record_duration(monotonic_ns() - started);
     let after = Reading::take_after(probes);
     for ((sum, after), before) in SUMS.iter().zip(after.values).zip(before.values) {

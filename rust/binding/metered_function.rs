@@ -228,7 +228,8 @@ unsafe extern "C" fn descr_get(
     instance: *mut ffi::PyObject,
     _owner: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    if instance.is_null() || instance == ffi::Py_None() {
+    // SAFETY: the None singleton is always alive.
+    if instance.is_null() || instance == unsafe { ffi::Py_None() } {
         // SAFETY: a live object, returned as a new reference.
         unsafe { ffi::Py_INCREF(function) };
         return function;

@@ -80,6 +80,7 @@ fn send_into<'py>(inner: &Bound<'py, PyAny>, value: &Bound<'py, PyAny>) -> PyRes
         ffi::PySendResult::PYGEN_NEXT => Ok(Outcome::Yielded(unsafe {
             Bound::from_owned_ptr(py, result)
         })),
+        // SAFETY: a new reference, see above.
         ffi::PySendResult::PYGEN_RETURN => Ok(Outcome::Returned(unsafe {
             Bound::from_owned_ptr(py, result)
         })),

@@ -149,6 +149,7 @@ pub struct Nvml {
 // SAFETY: NVML device handles are process-wide and NVML is thread-safe (documented);
 // the handles are only passed back to NVML.
 unsafe impl Send for Nvml {}
+// SAFETY: as above.
 unsafe impl Sync for Nvml {}
 
 /// A failed NVML query: the code and NVML's text for it.
@@ -219,12 +220,13 @@ fn dl_error() -> String {
 /// `F` must be the C signature of the symbol `name`.
 unsafe fn symbol<F: Copy>(library: *mut c_void, name: &str) -> Option<F> {
     let name = CString::new(name).ok()?;
-    let address = libc::dlsym(library, name.as_ptr());
+    // SAFETY: `library` is a handle from dlopen and `name` is NUL-terminated.
+    let address = unsafe { libc::dlsym(library, name.as_ptr()) };
     if address.is_null() {
         return None;
     }
     // SAFETY: F is a function pointer type (guaranteed by the caller), pointer-sized.
-    Some(std::mem::transmute_copy::<*mut c_void, F>(&address))
+    Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) })
 }
 
 /// The first of `names` the library exports (newer versions first).
@@ -232,7 +234,10 @@ unsafe fn symbol<F: Copy>(library: *mut c_void, name: &str) -> Option<F> {
 /// # Safety
 /// Each name must have the C signature `F`.
 unsafe fn first_symbol<F: Copy>(library: *mut c_void, names: &[&str]) -> Option<F> {
-    names.iter().find_map(|name| symbol(library, name))
+    // SAFETY: guaranteed by the caller, name by name.
+    names
+        .iter()
+        .find_map(|name| unsafe { symbol(library, name) })
 }
 
 fn load() -> Status {
@@ -251,10 +256,12 @@ fn load() -> Status {
             dl_error()
         ));
     }
-    // SAFETY (all symbol lookups below): each name is looked up with its nvml.h signature.
+    // SAFETY: each name is looked up with its nvml.h signature (here and below).
     let init: Option<InitFn> = unsafe { first_symbol(library, &["nvmlInit_v2", "nvmlInit"]) };
+    // SAFETY: as above.
     let count: Option<CountFn> =
         unsafe { first_symbol(library, &["nvmlDeviceGetCount_v2", "nvmlDeviceGetCount"]) };
+    // SAFETY: as above.
     let handle: Option<HandleFn> = unsafe {
         first_symbol(
             library,
@@ -270,6 +277,7 @@ fn load() -> Status {
              nvmlDeviceGetHandleByIndex is missing)"
         ));
     };
+    // SAFETY: as above, for every symbol.
     let functions = unsafe {
         Functions {
             shutdown: symbol(library, "nvmlShutdown"),
@@ -325,6 +333,7 @@ fn load() -> Status {
     nvml.driver_version = nvml
         .functions
         .driver_version
+        // SAFETY: the buffer and its length come from read_text.
         .and_then(|f| read_text(|buffer, length| unsafe { f(buffer, length) }))
         .unwrap_or_default();
     let mut skipped = Vec::new();
@@ -337,6 +346,7 @@ fn load() -> Status {
             continue;
         }
         let text = |f: Option<TextFn>| {
+            // SAFETY: a handle NVML gave, and a buffer and length from read_text.
             f.and_then(|f| read_text(|buffer, length| unsafe { f(device, buffer, length) }))
         };
         nvml.devices.push(Device {
