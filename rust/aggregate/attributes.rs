@@ -217,7 +217,21 @@ impl PartialOrd for AttributeSet {
 
 impl Ord for AttributeSet {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.pairs.cmp(&other.pairs)
+        if Arc::ptr_eq(&self.pairs, &other.pairs) {
+            return std::cmp::Ordering::Equal;
+        }
+        for ((key, value), (other_key, other_value)) in self.pairs.iter().zip(other.pairs.iter()) {
+            let order = if Arc::ptr_eq(key, other_key) {
+                std::cmp::Ordering::Equal
+            } else {
+                key.as_bytes().cmp(other_key.as_bytes())
+            }
+            .then_with(|| value.cmp(other_value));
+            if order.is_ne() {
+                return order;
+            }
+        }
+        self.pairs.len().cmp(&other.pairs.len())
     }
 }
 

@@ -139,6 +139,25 @@ const TABLE: CutTable = {
 
 static CUTS: CutTable = TABLE;
 
+/// Whether any bucket of an octave (a power of two) is cut: snapshots skip the others.
+static OCTAVE_CUT: [bool; super::histogram::SLOTS / super::histogram::SUB] = {
+    let mut out = [false; super::histogram::SLOTS / super::histogram::SUB];
+    let mut slot = 0;
+    while slot < super::histogram::SLOTS {
+        if TABLE.of_slot[slot] != 0 {
+            out[slot / super::histogram::SUB] = true;
+        }
+        slot += 1;
+    }
+    out
+};
+
+/// Whether a bucket of `octave` is cut by one of the boundaries.
+#[inline(always)]
+pub fn octave_is_cut(octave: usize) -> bool {
+    OCTAVE_CUT[octave % OCTAVE_CUT.len()]
+}
+
 /// The boundary that cuts the bucket at directory `slot`, if any.
 #[inline(always)]
 pub fn cut_of_slot(slot: usize) -> Option<&'static Cut> {

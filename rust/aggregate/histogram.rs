@@ -425,7 +425,13 @@ impl AtomicHistogram {
     /// Point-in-time copy. Under concurrent writers each counter is read once; `count` is the
     /// sum of what was read, and `sum`/`min`/`max` may be a few records ahead or behind.
     pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut chunks: Vec<(usize, [u64; SUB], [u64; boundaries::CUTS_PER_OCTAVE])> = Vec::new();
+        // The chunks with counts: on the stack for the usual few (uninitialised until
+        // written; a Vec past TABLE).
+        type Read = (usize, [u64; SUB], [u64; boundaries::CUTS_PER_OCTAVE]);
+        let mut inline: [std::mem::MaybeUninit<Read>; TABLE] =
+            [const { std::mem::MaybeUninit::uninit() }; TABLE];
+        let mut spilled: Vec<Read> = Vec::new();
+        let mut found = 0;
         self.for_each_chunk(|octave, chunk| {
             let mut counts = [0u64; SUB];
             let mut any = 0;
@@ -433,11 +439,27 @@ impl AtomicHistogram {
                 *dst = src.load(Relaxed);
                 any |= *dst;
             }
-            if any != 0 {
-                let below = std::array::from_fn(|i| chunk.below[i].load(Relaxed));
-                chunks.push((octave, counts, below));
+            if any == 0 {
+                return;
             }
+            let below = std::array::from_fn(|i| chunk.below[i].load(Relaxed));
+            if found < TABLE {
+                inline[found].write((octave, counts, below));
+            } else {
+                if spilled.is_empty() {
+                    // SAFETY: the TABLE entries are all written (found == TABLE).
+                    spilled.extend(inline.iter().map(|read| unsafe { read.assume_init() }));
+                }
+                spilled.push((octave, counts, below));
+            }
+            found += 1;
         });
+        let chunks: &mut [Read] = if found > TABLE {
+            &mut spilled
+        } else {
+            // SAFETY: the first `found` entries were written above (Read is Copy).
+            unsafe { std::slice::from_raw_parts_mut(inline.as_mut_ptr().cast(), found) }
+        };
         chunks.sort_unstable_by_key(|&(octave, _, _)| octave);
         let zero_count = self.zero_count.load(Relaxed);
         let sum = f64::from_bits(self.sum.load(Relaxed));
@@ -454,7 +476,8 @@ impl AtomicHistogram {
             let lo = first.0 * SUB + first.1.iter().position(|&c| c != 0).unwrap_or(0);
             let hi = last.0 * SUB + last.1.iter().rposition(|&c| c != 0).unwrap_or(SUB - 1);
             bucket_counts = vec![0u64; hi - lo + 1];
-            for (octave, counts, below) in &chunks {
+            for (octave, counts, below) in chunks.iter() {
+                let cut = boundaries::octave_is_cut(*octave);
                 for (i, &n) in counts.iter().enumerate() {
                     let slot = octave * SUB + i;
                     if n == 0 {
@@ -462,6 +485,9 @@ impl AtomicHistogram {
                     }
                     bucket_counts[slot - lo] += n;
                     count += n;
+                    if !cut {
+                        continue;
+                    }
                     if let Some(cut) = boundaries::cut_of_slot(slot) {
                         let index = slot as i32 - SLOT_BIAS;
                         let below = below[cut.position];

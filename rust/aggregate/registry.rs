@@ -135,6 +135,25 @@ fn unix_now_ns() -> u64 {
         .saturating_add(now.tv_nsec as u64)
 }
 
+/// The names and units of call measures, made once: a snapshot shares them.
+struct MeasureNames {
+    duration: (Arc<str>, Arc<str>),
+    probes: Vec<(Arc<str>, Arc<str>)>,
+    empty: Arc<str>,
+}
+
+fn measure_names() -> &'static MeasureNames {
+    static NAMES: OnceLock<MeasureNames> = OnceLock::new();
+    NAMES.get_or_init(|| MeasureNames {
+        duration: (DURATION.name.into(), DURATION.unit.into()),
+        probes: MEASURES
+            .iter()
+            .map(|info| (info.name.into(), info.unit.into()))
+            .collect(),
+        empty: "".into(),
+    })
+}
+
 /// Every value recorded so far belongs to the past: a new epoch, noted for exporters.
 fn start_epoch() {
     epoch::advance();
@@ -168,8 +187,9 @@ fn get_or_insert<T>(map: &Named<T>, name: &str, make: impl FnOnce() -> T) -> Arc
     chosen
 }
 
-fn values<T>(map: &Named<T>) -> Vec<Arc<T>> {
-    map.load().values().cloned().collect()
+/// Calls `f` on every entry, taking no reference (so no page of an entry is written).
+fn for_each<T>(map: &Named<T>, mut f: impl FnMut(&T)) {
+    map.load().values().for_each(|entry| f(entry));
 }
 
 /// The global registry, created on first use.
@@ -291,28 +311,25 @@ impl Registry {
     /// possible without the GIL) may be kept or lost.
     pub fn reset(&self) {
         start_epoch();
-        for operation in values(&self.operations) {
-            operation.series.prune();
-        }
-        for histogram in values(&self.histograms) {
-            histogram.series.prune();
-        }
-        for counter in values(&self.counters) {
-            counter.series.prune();
-        }
+        for_each(&self.operations, |operation| operation.series.prune());
+        for_each(&self.histograms, |histogram| histogram.series.prune());
+        for_each(&self.counters, |counter| counter.series.prune());
     }
 
     /// Plain-data copies of every series that has data.
     pub fn snapshot(&self) -> Vec<SeriesSnapshot> {
+        let names = measure_names();
         let mut out = Vec::new();
-        for operation in values(&self.operations) {
+        // Series are only read here, never referenced: a forked child that takes a
+        // snapshot leaves its parent's series pages shared.
+        for_each(&self.operations, |operation| {
             let requested = operation.probes_requested();
-            for series in operation.series.all() {
+            operation.series.for_each(|series| {
                 let active = series.active.now();
                 let in_flight = active.is_some_and(|calls| calls > 0);
                 let current = series.liveness().is_current();
                 if !current && !in_flight {
-                    continue;
+                    return;
                 }
                 let read = |histogram: Option<&super::histogram::AtomicHistogram>| match histogram {
                     Some(histogram) if current => histogram.snapshot(),
@@ -320,18 +337,20 @@ impl Registry {
                 };
                 let duration = read(Some(&series.duration));
                 if duration.count == 0 && !in_flight {
-                    continue;
+                    return;
                 }
-                let mut measures = vec![MeasureSnapshot {
-                    name: DURATION.name.into(),
-                    unit: DURATION.unit.into(),
+                let mut measures = Vec::with_capacity(1 + MEASURES.len());
+                measures.push(MeasureSnapshot {
+                    name: Arc::clone(&names.duration.0),
+                    unit: Arc::clone(&names.duration.1),
                     histogram: duration,
-                }];
+                });
                 for (index, info) in MEASURES.iter().enumerate() {
                     if requested.contains(info.probe) {
+                        let (name, unit) = &names.probes[index];
                         measures.push(MeasureSnapshot {
-                            name: info.name.into(),
-                            unit: info.unit.into(),
+                            name: Arc::clone(name),
+                            unit: Arc::clone(unit),
                             histogram: read(series.probe(index)),
                         });
                     }
@@ -339,8 +358,8 @@ impl Registry {
                 out.push(SeriesSnapshot {
                     kind: SeriesKind::Call,
                     name: Arc::clone(&operation.name),
-                    unit: DURATION.unit.into(),
-                    description: "".into(),
+                    unit: Arc::clone(&names.duration.1),
+                    description: Arc::clone(&names.empty),
                     attributes: series.attributes().clone(),
                     count: measures[0].histogram.count,
                     measures,
@@ -352,12 +371,12 @@ impl Registry {
                     },
                     active,
                 });
-            }
-        }
-        for histogram in values(&self.histograms) {
-            for series in histogram.series.all() {
+            });
+        });
+        for_each(&self.histograms, |histogram| {
+            histogram.series.for_each(|series| {
                 if series.is_empty() {
-                    continue;
+                    return;
                 }
                 let snapshot = series.histogram.snapshot();
                 out.push(SeriesSnapshot {
@@ -376,12 +395,12 @@ impl Registry {
                     exemplars: Vec::new(),
                     active: None,
                 });
-            }
-        }
-        for counter in values(&self.counters) {
-            for series in counter.series.all() {
+            });
+        });
+        for_each(&self.counters, |counter| {
+            counter.series.for_each(|series| {
                 if series.is_empty() {
-                    continue;
+                    return;
                 }
                 out.push(SeriesSnapshot {
                     kind: SeriesKind::Counter,
@@ -395,32 +414,47 @@ impl Registry {
                     exemplars: Vec::new(),
                     active: None,
                 });
-            }
-        }
-        // A stable order for readers and tests.
-        out.sort_unstable_by(|a, b| {
-            (a.kind, &a.name, &a.attributes).cmp(&(b.kind, &b.name, &b.attributes))
+            });
         });
-        out
+        // A stable order for readers and tests: sorted by index, then moved into place
+        // once (a snapshot is a few hundred bytes; sorting them in place moves each many
+        // times).
+        let mut order: Vec<usize> = (0..out.len()).collect();
+        order.sort_unstable_by(|&a, &b| {
+            let (a, b) = (&out[a], &out[b]);
+            a.kind
+                .cmp(&b.kind)
+                .then_with(|| {
+                    // Series of one operation share its name: no need to compare the text.
+                    if Arc::ptr_eq(&a.name, &b.name) {
+                        std::cmp::Ordering::Equal
+                    } else {
+                        a.name.cmp(&b.name)
+                    }
+                })
+                .then_with(|| a.attributes.cmp(&b.attributes))
+        });
+        let mut taken: Vec<Option<SeriesSnapshot>> = out.into_iter().map(Some).collect();
+        order
+            .into_iter()
+            .filter_map(|index| taken[index].take())
+            .collect()
     }
 
     /// Bytes held by every series' histograms and counters (for checking that memory stays
     /// bounded; the maps' own nodes and the attribute sets are not counted).
     pub fn memory_bytes(&self) -> usize {
         let mut total = 0;
-        for operation in values(&self.operations) {
-            for series in operation.series.all() {
-                total += series.memory_bytes();
-            }
-        }
-        for histogram in values(&self.histograms) {
-            total += histogram
+        for_each(&self.operations, |operation| {
+            operation
                 .series
-                .all()
-                .iter()
-                .map(|s| s.histogram.memory_bytes())
-                .sum::<usize>();
-        }
+                .for_each(|series| total += series.memory_bytes());
+        });
+        for_each(&self.histograms, |histogram| {
+            histogram
+                .series
+                .for_each(|series| total += series.histogram.memory_bytes());
+        });
         total
     }
 }

@@ -273,6 +273,15 @@ impl<T: SeriesData> SeriesMap<T> {
             .filter(|series| series.liveness().is_current())
     }
 
+    /// Calls `f` on every series (those of earlier epochs too), in no particular order,
+    /// taking no reference: a forked child reading its snapshot writes to no series page.
+    pub fn for_each(&self, mut f: impl FnMut(&T)) {
+        let trie = self.trie.load();
+        for bucket in trie.values() {
+            bucket.as_slice().iter().for_each(|series| f(series));
+        }
+    }
+
     /// Every series (those of earlier epochs too), in no particular order.
     pub fn all(&self) -> Vec<Arc<T>> {
         let trie = self.trie.load();
