@@ -192,6 +192,39 @@ print(outcome)
     assert lines_of(result) == ["['RecursionError', 50]"]
 
 
+@pytest.mark.parametrize("stack_kib", [256, 1024])
+def test_deep_recursion_in_a_thread_with_a_small_stack_raises_recursion_error(
+    stack_kib: int,
+) -> None:
+    # The guard keeps a share of a small stack free (see rust/binding/guard.rs).
+    result = run_python(
+        DEEP
+        + f"""
+@meterage.meter("crash.recurse.small_stack")
+def down(n):
+    return 0 if n == 0 else down(n - 1) + 1
+
+outcome = []
+
+def run():
+    try:
+        down(100_000)
+    except RecursionError:
+        outcome.append("RecursionError")
+    else:
+        outcome.append("no error")
+    outcome.append(down(5))
+
+threading.stack_size({stack_kib} * 1024)
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(outcome)
+"""
+    )
+    assert lines_of(result) == ["['RecursionError', 5]"]
+
+
 def test_deep_recursion_through_a_metered_coroutine_raises_recursion_error() -> None:
     result = run_python(
         DEEP
