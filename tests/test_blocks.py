@@ -160,15 +160,6 @@ def test_a_generator_block_resumed_in_threads_records_its_real_duration(
     assert 0.045 <= duration(operation) < 2.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a block entered on one thread and ended on another records the difference "
-        "between the two threads' lifetime counters as its probe values (io.write counts "
-        "every byte the ending thread ever wrote, cpu.time is capped wall time, faults and "
-        "context switches are the other thread's): a block that did no IO records megabytes"
-    ),
-)
 def test_a_block_ended_on_another_thread_records_no_other_threads_counters(
     unique: Callable[[str], str],
 ) -> None:

@@ -78,14 +78,6 @@ def test_metering_an_lru_cache_method_keeps_binding_and_cache(
     assert counts(operation) == {(): 4}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the lru_cache wrapper's own methods (cache_info, cache_clear) are not "
-        "reachable through the metered wrapper (AttributeError on MeteredCallable), on the "
-        "class, on an instance and for a module-level function; only __wrapped__ has them"
-    ),
-)
 def test_lru_cache_methods_stay_reachable_through_the_metered_wrapper(
     unique: Callable[[str], str],
 ) -> None:
@@ -140,17 +132,6 @@ class _Bound:
     metered_cached = meterage.meter("transparency.bound.cached")(cached)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a method bound through a descriptor (an lru_cache method, a method metered "
-        "twice under two names) is a new MeteredCallable on every access: it has no "
-        "__self__, two accesses compare unequal (so callbacks.remove(obj.method) and "
-        "signal disconnects fail) and weakref.WeakMethod refuses it; unmetered (and for a "
-        "metered plain function) the bound method has __self__, compares equal and is "
-        "accepted"
-    ),
-)
 @pytest.mark.parametrize("name", ["metered_cached", "nested"])
 def test_a_method_bound_through_a_descriptor_is_a_bound_method(name: str) -> None:
     owner = _Bound()
@@ -163,15 +144,6 @@ def test_a_method_bound_through_a_descriptor_is_a_bound_method(name: str) -> Non
     assert weakref.WeakMethod(getattr(owner, name))() == bound
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: inspect.signature of a method bound through a descriptor (an lru_cache "
-        "method, a method metered twice under two names) still shows `self`: the bound "
-        "wrapper shares the unbound wrapper's __dict__, so __wrapped__ is the unbound "
-        "callable; unmetered it is '(x)'"
-    ),
-)
 @pytest.mark.parametrize("name", ["metered_cached", "nested"])
 def test_the_signature_of_a_method_bound_through_a_descriptor_drops_self(name: str) -> None:
     owner = _Bound()
@@ -624,15 +596,6 @@ def test_a_metered_async_generator_function_makes_an_async_generator() -> None:
     assert asyncio.run(main()) == [6]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (regression): the coroutine, generator and async generator a metered function "
-        "makes are named after meterage's driver (__name__ '_drive_coroutine', "
-        "'_drive_generator', '_drive_async_generator'; __qualname__ and repr likewise), "
-        "not after the function; the previous wrappers kept the function's name"
-    ),
-)
 @pytest.mark.parametrize(
     "function",
     [coroutine_function, generator_function, async_generator_function],
@@ -655,13 +618,6 @@ def test_the_object_a_metered_function_makes_carries_its_name(
             gc.collect()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (regression): a metered coroutine that is never awaited warns "
-        "\"coroutine '_drive_coroutine' was never awaited\" instead of naming the function"
-    ),
-)
 def test_a_never_awaited_metered_coroutine_warns_with_its_own_name() -> None:
     @meterage.meter
     async def forgotten() -> None:
@@ -694,15 +650,6 @@ def _unawaited_warnings(run: Callable[[], None]) -> list[str]:
     return messages
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (regression): closing a metered coroutine before it started (coro.close(), or "
-        "cancelling its Task before the first step) warns \"coroutine 'work' was never "
-        'awaited": the inner coroutine, made at the call, is never closed when the '
-        "unstarted driver is; without meterage (and with the previous wrappers) no warning"
-    ),
-)
 @pytest.mark.parametrize("how", ["close", "cancel_task"])
 def test_a_metered_coroutine_closed_before_it_started_does_not_warn(
     how: str, unique: Callable[[str], str]

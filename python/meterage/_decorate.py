@@ -16,6 +16,7 @@ only for its own steps. The same holds for any callable that returns such an obj
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, TypeVar
@@ -71,6 +72,31 @@ _native._set_drivers(
 )
 
 
+_DRIVERS = (
+    (inspect.CO_ASYNC_GENERATOR, _drive_async_generator),
+    (inspect.CO_COROUTINE, _drive_coroutine),
+    (inspect.CO_ITERABLE_COROUTINE, _drive_iterable_coroutine),
+    (inspect.CO_GENERATOR, _drive_generator),
+)
+
+
+def _driver_for(function: Any) -> Any:
+    """For a coroutine, generator or async generator function: a copy of the driver of its
+    kind named like it, so the objects it makes carry its name (in reprs, in "never
+    awaited" warnings); None for anything else."""
+    if type(function) is not types.FunctionType:
+        return None
+    flags = function.__code__.co_flags
+    for flag, template in _DRIVERS:
+        if flags & flag:
+            driver = types.FunctionType(
+                template.__code__, template.__globals__, function.__name__
+            )
+            driver.__qualname__ = function.__qualname__
+            return driver
+    return None
+
+
 def _same_series(core: _native.MeterCore, function: Any) -> bool:
     """Whether ``function`` is already metered into the series ``core`` records into."""
     existing = getattr(function, "__meterage_meter__", None)
@@ -99,7 +125,7 @@ def decorate(core: _native.MeterCore, target: F) -> F:
         # Metered twice into one series would count every call twice: meter the original
         # once, with these settings.
         function = function.__wrapped__
-    metered: Any = core.wrap(function)
+    metered: Any = core.wrap(function, _driver_for(function))
     functools.update_wrapper(metered, function)
     for name in _FUNCTION_LIKE:
         if hasattr(function, name) and types.FunctionType is type(function):

@@ -16,6 +16,7 @@
 //! meter's calls per context (a ContextVar), ended by the meter's `__exit__`.
 
 use super::convert::{attribute_key, attribute_pairs, attribute_value, attributes_to_dict, Pairs};
+use super::guard::{panic_if_asked, quietly};
 use super::meter::{error_type_name, PyMeterCore};
 use super::spans;
 use crate::aggregate::call::{CallStart, MeterCore};
@@ -264,9 +265,12 @@ unsafe fn finish(call: *mut ffi::PyObject, exception_type: *mut ffi::PyObject) -
         // SAFETY: a live object passed by the interpreter.
         .then(|| unsafe { Bound::from_borrowed_ptr(py, exception_type) });
     let error_type = error_type_name(exception_type.as_ref())?;
-    let series = this.core.series_for(&this.dynamic, error_type.as_deref());
-    spans::note(&measured, &series);
-    this.core.record(&measured, &series);
+    quietly(|| {
+        panic_if_asked();
+        let series = this.core.series_for(&this.dynamic, error_type.as_deref());
+        spans::note(&measured, &series);
+        this.core.record(&measured, &series);
+    });
     Ok(())
 }
 

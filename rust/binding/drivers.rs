@@ -76,13 +76,28 @@ fn code_flags(object: &Bound<'_, PyAny>, code_attribute: &str) -> i64 {
 /// Whether calling `function` makes an object that is metered by its steps (a coroutine,
 /// generator or async generator function).
 pub fn makes_steps(function: &Bound<'_, PyAny>) -> bool {
+    kind_made_by(function).is_some()
+}
+
+/// The kind of object calling `function` makes, if it is a coroutine, generator or async
+/// generator function.
+pub fn kind_made_by(function: &Bound<'_, PyAny>) -> Option<Kind> {
     // SAFETY: a type check of a live object.
     if unsafe { ffi::PyFunction_Check(function.as_ptr()) } == 0 {
-        return false;
+        return None;
     }
-    code_flags(function, "__code__")
-        & (CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR)
-        != 0
+    let flags = code_flags(function, "__code__");
+    if flags & CO_ASYNC_GENERATOR != 0 {
+        Some(Kind::AsyncGenerator)
+    } else if flags & CO_COROUTINE != 0 {
+        Some(Kind::Coroutine)
+    } else if flags & CO_ITERABLE_COROUTINE != 0 {
+        Some(Kind::IterableCoroutine)
+    } else if flags & CO_GENERATOR != 0 {
+        Some(Kind::Generator)
+    } else {
+        None
+    }
 }
 
 /// What kind of steppable object `result` is, if any. A plain awaitable (neither a
@@ -165,6 +180,21 @@ pub unsafe fn drive(
     kind: Kind,
 ) -> *mut ffi::PyObject {
     // SAFETY: guaranteed by the caller.
+    unsafe { drive_with(core, result, kind, std::ptr::null_mut()) }
+}
+
+/// As [`drive`], through `driver` (a function's own, named like it) when it is not null
+/// and of the result's kind.
+///
+/// # Safety
+/// As for [`drive`]; `driver` is null or a live object.
+pub unsafe fn drive_with(
+    core: &MeterCore,
+    result: *mut ffi::PyObject,
+    kind: Kind,
+    driver: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: guaranteed by the caller.
     let py = unsafe { Python::assume_attached() };
     // SAFETY: as above: the reference is ours to hand on.
     let result = unsafe { Bound::from_owned_ptr(py, result) };
@@ -180,19 +210,26 @@ pub unsafe fn drive(
             Arc::increment_strong_count(core);
             Arc::from_raw(core)
         };
+        let generic = match kind {
+            Kind::Coroutine => &drivers.coroutine,
+            Kind::IterableCoroutine => &drivers.iterable_coroutine,
+            Kind::AsyncGenerator => &drivers.async_generator,
+            Kind::Generator => &drivers.generator,
+        };
+        let driver = if driver.is_null() {
+            generic.bind(py).clone()
+        } else {
+            // SAFETY: a live object held by the wrapper for the call's length.
+            unsafe { Bound::from_borrowed_ptr(py, driver) }
+        };
         match kind {
             Kind::AsyncGenerator => {
                 let call = Py::new(py, StepCall::new(core))?;
-                drivers.async_generator.bind(py).call1((call, result))
+                driver.call1((call, result))
             }
             _ => {
                 let steps = Py::new(py, Steps::owning(core, &result)?)?;
-                let driver = match kind {
-                    Kind::Coroutine => &drivers.coroutine,
-                    Kind::IterableCoroutine => &drivers.iterable_coroutine,
-                    _ => &drivers.generator,
-                };
-                driver.bind(py).call1((steps,))
+                driver.call1((steps,))
             }
         }
     };

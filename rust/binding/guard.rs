@@ -7,8 +7,10 @@
 //! panic in a `#[pyfunction]` or `#[pymethods]` into a Python exception by itself.
 
 use pyo3::ffi;
+use pyo3::prelude::*;
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Stack kept free below a metered call: enough for the interpreter to raise and unwind a
 /// RecursionError, and for whatever C code the function itself calls.
@@ -36,7 +38,7 @@ fn stack_floor() -> usize {
             if found && size > RESERVE * 2 {
                 low as usize + RESERVE
             } else if found {
-                low as usize + size / 4
+                low as usize + size / 2
             } else {
                 1
             }
@@ -75,6 +77,23 @@ fn recursion_error() {
                 .as_ptr(),
         )
     };
+}
+
+/// For tests: the next record (of a call or a block, successful or failed) panics inside
+/// meterage, to show that a panic never reaches Python.
+static PANIC_ONCE: AtomicBool = AtomicBool::new(false);
+
+#[pyfunction]
+pub fn _panic_in_next_record() {
+    PANIC_ONCE.store(true, Ordering::Relaxed);
+}
+
+/// Panics if a test asked for it (one relaxed load otherwise). Call inside [`quietly`].
+#[inline(always)]
+pub fn panic_if_asked() {
+    if PANIC_ONCE.load(Ordering::Relaxed) && PANIC_ONCE.swap(false, Ordering::Relaxed) {
+        panic!("meterage: a panic requested by _panic_in_next_record");
+    }
 }
 
 /// Runs meterage's own work around a call; a panic in it gives `None` (the call is then

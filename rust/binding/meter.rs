@@ -24,6 +24,8 @@ pub struct PyMeterCore {
 }
 
 /// The class name recorded as `error.type` for an exception class (or None: success).
+/// GeneratorExit is a close, not a failure: a block in a generator that its consumer closed
+/// early ended as a metered generator closed early does.
 pub fn error_type_name(exception_type: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String>> {
     match exception_type {
         Some(class) if !class.is_none() => {
@@ -33,6 +35,9 @@ pub fn error_type_name(exception_type: Option<&Bound<'_, PyAny>>) -> PyResult<Op
                     class.get_type().name()?
                 )));
             };
+            if class.is_subclass_of::<pyo3::exceptions::PyGeneratorExit>()? {
+                return Ok(None);
+            }
             Ok(Some(class.qualname()?.to_string()))
         }
         _ => Ok(None),
@@ -160,11 +165,14 @@ impl PyMeterCore {
         self.core.sampler().means().1
     }
 
-    /// Wraps a callable in a vectorcall `MeteredFunction` (or `MeteredCallable`).
+    /// Wraps a callable in a vectorcall `MeteredFunction` (or `MeteredCallable`); a
+    /// coroutine, generator or async generator function's objects are made by `driver`.
+    #[pyo3(signature = (function, driver = None))]
     fn wrap<'py>(
         &self,
         py: Python<'py>,
         function: &Bound<'py, PyAny>,
+        driver: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         if !function.is_callable() {
             return Err(PyTypeError::new_err(format!(
@@ -172,7 +180,7 @@ impl PyMeterCore {
                 function.get_type().name()?
             )));
         }
-        metered_function::wrap(py, &self.core, function)
+        metered_function::wrap(py, &self.core, function, driver)
     }
 
     /// Meters a coroutine or generator step by step and records it when it ends.

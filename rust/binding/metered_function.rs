@@ -9,7 +9,7 @@
 //! method descriptor so `obj.method(...)` skips creating a bound method.
 
 use super::drivers;
-use super::guard::{quietly, stack_has_room};
+use super::guard::{panic_if_asked, quietly, stack_has_room};
 use super::spans;
 use crate::aggregate::call::{Measured, MeterCore};
 use pyo3::ffi;
@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use std::ffi::{c_int, c_void};
 use std::mem::offset_of;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 
 #[repr(C)]
@@ -28,14 +28,23 @@ struct MeteredFunctionObject {
     dict: *mut ffi::PyObject,
     weak_references: *mut ffi::PyObject,
     core: *const MeterCore,
+    /// For a coroutine, generator or async generator function: its driver, named like it
+    /// (so the objects it makes carry the function's name); null for the generic ones.
+    driver: *mut ffi::PyObject,
+    /// 1 + the kind of object `driver` drives (a byte: the allocator zero-fills objects,
+    /// and 0 means none).
+    driver_kind: u8,
 }
 
 extern "C" {
-    // Part of the stable C API since 3.0; pyo3-ffi does not declare it.
+    // The C API's bound methods; pyo3-ffi does not declare them.
     fn PyMethod_New(
         function: *mut ffi::PyObject,
         instance: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject;
+    fn PyMethod_Function(method: *mut ffi::PyObject) -> *mut ffi::PyObject;
+    fn PyMethod_Self(method: *mut ffi::PyObject) -> *mut ffi::PyObject;
+    static mut PyMethod_Type: ffi::PyTypeObject;
 }
 
 /// `MeteredFunction`: wraps a Python function and binds as a method like one.
@@ -44,13 +53,6 @@ static FUNCTION_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mu
 /// descriptors such as `functools.lru_cache` wrappers), binding exactly as it does.
 static CALLABLE_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
 
-/// For tests: the next record panics (to show that a panic never reaches Python).
-static PANIC_ONCE: AtomicBool = AtomicBool::new(false);
-
-#[pyfunction]
-pub fn _panic_in_next_record() {
-    PANIC_ONCE.store(true, Ordering::Relaxed);
-}
 
 /// The wrapped function and the meter of a `MeteredFunction`, or `None` (with a Python
 /// error set) if the garbage collector already cleared it.
@@ -150,9 +152,19 @@ unsafe extern "C" fn vectorcall_stepped(
     };
     // SAFETY: the caller's arguments, forwarded unchanged.
     let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
-    match result_to_step(core, result) {
-        Some(stepped) => stepped,
-        None => result,
+    if result.is_null() {
+        return result;
+    }
+    // SAFETY: a live MeteredFunction (above) and a live result, with the GIL.
+    unsafe {
+        let this = &*(callable as *const MeteredFunctionObject);
+        match drivers::kind_of(core, result) {
+            Some(kind) if this.driver_kind == kind as u8 + 1 => {
+                drivers::drive_with(core, result, kind, this.driver)
+            }
+            Some(kind) => drivers::drive(core, result, kind),
+            None => result,
+        }
     }
 }
 
@@ -181,10 +193,7 @@ unsafe fn record(core: &MeterCore, result: *mut ffi::PyObject, measured: &Measur
         unsafe { record_failure(core, measured) };
     } else {
         quietly(|| {
-            if PANIC_ONCE.load(Ordering::Relaxed) {
-                PANIC_ONCE.store(false, Ordering::Relaxed);
-                panic!("meterage: a panic requested by _panic_in_next_record");
-            }
+            panic_if_asked();
             spans::note(measured, core.series());
             core.record(measured, core.series());
         });
@@ -203,6 +212,7 @@ unsafe fn record_failure(core: &MeterCore, measured: &Measured) {
     let py = unsafe { Python::assume_attached() };
     let error = PyErr::take(py);
     quietly(|| {
+        panic_if_asked();
         let series = match &error {
             Some(error) => {
                 let class_name = error
@@ -274,6 +284,23 @@ unsafe extern "C" fn callable_descr_get(
         }
         return ptr::null_mut();
     }
+    // A binding that puts the instance first (an lru_cache wrapper, a method descriptor,
+    // another metered function) is the wrapper's own, as a bound method: with its
+    // `__self__`, equal for equal accesses, weakly referable, signature without `self`.
+    // SAFETY: type checks and field reads of a live object.
+    let binds_first = unsafe {
+        (ffi::Py_TYPE(bound) == std::ptr::addr_of_mut!(PyMethod_Type)
+            && PyMethod_Function(bound) == inner
+            && PyMethod_Self(bound) == instance)
+            || (ffi::PyCFunction_Check(bound) != 0 && ffi::PyCFunction_GET_SELF(bound) == instance)
+    };
+    if binds_first {
+        // SAFETY: `bound` is a new reference no longer needed; both objects are alive.
+        unsafe {
+            ffi::Py_DECREF(bound);
+            return PyMethod_New(wrapper, instance);
+        }
+    }
     // SAFETY: `bound` is a new reference, handed to the new wrapper (or released). The
     // wrapper's core is a live `Arc` (its reference stays with the wrapper).
     unsafe {
@@ -301,6 +328,27 @@ unsafe extern "C" fn callable_descr_get(
     }
 }
 
+/// Attributes the wrapper lacks are the wrapped callable's (an lru_cache wrapper's
+/// `cache_info`, a function's `__globals__`): the wrapper stands for it.
+unsafe extern "C" fn getattro(
+    object: *mut ffi::PyObject,
+    name: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: the interpreter passes a live wrapper and name, with the GIL.
+    unsafe {
+        let found = ffi::PyObject_GenericGetAttr(object, name);
+        if !found.is_null() || ffi::PyErr_ExceptionMatches(ffi::PyExc_AttributeError) == 0 {
+            return found;
+        }
+        let inner = (*(object as *const MeteredFunctionObject)).function;
+        if inner.is_null() {
+            return found;
+        }
+        ffi::PyErr_Clear();
+        ffi::PyObject_GetAttr(inner, name)
+    }
+}
+
 unsafe extern "C" fn traverse(
     object: *mut ffi::PyObject,
     visit: ffi::visitproc,
@@ -325,7 +373,7 @@ unsafe extern "C" fn traverse(
 unsafe extern "C" fn clear(object: *mut ffi::PyObject) -> c_int {
     // SAFETY: the collector (or dealloc) passes a live object of this type.
     let this = unsafe { &mut *(object as *mut MeteredFunctionObject) };
-    for slot in [&mut this.function, &mut this.dict] {
+    for slot in [&mut this.function, &mut this.dict, &mut this.driver] {
         let old = std::mem::replace(slot, ptr::null_mut());
         if !old.is_null() {
             // SAFETY: the reference this object held.
@@ -461,6 +509,7 @@ fn create_type<'py>(
         slot(ffi::Py_tp_clear, clear as *mut c_void),
         slot(ffi::Py_tp_call, ffi::PyVectorcall_Call as *mut c_void),
         slot(ffi::Py_tp_repr, repr as *mut c_void),
+        slot(ffi::Py_tp_getattro, getattro as *mut c_void),
         slot(ffi::Py_tp_members, members.as_mut_ptr().cast()),
         slot(ffi::Py_tp_methods, methods.as_mut_ptr().cast()),
         slot(ffi::Py_tp_getset, getset.as_mut_ptr().cast()),
@@ -505,16 +554,30 @@ fn call_path(core: &MeterCore, function: &Bound<'_, PyAny>) -> ffi::vectorcallfu
     }
 }
 
-/// Wraps `function` so every call is metered by `core`.
+/// Wraps `function` so every call is metered by `core` (a coroutine, generator or async
+/// generator function through `driver`, when given).
 pub fn wrap<'py>(
     py: Python<'py>,
     core: &Arc<MeterCore>,
     function: &Bound<'py, PyAny>,
+    driver: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     // Only Python functions bind `self` like a function; anything else binds as it does.
     // SAFETY: `function` is a live object.
     let is_function = unsafe { ffi::PyFunction_Check(function.as_ptr()) } != 0;
-    wrap_with(py, core, function, call_path(core, function), !is_function)
+    let wrapped = wrap_with(py, core, function, call_path(core, function), !is_function)?;
+    if let (Some(driver), Some(kind)) = (
+        driver.filter(|driver| !driver.is_none()),
+        drivers::kind_made_by(function),
+    ) {
+        // SAFETY: the wrapper was just made (its driver is null); the reference is its own.
+        unsafe {
+            let this = &mut *(wrapped.as_ptr() as *mut MeteredFunctionObject);
+            this.driver = driver.clone().into_ptr();
+            this.driver_kind = kind as u8 + 1;
+        }
+    }
+    Ok(wrapped)
 }
 
 /// Wraps `function` in one of the wrapper types with this call implementation (also used

@@ -133,7 +133,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(set_active_tracking, module)?)?;
     module.add_function(wrap_pyfunction!(drivers::_set_drivers, module)?)?;
     module.add_function(wrap_pyfunction!(
-        metered_function::_panic_in_next_record,
+        guard::_panic_in_next_record,
         module
     )?)?;
     module.add_function(wrap_pyfunction!(snapshots::_restore_series, module)?)?;

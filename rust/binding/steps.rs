@@ -190,6 +190,30 @@ impl Steps {
     }
 }
 
+impl Drop for Steps {
+    /// A coroutine dropped before its first step (its caller closed or never awaited it)
+    /// is closed here: it was the caller's to await, and the caller has its own warning
+    /// if it never awaited, so the inner one must not warn again.
+    fn drop(&mut self) {
+        let Owner::Own { stepped, .. } = &self.owner else {
+            return;
+        };
+        if stepped.is_started() {
+            return;
+        }
+        if let Some(inner) = self.inner.take() {
+            Python::attach(|py| {
+                let inner = inner.bind(py);
+                // SAFETY: a type check of a live object.
+                if unsafe { ffi::PyCoro_CheckExact(inner.as_ptr()) } != 0 {
+                    // Closing a coroutine that never ran runs no Python code.
+                    let _ = inner.call_method0(intern!(py, "close"));
+                }
+            });
+        }
+    }
+}
+
 #[pymethods]
 impl Steps {
     fn __await__(slf: Py<Self>) -> Py<Self> {

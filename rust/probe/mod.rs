@@ -221,6 +221,9 @@ pub struct Reading {
     pub probes: ProbeSet,
     /// Fork generation at the time of reading: a delta across a fork is meaningless.
     pub generation: u64,
+    /// The thread that read it: the counters are per thread, so readings of two threads
+    /// (a `with` block resumed in another thread) do not subtract.
+    pub thread: usize,
     /// The GPU readings (raw readings only; a delta has its GPU values in `values`).
     pub gpu: gpu::GpuReading,
 }
@@ -265,6 +268,8 @@ impl Reading {
     fn counters(probes: ProbeSet) -> Reading {
         let mut reading = Reading {
             generation: fork::generation(),
+            // SAFETY: pthread_self has no preconditions (it reads a register).
+            thread: unsafe { libc::pthread_self() } as usize,
             ..Reading::default()
         };
         let values = &mut reading.values;
@@ -280,10 +285,11 @@ impl Reading {
     }
 
     /// The change from `start` to `self`, or `None` when the two readings are not
-    /// comparable (taken on either side of a fork). Only probes read both times count.
+    /// comparable (taken on either side of a fork, or by two threads). Only probes read
+    /// both times count.
     #[inline]
     pub fn since(&self, start: &Reading) -> Option<Reading> {
-        if self.generation != start.generation {
+        if self.generation != start.generation || self.thread != start.thread {
             return None;
         }
         let mut delta = Reading {
@@ -555,6 +561,16 @@ mod tests {
         total.accumulate(&step);
         assert_eq!(total.values[measure::IO_READ], 10);
         assert_eq!(total.probes, ProbeSet::IO);
+    }
+
+    #[test]
+    fn readings_of_two_threads_are_not_comparable() {
+        let start = Reading::take_before(ProbeSet::IO);
+        let elsewhere = std::thread::spawn(|| Reading::take_after(ProbeSet::IO))
+            .join()
+            .unwrap();
+        assert!(elsewhere.since(&start).is_none());
+        assert!(Reading::take_after(ProbeSet::IO).since(&start).is_some());
     }
 
     #[test]
