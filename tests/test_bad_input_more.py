@@ -117,30 +117,33 @@ def _surrogate_calls(name: str) -> list[tuple[str, Callable[[], Any]]]:
     qualname_with_surrogate.__qualname__ = "f" + SURROGATE
     return [
         ("operation name", lambda: meterage.meter(name + SURROGATE)),
-        ("decorated name", lambda: meterage.meter(qualname_with_surrogate)),
+        ("operation name", lambda: meterage.meter(qualname_with_surrogate)),
         ("histogram name", lambda: meterage.histogram(name + SURROGATE)),
         ("counter name", lambda: meterage.counter(name + SURROGATE)),
-        ("histogram unit", lambda: meterage.histogram(name + ".u", unit=SURROGATE)),
-        ("histogram description", lambda: meterage.histogram(name + ".d", description=SURROGATE)),
-        ("counter unit", lambda: meterage.counter(name + ".cu", unit="x" + SURROGATE)),
-        ("counter description", lambda: meterage.counter(name + ".cd", description=SURROGATE)),
-        ("meter attribute key", lambda: meterage.meter(name, attributes={SURROGATE: 1})),
-        ("meter attribute value", lambda: meterage.meter(name, attributes={"k": SURROGATE})),
-        ("record key", lambda: histogram.record(1, attributes={SURROGATE: 1})),
-        ("record value", lambda: histogram.record(1, attributes={"k": "v" + SURROGATE})),
-        ("add key", lambda: counter.add(1, attributes={SURROGATE: "v"})),
-        ("add value", lambda: counter.add(1, attributes={"k": SURROGATE})),
-        ("bind value", lambda: histogram.bind({"k": SURROGATE})),
-        ("bind key", lambda: counter.bind({SURROGATE: 1})),
+        ("unit", lambda: meterage.histogram(name + ".u", unit=SURROGATE)),
+        ("description", lambda: meterage.histogram(name + ".d", description=SURROGATE)),
+        ("unit", lambda: meterage.counter(name + ".cu", unit="x" + SURROGATE)),
+        ("description", lambda: meterage.counter(name + ".cd", description=SURROGATE)),
+        ("attribute key", lambda: meterage.meter(name, attributes={SURROGATE: 1})),
+        ('attribute "k"', lambda: meterage.meter(name, attributes={"k": SURROGATE})),
+        ("attribute key", lambda: histogram.record(1, attributes={SURROGATE: 1})),
+        ('attribute "k"', lambda: histogram.record(1, attributes={"k": "v" + SURROGATE})),
+        ("attribute key", lambda: counter.add(1, attributes={SURROGATE: "v"})),
+        ('attribute "k"', lambda: counter.add(1, attributes={"k": SURROGATE})),
+        ('attribute "k"', lambda: histogram.bind({"k": SURROGATE})),
+        ("attribute key", lambda: counter.bind({SURROGATE: 1})),
     ]
 
 
 @pytest.mark.parametrize("index", range(16))
 def test_lone_surrogates_are_refused(unique: Callable[..., str], index: int) -> None:
-    label, call = _surrogate_calls(unique())[index]
-    with pytest.raises(ValueError, match="surrogate"):
+    argument, call = _surrogate_calls(unique())[index]
+    with pytest.raises(ValueError, match="lone surrogate") as raised:
         call()
-    assert recorded() == [], label
+    # A ValueError of meterage's that names the argument, not a codec's UnicodeEncodeError.
+    assert type(raised.value) is ValueError
+    assert argument in str(raised.value)
+    assert recorded() == []
 
 
 @pytest.mark.parametrize(("key", "value"), [(SURROGATE, 1), ("k", SURROGATE)], ids=["key", "value"])
@@ -148,11 +151,16 @@ def test_lone_surrogates_in_call_attributes_are_refused(
     unique: Callable[..., str], key: str, value: Any
 ) -> None:
     name = unique()
+    argument = "attribute key" if key == SURROGATE else 'attribute "k"'
     with meterage.meter(name, probes=()) as call:
-        with pytest.raises(ValueError, match="surrogate"):
-            call.set_attribute(key, value)
-        with pytest.raises(ValueError, match="surrogate"):
-            call.set_attributes({"ok": 1, key: value})
+        for refused in (
+            lambda: call.set_attribute(key, value),
+            lambda: call.set_attributes({"ok": 1, key: value}),
+        ):
+            with pytest.raises(ValueError, match="lone surrogate") as raised:
+                refused()
+            assert type(raised.value) is ValueError
+            assert argument in str(raised.value)
     # The call is recorded, without the attributes that were refused.
     assert recorded() == [(name, {}, 1)]
 
