@@ -6,6 +6,7 @@ builds of meterage to show which of these behaviours they lacked.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import os
@@ -374,6 +375,53 @@ def test_a_with_block_that_forks_is_recorded_by_the_parent_only(
     assert counts(name) == {"{}": 1}
 
 
+@pytest.mark.parametrize("tracked", [False, True], ids=["untracked", "tracked"])
+def test_a_generator_and_a_coroutine_in_flight_at_a_fork_are_the_parents(
+    unique: Callable[..., str], tracked: bool
+) -> None:
+    meterage._native.set_active_tracking(tracked)
+    loop = asyncio.new_event_loop()
+    try:
+        gen_name, co_name = unique("gen"), unique("co")
+
+        @meterage.meter(gen_name, probes=())
+        def numbers() -> Iterator[int]:
+            yield 1
+            yield 2
+
+        @meterage.meter(co_name, probes=())
+        async def waits(future: asyncio.Future) -> int:
+            await future
+            return 1
+
+        generator = numbers()
+        assert next(generator) == 1
+        future = loop.create_future()
+        task = loop.create_task(waits(future))
+        loop.run_until_complete(asyncio.sleep(0))
+
+        def child() -> tuple:
+            assert list(generator) == [2]
+            future.set_result(None)
+            assert loop.run_until_complete(task) == 1
+            inherited = (counts(gen_name), counts(co_name))
+            assert list(numbers()) == [1, 2]
+            return inherited, counts(gen_name)
+
+        inherited, own = in_child(child)
+        assert inherited == ({}, {})
+        assert own == {"{}": 1}
+        assert list(generator) == [2]
+        future.set_result(None)
+        assert loop.run_until_complete(task) == 1
+        assert (counts(gen_name), counts(co_name)) == ({"{}": 1}, {"{}": 1})
+        if tracked:
+            assert (active_of(gen_name), active_of(co_name)) == (0, 0)
+    finally:
+        loop.close()
+        meterage._native.set_active_tracking(False)
+
+
 # 4. A fork is O(1) in the number of series and leaves the parent's pages shared.
 
 SERIES = 20_000
@@ -541,6 +589,24 @@ def test_a_snapshot_right_after_reset_holds_only_calls_in_flight(
     finally:
         in_flight.release()
     assert [(s.count, s.active) for s in series_of(flying)] == [(1, 0)]
+
+
+def test_reset_frees_the_series_nothing_holds(unique: Callable[..., str]) -> None:
+    meterage.configure(cardinality_limit=5000)
+    histogram = meterage.histogram(unique("h"))
+    meter = meterage.meter(unique("op"), probes=())
+    base = meterage._native.memory_bytes()
+    held = []
+    for round_ in range(8):
+        for i in range(500):
+            histogram.record(1.0, attributes={"round": round_, "i": i})
+            with meter as call:
+                call.set_attribute("i", round_ * 1000 + i)
+        held.append(meterage._native.memory_bytes() - base)
+        meterage.reset()
+    # Each round's series are gone after its reset: memory does not grow round by round.
+    assert held == [held[0]] * 8, held
+    assert meterage._native.memory_bytes() <= base
 
 
 # 6. Recording threads while another thread resets in a loop.
