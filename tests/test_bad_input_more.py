@@ -250,13 +250,6 @@ def test_series_and_histogram_snapshots_round_trip(unique: Callable[..., str], h
     assert (h.count, h.zero_count, h.sum, h.max) == (5, 2, 1000004.0, 1e6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: restoring (unpickling) a HistogramSnapshot whose bucket counts overflow u64 "
-    "when summed raises PanicException ('attempt to add with overflow', a BaseException) "
-    "instead of the ValueError other inconsistent states get (in a release build the sum "
-    "wraps instead, so the check can pass)",
-)
 def test_restoring_a_histogram_with_overflowing_counts_is_a_value_error(
     unique: Callable[..., str],
 ) -> None:

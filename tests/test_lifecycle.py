@@ -180,12 +180,6 @@ def test_a_fork_child_starts_with_the_whole_cardinality_budget(
     assert attribute_sets(name) == parent_before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a meter whose static attributes were sent to the overflow series keeps "
-    "recording there after reset(), and so does a meter made again with the same settings "
-    "after the reset (it reuses the cached MeterCore, which resolved its series once)",
-)
 def test_a_meter_sent_to_overflow_gets_its_own_series_after_reset(
     unique: Callable[..., str],
 ) -> None:
@@ -204,12 +198,6 @@ def test_a_meter_sent_to_overflow_gets_its_own_series_after_reset(
     assert counts(name) == {repr({"i": 2}): 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after reset() (and in a fork child) a series that a handle holds (a bound "
-    "handle, a meter with static attributes) records again without being counted against "
-    "the cardinality limit, so an operation ends up with more series than the limit",
-)
 @pytest.mark.parametrize("how", ["bound", "meter"])
 def test_series_revived_through_handles_count_against_the_limit_after_reset(
     unique: Callable[..., str], how: str
@@ -495,12 +483,6 @@ def test_a_fork_child_writes_no_page_of_series_it_does_not_use(
     assert len(series_of(name)) == SERIES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: meterage.snapshot() in a fork child writes to every series (it clones an Arc "
-    "of each: a reference-count write per series), so the child's first snapshot copies "
-    "~all of the parent's series pages (~59 MB private for 20k all-probe series)",
-)
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux smaps")
 def test_a_snapshot_in_a_fork_child_writes_no_page_of_series_it_does_not_use(
     unique: Callable[..., str],

@@ -89,9 +89,7 @@ def _driver_for(function: Any) -> Any:
     flags = function.__code__.co_flags
     for flag, template in _DRIVERS:
         if flags & flag:
-            driver = types.FunctionType(
-                template.__code__, template.__globals__, function.__name__
-            )
+            driver = types.FunctionType(template.__code__, template.__globals__, function.__name__)
             driver.__qualname__ = function.__qualname__
             return driver
     return None

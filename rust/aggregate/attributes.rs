@@ -13,13 +13,27 @@ pub enum AttributeValue {
     Bool(bool),
 }
 
+/// A float attribute value as Python compares them: -0.0 is 0.0, and every NaN is one
+/// value (so that a NaN equals itself and hashing agrees).
+#[inline]
+pub fn canonical_float(value: f64) -> f64 {
+    if value.is_nan() {
+        f64::NAN
+    } else if value == 0.0 {
+        0.0
+    } else {
+        value
+    }
+}
+
 impl PartialEq for AttributeValue {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Self::Str(a), Self::Str(b)) => a == b,
             (Self::Int(a), Self::Int(b)) => a == b,
-            // Bitwise, so that every value (NaN included) equals itself and hashing agrees.
-            (Self::Float(a), Self::Float(b)) => a.to_bits() == b.to_bits(),
+            (Self::Float(a), Self::Float(b)) => {
+                canonical_float(*a).to_bits() == canonical_float(*b).to_bits()
+            }
             (Self::Bool(a), Self::Bool(b)) => a == b,
             _ => false,
         }
@@ -34,7 +48,7 @@ impl Hash for AttributeValue {
         match self {
             Self::Str(value) => value.hash(state),
             Self::Int(value) => value.hash(state),
-            Self::Float(value) => value.to_bits().hash(state),
+            Self::Float(value) => canonical_float(*value).to_bits().hash(state),
             Self::Bool(value) => value.hash(state),
         }
     }
@@ -58,7 +72,7 @@ impl Ord for AttributeValue {
         match (self, other) {
             (Self::Str(a), Self::Str(b)) => a.cmp(b),
             (Self::Int(a), Self::Int(b)) => a.cmp(b),
-            (Self::Float(a), Self::Float(b)) => a.total_cmp(b),
+            (Self::Float(a), Self::Float(b)) => canonical_float(*a).total_cmp(&canonical_float(*b)),
             (Self::Bool(a), Self::Bool(b)) => a.cmp(b),
             _ => self.rank().cmp(&other.rank()),
         }
@@ -112,7 +126,9 @@ impl AttributeValue {
         match (self, other) {
             (Self::Str(a), ValueRef::Str(b)) => **a == *b,
             (Self::Int(a), ValueRef::Int(b)) => *a == b,
-            (Self::Float(a), ValueRef::Float(b)) => a.to_bits() == b.to_bits(),
+            (Self::Float(a), ValueRef::Float(b)) => {
+                canonical_float(*a).to_bits() == canonical_float(b).to_bits()
+            }
             (Self::Bool(a), ValueRef::Bool(b)) => *a == b,
             _ => false,
         }
@@ -144,7 +160,7 @@ pub fn pair_hash(key: &str, value: ValueRef<'_>) -> u64 {
         }
         ValueRef::Float(number) => {
             hasher.write_u8(2);
-            hasher.write_u64(number.to_bits());
+            hasher.write_u64(canonical_float(number).to_bits());
         }
         ValueRef::Bool(flag) => {
             hasher.write_u8(3);

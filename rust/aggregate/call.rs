@@ -4,6 +4,7 @@
 //! resolves its series, so a call only reads clocks and counters and records into a
 //! histogram it already holds.
 
+use super::attributes::OVERFLOW_KEY;
 use super::attributes::{AttributeSet, AttributeValue, ERROR_TYPE_KEY};
 use super::registry::{registry, Operation};
 use super::sampling::{Sampler, SamplingMode};
@@ -11,13 +12,17 @@ use super::series::CallSeries;
 use super::series_map::SeriesData;
 use crate::probe::{fork, monotonic_ns, ProbeSet, Reading};
 use arc_swap::ArcSwap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub struct MeterCore {
     operation: Arc<Operation>,
     attributes: AttributeSet,
-    series: Arc<CallSeries>,
+    /// The series of its calls without dynamic attributes: one of `resolved`, which keeps
+    /// it alive. It changes only when a meter that got the overflow series (its operation
+    /// was full) finds room for its own in a later epoch.
+    series: AtomicPtr<CallSeries>,
+    resolved: Mutex<Vec<Arc<CallSeries>>>,
     probes: ProbeSet,
     mode: SamplingMode,
     sampler: Arc<Sampler>,
@@ -25,6 +30,23 @@ pub struct MeterCore {
     error_series: ArcSwap<Vec<(Box<str>, Arc<CallSeries>)>>,
     /// Whether a call returned an awaitable that is not a coroutine (warned about once).
     warned_awaitable: AtomicBool,
+}
+
+/// The series a call records into: the meter's own (borrowed) or one looked up.
+pub enum SeriesRef<'a> {
+    Own(&'a CallSeries),
+    Found(Arc<CallSeries>),
+}
+
+impl std::ops::Deref for SeriesRef<'_> {
+    type Target = CallSeries;
+
+    fn deref(&self) -> &CallSeries {
+        match self {
+            SeriesRef::Own(series) => series,
+            SeriesRef::Found(series) => series,
+        }
+    }
 }
 
 /// State taken before a call.
@@ -134,12 +156,13 @@ impl MeterCore {
             // One-time calibration, here rather than inside the first probed call.
             crate::probe::clock::thread_cpu_read_cost_ns();
         }
-        let series = operation.series.get_or_create(&attributes);
+        let series = operation.series.get_or_create_idle(&attributes);
         MeterCore {
             sampler: operation.sampler(mode),
             operation,
             attributes,
-            series,
+            series: AtomicPtr::new(Arc::as_ptr(&series).cast_mut()),
+            resolved: Mutex::new(vec![series]),
             probes,
             mode,
             error_series: ArcSwap::from_pointee(Vec::new()),
@@ -189,20 +212,57 @@ impl MeterCore {
         if !TRACK_ACTIVE.load(Ordering::Relaxed) {
             return false;
         }
-        self.series.active.enter(generation);
+        self.series().active.enter(generation);
         true
     }
 
     #[inline(always)]
     pub fn leave_active(&self, counted: bool, generation: u64) {
         if counted {
-            self.series.active.leave(generation);
+            self.series().active.leave(generation);
         }
     }
 
     /// The series successful calls without dynamic attributes record into.
+    #[inline(always)]
     pub fn series(&self) -> &CallSeries {
-        &self.series
+        // SAFETY: the pointer is always one of the Arcs in `resolved`, which only grows.
+        let series = unsafe { &*self.series.load(Ordering::Acquire) };
+        if series.liveness().is_current() {
+            return series;
+        }
+        self.resolve_again(series)
+    }
+
+    /// The first call of an epoch: the meter's own series if the operation's budget has
+    /// room for it (a meter that had the overflow series gets its own back), else the
+    /// overflow series, so that meters made with ever new attributes stay within it.
+    #[cold]
+    #[inline(never)]
+    fn resolve_again<'a>(&'a self, series: &'a CallSeries) -> &'a CallSeries {
+        let map = &self.operation.series;
+        let is_overflow = series.attributes().get(OVERFLOW_KEY).is_some()
+            && self.attributes.get(OVERFLOW_KEY).is_none();
+        let wanted = if is_overflow {
+            map.get_or_create_idle(&self.attributes)
+        } else if !map.has_room() {
+            map.overflow()
+        } else {
+            return series;
+        };
+        if std::ptr::eq(Arc::as_ptr(&wanted), series) {
+            return series;
+        }
+        let Ok(mut resolved) = self.resolved.lock() else {
+            return series;
+        };
+        let pointer = Arc::as_ptr(&wanted);
+        if !resolved.iter().any(|kept| Arc::ptr_eq(kept, &wanted)) {
+            resolved.push(wanted);
+        }
+        self.series.store(pointer.cast_mut(), Ordering::Release);
+        // SAFETY: `pointer` is one of `resolved`, which only grows.
+        unsafe { &*pointer }
     }
 
     #[inline(always)]
@@ -385,7 +445,7 @@ impl MeterCore {
         finished: &mut bool,
         dynamic: &[(Arc<str>, AttributeValue)],
         error_type: Option<&str>,
-    ) -> Option<(Measured, Arc<CallSeries>)> {
+    ) -> Option<(Measured, SeriesRef<'_>)> {
         if std::mem::replace(finished, true) {
             return None;
         }
@@ -400,16 +460,16 @@ impl MeterCore {
         &self,
         dynamic: &[(Arc<str>, AttributeValue)],
         error_type: Option<&str>,
-    ) -> Arc<CallSeries> {
+    ) -> SeriesRef<'_> {
         match (dynamic.is_empty(), error_type) {
-            (true, None) => Arc::clone(&self.series),
-            (true, Some(error_type)) => self.error_series(error_type),
+            (true, None) => SeriesRef::Own(self.series()),
+            (true, Some(error_type)) => SeriesRef::Found(self.error_series(error_type)),
             (false, error_type) => {
                 let mut attributes = self.attributes.merged(dynamic.iter().cloned());
                 if let Some(error_type) = error_type {
                     attributes = attributes.with(ERROR_TYPE_KEY, error_type.into());
                 }
-                self.operation.series.get_or_create(&attributes)
+                SeriesRef::Found(self.operation.series.get_or_create(&attributes))
             }
         }
     }

@@ -6,7 +6,8 @@
 //! series: a forked child writes only to the series it records into, and leaves every other
 //! page shared with its parent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 static EPOCH: AtomicU64 = AtomicU64::new(1);
 /// A series' epoch while one thread clears it.
@@ -24,20 +25,57 @@ pub fn advance() {
     EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
-/// The epoch a series' values belong to.
-pub struct Liveness {
+/// How many series of one map hold values of the current epoch: what its cardinality
+/// limit counts. A series counts from its first record in an epoch, however it got there
+/// (a lookup, or a handle that holds it), so a new epoch starts with the whole budget.
+#[derive(Default)]
+pub struct InUse {
     epoch: AtomicU64,
+    count: AtomicUsize,
 }
 
-impl Default for Liveness {
-    fn default() -> Self {
-        Liveness {
-            epoch: AtomicU64::new(current()),
+impl InUse {
+    /// Series counted in the current epoch.
+    pub fn now(&self) -> usize {
+        if self.epoch.load(Ordering::Acquire) == current() {
+            self.count.load(Ordering::Relaxed)
+        } else {
+            0
         }
+    }
+
+    fn add(&self) {
+        let now = current();
+        if self.epoch.swap(now, Ordering::AcqRel) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
+/// The epoch a series' values belong to, and the count of its map it adds to.
+pub struct Liveness {
+    epoch: AtomicU64,
+    in_use: Arc<InUse>,
+}
+
+/// The epoch of a series that never recorded (no epoch is 0).
+const UNUSED: u64 = 0;
+
 impl Liveness {
+    /// A series that counts in `in_use` once it records.
+    pub fn new(in_use: Arc<InUse>) -> Self {
+        Liveness {
+            epoch: AtomicU64::new(UNUSED),
+            in_use,
+        }
+    }
+
+    /// A series of no map (tests, the overflow series: it never counts).
+    pub fn standalone() -> Self {
+        Self::new(Arc::new(InUse::default()))
+    }
+
     /// Whether the values belong to the current epoch.
     #[inline(always)]
     pub fn is_current(&self) -> bool {
@@ -79,6 +117,7 @@ impl Liveness {
                     clear();
                 }
                 self.epoch.store(now, Ordering::Release);
+                self.in_use.add();
                 return true;
             }
         }
@@ -95,6 +134,7 @@ mod tests {
     fn at(epoch: u64) -> Liveness {
         Liveness {
             epoch: AtomicU64::new(epoch),
+            in_use: Arc::new(InUse::default()),
         }
     }
 

@@ -227,13 +227,13 @@ fn refused(registry: &Registry, kind: &str, name: &str) -> Option<String> {
              another name for the {kind}"
         ));
     }
-    // Exporters spell names their own way (Prometheus: `.` becomes `_`): two instruments
-    // that end up with one name would break every scrape.
-    let spelled = crate::bridge::names::normalized(name);
+    // Exporters spell names their own way (Prometheus: `.` becomes `_`, a unit suffix and
+    // `_total` are added): two instruments that end up with one name break every scrape.
+    let family = crate::bridge::names::family(name);
     let clash = |names: Vec<Arc<str>>, other_kind: &str| {
         names
             .into_iter()
-            .find(|other| **other == *name || crate::bridge::names::normalized(other) == spelled)
+            .find(|other| **other == *name || crate::bridge::names::family(other) == family)
             .map(|other| (other, other_kind.to_owned()))
     };
     let histograms = registry.histograms.load().keys().cloned().collect();

@@ -83,10 +83,10 @@ impl ActiveCalls {
 }
 
 impl SeriesData for CallSeries {
-    fn new(attributes: AttributeSet) -> Self {
+    fn new(attributes: AttributeSet, liveness: Liveness) -> Self {
         CallSeries {
             attributes,
-            liveness: Liveness::default(),
+            liveness,
             duration: AtomicHistogram::new(),
             probes: AtomicPtr::new(ptr::null_mut()),
             exemplars: ExemplarSlots::default(),
@@ -203,10 +203,10 @@ pub struct HistogramSeries {
 }
 
 impl SeriesData for HistogramSeries {
-    fn new(attributes: AttributeSet) -> Self {
+    fn new(attributes: AttributeSet, liveness: Liveness) -> Self {
         HistogramSeries {
             attributes,
-            liveness: Liveness::default(),
+            liveness,
             histogram: AtomicHistogram::new(),
         }
     }
@@ -245,10 +245,10 @@ pub struct CounterSeries {
 }
 
 impl SeriesData for CounterSeries {
-    fn new(attributes: AttributeSet) -> Self {
+    fn new(attributes: AttributeSet, liveness: Liveness) -> Self {
         CounterSeries {
             attributes,
-            liveness: Liveness::default(),
+            liveness,
             total_bits: AtomicU64::new(0f64.to_bits()),
             touched: AtomicU64::new(0),
         }
@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn a_call_records_duration_and_sampled_probes() {
-        let series = CallSeries::new(AttributeSet::empty());
+        let series = CallSeries::new(AttributeSet::empty(), Liveness::standalone());
         let mut delta = Reading {
             probes: ProbeSet::CPU.union(ProbeSet::IO),
             ..Reading::default()
@@ -347,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_timer_only_series_has_no_probe_histograms_and_stays_small() {
-        let series = CallSeries::new(AttributeSet::empty());
+        let series = CallSeries::new(AttributeSet::empty(), Liveness::standalone());
         for i in 0..1000u64 {
             series.record(20_000 + i * 20, None); // 20-40 us: a typical spread
         }
@@ -357,11 +357,11 @@ mod tests {
 
     #[test]
     fn sums_saturate_rather_than_become_infinite() {
-        let counter = CounterSeries::new(AttributeSet::empty());
+        let counter = CounterSeries::new(AttributeSet::empty(), Liveness::standalone());
         counter.add(1.7e308);
         counter.add(1.7e308);
         assert_eq!(counter.value(), f64::MAX);
-        let histogram = HistogramSeries::new(AttributeSet::empty());
+        let histogram = HistogramSeries::new(AttributeSet::empty(), Liveness::standalone());
         histogram.record(1.7e308);
         histogram.record(1.7e308);
         assert_eq!(histogram.histogram.snapshot().sum, f64::MAX);
@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn weights_give_an_estimated_total() {
-        let series = CallSeries::new(AttributeSet::empty());
+        let series = CallSeries::new(AttributeSet::empty(), Liveness::standalone());
         let mut delta = Reading {
             probes: ProbeSet::IO,
             ..Reading::default()
@@ -383,7 +383,10 @@ mod tests {
 
     #[test]
     fn counters_add_exactly_across_threads() {
-        let counter = Arc::new(CounterSeries::new(AttributeSet::empty()));
+        let counter = Arc::new(CounterSeries::new(
+            AttributeSet::empty(),
+            Liveness::standalone(),
+        ));
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let counter = Arc::clone(&counter);

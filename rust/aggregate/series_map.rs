@@ -14,11 +14,11 @@
 //! (a reset drops those that nothing else holds; a fork child keeps its parent's, shared).
 
 use super::attributes::{AttributeSet, ValueRef};
-use super::epoch::{self, Liveness};
+use super::epoch::{InUse, Liveness};
 use arc_swap::ArcSwap;
 use rpds::HashTrieMapSync;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Series count per operation before new attribute sets go to the overflow series.
@@ -37,7 +37,8 @@ pub fn global_cardinality_limit() -> usize {
 
 /// Something that lives in a series map: built from its attributes, able to clear itself.
 pub trait SeriesData: Send + Sync {
-    fn new(attributes: AttributeSet) -> Self;
+    /// A series that has not recorded yet (it counts against the limit once it does).
+    fn new(attributes: AttributeSet, liveness: Liveness) -> Self;
     fn attributes(&self) -> &AttributeSet;
     /// The epoch its values belong to.
     fn liveness(&self) -> &Liveness;
@@ -81,36 +82,11 @@ impl<T> Bucket<T> {
 
 type Trie<T> = HashTrieMapSync<u64, Bucket<T>, BuildHasherDefault<Identity>>;
 
-/// Series handed out or created in one epoch (what the cardinality limit counts).
-#[derive(Default)]
-struct InUse {
-    epoch: AtomicU64,
-    count: AtomicUsize,
-}
-
-impl InUse {
-    fn now(&self) -> usize {
-        if self.epoch.load(Ordering::Acquire) == epoch::current() {
-            self.count.load(Ordering::Relaxed)
-        } else {
-            0
-        }
-    }
-
-    fn add(&self) {
-        let current = epoch::current();
-        if self.epoch.swap(current, Ordering::AcqRel) != current {
-            self.count.store(0, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 pub struct SeriesMap<T> {
     trie: ArcSwap<Trie<T>>,
     /// 0: follow the global limit.
     limit: AtomicUsize,
-    in_use: InUse,
+    in_use: Arc<InUse>,
     /// The series past the limit (also in the trie, for iteration; never counted).
     overflow: OnceLock<Arc<T>>,
 }
@@ -128,7 +104,7 @@ impl<T: SeriesData> SeriesMap<T> {
                 BuildHasherDefault::default(),
             )),
             limit: AtomicUsize::new(0),
-            in_use: InUse::default(),
+            in_use: Arc::new(InUse::default()),
             overflow: OnceLock::new(),
         }
     }
@@ -174,15 +150,32 @@ impl<T: SeriesData> SeriesMap<T> {
         matches: impl Fn(&AttributeSet) -> bool,
         make: impl FnOnce() -> AttributeSet,
     ) -> Arc<T> {
+        let series = self.find_or_insert(hash, matches, make);
+        // Counted now, if not yet in this epoch (a lookup is for a record, or a handle).
+        series.liveness().ensure_current(|| series.clear());
+        series
+    }
+
+    /// The series for `attributes` as [`get_or_create`](Self::get_or_create) gives it,
+    /// but counted against the limit only from its first record: the attribute-less series
+    /// an instrument or a meter holds from the start takes no slot until it is used.
+    pub fn get_or_create_idle(&self, attributes: &AttributeSet) -> Arc<T> {
+        self.find_or_insert(
+            attributes.hash_value(),
+            |candidate| candidate == attributes,
+            || attributes.clone(),
+        )
+    }
+
+    fn find_or_insert(
+        &self,
+        hash: u64,
+        matches: impl Fn(&AttributeSet) -> bool,
+        make: impl FnOnce() -> AttributeSet,
+    ) -> Arc<T> {
         if let Some(series) = self.find(hash, &matches) {
-            if series.liveness().is_current() {
-                return series;
-            }
-            // A series of an earlier epoch: it counts again if the budget has room.
-            if self.in_use.now() < self.limit() {
-                if series.liveness().ensure_current(|| series.clear()) {
-                    self.in_use.add();
-                }
+            // One of an earlier epoch (or never used) counts again if the budget has room.
+            if series.liveness().is_current() || self.in_use.now() < self.limit() {
                 return series;
             }
             return self.overflow();
@@ -190,9 +183,12 @@ impl<T: SeriesData> SeriesMap<T> {
         if self.in_use.now() >= self.limit() {
             return self.overflow();
         }
-        let series = self.insert(hash, &matches, make());
-        self.in_use.add();
-        series
+        self.insert(
+            hash,
+            &matches,
+            make(),
+            Liveness::new(Arc::clone(&self.in_use)),
+        )
     }
 
     /// Inserts a series for `attributes` unless one that `matches` is there already.
@@ -201,8 +197,9 @@ impl<T: SeriesData> SeriesMap<T> {
         hash: u64,
         matches: &impl Fn(&AttributeSet) -> bool,
         attributes: AttributeSet,
+        liveness: Liveness,
     ) -> Arc<T> {
-        let fresh = Arc::new(T::new(attributes));
+        let fresh = Arc::new(T::new(attributes, liveness));
         let mut chosen = Arc::clone(&fresh);
         self.trie.rcu(|current| {
             let existing = current.get(&hash).map(Bucket::as_slice).unwrap_or(&[]);
@@ -227,14 +224,20 @@ impl<T: SeriesData> SeriesMap<T> {
         chosen
     }
 
+    /// Whether a series not yet counted in this epoch may count now.
+    pub fn has_room(&self) -> bool {
+        self.in_use.now() < self.limit()
+    }
+
     /// The overflow series, created on first use.
-    fn overflow(&self) -> Arc<T> {
+    pub fn overflow(&self) -> Arc<T> {
         Arc::clone(self.overflow.get_or_init(|| {
             let attributes = AttributeSet::overflow();
             self.insert(
                 attributes.hash_value(),
                 &|candidate| *candidate == attributes,
                 attributes.clone(),
+                Liveness::standalone(), // past the limit by design: never counted
             )
         }))
     }
@@ -348,8 +351,8 @@ mod tests {
 
     struct Dummy(AttributeSet, Liveness);
     impl SeriesData for Dummy {
-        fn new(attributes: AttributeSet) -> Self {
-            Dummy(attributes, Liveness::default())
+        fn new(attributes: AttributeSet, liveness: Liveness) -> Self {
+            Dummy(attributes, liveness)
         }
         fn attributes(&self) -> &AttributeSet {
             &self.0

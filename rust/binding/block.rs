@@ -268,8 +268,9 @@ unsafe fn finish(call: *mut ffi::PyObject, exception_type: *mut ffi::PyObject) -
     quietly(|| {
         panic_if_asked();
         let series = this.core.series_for(&this.dynamic, error_type.as_deref());
-        spans::note(&measured, &series);
+        // Recorded first: a series' first record of an epoch clears its exemplars.
         this.core.record(&measured, &series);
+        spans::note(&measured, &series);
     });
     Ok(())
 }

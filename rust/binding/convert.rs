@@ -1,7 +1,9 @@
 //! Conversions between Python values and the core's attribute and probe types, with the
 //! error messages users see for bad input.
 
-use crate::aggregate::attributes::{AttributeSet, AttributeValue, SetHasher, ValueRef};
+use crate::aggregate::attributes::{
+    canonical_float, AttributeSet, AttributeValue, SetHasher, ValueRef,
+};
 use crate::probe::ProbeSet;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -61,7 +63,7 @@ pub fn attribute_value(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Attribut
             });
     }
     if value.is_instance_of::<PyFloat>() {
-        return Ok(AttributeValue::Float(value.extract()?));
+        return Ok(AttributeValue::Float(canonical_float(value.extract()?)));
     }
     Err(PyTypeError::new_err(format!(
         "attribute {key:?} has a value of type {}; allowed types are str, int, float and bool",
@@ -166,7 +168,9 @@ unsafe fn borrowed_value<'a>(object: *mut ffi::PyObject) -> Option<ValueRef<'a>>
             return Some(ValueRef::Int(number));
         }
         if ffi::PyFloat_CheckExact(object) != 0 {
-            return Some(ValueRef::Float(ffi::PyFloat_AS_DOUBLE(object)));
+            return Some(ValueRef::Float(canonical_float(ffi::PyFloat_AS_DOUBLE(
+                object,
+            ))));
         }
         borrowed_str(object).map(ValueRef::Str)
     }
@@ -289,9 +293,14 @@ pub fn attributes_to_dict<'py>(
 
 /// Probe names (an iterable of str) as a probe set.
 pub fn probe_set(probes: &Bound<'_, PyAny>) -> PyResult<ProbeSet> {
+    probe_names("probes", probes)
+}
+
+/// Probe names (an iterable of str), the argument `what`, as a probe set.
+pub fn probe_names(what: &str, probes: &Bound<'_, PyAny>) -> PyResult<ProbeSet> {
     if probes.is_instance_of::<PyString>() {
         return Err(PyTypeError::new_err(format!(
-            "probes must be a tuple of probe names such as (\"cpu\", \"io\"), not the str {probes}"
+            "{what} must be a tuple of probe names such as (\"cpu\", \"io\"), not the str {probes}"
         )));
     }
     let valid = || {
@@ -304,7 +313,7 @@ pub fn probe_set(probes: &Bound<'_, PyAny>) -> PyResult<ProbeSet> {
     let mut set = ProbeSet::NONE;
     for name in probes.try_iter().map_err(|_| {
         PyTypeError::new_err(format!(
-            "probes must be a tuple of probe names such as (\"cpu\", \"io\"), not {}; valid \
+            "{what} must be a tuple of probe names such as (\"cpu\", \"io\"), not {}; valid \
              probes: {}",
             probes
                 .get_type()

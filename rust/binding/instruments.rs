@@ -70,7 +70,7 @@ impl<T: SeriesData> Handle<T> {
         let unit = checked_str("unit", unit)?;
         let description = checked_str("description", description)?;
         let instrument = lookup(name, unit, description).map_err(PyValueError::new_err)?;
-        let default = instrument.series.get_or_create(&AttributeSet::empty());
+        let default = instrument.series.get_or_create_idle(&AttributeSet::empty());
         Ok(Handle {
             instrument,
             default,
@@ -143,13 +143,31 @@ impl<T: SeriesData> Handle<T> {
     fn repr(&self, kind: &str, attributes: Option<&AttributeSet>) -> String {
         let instrument = &self.instrument;
         let bound = attributes.map_or_else(String::new, |set| {
-            let pairs: Vec<String> = set.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
+            let pairs: Vec<String> = set
+                .iter()
+                .map(|(key, value)| format!("{key:?}: {}", python_repr(value)))
+                .collect();
             format!(" bound to {{{}}}", pairs.join(", "))
         });
         format!(
             "<meterage.{kind} {:?} unit={:?}{bound}>",
             &*instrument.name, &*instrument.unit
         )
+    }
+}
+
+/// An attribute value as Python writes it.
+fn python_repr(value: &crate::aggregate::attributes::AttributeValue) -> String {
+    use crate::aggregate::attributes::AttributeValue;
+    match value {
+        AttributeValue::Str(text) => format!("{text:?}"),
+        AttributeValue::Int(number) => number.to_string(),
+        AttributeValue::Float(number) if number.is_nan() => "nan".to_owned(),
+        AttributeValue::Float(number) if number.is_infinite() => {
+            if *number > 0.0 { "inf" } else { "-inf" }.to_owned()
+        }
+        AttributeValue::Float(number) => format!("{number:?}"),
+        AttributeValue::Bool(flag) => if *flag { "True" } else { "False" }.to_owned(),
     }
 }
 

@@ -53,7 +53,6 @@ static FUNCTION_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mu
 /// descriptors such as `functools.lru_cache` wrappers), binding exactly as it does.
 static CALLABLE_TYPE: AtomicPtr<ffi::PyTypeObject> = AtomicPtr::new(ptr::null_mut());
 
-
 /// The wrapped function and the meter of a `MeteredFunction`, or `None` (with a Python
 /// error set) if the garbage collector already cleared it.
 ///
@@ -194,8 +193,9 @@ unsafe fn record(core: &MeterCore, result: *mut ffi::PyObject, measured: &Measur
     } else {
         quietly(|| {
             panic_if_asked();
-            spans::note(measured, core.series());
+            // Recorded first: a series' first record of an epoch clears its exemplars.
             core.record(measured, core.series());
+            spans::note(measured, core.series());
         });
     }
 }
@@ -220,12 +220,12 @@ unsafe fn record_failure(core: &MeterCore, measured: &Measured) {
                     .qualname()
                     .map(|name| name.to_string())
                     .unwrap_or_else(|_| "Exception".to_owned());
-                core.error_series(&class_name)
+                core.series_for(&[], Some(&class_name))
             }
             None => core.series_for(&[], None),
         };
-        spans::note(measured, &series);
         core.record(measured, &series);
+        spans::note(measured, &series);
     });
     if let Some(error) = error {
         error.restore(py);

@@ -44,7 +44,7 @@ fn available_probes<'py>(
     names: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let asked = match names {
-        Some(names) if !names.is_none() => convert::probe_set(names)?,
+        Some(names) if !names.is_none() => convert::probe_names("names", names)?,
         _ => probe::ProbeSet::ALL,
     };
     let result = PyDict::new(py);
@@ -132,10 +132,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(memory_bytes, module)?)?;
     module.add_function(wrap_pyfunction!(set_active_tracking, module)?)?;
     module.add_function(wrap_pyfunction!(drivers::_set_drivers, module)?)?;
-    module.add_function(wrap_pyfunction!(
-        guard::_panic_in_next_record,
-        module
-    )?)?;
+    module.add_function(wrap_pyfunction!(guard::_panic_in_next_record, module)?)?;
     module.add_function(wrap_pyfunction!(snapshots::_restore_series, module)?)?;
     module.add_function(wrap_pyfunction!(snapshots::_restore_histogram, module)?)?;
     module.add_function(wrap_pyfunction!(reserved_name, module)?)?;

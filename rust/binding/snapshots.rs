@@ -381,7 +381,16 @@ type HistogramState = (
 fn histogram_from_state(state: HistogramState) -> PyResult<HistogramSnapshot> {
     let (scale, count, sum, min, max, zero_count, offset, bucket_counts, weighted_extra, cuts) =
         state;
-    if count != zero_count + bucket_counts.iter().sum::<u64>() || !(-10..=20).contains(&scale) {
+    let total = bucket_counts
+        .iter()
+        .try_fold(zero_count, |total, &bucket| total.checked_add(bucket));
+    let cuts_fit = cuts.iter().all(|&(index, below)| {
+        let position = i64::from(index) - i64::from(offset);
+        position >= 0
+            && (position as usize) < bucket_counts.len()
+            && below <= bucket_counts[position as usize]
+    });
+    if total != Some(count) || !(-10..=20).contains(&scale) || !cuts_fit {
         return Err(PyValueError::new_err(
             "not the state of a HistogramSnapshot: its counts do not add up",
         ));
@@ -427,6 +436,11 @@ type SeriesState = (
 pub fn _restore_series(py: Python<'_>, state: SeriesState) -> PyResult<PySeries> {
     let (kind, name, unit, description, attributes, count, measures, value, exemplars, active) =
         state;
+    if active.is_some_and(|calls| calls < 0) {
+        return Err(PyValueError::new_err(
+            "not the state of a Series: a negative number of calls in flight",
+        ));
+    }
     let kind = match kind.as_str() {
         "call" => SeriesKind::Call,
         "histogram" => SeriesKind::Histogram,
@@ -447,6 +461,15 @@ pub fn _restore_series(py: Python<'_>, state: SeriesState) -> PyResult<PySeries>
             })
         })
         .collect::<PyResult<Vec<_>>>()?;
+    let counted = match kind {
+        SeriesKind::Call | SeriesKind::Histogram => measures.first().map(|m| m.histogram.count),
+        SeriesKind::Counter => Some(count),
+    };
+    if counted != Some(count) {
+        return Err(PyValueError::new_err(
+            "not the state of a Series: its count is not its histogram's",
+        ));
+    }
     Ok(PySeries::new(SeriesSnapshot {
         kind,
         name: name.into(),

@@ -80,6 +80,12 @@ fn base(mut name: &str) -> &str {
     name
 }
 
+/// The family a name is exported in, by Prometheus: its spelling with the exporter's
+/// suffixes taken off (a unit's, `_total`), so "lat" with unit s and "lat_seconds" are one.
+pub fn family(name: &str) -> String {
+    base(&normalized(name)).to_owned()
+}
+
 /// The metric of meterage's that `name` would collide with, if any.
 pub fn reserved_by(name: &str) -> Option<String> {
     let normalized = normalized(name).to_ascii_lowercase();
