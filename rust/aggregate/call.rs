@@ -49,6 +49,14 @@ impl std::ops::Deref for SeriesRef<'_> {
     }
 }
 
+/// State taken before a call of a meter without probes.
+#[derive(Clone, Copy, Debug)]
+pub struct TimerStart {
+    wall_ns: u64,
+    generation: u64,
+    counted: bool,
+}
+
 /// State taken before a call.
 #[derive(Clone, Copy, Debug)]
 pub struct CallStart {
@@ -223,7 +231,8 @@ impl MeterCore {
         }
     }
 
-    /// The series successful calls without dynamic attributes record into.
+    /// The series successful calls without dynamic attributes record into, made current
+    /// (so its record need not check its epoch again).
     #[inline(always)]
     pub fn series(&self) -> &CallSeries {
         // SAFETY: the pointer is always one of the Arcs in `resolved`, which only grows.
@@ -231,7 +240,9 @@ impl MeterCore {
         if series.liveness().is_current() {
             return series;
         }
-        self.resolve_again(series)
+        let series = self.resolve_again(series);
+        series.liveness().ensure_current(|| series.clear());
+        series
     }
 
     /// The first call of an epoch: the meter's own series if the operation's budget has
@@ -310,16 +321,34 @@ impl MeterCore {
         }
     }
 
-    /// Before a call of a meter without probes: the clock only.
+    /// Before a call of a meter without probes: the clock only (no `CallStart`, whose
+    /// room for probe readings would be copied around for nothing).
     #[inline(always)]
-    pub fn begin_timer(&self) -> CallStart {
+    pub fn begin_timer(&self) -> TimerStart {
         let generation = fork::generation();
-        CallStart {
+        TimerStart {
             counted: self.enter_active(generation),
             generation,
             wall_ns: monotonic_ns(),
-            sample: None,
-            probes_began_ns: 0,
+        }
+    }
+
+    /// After a call of a meter without probes: its duration, or None for a call that
+    /// started before this process was forked (the parent records it).
+    #[inline(always)]
+    pub fn stop_timer(&self, start: TimerStart) -> Option<u64> {
+        let duration_ns = monotonic_ns().saturating_sub(start.wall_ns);
+        if start.generation != fork::generation() {
+            return None;
+        }
+        self.leave_active(start.counted, start.generation);
+        Some(duration_ns)
+    }
+
+    /// Gives up a started timer-only call (see [`abandon`](Self::abandon)).
+    pub fn abandon_timer(&self, start: TimerStart) {
+        if start.generation == fork::generation() {
+            self.leave_active(start.counted, start.generation);
         }
     }
 

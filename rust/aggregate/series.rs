@@ -164,6 +164,13 @@ impl CallSeries {
     #[inline]
     pub fn record(&self, duration_ns: u64, sample: Option<(&Reading, f64)>) {
         self.liveness.ensure_current(|| self.clear());
+        self.record_current(duration_ns, sample);
+    }
+
+    /// As [`record`](Self::record), into a series known to belong to the current epoch
+    /// (`MeterCore::series` gives one).
+    #[inline]
+    pub fn record_current(&self, duration_ns: u64, sample: Option<(&Reading, f64)>) {
         self.duration.record(duration_ns as f64 * DURATION.factor);
         if let Some((delta, weight)) = sample {
             let probes = match self.probes() {

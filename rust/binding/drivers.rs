@@ -109,6 +109,20 @@ pub fn kind_made_by(function: &Bound<'_, PyAny>) -> Option<Kind> {
 pub unsafe fn kind_of(core: &MeterCore, result: *mut ffi::PyObject) -> Option<Kind> {
     // SAFETY: type checks of a live object.
     unsafe {
+        // Most results (numbers, strings, containers, None) are not asynchronous at all:
+        // coroutines, generators (am_send), async generators and awaitables all are.
+        if (*ffi::Py_TYPE(result)).tp_as_async.is_null() {
+            return None;
+        }
+        kind_of_asynchronous(core, result)
+    }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn kind_of_asynchronous(core: &MeterCore, result: *mut ffi::PyObject) -> Option<Kind> {
+    // SAFETY: type checks of a live object (guaranteed by the caller).
+    unsafe {
         if ffi::PyCoro_CheckExact(result) != 0 {
             return Some(Kind::Coroutine);
         }

@@ -126,12 +126,26 @@ unsafe extern "C" fn vectorcall_timer_only(
     // SAFETY: the caller's arguments, forwarded unchanged.
     let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
     if let Some(stepped) = result_to_step(core, result) {
-        quietly(|| core.abandon(start));
+        quietly(|| core.abandon_timer(start));
         return stepped;
     }
-    if let Some(Some(measured)) = quietly(|| core.stop(start)) {
-        // SAFETY: the GIL is held; `result` is the call's own result or null.
-        unsafe { record(core, result, &measured) };
+    let Some(duration_ns) = core.stop_timer(start) else {
+        return result;
+    };
+    if result.is_null() {
+        let measured = Measured {
+            duration_ns,
+            sample: None,
+        };
+        // SAFETY: the GIL is held and the call's exception is set.
+        unsafe { record_failure(core, &measured) };
+    } else {
+        quietly(|| {
+            panic_if_asked();
+            let series = core.series();
+            series.record_current(duration_ns, None);
+            spans::note_duration(duration_ns, series);
+        });
     }
     result
 }

@@ -391,6 +391,20 @@ pub fn note(measured: &Measured, series: &CallSeries) {
     }
 }
 
+/// [`note`] for a call that ran no probes, building its `Measured` only when it is needed.
+#[inline(always)]
+pub fn note_duration(duration_ns: u64, series: &CallSeries) {
+    if ENABLED.load(Ordering::Relaxed) {
+        note_current(
+            &Measured {
+                duration_ns,
+                sample: None,
+            },
+            series,
+        );
+    }
+}
+
 fn add_call(entry: &mut Pending, measured: &Measured, series: &CallSeries) {
     if let Some((trace_id, span_id)) = entry.ids {
         series.exemplars.offer(Exemplar {
