@@ -49,12 +49,27 @@ impl std::ops::Deref for SeriesRef<'_> {
     }
 }
 
+/// Where a call was counted in flight (null: it was not).
+#[derive(Clone, Copy, Debug)]
+pub struct Counted(*const CallSeries);
+
+impl Default for Counted {
+    fn default() -> Self {
+        Counted(std::ptr::null())
+    }
+}
+
+// SAFETY: a pointer to a series its meter keeps alive; only its atomics are touched.
+unsafe impl Send for Counted {}
+// SAFETY: as above.
+unsafe impl Sync for Counted {}
+
 /// State taken before a call of a meter without probes.
 #[derive(Clone, Copy, Debug)]
 pub struct TimerStart {
     wall_ns: u64,
     generation: u64,
-    counted: bool,
+    counted: Counted,
 }
 
 /// State taken before a call.
@@ -64,8 +79,8 @@ pub struct CallStart {
     /// The fork generation the call started in: a call in flight when the process forks is
     /// its parent's, and the child neither records it nor uncounts it.
     generation: u64,
-    /// Whether this call was counted in flight (and so must be uncounted at its end).
-    counted: bool,
+    /// Where this call was counted in flight (and so must be uncounted at its end).
+    counted: Counted,
     /// The probe reading and the call's weight, when the call was chosen for probing.
     sample: Option<(Reading, f64)>,
     /// When the probe readings began (adaptive sampling measures what they cost).
@@ -93,7 +108,7 @@ pub struct Measured {
 pub struct SteppedCall {
     started_ns: Option<u64>,
     generation: u64,
-    counted: bool,
+    counted: Counted,
     weight: Option<f64>,
     total: Reading,
     /// Set when a step's readings could not be compared (a fork in between).
@@ -213,22 +228,32 @@ impl MeterCore {
     pub fn sampler(&self) -> &Sampler {
         &self.sampler
     }
-    /// Counts a call in flight on this meter's series, when tracking is on; returns whether
-    /// it did (the call's end must then uncount it).
+    /// Counts a call in flight on this meter's series, when tracking is on; returns the
+    /// series it counted in (null: not counted), where the call's end must uncount it.
     #[inline(always)]
-    pub fn enter_active(&self, generation: u64) -> bool {
+    pub fn enter_active(&self, generation: u64) -> Counted {
         if !TRACK_ACTIVE.load(Ordering::Relaxed) {
-            return false;
+            return Counted(std::ptr::null());
         }
-        self.series().active.enter(generation);
-        true
+        let series = self.held_series();
+        series.active.enter(generation);
+        Counted(series)
     }
 
     #[inline(always)]
-    pub fn leave_active(&self, counted: bool, generation: u64) {
-        if counted {
-            self.series().active.leave(generation);
+    pub fn leave_active(&self, counted: Counted, generation: u64) {
+        if !counted.0.is_null() {
+            // SAFETY: one of `resolved`, which keeps every series the meter held alive.
+            unsafe { &*counted.0 }.active.leave(generation);
         }
+    }
+
+    /// The series the meter holds now, as it is (calls in flight are counted there; that
+    /// is not data of an epoch, so it neither needs nor makes the series current).
+    #[inline(always)]
+    fn held_series(&self) -> &CallSeries {
+        // SAFETY: the pointer is always one of the Arcs in `resolved`, which only grows.
+        unsafe { &*self.series.load(Ordering::Acquire) }
     }
 
     /// The series successful calls without dynamic attributes record into, made current
