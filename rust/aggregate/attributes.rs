@@ -111,6 +111,19 @@ pub enum ValueRef<'a> {
     Bool(bool),
 }
 
+/// Equal texts; short ones (attribute keys and most values) compared in place, without a
+/// call to memcmp.
+#[inline(always)]
+fn same_text(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len()
+        && if a.len() <= 16 {
+            a.iter().zip(b).all(|(x, y)| x == y)
+        } else {
+            a == b
+        }
+}
+
 impl AttributeValue {
     pub fn as_ref(&self) -> ValueRef<'_> {
         match self {
@@ -124,7 +137,7 @@ impl AttributeValue {
     /// Whether this value is `other` (floats bitwise, types distinct).
     pub fn is(&self, other: ValueRef<'_>) -> bool {
         match (self, other) {
-            (Self::Str(a), ValueRef::Str(b)) => **a == *b,
+            (Self::Str(a), ValueRef::Str(b)) => same_text(a, b),
             (Self::Int(a), ValueRef::Int(b)) => *a == b,
             (Self::Float(a), ValueRef::Float(b)) => {
                 canonical_float(*a).to_bits() == canonical_float(b).to_bits()

@@ -131,6 +131,16 @@ unsafe fn borrowed_str<'a>(object: *mut ffi::PyObject) -> Option<&'a str> {
         if ffi::PyUnicode_CheckExact(object) == 0 {
             return None;
         }
+        // A compact ASCII str (nearly every key and short value) is its own UTF-8, right
+        // after its header: no call needed.
+        #[cfg(not(any(Py_3_14, PyPy, GraalPy)))]
+        if ffi::PyUnicode_IS_COMPACT_ASCII(object) != 0 {
+            let data = (object as *const ffi::PyASCIIObject).add(1) as *const u8;
+            let length = ffi::PyUnicode_GET_LENGTH(object) as usize;
+            return Some(std::str::from_utf8_unchecked(std::slice::from_raw_parts(
+                data, length,
+            )));
+        }
         let mut size: ffi::Py_ssize_t = 0;
         let data = ffi::PyUnicode_AsUTF8AndSize(object, &mut size);
         if data.is_null() {
