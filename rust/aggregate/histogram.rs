@@ -21,8 +21,8 @@ use super::boundaries;
 use std::fmt;
 use std::ptr;
 use std::sync::atomic::{
-    AtomicPtr, AtomicU64,
-    Ordering::{AcqRel, Acquire, Relaxed},
+    AtomicPtr, AtomicU32, AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 
 /// The scale every [`AtomicHistogram`] records at (base `2^(2^-4)`).
@@ -255,6 +255,9 @@ pub struct AtomicHistogram {
     min: AtomicU64,
     max: AtomicU64,
     weighted_extra: AtomicU64,
+    /// Bit i: table entry i holds a chunk; bit TABLE: the overflow directory exists. Read
+    /// first by snapshots, so an empty or zero-only histogram costs one cache line.
+    occupied: AtomicU32,
     table: [AtomicU64; TABLE],
     overflow: AtomicPtr<Overflow>,
 }
@@ -273,6 +276,7 @@ impl AtomicHistogram {
             min: AtomicU64::new(INF_BITS),
             max: AtomicU64::new(0),
             weighted_extra: AtomicU64::new(0),
+            occupied: AtomicU32::new(0),
             table: [const { AtomicU64::new(0) }; TABLE],
             overflow: AtomicPtr::new(ptr::null_mut()),
         }
@@ -299,8 +303,11 @@ impl AtomicHistogram {
             let address = fresh as u64;
             if address >> KEY_SHIFT == 0 {
                 match entry.compare_exchange(0, key << KEY_SHIFT | address, AcqRel, Acquire) {
-                    // SAFETY: just published; lives until Drop.
-                    Ok(_) => return unsafe { &*fresh },
+                    Ok(_) => {
+                        self.occupied.fetch_or(1 << (octave & (TABLE - 1)), Release);
+                        // SAFETY: just published; lives until Drop.
+                        return unsafe { &*fresh };
+                    }
                     Err(_) => {
                         // SAFETY: never published.
                         unsafe { free_box(fresh) }
@@ -321,6 +328,7 @@ impl AtomicHistogram {
         let mut overflow = self.overflow.load(Acquire);
         if overflow.is_null() {
             overflow = install(&self.overflow, new_overflow, free_box);
+            self.occupied.fetch_or(1 << TABLE, Release);
         }
         // SAFETY: published directory nodes live until Drop.
         let group_slot = unsafe { &(*overflow).groups[octave / OCTAVES_PER_GROUP] };
@@ -392,14 +400,21 @@ impl AtomicHistogram {
 
     /// Calls `f(octave, chunk)` for every allocated chunk, in no particular order.
     fn for_each_chunk(&self, mut f: impl FnMut(usize, &Chunk)) {
-        for entry in &self.table {
-            let entry = entry.load(Acquire);
+        let occupied = self.occupied.load(Acquire);
+        let mut entries = occupied & ((1 << TABLE) - 1);
+        while entries != 0 {
+            let index = entries.trailing_zeros() as usize;
+            entries &= entries - 1;
+            let entry = self.table[index].load(Acquire);
             if entry != 0 {
                 // SAFETY: as in `chunk`.
                 f((entry >> KEY_SHIFT) as usize - 1, unsafe {
                     &*((entry & ADDRESS_MASK) as *const Chunk)
                 });
             }
+        }
+        if occupied & (1 << TABLE) == 0 {
+            return;
         }
         let overflow = self.overflow.load(Acquire);
         if overflow.is_null() {
