@@ -4,6 +4,7 @@ metered code behaves exactly as before (same results, same exceptions, same trac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import inspect
@@ -635,7 +636,16 @@ def test_non_function_callables_do_not_bind_self_when_stored_on_a_class(unique):
     tools = Tools()
     assert zlib.decompress(tools.compress(b"abc")) == b"abc"
     assert tools.raw(1) == (1,)
-    assert tools.powers(3) == 8
+    with partial_binding_warning():  # Python 3.13's own, for the partial as for its wrapper
+        assert tools.powers(3) == 8
+
+
+def partial_binding_warning() -> contextlib.AbstractContextManager[object]:
+    """Python 3.13 warns that partials stored on a class will bind in a later version: the
+    metered partial binds as the partial does, warning included."""
+    if sys.version_info[:2] == (3, 13):
+        return pytest.warns(FutureWarning, match="functools.partial will be a method")
+    return contextlib.nullcontext()
 
 
 def test_an_abandoned_generator_in_a_cycle_is_collected_and_recorded(unique, one_series):

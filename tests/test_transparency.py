@@ -6,11 +6,13 @@ Self-contained: no fixture of tests/conftest.py is needed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import inspect
 import itertools
 import re
+import sys
 import time
 import types
 import warnings
@@ -227,7 +229,15 @@ def test_a_callable_that_is_not_a_descriptor_stays_unbound(
     class Holder:
         add_one = meterage.meter(operation)(functools.partial(lambda a, b: a + b, 1))
 
-    assert Holder().add_one(2) == 3  # no self passed, as without meterage
+    # Python 3.13 warns that partials stored on a class will bind in a later version: the
+    # metered partial binds as the partial does, warning included.
+    expected = (
+        pytest.warns(FutureWarning, match="functools.partial will be a method")
+        if sys.version_info[:2] == (3, 13)
+        else contextlib.nullcontext()
+    )
+    with expected:
+        assert Holder().add_one(2) == 3  # no self passed, as without meterage
     assert Holder.add_one(3) == 4
     assert counts(operation) == {(): 2}
 
