@@ -8,9 +8,9 @@
 //! Together they cost a fork a walk over the registry (64 slots per block) and an fstat and
 //! close per probing thread.
 //!
-//! Clearing the aggregates in a child is not done here: that would touch (and copy) every
-//! page of histograms in each `fork()` + `exec()` of a subprocess. The binding does it from
-//! Python's `os.register_at_fork`, which runs for `os.fork()` and multiprocessing only.
+//! The aggregates are emptied in a child by the registry's own child handler
+//! (`aggregate::registry`): it starts a new epoch with atomics only, touching no series, so
+//! neither a `fork()` + `exec()` of a subprocess nor a pre-fork worker copies a page of them.
 
 use super::thread_io;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
