@@ -338,6 +338,49 @@ impl AttributeSet {
             .map(|index| &self.pairs[index].1)
     }
 
+    /// A key that orders like the set (its first pair's key and value), for sorting many
+    /// sets: when two keys differ they order the sets; when they are equal the sets must be
+    /// compared in full.
+    pub fn sort_prefix(&self) -> (u64, u128) {
+        let Some((key, value)) = self.pairs.first() else {
+            return (0, 0);
+        };
+        // The key's first 7 bytes, then its length (capped): orders like the key, since a
+        // key that is a prefix of another has zeros where the other has bytes, or, when
+        // those bytes are zeros too, is shorter.
+        let mut key_bytes = [0u8; 8];
+        let head = &key.as_bytes()[..key.len().min(7)];
+        key_bytes[..head.len()].copy_from_slice(head);
+        key_bytes[7] = key.len().min(8) as u8;
+        if key.len() > 7 {
+            // Keys equal in their first 7 bytes may still differ: the value says nothing.
+            return (u64::from_be_bytes(key_bytes), 0);
+        }
+        let order_bits = match value {
+            AttributeValue::Str(text) => {
+                let mut bytes = [0u8; 8];
+                let head = &text.as_bytes()[..text.len().min(8)];
+                bytes[..head.len()].copy_from_slice(head);
+                u64::from_be_bytes(bytes)
+            }
+            AttributeValue::Int(number) => (*number as u64) ^ (1 << 63),
+            AttributeValue::Float(number) => {
+                let bits = canonical_float(*number).to_bits();
+                // total_cmp's order as unsigned bits
+                if bits >> 63 == 1 {
+                    !bits
+                } else {
+                    bits | (1 << 63)
+                }
+            }
+            AttributeValue::Bool(flag) => u64::from(*flag),
+        };
+        (
+            u64::from_be_bytes(key_bytes),
+            (u128::from(value.rank()) << 64) | u128::from(order_bits),
+        )
+    }
+
     /// Where this set's pairs live: equal for clones of one set, so a value derived from a
     /// set can be cached by it while the set is alive.
     pub fn address(&self) -> usize {
@@ -438,6 +481,35 @@ mod tests {
             AttributeSet::empty().hash_value(),
             AttributeSet::new([]).hash_value()
         );
+    }
+
+    #[test]
+    fn the_sort_prefix_never_contradicts_the_order() {
+        let sets = [
+            set(&[]),
+            set(&[("a", "x".into())]),
+            set(&[("a", "xyzxyzxyz1".into())]),
+            set(&[("a", "xyzxyzxyz2".into())]),
+            set(&[("a", AttributeValue::Int(-5))]),
+            set(&[("a", AttributeValue::Int(3))]),
+            set(&[("a", AttributeValue::Float(-1.5))]),
+            set(&[("a", AttributeValue::Float(2.0))]),
+            set(&[("a", AttributeValue::Bool(false))]),
+            set(&[("a", AttributeValue::Bool(true)), ("b", "z".into())]),
+            set(&[("abcdefghij", AttributeValue::Int(1))]),
+            set(&[("abcdefghik", AttributeValue::Int(0))]),
+            set(&[("b", "a".into())]),
+            set(&[("ab", AttributeValue::Int(9))]),
+            set(&[("ab\0", AttributeValue::Int(1))]),
+        ];
+        for a in &sets {
+            for b in &sets {
+                let prefix = a.sort_prefix().cmp(&b.sort_prefix());
+                if prefix.is_ne() {
+                    assert_eq!(prefix, a.cmp(b), "{a:?} {b:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -419,25 +419,33 @@ impl Registry {
         // A stable order for readers and tests: sorted by index, then moved into place
         // once (a snapshot is a few hundred bytes; sorting them in place moves each many
         // times).
-        let mut order: Vec<usize> = (0..out.len()).collect();
-        order.sort_unstable_by(|&a, &b| {
-            let (a, b) = (&out[a], &out[b]);
-            a.kind
-                .cmp(&b.kind)
-                .then_with(|| {
-                    // Series of one operation share its name: no need to compare the text.
-                    if Arc::ptr_eq(&a.name, &b.name) {
-                        std::cmp::Ordering::Equal
-                    } else {
-                        a.name.cmp(&b.name)
-                    }
-                })
-                .then_with(|| a.attributes.cmp(&b.attributes))
+        // Each is given an integer key first (its kind, the rank of its name, its attributes'
+        // prefix), so most comparisons are of integers; ties are compared in full.
+        let mut names: Vec<&Arc<str>> = out.iter().map(|series| &series.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut order: Vec<([u64; 4], usize)> = out
+            .iter()
+            .enumerate()
+            .map(|(index, series)| {
+                let rank = names.binary_search(&&series.name).unwrap_or(0) as u64;
+                let (key, value) = series.attributes.sort_prefix();
+                let kind_and_name = (series.kind as u64) << 56 | rank;
+                (
+                    [kind_and_name, key, (value >> 64) as u64, value as u64],
+                    index,
+                )
+            })
+            .collect();
+        order.sort_unstable_by(|(a_key, a), (b_key, b)| {
+            a_key
+                .cmp(b_key)
+                .then_with(|| out[*a].attributes.cmp(&out[*b].attributes))
         });
         let mut taken: Vec<Option<SeriesSnapshot>> = out.into_iter().map(Some).collect();
         order
             .into_iter()
-            .filter_map(|index| taken[index].take())
+            .filter_map(|(_, index)| taken[index].take())
             .collect()
     }
 
