@@ -3,12 +3,15 @@
 //! with `base^i < v <= base^(i+1)`; zeros are counted separately.
 //!
 //! Recording takes only atomics: one `fetch_add` on the bucket, a CAS loop on the f64 sum and
-//! a relaxed load each for min/max (an RMW only when the value moves them). Buckets live in a
-//! lazily allocated two-level directory (32 groups x 64 octave chunks x 16 counters), so a
-//! histogram only pays for the octaves (powers of two) it has seen. **Allocation happens only
-//! the first time a histogram sees a value in a new octave** (and its 64-octave group);
+//! a relaxed load each for min/max (an RMW only when the value moves them). Buckets live in
+//! lazily allocated chunks of one octave (power of two) each: a 16-entry table, direct-mapped
+//! by octave, finds any 16 consecutive octaves, and a two-level directory, allocated only for
+//! a wider spread, the rest; so a histogram only pays for the octaves it has seen.
+//! **Allocation happens only the first time a histogram sees a value in a new octave**;
 //! steady-state recording never allocates. Chunks are only freed by `Drop`, so `reset` and
-//! `snapshot` can run concurrently with `record` without any reclamation scheme.
+//! `snapshot` can run concurrently with `record` without any reclamation scheme. A chunk
+//! also counts the values at or below an exported boundary that cuts one of its buckets
+//! (see [`boundaries`]), so explicit-bucket export is exact for those boundaries.
 //!
 //! Ordering: every counter is `Relaxed`. Each RMW is atomic, so no update is lost; the
 //! collector only needs each counter's own latest value, not an order between counters, and a
@@ -245,7 +248,7 @@ fn new_group() -> *mut [AtomicPtr<Chunk>; OCTAVES_PER_GROUP] {
 
 /// Lock-free exponential histogram at [`SCALE`]; share it across threads (e.g. in an `Arc`).
 ///
-/// 176 bytes, plus 144 per octave (power of two) that holds values: a histogram of call
+/// 184 bytes, plus 144 per octave (power of two) that holds values: a histogram of call
 /// durations spread over a 1000x range takes under 2 KiB.
 pub struct AtomicHistogram {
     zero_count: AtomicU64,
