@@ -302,11 +302,28 @@ impl MeterCore {
     }
 
     #[inline(always)]
-    fn decide(&self) -> Option<f64> {
+    pub fn decide(&self) -> Option<f64> {
         if self.probes.is_empty() {
             None
         } else {
             self.sampler.decide()
+        }
+    }
+
+    /// Before a call chosen for probing (`weight` from [`decide`](Self::decide)): the
+    /// probes, then the clock.
+    #[inline(always)]
+    pub fn begin_probed(&self, weight: f64) -> CallStart {
+        let generation = fork::generation();
+        let counted = self.enter_active(generation);
+        let probes_began_ns = self.probe_clock();
+        let reading = Reading::take_before(self.probes);
+        CallStart {
+            counted,
+            generation,
+            wall_ns: monotonic_ns(),
+            sample: Some((reading, weight)),
+            probes_began_ns,
         }
     }
 

@@ -92,7 +92,13 @@ unsafe extern "C" fn vectorcall(
     if !stack_has_room() {
         return ptr::null_mut();
     }
-    let start = quietly(|| core.begin());
+    // The coin first: a call that is not probed takes the timer's path (no room for probe
+    // readings copied around), a probed one pays for its readings anyway.
+    let Some(Some(weight)) = quietly(|| core.decide()) else {
+        // SAFETY: as for this function.
+        return unsafe { timed(core, function, args, nargsf, kwnames) };
+    };
+    let start = quietly(|| core.begin_probed(weight));
     // SAFETY: the caller's arguments, forwarded unchanged.
     let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
     if let Some(start) = start {
@@ -122,6 +128,22 @@ unsafe extern "C" fn vectorcall_timer_only(
     if !stack_has_room() {
         return ptr::null_mut();
     }
+    // SAFETY: as for this function.
+    unsafe { timed(core, function, args, nargsf, kwnames) }
+}
+
+/// Calls `function` with the caller's arguments, timing it and recording it into `core`.
+///
+/// # Safety
+/// The arguments are a vectorcall's, `function` is live and the GIL is held.
+#[inline(always)]
+unsafe fn timed(
+    core: &MeterCore,
+    function: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
     let start = core.begin_timer();
     // SAFETY: the caller's arguments, forwarded unchanged.
     let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
