@@ -3,8 +3,8 @@
 //! configured), never on the plain hot path; a contended slot skips the exemplar rather
 //! than wait.
 
-use std::ptr;
-use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
+use super::lazy::LazyBox;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// One call that landed in a histogram range, with the span it ran in.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -32,26 +32,9 @@ struct Slot {
 }
 
 /// A series' exemplar slots: a pointer until tracing offers the first one (then 3 KiB).
+#[derive(Default)]
 pub struct ExemplarSlots {
-    slots: AtomicPtr<[Slot; SLOTS]>,
-}
-
-impl Default for ExemplarSlots {
-    fn default() -> Self {
-        ExemplarSlots {
-            slots: AtomicPtr::new(ptr::null_mut()),
-        }
-    }
-}
-
-impl Drop for ExemplarSlots {
-    fn drop(&mut self) {
-        let slots = *self.slots.get_mut();
-        if !slots.is_null() {
-            // SAFETY: allocated by `offer` with Box::into_raw; `&mut self`: no other users.
-            drop(unsafe { Box::from_raw(slots) });
-        }
-    }
+    slots: LazyBox<[Slot; SLOTS]>,
 }
 
 fn slot_of(value: f64) -> usize {
@@ -65,36 +48,15 @@ fn slot_of(value: f64) -> usize {
 
 impl ExemplarSlots {
     fn slots(&self) -> Option<&[Slot; SLOTS]> {
-        let slots = self.slots.load(Ordering::Acquire);
-        // SAFETY: published by `offer`, freed only by Drop.
-        (!slots.is_null()).then(|| unsafe { &*slots })
+        self.slots.get()
     }
 
     /// Keeps `exemplar` as its range's most recent (skipped if another thread is writing
     /// that range's slot).
     pub fn offer(&self, exemplar: Exemplar) {
-        let slots = match self.slots() {
-            Some(slots) => slots,
-            None => {
-                let fresh = Box::into_raw(Box::new(std::array::from_fn(|_| Slot::default())));
-                match self.slots.compare_exchange(
-                    ptr::null_mut(),
-                    fresh,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    // SAFETY: just published; freed only by Drop.
-                    Ok(_) => unsafe { &*fresh },
-                    Err(winner) => {
-                        // SAFETY: `fresh` was never published; the winner lives until Drop.
-                        unsafe {
-                            drop(Box::from_raw(fresh));
-                            &*winner
-                        }
-                    }
-                }
-            }
-        };
+        let slots = self
+            .slots
+            .get_or_init(|| std::array::from_fn(|_| Slot::default()));
         let slot = &slots[slot_of(exemplar.value)];
         let sequence = slot.sequence.load(Ordering::Relaxed);
         if sequence % 2 == 1

@@ -21,10 +21,10 @@
 //! Directory pointers use Release/Acquire so a reader of a pointer sees the zeroed chunk.
 
 use super::boundaries;
+use super::lazy::LazyBox;
 use std::fmt;
-use std::ptr;
 use std::sync::atomic::{
-    AtomicPtr, AtomicU32, AtomicU64,
+    AtomicU32, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 
@@ -188,11 +188,17 @@ struct Chunk {
     below: [AtomicU64; boundaries::CUTS_PER_OCTAVE],
 }
 
+impl Chunk {
+    fn new() -> Chunk {
+        Chunk {
+            counts: [const { AtomicU64::new(0) }; SUB],
+            below: [const { AtomicU64::new(0) }; boundaries::CUTS_PER_OCTAVE],
+        }
+    }
+}
+
 fn new_chunk() -> *mut Chunk {
-    Box::into_raw(Box::new(Chunk {
-        counts: [const { AtomicU64::new(0) }; SUB],
-        below: [const { AtomicU64::new(0) }; boundaries::CUTS_PER_OCTAVE],
-    }))
+    Box::into_raw(Box::new(Chunk::new()))
 }
 
 /// Octaves a histogram finds without the overflow directory: any 16 consecutive ones (a
@@ -209,22 +215,7 @@ const ADDRESS_MASK: u64 = (1 << KEY_SHIFT) - 1;
 /// Octaves whose table entry another octave holds: a two-level directory, allocated the
 /// first time a histogram's values spread over more than 16 octaves.
 struct Overflow {
-    groups: [AtomicPtr<[AtomicPtr<Chunk>; OCTAVES_PER_GROUP]>; GROUPS],
-}
-
-/// Installs `make()` in an empty slot; a losing racer frees its node and uses the winner's.
-#[cold]
-#[inline(never)]
-fn install<T>(slot: &AtomicPtr<T>, make: fn() -> *mut T, free: unsafe fn(*mut T)) -> *mut T {
-    let fresh = make();
-    match slot.compare_exchange(ptr::null_mut(), fresh, AcqRel, Acquire) {
-        Ok(_) => fresh,
-        Err(winner) => {
-            // SAFETY: `fresh` came from `make` (Box::into_raw) and was never published.
-            unsafe { free(fresh) };
-            winner
-        }
-    }
+    groups: [LazyBox<[LazyBox<Chunk>; OCTAVES_PER_GROUP]>; GROUPS],
 }
 
 /// # Safety
@@ -232,18 +223,6 @@ fn install<T>(slot: &AtomicPtr<T>, make: fn() -> *mut T, free: unsafe fn(*mut T)
 unsafe fn free_box<T>(pointer: *mut T) {
     // SAFETY: guaranteed by the caller.
     drop(unsafe { Box::from_raw(pointer) });
-}
-
-fn new_overflow() -> *mut Overflow {
-    Box::into_raw(Box::new(Overflow {
-        groups: [const { AtomicPtr::new(ptr::null_mut()) }; GROUPS],
-    }))
-}
-
-fn new_group() -> *mut [AtomicPtr<Chunk>; OCTAVES_PER_GROUP] {
-    Box::into_raw(Box::new(
-        [const { AtomicPtr::new(ptr::null_mut()) }; OCTAVES_PER_GROUP],
-    ))
 }
 
 /// Lock-free exponential histogram at [`SCALE`]; share it across threads (e.g. in an `Arc`).
@@ -262,7 +241,7 @@ pub struct AtomicHistogram {
     /// first by snapshots, so an empty or zero-only histogram costs one cache line.
     occupied: AtomicU32,
     table: [AtomicU64; TABLE],
-    overflow: AtomicPtr<Overflow>,
+    overflow: LazyBox<Overflow>,
 }
 
 impl Default for AtomicHistogram {
@@ -281,7 +260,7 @@ impl AtomicHistogram {
             weighted_extra: AtomicU64::new(0),
             occupied: AtomicU32::new(0),
             table: [const { AtomicU64::new(0) }; TABLE],
-            overflow: AtomicPtr::new(ptr::null_mut()),
+            overflow: LazyBox::new(),
         }
     }
 
@@ -328,25 +307,16 @@ impl AtomicHistogram {
         }
         // Another octave holds the entry for good: this one lives in the directory. (If
         // an octave ever had chunks in both places, snapshots add them up.)
-        let mut overflow = self.overflow.load(Acquire);
-        if overflow.is_null() {
-            overflow = install(&self.overflow, new_overflow, free_box);
+        let overflow = self.overflow.get_or_init(|| Overflow {
+            groups: [const { LazyBox::new() }; GROUPS],
+        });
+        if self.occupied.load(Relaxed) & (1 << TABLE) == 0 {
             self.occupied.fetch_or(1 << TABLE, Release);
         }
-        // SAFETY: published directory nodes live until Drop.
-        let group_slot = unsafe { &(*overflow).groups[octave / OCTAVES_PER_GROUP] };
-        let mut group = group_slot.load(Acquire);
-        if group.is_null() {
-            group = install(group_slot, new_group, free_box);
-        }
-        // SAFETY: as above.
-        let chunk_slot = unsafe { &(*group)[octave % OCTAVES_PER_GROUP] };
-        let mut chunk = chunk_slot.load(Acquire);
-        if chunk.is_null() {
-            chunk = install(chunk_slot, new_chunk, free_box);
-        }
-        // SAFETY: as above.
-        unsafe { &*chunk }
+        overflow.groups[octave / OCTAVES_PER_GROUP]
+            .get_or_init(|| [const { LazyBox::new() }; OCTAVES_PER_GROUP])
+            [octave % OCTAVES_PER_GROUP]
+            .get_or_init(Chunk::new)
     }
 
     /// Records one value. Precondition: finite and `>= 0` (checked in debug builds only).
@@ -419,22 +389,16 @@ impl AtomicHistogram {
         if occupied & (1 << TABLE) == 0 {
             return;
         }
-        let overflow = self.overflow.load(Acquire);
-        if overflow.is_null() {
+        let Some(overflow) = self.overflow.get() else {
             return;
-        }
-        // SAFETY: published directory nodes live until Drop.
-        for (group_index, group) in unsafe { &(*overflow).groups }.iter().enumerate() {
-            let group = group.load(Acquire);
-            if group.is_null() {
+        };
+        for (group_index, group) in overflow.groups.iter().enumerate() {
+            let Some(group) = group.get() else {
                 continue;
-            }
-            // SAFETY: as above.
-            for (index, chunk) in unsafe { &*group }.iter().enumerate() {
-                let chunk = chunk.load(Acquire);
-                if !chunk.is_null() {
-                    // SAFETY: as above.
-                    f(group_index * OCTAVES_PER_GROUP + index, unsafe { &*chunk });
+            };
+            for (index, chunk) in group.iter().enumerate() {
+                if let Some(chunk) = chunk.get() {
+                    f(group_index * OCTAVES_PER_GROUP + index, chunk);
                 }
             }
         }
@@ -586,13 +550,11 @@ impl AtomicHistogram {
         let mut chunks = 0;
         self.for_each_chunk(|_, _| chunks += 1);
         let mut total = std::mem::size_of::<Self>() + chunks * std::mem::size_of::<Chunk>();
-        let overflow = self.overflow.load(Acquire);
-        if !overflow.is_null() {
+        if let Some(overflow) = self.overflow.get() {
             total += std::mem::size_of::<Overflow>();
-            // SAFETY: published directory nodes live until Drop.
-            for group in unsafe { &(*overflow).groups } {
-                if !group.load(Acquire).is_null() {
-                    total += std::mem::size_of::<[AtomicPtr<Chunk>; OCTAVES_PER_GROUP]>();
+            for group in &overflow.groups {
+                if group.get().is_some() {
+                    total += std::mem::size_of::<[LazyBox<Chunk>; OCTAVES_PER_GROUP]>();
                 }
             }
         }
@@ -609,27 +571,7 @@ impl Drop for AtomicHistogram {
                 unsafe { free_box((entry & ADDRESS_MASK) as *mut Chunk) };
             }
         }
-        let overflow = *self.overflow.get_mut();
-        if overflow.is_null() {
-            return;
-        }
-        // SAFETY: as above, for the directory and its nodes.
-        let mut overflow = unsafe { Box::from_raw(overflow) };
-        for group in &mut overflow.groups {
-            let group = *group.get_mut();
-            if group.is_null() {
-                continue;
-            }
-            // SAFETY: as above.
-            let mut group = unsafe { Box::from_raw(group) };
-            for chunk in group.iter_mut() {
-                let chunk = *chunk.get_mut();
-                if !chunk.is_null() {
-                    // SAFETY: as above.
-                    unsafe { free_box(chunk) };
-                }
-            }
-        }
+        // The overflow directory frees itself (LazyBox).
     }
 }
 

@@ -7,6 +7,7 @@ pub mod call;
 pub mod epoch;
 pub mod exemplars;
 pub mod histogram;
+pub mod lazy;
 pub mod registry;
 pub mod sampling;
 pub mod series;

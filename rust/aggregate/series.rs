@@ -9,10 +9,10 @@ use super::attributes::AttributeSet;
 use super::epoch::Liveness;
 use super::exemplars::ExemplarSlots;
 use super::histogram::AtomicHistogram;
+use super::lazy::LazyBox;
 use super::series_map::SeriesData;
 use crate::probe::{fork, measure, Reading, DURATION, MEASURES};
-use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 type ProbeHistograms = [AtomicHistogram; measure::COUNT];
 
@@ -22,7 +22,7 @@ pub struct CallSeries {
     pub duration: AtomicHistogram,
     /// The probe measures' histograms, allocated by the first probed call: a timer-only
     /// series never pays for them.
-    probes: AtomicPtr<ProbeHistograms>,
+    probes: LazyBox<ProbeHistograms>,
     /// Traced calls' durations with their trace and span (only while tracing is on).
     pub exemplars: ExemplarSlots,
     pub active: ActiveCalls,
@@ -88,7 +88,7 @@ impl SeriesData for CallSeries {
             attributes,
             liveness,
             duration: AtomicHistogram::new(),
-            probes: AtomicPtr::new(ptr::null_mut()),
+            probes: LazyBox::new(),
             exemplars: ExemplarSlots::default(),
             active: ActiveCalls {
                 generation: AtomicU64::new(fork::generation()),
@@ -111,52 +111,15 @@ impl SeriesData for CallSeries {
     }
 }
 
-impl Drop for CallSeries {
-    fn drop(&mut self) {
-        let probes = *self.probes.get_mut();
-        if !probes.is_null() {
-            // SAFETY: allocated with Box::into_raw by `probes_or_new`; no other users remain.
-            drop(unsafe { Box::from_raw(probes) });
-        }
-    }
-}
-
 impl CallSeries {
     /// The probe histograms, if a call was ever probed here.
     pub fn probes(&self) -> Option<&ProbeHistograms> {
-        let probes = self.probes.load(Ordering::Acquire);
-        // SAFETY: published once by `probes_or_new`, freed only by Drop.
-        (!probes.is_null()).then(|| unsafe { &*probes })
+        self.probes.get()
     }
 
     /// One probe measure's histogram, if a call was ever probed here.
     pub fn probe(&self, index: usize) -> Option<&AtomicHistogram> {
         self.probes().map(|probes| &probes[index])
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn probes_or_new(&self) -> &ProbeHistograms {
-        if let Some(probes) = self.probes() {
-            return probes;
-        }
-        let fresh = Box::into_raw(Box::new(std::array::from_fn(|_| AtomicHistogram::new())));
-        match self.probes.compare_exchange(
-            ptr::null_mut(),
-            fresh,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            // SAFETY: just published; freed only by Drop.
-            Ok(_) => unsafe { &*fresh },
-            Err(winner) => {
-                // SAFETY: `fresh` was never published; the winner lives until Drop.
-                unsafe {
-                    drop(Box::from_raw(fresh));
-                    &*winner
-                }
-            }
-        }
     }
 
     /// Records one call: its wall time, and the probe deltas when the call was sampled.
@@ -173,10 +136,9 @@ impl CallSeries {
     pub fn record_current(&self, duration_ns: u64, sample: Option<(&Reading, f64)>) {
         self.duration.record(duration_ns as f64 * DURATION.factor);
         if let Some((delta, weight)) = sample {
-            let probes = match self.probes() {
-                Some(probes) => probes,
-                None => self.probes_or_new(),
-            };
+            let probes = self
+                .probes
+                .get_or_init(|| std::array::from_fn(|_| AtomicHistogram::new()));
             for (index, info) in MEASURES.iter().enumerate() {
                 if delta.probes.contains(info.probe) {
                     probes[index].record_weighted(delta.values[index] as f64 * info.factor, weight);

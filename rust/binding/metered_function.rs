@@ -78,6 +78,19 @@ pub unsafe fn parts<'a>(
     Some((this.function, unsafe { &*this.core }))
 }
 
+/// [`parts`], and room on the C stack for the call; `None` with a Python error set if not.
+///
+/// # Safety
+/// As for [`parts`].
+#[inline(always)]
+unsafe fn checked_parts<'a>(
+    callable: *mut ffi::PyObject,
+) -> Option<(*mut ffi::PyObject, &'a MeterCore)> {
+    // SAFETY: guaranteed by the caller.
+    let parts = unsafe { parts(callable) }?;
+    stack_has_room().then_some(parts)
+}
+
 /// The call path of a meter with probes.
 unsafe extern "C" fn vectorcall(
     callable: *mut ffi::PyObject,
@@ -86,12 +99,9 @@ unsafe extern "C" fn vectorcall(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     // SAFETY: the interpreter calls this slot with a live MeteredFunction and the GIL.
-    let Some((function, core)) = (unsafe { parts(callable) }) else {
+    let Some((function, core)) = (unsafe { checked_parts(callable) }) else {
         return ptr::null_mut();
     };
-    if !stack_has_room() {
-        return ptr::null_mut();
-    }
     // The coin first: a call that is not probed takes the timer's path (no room for probe
     // readings copied around), a probed one pays for its readings anyway.
     let Some(Some(weight)) = quietly(|| core.decide()) else {
@@ -122,12 +132,9 @@ unsafe extern "C" fn vectorcall_timer_only(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     // SAFETY: the interpreter calls this slot with a live MeteredFunction and the GIL.
-    let Some((function, core)) = (unsafe { parts(callable) }) else {
+    let Some((function, core)) = (unsafe { checked_parts(callable) }) else {
         return ptr::null_mut();
     };
-    if !stack_has_room() {
-        return ptr::null_mut();
-    }
     // SAFETY: as for this function.
     unsafe { timed(core, function, args, nargsf, kwnames) }
 }

@@ -7,82 +7,24 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from meterage import _native
+
+# The boundary sets live in the native core, which keeps exact counts for them (values on a
+# boundary included): see rust/aggregate/boundaries.rs.
 #: Semantic-convention advisory boundaries for request durations (seconds).
-DURATION_BOUNDARIES = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-)
+DURATION_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["duration"]
 #: CPU seconds per call: hot paths spend microseconds, so the scale starts lower.
-CPU_BOUNDARIES = (
-    1e-6,
-    1e-5,
-    1e-4,
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+CPU_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["cpu"]
 #: Bytes per call: 0, then powers of 4 from 1 KiB to 1 GiB.
-BYTE_BOUNDARIES = (0.0, *(float(1024 * 4**k) for k in range(11)))
+BYTE_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["bytes"]
 #: Events per call (faults, context switches).
-COUNT_BOUNDARIES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+COUNT_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["counts"]
 #: Joules per call: a millisecond of a small GPU to minutes of a large one.
-ENERGY_BOUNDARIES = (
-    0.001,
-    0.01,
-    0.05,
-    0.1,
-    0.5,
-    1.0,
-    5.0,
-    10.0,
-    50.0,
-    100.0,
-    500.0,
-    1000.0,
-    5000.0,
-    10000.0,
-)
+ENERGY_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["energy"]
 #: GPU memory held at the end of a call: 0, then powers of 4 from 1 MiB to 256 GiB.
-GPU_MEMORY_BOUNDARIES = (0.0, *(float(1024**2 * 4**k) for k in range(10)))
+GPU_MEMORY_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["gpu_memory"]
 #: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
-DEFAULT_BOUNDARIES = (
-    0.0,
-    5.0,
-    10.0,
-    25.0,
-    50.0,
-    75.0,
-    100.0,
-    250.0,
-    500.0,
-    750.0,
-    1000.0,
-    2500.0,
-    5000.0,
-    7500.0,
-    10000.0,
-)
+DEFAULT_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["default"]
 
 OPERATION_KEY = "meterage.operation"
 #: How a call's GPU energy was found: "counter" (the device's energy counter, calls of
