@@ -1,17 +1,12 @@
 """Bad input: a clear exception that names the argument and what is allowed, and nothing
 recorded. Snapshots are plain data: they pickle and copy.
-
-Self-contained on purpose (its own fixtures, no conftest): the same file runs against older
-builds of meterage to show which of these behaviours they lacked.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import pickle
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,26 +16,6 @@ import meterage
 DEFAULT_LIMIT = 2000
 SURROGATE = "\udc80"
 VALID_PROBES = ("cpu", "rusage", "io", "gpu")
-_ids = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-    yield
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> Callable[..., str]:
-    base = re.sub(r"[^A-Za-z0-9_.]+", "_", request.node.name)
-
-    def make(label: str = "op") -> str:
-        return f"bad.{base}.{label}.{next(_ids)}"
-
-    return make
 
 
 def recorded() -> list[tuple[str, dict, int]]:

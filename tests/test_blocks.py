@@ -1,6 +1,6 @@
 """A ``with``/``async with`` block of a meter owns the call it entered: wherever and in
 whatever order its generator, task or context resumes, the block's end ends exactly its
-own call. Self-contained: no fixture of tests/conftest.py is needed.
+own call.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import contextlib
 import contextvars
 import itertools
 import os
-import re
 import threading
 import time
 import traceback
@@ -21,22 +20,6 @@ from typing import Any
 import pytest
 
 import meterage
-
-_names = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    meterage.reset()
-    yield
-    meterage.reset()
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> Callable[[str], str]:
-    """``unique("label")``: an operation name no other test uses."""
-    base = re.sub(r"[^A-Za-z0-9_.]+", "_", request.node.name)
-    return lambda label="op": f"blocks.{base}.{label}.{next(_names)}"
 
 
 def series(operation: str) -> list[meterage.Series]:

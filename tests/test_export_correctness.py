@@ -1,8 +1,5 @@
 """Export correctness: names that would clash with meterage's own metrics, exact explicit
 buckets at boundaries, and sums that saturate instead of overflowing.
-
-Self-contained on purpose (its own fixtures, no conftest): the same file runs against older
-builds of meterage to show which of these behaviours they lacked.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 import meterage
 import meterage.otel
 
-DEFAULT_LIMIT = 2000
 _ids = itertools.count()
 
 # The semantic-convention boundaries of http.server.request.duration (s).
@@ -45,25 +41,6 @@ DURATION_BOUNDARIES = [
 # The OpenTelemetry SDK's default explicit boundaries.
 SDK_BOUNDARIES = [0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0]
 SDK_BOUNDARIES += [5000.0, 7500.0, 10000.0]
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-    yield
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> Callable[..., str]:
-    base = re.sub(r"[^A-Za-z0-9_.]+", "_", request.node.name)
-
-    def make(label: str = "x") -> str:
-        return f"export.{base}.{label}.{next(_ids)}"
-
-    return make
 
 
 @pytest.fixture

@@ -1,17 +1,11 @@
-"""Lifecycle: what `meterage.reset()` and `os.fork()` do to series, budgets and calls in flight.
-
-Self-contained on purpose (its own fixtures, no conftest): the same file runs against older
-builds of meterage to show which of these behaviours they lacked.
-"""
+"""Lifecycle: what `meterage.reset()` and `os.fork()` do to series, budgets and calls in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import os
 import pickle
-import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,28 +14,7 @@ import pytest
 
 import meterage
 
-DEFAULT_LIMIT = 2000
 OVERFLOW = {"otel.metric.overflow": True}
-_ids = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-    yield
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> Callable[..., str]:
-    base = re.sub(r"[^A-Za-z0-9_.]+", "_", request.node.name)
-
-    def make(label: str = "op") -> str:
-        return f"lifecycle.{base}.{label}.{next(_ids)}"
-
-    return make
 
 
 @pytest.fixture

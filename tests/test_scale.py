@@ -1,19 +1,15 @@
 """Scale and the instrument fast path: many series, memory per series, attribute lookup,
 bound handles, and meters made inline.
-
-Self-contained on purpose (its own fixtures, no conftest): the same file runs against older
-builds of meterage to show which of these behaviours they lacked.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 import re
 import struct
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -21,26 +17,6 @@ import meterage
 
 DEFAULT_LIMIT = 2000
 OVERFLOW = {"otel.metric.overflow": True}
-_ids = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-    yield
-    meterage.configure(cardinality_limit=DEFAULT_LIMIT)
-    meterage.reset()
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> Callable[..., str]:
-    base = re.sub(r"[^A-Za-z0-9_.]+", "_", request.node.name)
-
-    def make(label: str = "op") -> str:
-        return f"scale.{base}.{label}.{next(_ids)}"
-
-    return make
 
 
 def series_of(operation: str) -> list[meterage.Series]:

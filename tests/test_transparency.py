@@ -10,8 +10,6 @@ import contextlib
 import functools
 import gc
 import inspect
-import itertools
-import re
 import sys
 import time
 import types
@@ -23,22 +21,6 @@ from typing import Any
 import pytest
 
 import meterage
-
-_names = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    meterage.reset()
-    yield
-    meterage.reset()
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> Callable[[str], str]:
-    """``unique("label")``: an operation name no other test uses."""
-    base = re.sub(r"[^A-Za-z0-9_.]+", "_", request.node.name)
-    return lambda label="op": f"transparency.{base}.{label}.{next(_names)}"
 
 
 def series(operation: str) -> list[meterage.Series]:
