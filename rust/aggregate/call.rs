@@ -339,25 +339,16 @@ impl MeterCore {
     /// Before the call: decide whether to probe it, read the probes if so, start the clock.
     #[inline(always)]
     pub fn begin(&self) -> CallStart {
-        let generation = fork::generation();
-        let counted = self.enter_active(generation);
         match self.decide() {
-            None => CallStart {
-                counted,
-                generation,
-                wall_ns: monotonic_ns(),
-                sample: None,
-                probes_began_ns: 0,
-            },
-            Some(weight) => {
-                let probes_began_ns = self.probe_clock();
-                let reading = Reading::take_before(self.probes);
+            Some(weight) => self.begin_probed(weight),
+            None => {
+                let generation = fork::generation();
                 CallStart {
-                    counted,
+                    counted: self.enter_active(generation),
                     generation,
                     wall_ns: monotonic_ns(),
-                    sample: Some((reading, weight)),
-                    probes_began_ns,
+                    sample: None,
+                    probes_began_ns: 0,
                 }
             }
         }

@@ -57,8 +57,8 @@ impl<T: SeriesData> Handle<T> {
     fn open(
         kind: &str,
         name: &Bound<'_, PyAny>,
-        unit: &Bound<'_, PyAny>,
-        description: &Bound<'_, PyAny>,
+        unit: Option<&Bound<'_, PyAny>>,
+        description: Option<&Bound<'_, PyAny>>,
         lookup: impl FnOnce(&str, &str, &str) -> Result<Arc<Instrument<T>>, String>,
     ) -> PyResult<Self> {
         let name = checked_str(&format!("the {kind} name"), name)?;
@@ -67,8 +67,9 @@ impl<T: SeriesData> Handle<T> {
                 "the {kind} name must not be empty"
             )));
         }
-        let unit = checked_str("unit", unit)?;
-        let description = checked_str("description", description)?;
+        // Absent means empty, as OpenTelemetry's own instruments default them.
+        let unit = unit.map_or(Ok(""), |unit| checked_str("unit", unit))?;
+        let description = description.map_or(Ok(""), |text| checked_str("description", text))?;
         let instrument = lookup(name, unit, description).map_err(PyValueError::new_err)?;
         let default = instrument.series.get_or_create_idle(&AttributeSet::empty());
         Ok(Handle {
@@ -187,17 +188,15 @@ impl PyHistogram {
     #[new]
     #[pyo3(signature = (name, unit = None, description = None))]
     fn new(
-        py: Python<'_>,
         name: &Bound<'_, PyAny>,
         unit: Option<&Bound<'_, PyAny>>,
         description: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let empty = pyo3::types::PyString::new(py, "").into_any();
         Handle::open(
             "histogram",
             name,
-            unit.unwrap_or(&empty),
-            description.unwrap_or(&empty),
+            unit,
+            description,
             |name, unit, description| registry().histogram(name, unit, description),
         )
         .map(PyHistogram)
@@ -311,17 +310,15 @@ impl PyCounter {
     #[new]
     #[pyo3(signature = (name, unit = None, description = None))]
     fn new(
-        py: Python<'_>,
         name: &Bound<'_, PyAny>,
         unit: Option<&Bound<'_, PyAny>>,
         description: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let empty = pyo3::types::PyString::new(py, "").into_any();
         Handle::open(
             "counter",
             name,
-            unit.unwrap_or(&empty),
-            description.unwrap_or(&empty),
+            unit,
+            description,
             |name, unit, description| registry().counter(name, unit, description),
         )
         .map(PyCounter)
