@@ -1,0 +1,98 @@
+//! `LazyBox`: a value allocated on first use and published with one compare-and-swap, then
+//! read with one load; freed only when its owner is dropped, so readers need no
+//! reclamation scheme. What a series or a histogram allocates only once it needs it (probe
+//! histograms, exemplar slots, a histogram's overflow directory) lives in one.
+
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+pub struct LazyBox<T> {
+    value: AtomicPtr<T>,
+}
+
+impl<T> Default for LazyBox<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> LazyBox<T> {
+    pub const fn new() -> Self {
+        LazyBox {
+            value: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// The value, if it was made.
+    #[inline(always)]
+    pub fn get(&self) -> Option<&T> {
+        let value = self.value.load(Ordering::Acquire);
+        // SAFETY: a published pointer came from Box::into_raw and is freed only by Drop.
+        (!value.is_null()).then(|| unsafe { &*value })
+    }
+
+    /// The value, made by `make` if it was not yet (a racer that loses frees its own and
+    /// uses the winner's).
+    #[inline]
+    pub fn get_or_init(&self, make: impl FnOnce() -> T) -> &T {
+        match self.get() {
+            Some(value) => value,
+            None => self.init(make),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn init(&self, make: impl FnOnce() -> T) -> &T {
+        let fresh = Box::into_raw(Box::new(make()));
+        match self.value.compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: just published; freed only by Drop.
+            Ok(_) => unsafe { &*fresh },
+            Err(winner) => {
+                // SAFETY: `fresh` was never published; the winner lives until Drop.
+                unsafe {
+                    drop(Box::from_raw(fresh));
+                    &*winner
+                }
+            }
+        }
+    }
+}
+
+impl<T> Drop for LazyBox<T> {
+    fn drop(&mut self) {
+        let value = *self.value.get_mut();
+        if !value.is_null() {
+            // SAFETY: published by `init` with Box::into_raw; `&mut self`: no readers remain.
+            drop(unsafe { Box::from_raw(value) });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn racing_threads_share_one_value() {
+        let lazy = Arc::new(LazyBox::<u64>::new());
+        assert!(lazy.get().is_none());
+        let seen: Vec<usize> = (0..8)
+            .map(|n| {
+                let lazy = Arc::clone(&lazy);
+                std::thread::spawn(move || lazy.get_or_init(|| n) as *const u64 as usize)
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|handle| handle.join().unwrap())
+            .collect();
+        assert!(seen.windows(2).all(|pair| pair[0] == pair[1]));
+        assert_eq!(lazy.get().copied(), Some(*lazy.get_or_init(|| 99)));
+    }
+}
