@@ -222,7 +222,7 @@ def test_human_units() -> None:
     assert rendered.splitlines() == ["a      b", "----  --", "x      1", "long  22"]
 
 
-def test_demo_serve_exposes_the_calls_on_a_prometheus_endpoint() -> None:
+def test_demo_serve_exposes_the_calls_on_a_prometheus_endpoint(tmp_path) -> None:
     pytest.importorskip("opentelemetry.exporter.prometheus")
     import socket
     import urllib.request
@@ -232,7 +232,10 @@ def test_demo_serve_exposes_the_calls_on_a_prometheus_endpoint() -> None:
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "meterage", "demo", "--duration", "0.3", "--serve"]
     server = subprocess.Popen(
-        [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [*command, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     try:
         deadline = time.monotonic() + 30
@@ -255,6 +258,11 @@ def test_demo_serve_exposes_the_calls_on_a_prometheus_endpoint() -> None:
         ]
         assert counts and counts[0] >= 1, text[:2000]
         assert "process_cpu_time_seconds_total" in text
+        # SIGTERM stops it as Ctrl-C does (exit 130, mid-workload or serving): its scratch
+        # directories go with it.
+        server.terminate()
+        assert server.wait(timeout=30) == 130
+        assert list(tmp_path.iterdir()) == []
     finally:
         server.kill()
         server.wait(timeout=10)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -931,6 +932,9 @@ def run(options: argparse.Namespace) -> int:
     if options.serve:
         from meterage.cli.serve import start_endpoint
 
+        # A server is stopped with SIGTERM (systemd, docker, kill): stop as on Ctrl-C, so
+        # the workload's scratch directories are removed and the endpoint shut down.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         provider = start_endpoint(options.host, options.port)
     report = collect(options.duration)
     if options.json:

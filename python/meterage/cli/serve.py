@@ -60,5 +60,7 @@ def keep_running(host: str, port: int, rounds: int | None = None) -> int:
                 done += 1
                 time.sleep(0.5)
         except KeyboardInterrupt:
+            # Out through the scratch directory's cleanup; the command exits 130.
             print("stopped", file=sys.stderr)
+            raise
     return 0
