@@ -498,24 +498,31 @@ mod tests {
     #[test]
     fn touching_new_memory_faults_and_grows_the_resident_set() {
         const SIZE: usize = 64 << 20;
-        let before = read_process();
-        let mut memory = vec![0u8; SIZE];
-        for page in memory.chunks_mut(4096) {
-            page[0] = 1;
+        // The resident set is the whole process's: the harness's other test threads free
+        // memory meanwhile (one such try saw 36 MiB of growth), so one of a few tries must
+        // see the 64 MiB.
+        let mut grown_seen = Vec::new();
+        for _ in 0..5 {
+            let before = read_process();
+            let mut memory = vec![0u8; SIZE];
+            for page in memory.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            black_box(&memory);
+            let after = read_process();
+            let faults = after.faults_minor.unwrap() - before.faults_minor.unwrap();
+            // 16384 pages; transparent huge pages can make that as few as 32 faults.
+            assert!(faults >= 32, "{faults} minor faults touching 64 MiB");
+            assert!(after.memory_virtual_bytes.unwrap() >= after.memory_resident_bytes.unwrap());
+            let grown = after.memory_resident_bytes.unwrap() as i64
+                - before.memory_resident_bytes.unwrap() as i64;
+            drop(memory);
+            if grown >= 48 << 20 {
+                return;
+            }
+            grown_seen.push(grown);
         }
-        black_box(&memory);
-        let after = read_process();
-        let faults = after.faults_minor.unwrap() - before.faults_minor.unwrap();
-        // 16384 pages; transparent huge pages can make that as few as 32 faults.
-        assert!(faults >= 32, "{faults} minor faults touching 64 MiB");
-        let grown = after.memory_resident_bytes.unwrap() as i64
-            - before.memory_resident_bytes.unwrap() as i64;
-        assert!(
-            grown >= 48 << 20,
-            "resident grew by {grown} bytes for 64 MiB"
-        );
-        assert!(after.memory_virtual_bytes.unwrap() >= after.memory_resident_bytes.unwrap());
-        drop(memory);
+        panic!("resident grew by {grown_seen:?} bytes for 64 MiB in each try");
     }
 
     #[test]
