@@ -231,14 +231,22 @@ def test_explicit_bucket_counts_are_exact_at_the_duration_boundaries(
     counts = histogram.snapshot().explicit_bucket_counts(DURATION_BOUNDARIES)
     assert counts == expected
     # meterage's own duration boundaries are these.
-    assert list(meterage._native.BOUNDARIES["duration"]) == DURATION_BOUNDARIES
+    assert list(meterage._native.DURATION_MEASURE["boundaries"]) == DURATION_BOUNDARIES
 
 
-@pytest.mark.parametrize("boundary_set", ["cpu", "bytes", "counts", "energy", "gpu_memory"])
-def test_explicit_bucket_counts_are_exact_at_every_boundary_set(
-    unique: Callable[..., str], boundary_set: str
+# Every measure of every probe, as declared: a new probe's boundaries are checked too.
+MEASURE_BOUNDARIES = {
+    measure["key"]: measure["boundaries"]
+    for probe in meterage._native.PROBES
+    for measure in probe["measures"]
+}
+
+
+@pytest.mark.parametrize("measure", sorted(MEASURE_BOUNDARIES))
+def test_explicit_bucket_counts_are_exact_at_every_measures_boundaries(
+    unique: Callable[..., str], measure: str
 ) -> None:
-    boundaries = list(meterage._native.BOUNDARIES[boundary_set])
+    boundaries = list(MEASURE_BOUNDARIES[measure])
     histogram = meterage.histogram(unique())
     values = []
     for boundary in boundaries:

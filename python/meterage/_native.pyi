@@ -17,8 +17,33 @@ _HistogramState = tuple[
 
 MAX_CARDINALITY_LIMIT: int
 MIN_SAMPLE: float
-#: The explicit boundary sets meterage exports with (their counts are exact).
-BOUNDARIES: dict[str, tuple[float, ...]]
+
+class MeasureInfo(TypedDict):
+    """One measure as its probe declares it (rust/probe/)."""
+
+    key: str
+    probe: str
+    unit: str
+    combine: Literal["sum", "last", "max"]
+    metric: str
+    attributes: tuple[tuple[str, str], ...]
+    description: str
+    boundaries: tuple[float, ...]
+    source: str
+
+class ProbeInfo(TypedDict):
+    """One probe: the name to ask for it by, whether meters read it unless told, its measures."""
+
+    name: str
+    default: bool
+    measures: tuple[MeasureInfo, ...]
+
+#: Every probe, in the order users see them.
+PROBES: tuple[ProbeInfo, ...]
+#: The wall-clock measure of every call.
+DURATION_MEASURE: MeasureInfo
+#: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
+DEFAULT_BOUNDARIES: tuple[float, ...]
 
 @final
 class MeteredFunction:

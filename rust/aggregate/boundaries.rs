@@ -10,58 +10,27 @@
 //!
 //! The table is built at compile time, so recording checks it with one byte load.
 
-/// Semantic-convention advisory boundaries for request durations (seconds).
-pub const DURATION: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-];
-/// CPU seconds per call: hot paths spend microseconds, so the scale starts lower.
-pub const CPU: [f64; 15] = [
-    1e-6, 1e-5, 1e-4, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-/// Bytes per call: 0, then powers of 4 from 1 KiB to 1 GiB.
-pub const BYTES: [f64; 12] = {
-    let mut out = [0.0; 12];
-    let mut k = 0;
-    while k < 11 {
-        out[k + 1] = (1024u64 << (2 * k)) as f64;
-        k += 1;
-    }
-    out
-};
-/// Events per call (faults, context switches).
-pub const COUNTS: [f64; 11] = [
-    0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
-];
-/// Joules per call: a millisecond of a small GPU to minutes of a large one.
-pub const ENERGY: [f64; 14] = [
-    0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
-];
-/// GPU memory held at the end of a call: 0, then powers of 4 from 1 MiB to 256 GiB.
-pub const GPU_MEMORY: [f64; 11] = {
-    let mut out = [0.0; 11];
-    let mut k = 0;
-    while k < 10 {
-        out[k + 1] = ((1u64 << 20) << (2 * k)) as f64;
-        k += 1;
-    }
-    out
-};
+use crate::probe::{DURATION, MEASURES};
+
 /// The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
 pub const SDK_DEFAULT: [f64; 15] = [
     0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0, 5000.0, 7500.0,
     10000.0,
 ];
 
-/// Every boundary set, by the name the Python layer knows it by.
-pub const SETS: [(&str, &[f64]); 7] = [
-    ("duration", &DURATION),
-    ("cpu", &CPU),
-    ("bytes", &BYTES),
-    ("counts", &COUNTS),
-    ("energy", &ENERGY),
-    ("gpu_memory", &GPU_MEMORY),
-    ("default", &SDK_DEFAULT),
-];
+/// Every boundary set meterage exports with: the call duration's, each probe measure's
+/// (as its declaration gives them; sets shared by measures appear more than once), and the
+/// SDK default of custom histograms.
+pub const SETS: [&[f64]; MEASURES.len() + 2] = {
+    let mut out: [&[f64]; MEASURES.len() + 2] = [&SDK_DEFAULT; MEASURES.len() + 2];
+    out[1] = DURATION.boundaries;
+    let mut index = 0;
+    while index < MEASURES.len() {
+        out[index + 2] = MEASURES[index].boundaries;
+        index += 1;
+    }
+    out
+};
 
 /// Cut buckets per octave that keep an at-or-below count (each octave's chunk has room
 /// for this many).
@@ -99,7 +68,7 @@ const TABLE: CutTable = {
     let mut used = 0;
     let mut set = 0;
     while set < SETS.len() {
-        let values = SETS[set].1;
+        let values = SETS[set];
         let mut i = 0;
         while i < values.len() {
             let value = values[i];
@@ -183,7 +152,7 @@ mod tests {
 
     #[test]
     fn every_boundary_that_is_not_an_edge_has_its_cut() {
-        for (_, values) in SETS {
+        for values in SETS {
             for &value in values {
                 if value == 0.0 || is_power_of_two(value) {
                     continue; // a bucket edge (its bucket may still be cut by another value)
@@ -197,8 +166,11 @@ mod tests {
 
     #[test]
     fn the_sets_are_ascending() {
-        for (name, values) in SETS {
-            assert!(values.windows(2).all(|pair| pair[0] < pair[1]), "{name}");
+        for values in SETS {
+            assert!(
+                values.windows(2).all(|pair| pair[0] < pair[1]),
+                "{values:?}"
+            );
         }
     }
 }

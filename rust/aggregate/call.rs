@@ -10,7 +10,7 @@ use super::registry::{registry, Operation};
 use super::sampling::{Sampler, SamplingMode};
 use super::series::CallSeries;
 use super::series_map::SeriesData;
-use crate::probe::{fork, monotonic_ns, ProbeSet, Reading};
+use crate::probe::{fork, monotonic_ns, Delta, ProbeSet, Reading};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,7 +99,7 @@ pub fn set_active_tracking(on: bool) {
 #[derive(Clone, Copy, Debug)]
 pub struct Measured {
     pub duration_ns: u64,
-    pub sample: Option<(Reading, f64)>,
+    pub sample: Option<(Delta, f64)>,
 }
 
 /// A call that runs in steps (a coroutine or generator): wall time from its first step to
@@ -110,7 +110,7 @@ pub struct SteppedCall {
     generation: u64,
     counted: Counted,
     weight: Option<f64>,
-    total: Reading,
+    total: Delta,
     /// Set when a step's readings could not be compared (a fork in between).
     broken: bool,
     probe_cost_ns: u64,
@@ -134,7 +134,7 @@ pub struct StepStart {
 /// One thread cannot use more CPU than wall time; the CPU clock's readings sit just
 /// outside the wall clock's, so a tiny call could otherwise show a little more.
 #[inline]
-fn cap_cpu(mut delta: Reading, duration_ns: u64) -> Reading {
+fn cap_cpu(mut delta: Delta, duration_ns: u64) -> Delta {
     let cpu = &mut delta.values[crate::probe::measure::CPU_TIME];
     *cpu = (*cpu).min(duration_ns);
     delta
@@ -404,7 +404,7 @@ impl MeterCore {
             });
         }
         let sample = start.sample.and_then(|(before, weight)| {
-            let delta = Reading::take_after(self.probes).since(&before);
+            let delta = Reading::take_after(&before).since(&before);
             if self.sampler.is_adaptive() {
                 let cost = (start.wall_ns - start.probes_began_ns)
                     + monotonic_ns().saturating_sub(wall_end);
@@ -466,7 +466,7 @@ impl MeterCore {
     pub fn step_end(&self, call: &mut SteppedCall, step: StepStart) {
         if let Some(before) = step.reading {
             let read_at = self.probe_clock();
-            match Reading::take_after(self.probes).since(&before) {
+            match Reading::take_after(&before).since(&before) {
                 Some(delta) => call.total.accumulate(&delta),
                 None => call.broken = true,
             }
@@ -591,7 +591,11 @@ mod tests {
         core.end(start, core.series());
         std::fs::remove_file(path).unwrap();
         assert_eq!(core.series().duration.snapshot().count, 1);
-        let written = core.series().probe(measure::IO_WRITE).unwrap().snapshot();
+        let written = core
+            .series()
+            .probe(measure::index("io.write"))
+            .unwrap()
+            .snapshot();
         assert_eq!((written.count, written.sum), (1, 1000.0));
     }
 
@@ -677,13 +681,13 @@ mod tests {
         // Probed calls: a fair coin per call; 160k draws have sd ~200.
         let probed = core
             .series()
-            .probe(measure::FAULTS_MINOR)
+            .probe(measure::index("paging.faults.minor"))
             .unwrap()
             .snapshot()
             .count
             + core
                 .error_series("Boom")
-                .probe(measure::FAULTS_MINOR)
+                .probe(measure::index("paging.faults.minor"))
                 .unwrap()
                 .snapshot()
                 .count;

@@ -13,7 +13,7 @@ use super::sampling::{Sampler, SamplingMode};
 use super::series::{CallSeries, CounterSeries, HistogramSeries};
 use super::series_map::{SeriesData, SeriesMap};
 use super::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
-use crate::probe::{ProbeSet, DURATION, MEASURES};
+use crate::probe::{ProbeSet, DURATION, MEASURES, MEASURE_PROBES};
 use arc_swap::ArcSwap;
 use rpds::HashTrieMapSync;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -44,7 +44,7 @@ impl Operation {
     }
 
     pub fn probes_requested(&self) -> ProbeSet {
-        ProbeSet::from_bits(self.probes_requested.load(Ordering::Relaxed))
+        ProbeSet::from_bits_truncate(self.probes_requested.load(Ordering::Relaxed))
     }
 
     /// A meter of this operation made earlier with these settings, if kept.
@@ -145,10 +145,10 @@ struct MeasureNames {
 fn measure_names() -> &'static MeasureNames {
     static NAMES: OnceLock<MeasureNames> = OnceLock::new();
     NAMES.get_or_init(|| MeasureNames {
-        duration: (DURATION.name.into(), DURATION.unit.into()),
+        duration: (DURATION.key.into(), DURATION.unit.into()),
         probes: MEASURES
             .iter()
-            .map(|info| (info.name.into(), info.unit.into()))
+            .map(|info| (info.key.into(), info.unit.into()))
             .collect(),
         empty: "".into(),
     })
@@ -345,8 +345,8 @@ impl Registry {
                     unit: Arc::clone(&names.duration.1),
                     histogram: duration,
                 });
-                for (index, info) in MEASURES.iter().enumerate() {
-                    if requested.contains(info.probe) {
+                for (index, probe) in MEASURE_PROBES.iter().enumerate() {
+                    if requested.contains(*probe) {
                         let (name, unit) = &names.probes[index];
                         measures.push(MeasureSnapshot {
                             name: Arc::clone(name),

@@ -11,7 +11,7 @@ use super::exemplars::ExemplarSlots;
 use super::histogram::AtomicHistogram;
 use super::lazy::LazyBox;
 use super::series_map::SeriesData;
-use crate::probe::{fork, measure, Reading, DURATION, MEASURES};
+use crate::probe::{fork, measure, Delta, DURATION, MEASURES};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 type ProbeHistograms = [AtomicHistogram; measure::COUNT];
@@ -125,7 +125,7 @@ impl CallSeries {
     /// Records one call: its wall time, and the probe deltas when the call was sampled.
     /// `weight` is 1 / (the probability the call had of being sampled).
     #[inline]
-    pub fn record(&self, duration_ns: u64, sample: Option<(&Reading, f64)>) {
+    pub fn record(&self, duration_ns: u64, sample: Option<(&Delta, f64)>) {
         self.liveness.ensure_current(|| self.clear());
         self.record_current(duration_ns, sample);
     }
@@ -133,14 +133,14 @@ impl CallSeries {
     /// As [`record`](Self::record), into a series known to belong to the current epoch
     /// (`MeterCore::series` gives one).
     #[inline]
-    pub fn record_current(&self, duration_ns: u64, sample: Option<(&Reading, f64)>) {
+    pub fn record_current(&self, duration_ns: u64, sample: Option<(&Delta, f64)>) {
         self.duration.record(duration_ns as f64 * DURATION.factor);
         if let Some((delta, weight)) = sample {
             let probes = self
                 .probes
                 .get_or_init(|| std::array::from_fn(|_| AtomicHistogram::new()));
             for (index, info) in MEASURES.iter().enumerate() {
-                if delta.probes.contains(info.probe) {
+                if delta.has(index) {
                     probes[index].record_weighted(delta.values[index] as f64 * info.factor, weight);
                 }
             }
@@ -278,18 +278,14 @@ impl CounterSeries {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::ProbeSet;
     use std::sync::Arc;
 
     #[test]
     fn a_call_records_duration_and_sampled_probes() {
         let series = CallSeries::new(AttributeSet::empty(), Liveness::standalone());
-        let mut delta = Reading {
-            probes: ProbeSet::CPU.union(ProbeSet::IO),
-            ..Reading::default()
-        };
-        delta.values[measure::CPU_TIME] = 2_000_000;
-        delta.values[measure::IO_READ] = 4096;
+        let mut delta = Delta::default();
+        delta.set(measure::CPU_TIME, 2_000_000);
+        delta.set(measure::index("io.read"), 4096);
         series.record(5_000_000, Some((&delta, 1.0)));
         series.record(7_000_000, None);
 
@@ -300,13 +296,17 @@ mod tests {
         assert_eq!(cpu.count, 1);
         assert!((cpu.sum - 0.002).abs() < 1e-12);
         assert_eq!(
-            series.probe(measure::IO_READ).unwrap().snapshot().sum,
+            series
+                .probe(measure::index("io.read"))
+                .unwrap()
+                .snapshot()
+                .sum,
             4096.0
         );
         // Probes not read are not recorded, not even as zero.
         assert_eq!(
             series
-                .probe(measure::FAULTS_MINOR)
+                .probe(measure::index("paging.faults.minor"))
                 .unwrap()
                 .snapshot()
                 .count,
@@ -339,13 +339,10 @@ mod tests {
     #[test]
     fn weights_give_an_estimated_total() {
         let series = CallSeries::new(AttributeSet::empty(), Liveness::standalone());
-        let mut delta = Reading {
-            probes: ProbeSet::IO,
-            ..Reading::default()
-        };
-        delta.values[measure::IO_WRITE] = 100;
+        let mut delta = Delta::default();
+        delta.set(measure::index("io.write"), 100);
         series.record(1, Some((&delta, 4.0)));
-        let write = series.probe(measure::IO_WRITE).unwrap().snapshot();
+        let write = series.probe(measure::index("io.write")).unwrap().snapshot();
         assert_eq!(write.sum, 100.0);
         assert_eq!(write.estimated_sum(), 400.0);
     }

@@ -314,9 +314,9 @@ pub fn probe_names(what: &str, probes: &Bound<'_, PyAny>) -> PyResult<ProbeSet> 
         )));
     }
     let valid = || {
-        ProbeSet::NAMES
-            .iter()
-            .map(|(name, _)| format!("{name:?}"))
+        ProbeSet::ALL
+            .names()
+            .map(|name| format!("{name:?}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -342,7 +342,7 @@ pub fn probe_names(what: &str, probes: &Bound<'_, PyAny>) -> PyResult<ProbeSet> 
             )));
         }
         let text = checked_str("a probe name", &name)?;
-        match ProbeSet::from_name(text) {
+        match ProbeSet::by_name(text) {
             Some(probe) => set = set.union(probe),
             None => {
                 return Err(PyValueError::new_err(format!(

@@ -6,7 +6,7 @@ use super::metered_function::{parts, wrap_with};
 use crate::aggregate::attributes::AttributeSet;
 use crate::aggregate::call::MeterCore;
 use crate::aggregate::sampling::SamplingMode;
-use crate::probe::{measure, monotonic_ns, ProbeSet, Reading};
+use crate::probe::{monotonic_ns, ProbeSet, Reading, RAW_COUNT};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::ptr;
@@ -14,13 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 static DURATION_BUCKETS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
-static SUMS: [AtomicU64; measure::COUNT + 1] = [const { AtomicU64::new(0) }; measure::COUNT + 1];
+static SUMS: [AtomicU64; RAW_COUNT] = [const { AtomicU64::new(0) }; RAW_COUNT];
+static DURATION_SUM: AtomicU64 = AtomicU64::new(0);
 
 #[inline]
 fn record_duration(duration_ns: u64) {
     DURATION_BUCKETS[63 - (duration_ns | 1).leading_zeros() as usize]
         .fetch_add(1, Ordering::Relaxed);
-    SUMS[measure::COUNT].fetch_add(duration_ns, Ordering::Relaxed);
+    DURATION_SUM.fetch_add(duration_ns, Ordering::Relaxed);
 }
 
 unsafe extern "C" fn timer_only(
@@ -56,9 +57,9 @@ unsafe extern "C" fn with_probes(
     // SAFETY: the caller's arguments, forwarded unchanged.
     let result = unsafe { ffi::PyObject_Vectorcall(function, args, nargsf, kwnames) };
     record_duration(monotonic_ns() - started);
-    let after = Reading::take_after(probes);
-    for ((sum, after), before) in SUMS.iter().zip(after.values).zip(before.values) {
-        sum.fetch_add(after.wrapping_sub(before), Ordering::Relaxed);
+    let after = Reading::take_after(&before);
+    for ((sum, after), before) in SUMS.iter().zip(after.raw()).zip(before.raw()) {
+        sum.fetch_add(after.wrapping_sub(*before), Ordering::Relaxed);
     }
     result
 }
@@ -73,7 +74,7 @@ pub fn floor_wrap<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let mut set = ProbeSet::NONE;
     for name in &probes {
-        set = set.union(ProbeSet::from_name(name).ok_or_else(|| {
+        set = set.union(ProbeSet::by_name(name).ok_or_else(|| {
             pyo3::exceptions::PyValueError::new_err(format!("unknown probe {name:?}"))
         })?);
     }

@@ -112,12 +112,13 @@ impl PyMeterCore {
             _ => ProbeSet::DEFAULT,
         };
         // Probes that cannot work here are dropped; the Python layer warns about them.
-        // Asking about the GPU may load NVML (slow): without the GIL.
-        let unavailable = if requested.intersects(ProbeSet::GPU) {
-            py.detach(|| probe::unavailable(requested))
-        } else {
-            probe::unavailable(requested)
-        };
+        // Readying the GPU may load NVML (slow): without the GIL. The others are readied
+        // with it (the allocation probe installs its hooks under it).
+        let gpu = requested & ProbeSet::GPU;
+        let mut unavailable = probe::activate(requested.without(gpu));
+        if !gpu.is_empty() {
+            unavailable |= py.detach(|| probe::activate(gpu));
+        }
         let probes = requested.without(unavailable);
         let mode = match (sample, budget) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err(

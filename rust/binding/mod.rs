@@ -1,6 +1,7 @@
 //! The PyO3 binding layer: the only module that knows about Python.
 
 mod block;
+mod catalog;
 mod convert;
 mod drivers;
 mod export;
@@ -48,10 +49,8 @@ fn available_probes<'py>(
         _ => probe::ProbeSet::ALL,
     };
     let result = PyDict::new(py);
-    for (name, probe) in probe::ProbeSet::NAMES {
-        if asked.intersects(probe) {
-            result.set_item(name, py.detach(|| probe::availability_of(probe)))?;
-        }
+    for (probe, info) in asked.each() {
+        result.set_item(info.name, py.detach(|| probe::availability_of(probe)))?;
     }
     Ok(result)
 }
@@ -138,11 +137,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(reserved_name, module)?)?;
     module.add("MAX_CARDINALITY_LIMIT", series_map::MAX_CARDINALITY_LIMIT)?;
     module.add("MIN_SAMPLE", sampling::MIN_SAMPLE)?;
-    let boundaries = PyDict::new(py);
-    for (name, values) in crate::aggregate::boundaries::SETS {
-        boundaries.set_item(name, pyo3::types::PyTuple::new(py, values)?)?;
-    }
-    module.add("BOUNDARIES", boundaries)?;
+    catalog::add_to(module)?;
     module.add_function(wrap_pyfunction!(spans::set_span_attributes, module)?)?;
     module.add_function(wrap_pyfunction!(spans::take_span_attributes, module)?)?;
     module.add_function(wrap_pyfunction!(spans::pending_span_count, module)?)?;

@@ -22,7 +22,7 @@
 use crate::aggregate::call::Measured;
 use crate::aggregate::exemplars::Exemplar;
 use crate::aggregate::series::CallSeries;
-use crate::probe::{measure, ProbeSet, DURATION, MEASURES};
+use crate::probe::{measure, Combine, DURATION, MEASURES};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -58,7 +58,8 @@ struct Totals {
     probed: u64,
     duration_ns: u64,
     values: [u64; measure::COUNT],
-    probes: ProbeSet,
+    /// Bit i: some call had a value of measure i.
+    present: u32,
 }
 
 impl Totals {
@@ -67,16 +68,18 @@ impl Totals {
         self.duration_ns += measured.duration_ns;
         if let Some((delta, _)) = &measured.sample {
             self.probed += 1;
-            self.probes = self.probes.union(delta.probes);
             for (index, info) in MEASURES.iter().enumerate() {
-                let value = delta.values[index];
-                if !info.level {
-                    self.values[index] += value;
-                } else if delta.probes.contains(info.probe) {
-                    // A level (GPU memory at a call's end): the span's peak.
-                    self.values[index] = self.values[index].max(value);
+                if !delta.has(index) {
+                    continue;
                 }
+                let value = delta.values[index];
+                self.values[index] = match info.combine {
+                    Combine::Sum => self.values[index].saturating_add(value),
+                    // A level or a high-water mark of each call: the span's largest.
+                    Combine::Last | Combine::Max => self.values[index].max(value),
+                };
             }
+            self.present |= delta.present;
         }
     }
 }
@@ -556,8 +559,8 @@ pub fn take_span_attributes<'py>(
     )?;
     attributes.set_item("meterage.probed_calls", totals.probed)?;
     for (index, info) in MEASURES.iter().enumerate() {
-        if totals.probes.contains(info.probe) {
-            let key = format!("meterage.{}", info.name);
+        if totals.present & (1 << index) != 0 {
+            let key = format!("meterage.{}", info.key);
             if info.factor == 1.0 {
                 attributes.set_item(key, totals.values[index])?;
             } else {

@@ -203,8 +203,8 @@ mod tests {
         .iter()
         .map(|&ns| ns as f64 * 1e-9)
         .collect();
-        let bounds = boundaries::DURATION;
-        let counts = explicit_counts(&recorded(&durations), &bounds);
+        let bounds = crate::probe::DURATION.boundaries;
+        let counts = explicit_counts(&recorded(&durations), bounds);
         let mut expected = vec![0u64; bounds.len() + 1];
         for value in &durations {
             expected[bounds.partition_point(|&b| b < *value)] += 1;

@@ -90,6 +90,27 @@ impl GpuReading {
     pub fn memory_bytes(&self) -> Option<u64> {
         self.has(MEMORY).then_some(self.memory_bytes)
     }
+
+    /// As the integers of a probe reading.
+    pub(super) fn to_raw(self, raw: &mut [u64]) {
+        raw[0] = self.at_ns;
+        raw[1] = self.energy_mj;
+        raw[2] = self.memory_bytes;
+        raw[3] = self.power_mw as u64;
+        raw[4] = self.selection as u64;
+        raw[5] = self.present as u64;
+    }
+
+    pub(super) fn from_raw(raw: &[u64]) -> GpuReading {
+        GpuReading {
+            at_ns: raw[0],
+            energy_mj: raw[1],
+            memory_bytes: raw[2],
+            power_mw: raw[3] as u32,
+            selection: raw[4] as u32,
+            present: raw[5] as u8,
+        }
+    }
 }
 
 /// What a call used, from two readings.

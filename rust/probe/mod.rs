@@ -3,10 +3,15 @@
 //! A call reads its probes once before and once after; the difference is the call's cost.
 //! The OS readings are per thread, so a call is charged only for its own thread's work;
 //! the GPU readings are per device (see [`gpu`]).
+//!
+//! Each probe is one declaration ([`catalog::Probe`]) in its own file, named once in the
+//! list below: the probe set, the measure indices, the readings and their deltas follow.
 
+pub mod catalog;
 pub mod clock;
 pub mod fork;
 pub mod gpu;
+mod gpu_probe;
 pub mod host;
 mod host_pid;
 pub mod nvml;
@@ -14,209 +19,246 @@ pub mod process;
 mod rusage;
 mod thread_io;
 
+pub use catalog::{Combine, Measure, ProbeInfo, DURATION};
+use catalog::{Probe, Stage};
 pub use clock::{monotonic_ns, thread_cpu_ns};
 
-/// A set of probes, as bits. The wall clock is not a probe: every call is timed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ProbeSet(u8);
+/// Declares the probes, in the order users see them (names, snapshot keys, exports).
+macro_rules! probes {
+    ($($flag:ident: $probe:ty),+ $(,)?) => {
+        /// Every probe, in the order users see them.
+        pub const PROBES: &[ProbeInfo] = &[$(<$probe as Probe>::INFO),+];
+        const RAW_SIZES: &[usize] = &[$(<$probe as Probe>::RAW),+];
 
-impl ProbeSet {
-    pub const NONE: ProbeSet = ProbeSet(0);
-    /// Exact thread CPU time (CLOCK_THREAD_CPUTIME_ID).
-    pub const CPU: ProbeSet = ProbeSet(1);
-    /// Page faults and context switches (getrusage(RUSAGE_THREAD)).
-    pub const RUSAGE: ProbeSet = ProbeSet(2);
-    /// Bytes of the read/write syscall family and of storage IO (/proc/thread-self/io);
-    /// socket send/recv, splice and mmap are not counted (see `thread_io`).
-    pub const IO: ProbeSet = ProbeSet(4);
-    /// The GPU energy counter difference of a call (long enough for the counter).
-    pub const GPU_ENERGY: ProbeSet = ProbeSet(8);
-    /// A power × time estimate of a call's GPU energy (calls too short for the counter).
-    pub const GPU_ENERGY_ESTIMATE: ProbeSet = ProbeSet(16);
-    /// This process's GPU memory at the end of a call.
-    pub const GPU_MEMORY: ProbeSet = ProbeSet(32);
-    /// The `gpu` probe (NVML): its three measures.
-    pub const GPU: ProbeSet = ProbeSet(8 | 16 | 32);
-    pub const ALL: ProbeSet = ProbeSet(63);
-    /// What a meter reads unless told otherwise: the OS probes (GPU is opt-in).
-    pub const DEFAULT: ProbeSet = ProbeSet(7);
+        bitflags::bitflags! {
+            /// A set of probes, one bit each. The wall clock is not a probe: every call is
+            /// timed.
+            #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+            pub struct ProbeSet: u8 {
+                $(const $flag = 1 << position(<$probe as Probe>::INFO.name);)+
+            }
+        }
 
-    /// Probe names in a fixed order, as the Python API spells them.
-    pub const NAMES: [(&'static str, ProbeSet); 4] = [
-        ("cpu", ProbeSet::CPU),
-        ("rusage", ProbeSet::RUSAGE),
-        ("io", ProbeSet::IO),
-        ("gpu", ProbeSet::GPU),
-    ];
+        /// Reads the probes of `wanted` that run at `stage`: before the call, or after it
+        /// when `start` is the reading before.
+        #[inline(always)]
+        fn read_stage(stage: Stage, wanted: ProbeSet, start: Option<&Reading>, reading: &mut Reading) {
+            $(
+                if <$probe as Probe>::STAGE == stage && wanted.contains(ProbeSet::$flag) {
+                    let at = RAW_OFFSETS[position(<$probe as Probe>::INFO.name)];
+                    let range = at..at + <$probe as Probe>::RAW;
+                    let read = match start {
+                        None => <$probe as Probe>::before(&mut reading.raw[range]),
+                        Some(start) => <$probe as Probe>::after(
+                            &start.raw[range.clone()],
+                            &mut reading.raw[range],
+                        ),
+                    };
+                    if read {
+                        reading.probes |= ProbeSet::$flag;
+                    }
+                }
+            )+
+        }
 
-    pub fn from_name(name: &str) -> Option<ProbeSet> {
-        Self::NAMES
-            .iter()
-            .find(|(probe_name, _)| *probe_name == name)
-            .map(|(_, probe)| *probe)
-    }
+        /// The measures of the probes read in both `end` and `start`.
+        #[inline(always)]
+        fn delta_of(end: &Reading, start: &Reading, delta: &mut Delta) {
+            let both = end.probes & start.probes;
+            $(
+                if both.contains(ProbeSet::$flag) {
+                    let index = position(<$probe as Probe>::INFO.name);
+                    let raw = RAW_OFFSETS[index]..RAW_OFFSETS[index] + <$probe as Probe>::RAW;
+                    let first = MEASURE_OFFSETS[index];
+                    let values = first..first + <$probe as Probe>::INFO.measures.len();
+                    let present = <$probe as Probe>::delta(
+                        &end.raw[raw.clone()],
+                        &start.raw[raw],
+                        &mut delta.values[values],
+                    );
+                    delta.present |= present << first;
+                }
+            )+
+        }
 
-    /// The set with these bits; unknown bits are dropped.
-    pub const fn from_bits(bits: u8) -> ProbeSet {
-        ProbeSet(bits & ProbeSet::ALL.0)
-    }
-    pub const fn bits(self) -> u8 {
-        self.0
-    }
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-    pub const fn contains(self, other: ProbeSet) -> bool {
-        self.0 & other.0 == other.0
-    }
-    pub const fn intersects(self, other: ProbeSet) -> bool {
-        self.0 & other.0 != 0
-    }
-    pub const fn union(self, other: ProbeSet) -> ProbeSet {
-        ProbeSet(self.0 | other.0)
-    }
-    pub const fn without(self, other: ProbeSet) -> ProbeSet {
-        ProbeSet(self.0 & !other.0)
-    }
-    pub fn names(self) -> impl Iterator<Item = &'static str> {
-        Self::NAMES
-            .iter()
-            .filter(move |(_, probe)| self.contains(*probe))
-            .map(|(name, _)| *name)
-    }
+        fn abandon_all(start: &Reading) {
+            $(
+                if start.probes.contains(ProbeSet::$flag) {
+                    let at = RAW_OFFSETS[position(<$probe as Probe>::INFO.name)];
+                    <$probe as Probe>::abandon(&start.raw[at..at + <$probe as Probe>::RAW]);
+                }
+            )+
+        }
+
+        /// `None` when the single probe `probe` works here, or why not.
+        pub fn availability_of(probe: ProbeSet) -> Option<String> {
+            $(
+                if probe == ProbeSet::$flag {
+                    return <$probe as Probe>::availability();
+                }
+            )+
+            Some(format!("{probe:?} is not a single probe"))
+        }
+
+        /// Readies the single probe `probe` for a meter; `None`, or why it cannot run.
+        fn activate_one(probe: ProbeSet) -> Option<String> {
+            $(
+                if probe == ProbeSet::$flag {
+                    return <$probe as Probe>::activate();
+                }
+            )+
+            Some(format!("{probe:?} is not a single probe"))
+        }
+    };
 }
 
-/// What one probe measure is: its snapshot key, unit, the probe that reads it and the
-/// factor from the raw integer reading to the unit (nanoseconds to seconds for CPU time).
-#[derive(Clone, Copy, Debug)]
-pub struct MeasureInfo {
-    pub name: &'static str,
-    pub unit: &'static str,
-    pub probe: ProbeSet,
-    pub factor: f64,
-    /// A level at the end of the call (GPU memory), not an amount used during it: steps
-    /// of a call keep the last, and totals over calls take the largest.
-    pub level: bool,
+probes! {
+    CPU: clock::Cpu,
+    RUSAGE: rusage::Rusage,
+    IO: thread_io::Io,
+    GPU: gpu_probe::Gpu,
 }
 
-/// Index of each probe measure in a [`Reading`].
-pub mod measure {
-    pub const CPU_TIME: usize = 0;
-    pub const FAULTS_MINOR: usize = 1;
-    pub const FAULTS_MAJOR: usize = 2;
-    pub const SWITCHES_VOLUNTARY: usize = 3;
-    pub const SWITCHES_INVOLUNTARY: usize = 4;
-    pub const IO_READ: usize = 5;
-    pub const IO_WRITE: usize = 6;
-    pub const DISK_READ: usize = 7;
-    pub const DISK_WRITE: usize = 8;
-    pub const GPU_ENERGY: usize = 9;
-    pub const GPU_ENERGY_ESTIMATED: usize = 10;
-    pub const GPU_MEMORY: usize = 11;
-    pub const COUNT: usize = 12;
+/// The index of the probe called `name` in [`PROBES`] (a compile-time error if none is).
+const fn position(name: &str) -> usize {
+    let mut index = 0;
+    while index < PROBES.len() {
+        if catalog::same(PROBES[index].name, name) {
+            return index;
+        }
+        index += 1;
+    }
+    panic!("no such probe");
 }
 
-/// The wall-clock measure every call records.
-pub const DURATION: MeasureInfo = MeasureInfo {
-    name: "duration",
-    unit: "s",
-    probe: ProbeSet::NONE,
-    factor: 1e-9,
-    level: false,
+/// Where each probe's integers start in a reading, and how many there are.
+const RAW_OFFSETS: [usize; PROBES.len()] = prefix_sums(RAW_SIZES);
+pub const RAW_COUNT: usize = RAW_OFFSETS[PROBES.len() - 1] + RAW_SIZES[PROBES.len() - 1];
+
+/// Where each probe's measures start in [`MEASURES`].
+const MEASURE_OFFSETS: [usize; PROBES.len()] = {
+    let mut sizes = [0; PROBES.len()];
+    let mut index = 0;
+    while index < PROBES.len() {
+        sizes[index] = PROBES[index].measures.len();
+        index += 1;
+    }
+    prefix_sums(&sizes)
 };
 
-/// The probe measures, indexed by [`measure`].
-pub const MEASURES: [MeasureInfo; measure::COUNT] = [
-    MeasureInfo {
-        name: "cpu.time",
-        unit: "s",
-        probe: ProbeSet::CPU,
-        factor: 1e-9,
-        level: false,
-    },
-    MeasureInfo {
-        name: "paging.faults.minor",
-        unit: "{fault}",
-        probe: ProbeSet::RUSAGE,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "paging.faults.major",
-        unit: "{fault}",
-        probe: ProbeSet::RUSAGE,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "context_switches.voluntary",
-        unit: "{context_switch}",
-        probe: ProbeSet::RUSAGE,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "context_switches.involuntary",
-        unit: "{context_switch}",
-        probe: ProbeSet::RUSAGE,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "io.read",
-        unit: "By",
-        probe: ProbeSet::IO,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "io.write",
-        unit: "By",
-        probe: ProbeSet::IO,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "disk.io.read",
-        unit: "By",
-        probe: ProbeSet::IO,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "disk.io.write",
-        unit: "By",
-        probe: ProbeSet::IO,
-        factor: 1.0,
-        level: false,
-    },
-    MeasureInfo {
-        name: "gpu.energy",
-        unit: "J",
-        probe: ProbeSet::GPU_ENERGY,
-        factor: 1e-3, // mJ
-        level: false,
-    },
-    MeasureInfo {
-        name: "gpu.energy.estimated",
-        unit: "J",
-        probe: ProbeSet::GPU_ENERGY_ESTIMATE,
-        factor: 1e-6, // µJ
-        level: false,
-    },
-    MeasureInfo {
-        name: "gpu.memory",
-        unit: "By",
-        probe: ProbeSet::GPU_MEMORY,
-        factor: 1.0,
-        level: true,
-    },
-];
+const fn prefix_sums<const N: usize>(sizes: &[usize]) -> [usize; N] {
+    let mut out = [0; N];
+    let mut index = 1;
+    while index < N {
+        out[index] = out[index - 1] + sizes[index - 1];
+        index += 1;
+    }
+    out
+}
 
-/// Raw counter values of one thread at one instant, indexed by [`measure`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+impl ProbeSet {
+    pub const NONE: ProbeSet = ProbeSet::empty();
+    pub const ALL: ProbeSet = ProbeSet::all();
+    /// What a meter reads unless told otherwise (the probes declared `default`).
+    pub const DEFAULT: ProbeSet = {
+        let mut bits = 0;
+        let mut index = 0;
+        while index < PROBES.len() {
+            if PROBES[index].default {
+                bits |= 1 << index;
+            }
+            index += 1;
+        }
+        ProbeSet::from_bits_truncate(bits)
+    };
+
+    /// The probe users call `name` (bitflags' own `from_name` takes the flag's name).
+    pub fn by_name(name: &str) -> Option<ProbeSet> {
+        PROBES
+            .iter()
+            .position(|probe| probe.name == name)
+            .map(|index| ProbeSet::from_bits_truncate(1 << index))
+    }
+
+    /// Each probe of the set, with its declaration, in [`PROBES`] order.
+    pub fn each(self) -> impl Iterator<Item = (ProbeSet, &'static ProbeInfo)> {
+        PROBES
+            .iter()
+            .enumerate()
+            .map(|(index, info)| (ProbeSet::from_bits_truncate(1 << index), info))
+            .filter(move |(probe, _)| self.contains(*probe))
+    }
+
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        self.each().map(|(_, info)| info.name)
+    }
+
+    pub const fn without(self, other: ProbeSet) -> ProbeSet {
+        ProbeSet::from_bits_truncate(self.bits() & !other.bits())
+    }
+}
+
+/// Index of each probe measure in a [`Delta`] and in [`MEASURES`].
+pub mod measure {
+    use super::{catalog, MEASURE_OFFSETS, PROBES};
+
+    /// Every probe measure, in [`PROBES`](super::PROBES) order.
+    pub const COUNT: usize = {
+        let last = PROBES.len() - 1;
+        MEASURE_OFFSETS[last] + PROBES[last].measures.len()
+    };
+
+    /// The index of the measure whose snapshot key is `key` (a compile-time error if none
+    /// is, where used in a constant).
+    pub const fn index(key: &str) -> usize {
+        let mut index = 0;
+        while index < COUNT {
+            if catalog::same(super::MEASURES[index].key, key) {
+                return index;
+            }
+            index += 1;
+        }
+        panic!("no such measure");
+    }
+
+    pub const CPU_TIME: usize = index("cpu.time");
+}
+
+/// Every probe measure, flat, indexed by [`measure`].
+pub const MEASURES: [Measure; measure::COUNT] = {
+    let mut out = [DURATION; measure::COUNT];
+    let mut probe = 0;
+    while probe < PROBES.len() {
+        let measures = PROBES[probe].measures;
+        let mut index = 0;
+        while index < measures.len() {
+            out[MEASURE_OFFSETS[probe] + index] = measures[index];
+            index += 1;
+        }
+        probe += 1;
+    }
+    out
+};
+
+/// The probe each measure belongs to, indexed by [`measure`].
+pub const MEASURE_PROBES: [ProbeSet; measure::COUNT] = {
+    let mut out = [ProbeSet::NONE; measure::COUNT];
+    let mut probe = 0;
+    while probe < PROBES.len() {
+        let mut index = 0;
+        while index < PROBES[probe].measures.len() {
+            out[MEASURE_OFFSETS[probe] + index] = ProbeSet::from_bits_truncate(1 << probe);
+            index += 1;
+        }
+        probe += 1;
+    }
+    out
+};
+
+/// The raw integers of one thread's probes at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reading {
-    pub values: [u64; measure::COUNT],
+    raw: [u64; RAW_COUNT],
     /// The probes that were actually read (IO can fail where /proc is not readable).
     pub probes: ProbeSet,
     /// Fork generation at the time of reading: a delta across a fork is meaningless.
@@ -224,180 +266,121 @@ pub struct Reading {
     /// The thread that read it: the counters are per thread, so readings of two threads
     /// (a `with` block resumed in another thread) do not subtract.
     pub thread: usize,
-    /// The GPU readings (raw readings only; a delta has its GPU values in `values`).
-    pub gpu: gpu::GpuReading,
 }
 
+/// What one call (or one step of it) used: a value per measure, and which have one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub values: [u64; measure::COUNT],
+    /// Bit i: measure i has a value.
+    pub present: u32,
+}
+
+impl Delta {
+    pub const fn has(&self, index: usize) -> bool {
+        self.present & (1 << index) != 0
+    }
+
+    /// Sets measure `index` (tests, and the GPU's per-device values).
+    pub fn set(&mut self, index: usize, value: u64) {
+        self.values[index] = value;
+        self.present |= 1 << index;
+    }
+
+    /// Adds the next step of the same call.
+    #[inline]
+    pub fn accumulate(&mut self, step: &Delta) {
+        for (index, info) in MEASURES.iter().enumerate() {
+            if !step.has(index) {
+                continue;
+            }
+            let value = step.values[index];
+            self.values[index] = match info.combine {
+                Combine::Sum => self.values[index].saturating_add(value),
+                Combine::Last => value,
+                Combine::Max if self.has(index) => self.values[index].max(value),
+                Combine::Max => value,
+            };
+        }
+        self.present |= step.present;
+    }
+}
+
+const STAGES: [Stage; 4] = [Stage::Outer, Stage::Counters, Stage::Clock, Stage::Inner];
+
 impl Reading {
-    /// The reading before a call: the CPU clock last, so the other probes' own cost
-    /// (the IO pread is ~2 µs) is not charged to the call's CPU time; the GPU first, so
-    /// its driver calls are not charged to the call's context switches either.
+    /// The reading before a call, the stages outside in.
     #[inline]
     pub fn take_before(probes: ProbeSet) -> Reading {
-        let gpu = if probes.intersects(ProbeSet::GPU) {
-            gpu::read_before()
-        } else {
-            gpu::GpuReading::default()
-        };
-        let mut reading = Self::counters(probes);
-        reading.gpu = gpu;
-        if probes.contains(ProbeSet::CPU) {
-            reading.values[measure::CPU_TIME] = thread_cpu_ns();
-            reading.probes = reading.probes.union(ProbeSet::CPU);
-        }
-        reading
-    }
-
-    /// The reading after a call: the CPU clock first, for the same reason.
-    #[inline]
-    pub fn take_after(probes: ProbeSet) -> Reading {
-        let cpu = probes.contains(ProbeSet::CPU).then(thread_cpu_ns);
-        let mut reading = Self::counters(probes);
-        if let Some(cpu) = cpu {
-            reading.values[measure::CPU_TIME] = cpu;
-            reading.probes = reading.probes.union(ProbeSet::CPU);
-        }
-        if probes.intersects(ProbeSet::GPU) {
-            reading.gpu = gpu::read_after();
-        }
-        reading
-    }
-
-    /// Everything but the CPU clock.
-    #[inline]
-    fn counters(probes: ProbeSet) -> Reading {
         let mut reading = Reading {
+            raw: [0; RAW_COUNT],
+            probes: ProbeSet::NONE,
             generation: fork::generation(),
             // SAFETY: pthread_self has no preconditions (it reads a register).
             thread: unsafe { libc::pthread_self() } as usize,
-            ..Reading::default()
         };
-        let values = &mut reading.values;
-        let mut read = ProbeSet::NONE;
-        if probes.contains(ProbeSet::RUSAGE) && rusage::read_thread(values) {
-            read = read.union(ProbeSet::RUSAGE);
+        for stage in STAGES {
+            read_stage(stage, probes, None, &mut reading);
         }
-        if probes.contains(ProbeSet::IO) && thread_io::read_thread(values) {
-            read = read.union(ProbeSet::IO);
-        }
-        reading.probes = read;
         reading
+    }
+
+    /// The reading after the call whose reading before was `start`: the probes it read,
+    /// the stages inside out.
+    #[inline]
+    pub fn take_after(start: &Reading) -> Reading {
+        let mut reading = Reading {
+            raw: [0; RAW_COUNT],
+            probes: ProbeSet::NONE,
+            generation: fork::generation(),
+            // SAFETY: as in take_before.
+            thread: unsafe { libc::pthread_self() } as usize,
+        };
+        for stage in STAGES.into_iter().rev() {
+            read_stage(stage, start.probes, Some(start), &mut reading);
+        }
+        reading
+    }
+
+    /// A reading before a call that will not be read after it.
+    pub fn abandon(&self) {
+        abandon_all(self);
     }
 
     /// The change from `start` to `self`, or `None` when the two readings are not
     /// comparable (taken on either side of a fork, or by two threads). Only probes read
     /// both times count.
     #[inline]
-    pub fn since(&self, start: &Reading) -> Option<Reading> {
+    pub fn since(&self, start: &Reading) -> Option<Delta> {
         if self.generation != start.generation || self.thread != start.thread {
             return None;
         }
-        let mut delta = Reading {
-            probes: ProbeSet(self.probes.0 & start.probes.0),
-            generation: self.generation,
-            ..Reading::default()
-        };
-        for index in 0..measure::COUNT {
-            delta.values[index] = self.values[index].saturating_sub(start.values[index]);
-        }
-        if delta.probes.contains(ProbeSet::CPU) {
-            delta.values[measure::CPU_TIME] =
-                delta.values[measure::CPU_TIME].saturating_sub(clock::thread_cpu_read_cost_ns());
-        }
-        if !self.gpu.is_empty() {
-            // Probed calls of meters without `gpu` skip this (their readings are empty).
-            delta.add_gpu(self.gpu.since(&start.gpu));
-        }
+        let mut delta = Delta::default();
+        delta_of(self, start, &mut delta);
         Some(delta)
     }
 
-    /// Puts a call's GPU measures into this delta.
-    fn add_gpu(&mut self, gpu: gpu::GpuDelta) {
-        for (value, index, probe) in [
-            (gpu.energy_mj, measure::GPU_ENERGY, ProbeSet::GPU_ENERGY),
-            (
-                gpu.estimated_energy_uj,
-                measure::GPU_ENERGY_ESTIMATED,
-                ProbeSet::GPU_ENERGY_ESTIMATE,
-            ),
-            (gpu.memory_bytes, measure::GPU_MEMORY, ProbeSet::GPU_MEMORY),
-        ] {
-            if let Some(value) = value {
-                self.values[index] = value;
-                self.probes = self.probes.union(probe);
-            }
-        }
-    }
-
-    /// Adds another delta into this one (steps of a coroutine or generator).
-    #[inline]
-    pub fn accumulate(&mut self, other: &Reading) {
-        for (index, info) in MEASURES.iter().enumerate() {
-            if !info.level {
-                self.values[index] += other.values[index];
-            } else if other.probes.contains(info.probe) {
-                self.values[index] = other.values[index];
-            }
-        }
-        self.probes = self.probes.union(other.probes);
+    /// The raw integers (the benchmark floor sums their differences).
+    pub fn raw(&self) -> &[u64] {
+        &self.raw
     }
 }
 
 /// Each probe name with `None` when it works here, or a sentence saying why not.
 pub fn availability() -> Vec<(&'static str, Option<String>)> {
-    ProbeSet::NAMES
-        .iter()
-        .map(|&(name, probe)| (name, availability_of(probe)))
+    ProbeSet::ALL
+        .each()
+        .map(|(probe, info)| (info.name, availability_of(probe)))
         .collect()
 }
 
-/// `None` when `probe` (one of [`ProbeSet::NAMES`]) works here, or why not. Asking about
-/// the GPU loads NVML.
-pub fn availability_of(probe: ProbeSet) -> Option<String> {
-    // The OS probes either work on this kernel or not: found out once per process (an IO
-    // check opens a file, ~10 us, which making a meter must not pay every time).
-    static OS: std::sync::OnceLock<[Option<String>; 3]> = std::sync::OnceLock::new();
-    let os = || {
-        OS.get_or_init(|| {
-            [
-                clock_availability(),
-                rusage::availability(),
-                thread_io::availability(),
-            ]
-        })
-    };
-    match probe {
-        ProbeSet::CPU => os()[0].clone(),
-        ProbeSet::RUSAGE => os()[1].clone(),
-        ProbeSet::IO => os()[2].clone(),
-        ProbeSet::GPU => gpu::availability(),
-        _ => Some(format!("{probe:?} is not a single probe")),
-    }
-}
-
-fn clock_availability() -> Option<String> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (rc != 0).then(|| {
-        format!(
-            "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed: {}",
-            std::io::Error::last_os_error()
-        )
-    })
-}
-
-/// Probes from `requested` that do not work on this machine (only those asked about are
-/// checked: a meter without `gpu` never loads NVML).
-pub fn unavailable(requested: ProbeSet) -> ProbeSet {
-    ProbeSet::NAMES
-        .iter()
-        .filter(|&&(_, probe)| requested.intersects(probe))
-        .filter(|&&(_, probe)| availability_of(probe).is_some())
-        .fold(ProbeSet::NONE, |missing, &(_, probe)| missing.union(probe))
+/// Readies the probes of `requested` for a meter; returns those that cannot run here
+/// (only those asked for are checked: a meter without `gpu` never loads NVML).
+pub fn activate(requested: ProbeSet) -> ProbeSet {
+    requested
+        .each()
+        .filter(|&(probe, _)| activate_one(probe).is_some())
+        .fold(ProbeSet::NONE, |missing, (probe, _)| missing.union(probe))
 }
 
 #[cfg(test)]
@@ -405,18 +388,35 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    fn delta_of(probes: ProbeSet, work: impl FnOnce()) -> Reading {
+    const IO_READ: usize = measure::index("io.read");
+    const IO_WRITE: usize = measure::index("io.write");
+    const FAULTS_MINOR: usize = measure::index("paging.faults.minor");
+    const FAULTS_MAJOR: usize = measure::index("paging.faults.major");
+    const SWITCHES_VOLUNTARY: usize = measure::index("context_switches.voluntary");
+    const GPU_ENERGY: usize = measure::index("gpu.energy");
+    const GPU_MEMORY: usize = measure::index("gpu.memory");
+
+    fn delta_of(probes: ProbeSet, work: impl FnOnce()) -> Delta {
         let start = Reading::take_before(probes);
         work();
-        Reading::take_after(probes).since(&start).unwrap()
+        Reading::take_after(&start).since(&start).unwrap()
+    }
+
+    /// The bits of every measure of `probes`.
+    fn measures_of(probes: ProbeSet) -> u32 {
+        MEASURE_PROBES
+            .iter()
+            .enumerate()
+            .filter(|(_, probe)| probes.contains(**probe))
+            .fold(0, |bits, (index, _)| bits | 1 << index)
     }
 
     #[test]
     fn names_round_trip() {
-        for (name, probe) in ProbeSet::NAMES {
-            assert_eq!(ProbeSet::from_name(name), Some(probe));
+        for (probe, info) in ProbeSet::ALL.each() {
+            assert_eq!(ProbeSet::by_name(info.name), Some(probe));
         }
-        assert_eq!(ProbeSet::from_name("tpu"), None);
+        assert_eq!(ProbeSet::by_name("tpu"), None);
         assert_eq!(
             ProbeSet::DEFAULT.names().collect::<Vec<_>>(),
             ["cpu", "rusage", "io"]
@@ -429,10 +429,8 @@ mod tests {
 
     #[test]
     fn the_os_probes_are_available_on_linux() {
-        for (name, probe) in ProbeSet::NAMES {
-            if probe != ProbeSet::GPU {
-                assert_eq!(availability_of(probe), None, "probe {name}");
-            }
+        for (probe, info) in ProbeSet::DEFAULT.each() {
+            assert_eq!(availability_of(probe), None, "probe {}", info.name);
         }
     }
 
@@ -441,9 +439,9 @@ mod tests {
         // The probe's own pread of /proc/thread-self/io must not be charged to the call.
         for _ in 0..100 {
             let delta = delta_of(ProbeSet::DEFAULT, || {});
-            assert_eq!(delta.probes, ProbeSet::DEFAULT);
-            assert_eq!(delta.values[measure::IO_READ], 0);
-            assert_eq!(delta.values[measure::IO_WRITE], 0);
+            assert_eq!(delta.present, measures_of(ProbeSet::DEFAULT));
+            assert_eq!(delta.values[IO_READ], 0);
+            assert_eq!(delta.values[IO_WRITE], 0);
         }
     }
 
@@ -454,7 +452,7 @@ mod tests {
                 delta_of(ProbeSet::IO, || {});
             }
         });
-        assert_eq!(outer.values[measure::IO_READ], 0);
+        assert_eq!(outer.values[IO_READ], 0);
     }
 
     #[test]
@@ -465,8 +463,8 @@ mod tests {
             let mut file = std::fs::File::create(&dir).unwrap();
             file.write_all(&payload).unwrap();
         });
-        assert_eq!(delta.values[measure::IO_WRITE], 12_345);
-        assert_eq!(delta.values[measure::IO_READ], 0);
+        assert_eq!(delta.values[IO_WRITE], 12_345);
+        assert_eq!(delta.values[IO_READ], 0);
 
         let delta = delta_of(ProbeSet::IO, || {
             let mut buf = Vec::new();
@@ -477,8 +475,8 @@ mod tests {
             assert_eq!(buf.len(), 12_345);
         });
         // read_to_end also issues a final zero-byte read, which adds nothing.
-        assert_eq!(delta.values[measure::IO_READ], 12_345);
-        assert_eq!(delta.values[measure::IO_WRITE], 0);
+        assert_eq!(delta.values[IO_READ], 12_345);
+        assert_eq!(delta.values[IO_WRITE], 0);
         std::fs::remove_file(&dir).unwrap();
     }
 
@@ -495,7 +493,7 @@ mod tests {
             .join()
             .unwrap();
         });
-        assert_eq!(delta.values[measure::IO_WRITE], 0);
+        assert_eq!(delta.values[IO_WRITE], 0);
     }
 
     #[test]
@@ -522,8 +520,8 @@ mod tests {
             }
         });
         // 64 fresh pages: at least most of them fault once (THP may merge some).
-        assert!(delta.values[measure::FAULTS_MINOR] >= 1);
-        assert_eq!(delta.values[measure::FAULTS_MAJOR], 0);
+        assert!(delta.values[FAULTS_MINOR] >= 1);
+        assert_eq!(delta.values[FAULTS_MAJOR], 0);
     }
 
     #[test]
@@ -531,46 +529,44 @@ mod tests {
         let delta = delta_of(ProbeSet::RUSAGE, || {
             std::thread::sleep(std::time::Duration::from_millis(2));
         });
-        assert!(delta.values[measure::SWITCHES_VOLUNTARY] >= 1);
+        assert!(delta.values[SWITCHES_VOLUNTARY] >= 1);
     }
 
     #[test]
     fn levels_keep_the_last_step_and_amounts_add_up() {
-        let mut total = Reading::default();
+        let mut total = Delta::default();
         for (energy, memory) in [(100, 5_000), (50, 7_000)] {
-            let mut step = Reading::default();
-            step.values[measure::GPU_ENERGY] = energy;
-            step.values[measure::GPU_MEMORY] = memory;
-            step.probes = ProbeSet::GPU_ENERGY.union(ProbeSet::GPU_MEMORY);
+            let mut step = Delta::default();
+            step.set(GPU_ENERGY, energy);
+            step.set(GPU_MEMORY, memory);
             total.accumulate(&step);
         }
-        assert_eq!(total.values[measure::GPU_ENERGY], 150);
-        assert_eq!(total.values[measure::GPU_MEMORY], 7_000);
+        assert_eq!(total.values[GPU_ENERGY], 150);
+        assert_eq!(total.values[GPU_MEMORY], 7_000);
         // A step without the reading keeps the level it had.
-        total.accumulate(&Reading::default());
-        assert_eq!(total.values[measure::GPU_MEMORY], 7_000);
+        total.accumulate(&Delta::default());
+        assert_eq!(total.values[GPU_MEMORY], 7_000);
     }
 
     #[test]
     fn accumulate_sums_steps() {
-        let mut total = Reading::default();
-        let mut step = Reading::default();
-        step.values[measure::IO_READ] = 5;
-        step.probes = ProbeSet::IO;
+        let mut total = Delta::default();
+        let mut step = Delta::default();
+        step.set(IO_READ, 5);
         total.accumulate(&step);
         total.accumulate(&step);
-        assert_eq!(total.values[measure::IO_READ], 10);
-        assert_eq!(total.probes, ProbeSet::IO);
+        assert_eq!(total.values[IO_READ], 10);
+        assert_eq!(total.present, 1 << IO_READ);
     }
 
     #[test]
     fn readings_of_two_threads_are_not_comparable() {
         let start = Reading::take_before(ProbeSet::IO);
-        let elsewhere = std::thread::spawn(|| Reading::take_after(ProbeSet::IO))
+        let elsewhere = std::thread::spawn(move || Reading::take_after(&start))
             .join()
             .unwrap();
         assert!(elsewhere.since(&start).is_none());
-        assert!(Reading::take_after(ProbeSet::IO).since(&start).is_some());
+        assert!(Reading::take_after(&start).since(&start).is_some());
     }
 
     #[test]

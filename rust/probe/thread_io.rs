@@ -33,7 +33,8 @@
 //!   own. The one window the registry cannot see, between `open` returning and the slot
 //!   store, is waited out by the prepare handler ([`before_fork`]).
 
-use super::{clock, fork, measure};
+use super::catalog::{Combine, Measure, Probe, ProbeInfo, Stage, BYTE_BOUNDARIES};
+use super::{clock, fork};
 use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -344,7 +345,7 @@ fn parse(text: &[u8]) -> Option<Counters> {
 
 impl ThreadIoFile {
     #[inline]
-    fn read(&self, values: &mut [u64; measure::COUNT]) -> bool {
+    fn read(&self, raw: &mut [u64]) -> bool {
         let fd = self.fd.get();
         // Two relaxed loads on top of the pread: same fork generation, and no other thread
         // of ours was given this number since we opened it.
@@ -354,16 +355,16 @@ impl ThreadIoFile {
                 .slot
                 .get()
                 .is_some_and(|slot| slot.fd.load(Ordering::Relaxed) == fd)
-            && self.read_fd(fd, values)
+            && self.read_fd(fd, raw)
         {
             return true;
         }
-        self.recover(values)
+        self.recover(raw)
     }
 
     /// One pread of `fd`, accepted only if it reads as this thread's io file.
     #[inline]
-    fn read_fd(&self, fd: i32, values: &mut [u64; measure::COUNT]) -> bool {
+    fn read_fd(&self, fd: i32, raw: &mut [u64]) -> bool {
         let mut buffer = [0u8; BUFFER];
         // SAFETY: the buffer is valid for its length. Reading a number that is not ours
         // (closed, or the application's) fails or returns foreign bytes, rejected below; it
@@ -385,10 +386,10 @@ impl ThreadIoFile {
             _ => return false,
         };
         self.next_rchar.set(counters.rchar + read);
-        values[measure::IO_READ] = counters.rchar.wrapping_sub(own);
-        values[measure::IO_WRITE] = counters.wchar;
-        values[measure::DISK_READ] = counters.read_bytes;
-        values[measure::DISK_WRITE] = counters.write_bytes;
+        raw[0] = counters.rchar.wrapping_sub(own);
+        raw[1] = counters.wchar;
+        raw[2] = counters.read_bytes;
+        raw[3] = counters.write_bytes;
         true
     }
 
@@ -396,7 +397,7 @@ impl ThreadIoFile {
     /// ours. Drops the old number (closing it only if verified ours), opens a new one.
     #[cold]
     #[inline(never)]
-    fn recover(&self, values: &mut [u64; measure::COUNT]) -> bool {
+    fn recover(&self, raw: &mut [u64]) -> bool {
         let generation = fork::generation();
         if self.generation.get() != generation {
             // First use or a fork child: in a child the handler already closed the
@@ -415,7 +416,7 @@ impl ThreadIoFile {
             self.fd.set(UNAVAILABLE);
             return false;
         };
-        if self.read_fd(fd, values) {
+        if self.read_fd(fd, raw) {
             return true;
         }
         // Our own fresh descriptor does not read as an io file (an unknown layout, or
@@ -470,12 +471,99 @@ impl ThreadIoFile {
     }
 }
 
+/// rchar, wchar, read_bytes and write_bytes into `raw[..4]` (rchar less the probe's own).
 #[inline]
-pub(super) fn read_thread(values: &mut [u64; measure::COUNT]) -> bool {
-    IO_FILE.try_with(|file| file.read(values)).unwrap_or(false)
+fn read_thread(raw: &mut [u64]) -> bool {
+    IO_FILE.try_with(|file| file.read(raw)).unwrap_or(false)
 }
 
-pub(super) fn availability() -> Option<String> {
+/// The `io` probe.
+pub struct Io;
+
+const SYSCALL_BYTES: &str =
+    "Bytes moved by read/write-family syscalls (read, write, pread, pwrite, readv, writev, \
+sendfile, copy_file_range) of metered calls; socket send/recv and mmap are not counted.";
+const SYSCALL_SOURCE: &str = "`/proc/thread-self/io` rchar/wchar: bytes moved by the read/write family of syscalls on any descriptor — read, write, pread, pwrite, readv, writev, preadv, pwritev (Python's `open()` files, `os.read`/`os.write` on files, pipes and sockets); sendfile and copy_file_range count in both. **Not counted**: socket send/recv/sendmsg/recvmsg (so `socket.send`, `sendall`, `recv`, `recv_into` and asyncio socket streams read as 0), splice, mmap'ed memory";
+const STORAGE_BYTES: &str = "Storage bytes read and written by metered calls.";
+const STORAGE_SOURCE: &str = "`/proc/thread-self/io` read_bytes/write_bytes: storage IO";
+
+const fn bytes(
+    key: &'static str,
+    metric: &'static str,
+    attributes: &'static [(&'static str, &'static str)],
+    description: &'static str,
+    source: &'static str,
+) -> Measure {
+    Measure {
+        key,
+        unit: "By",
+        factor: 1.0,
+        combine: Combine::Sum,
+        metric,
+        attributes,
+        description,
+        boundaries: &BYTE_BOUNDARIES,
+        source,
+    }
+}
+
+impl Probe for Io {
+    const INFO: ProbeInfo = ProbeInfo {
+        name: "io",
+        default: true,
+        measures: &[
+            bytes(
+                "io.read",
+                "meterage.call.io",
+                &[("io.direction", "read")],
+                SYSCALL_BYTES,
+                SYSCALL_SOURCE,
+            ),
+            bytes(
+                "io.write",
+                "meterage.call.io",
+                &[("io.direction", "write")],
+                SYSCALL_BYTES,
+                SYSCALL_SOURCE,
+            ),
+            bytes(
+                "disk.io.read",
+                "meterage.call.disk.io",
+                &[("disk.io.direction", "read")],
+                STORAGE_BYTES,
+                STORAGE_SOURCE,
+            ),
+            bytes(
+                "disk.io.write",
+                "meterage.call.disk.io",
+                &[("disk.io.direction", "write")],
+                STORAGE_BYTES,
+                STORAGE_SOURCE,
+            ),
+        ],
+    };
+    const STAGE: Stage = Stage::Counters;
+    const RAW: usize = 4;
+
+    #[inline(always)]
+    fn before(raw: &mut [u64]) -> bool {
+        read_thread(raw)
+    }
+
+    #[inline(always)]
+    fn after(_start: &[u64], raw: &mut [u64]) -> bool {
+        read_thread(raw)
+    }
+
+    fn availability() -> Option<String> {
+        // Found out once per process: the check opens a file (~10 us), which making a
+        // meter must not pay every time.
+        static CHECKED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        CHECKED.get_or_init(availability).clone()
+    }
+}
+
+fn availability() -> Option<String> {
     if !cfg!(target_os = "linux") {
         return Some("/proc/thread-self/io exists only on Linux".to_owned());
     }
@@ -599,7 +687,7 @@ mod tests {
 
     #[test]
     fn a_reused_number_is_forgotten_not_closed_and_the_probe_recovers() {
-        let mut values = [0; measure::COUNT];
+        let mut values = [0; 4];
         std::thread::spawn(move || {
             assert!(read_thread(&mut values));
             let [fd] = own_io_descriptors()[..] else {
@@ -634,13 +722,13 @@ mod tests {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let parked = std::thread::spawn(move || {
-            let mut values = [0; measure::COUNT];
+            let mut values = [0; 4];
             assert!(read_thread(&mut values));
             ready_tx.send(own_io_descriptors()[0]).unwrap();
             done_rx.recv().unwrap();
         });
         let theirs = ready_rx.recv().unwrap();
-        let mut values = [0; measure::COUNT];
+        let mut values = [0; 4];
         assert!(read_thread(&mut values));
         let mine = own_io_descriptors()[0];
         // SAFETY: the child makes only async-signal-safe calls and leaves with _exit.

@@ -5,26 +5,12 @@ These names are part of meterage's public contract (see docs/otel.md).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from meterage import _native
 
-# The boundary sets live in the native core, which keeps exact counts for them (values on a
-# boundary included): see rust/aggregate/boundaries.rs.
-#: Semantic-convention advisory boundaries for request durations (seconds).
-DURATION_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["duration"]
-#: CPU seconds per call: hot paths spend microseconds, so the scale starts lower.
-CPU_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["cpu"]
-#: Bytes per call: 0, then powers of 4 from 1 KiB to 1 GiB.
-BYTE_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["bytes"]
-#: Events per call (faults, context switches).
-COUNT_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["counts"]
-#: Joules per call: a millisecond of a small GPU to minutes of a large one.
-ENERGY_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["energy"]
-#: GPU memory held at the end of a call: 0, then powers of 4 from 1 MiB to 256 GiB.
-GPU_MEMORY_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["gpu_memory"]
-#: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
-DEFAULT_BOUNDARIES: tuple[float, ...] = _native.BOUNDARIES["default"]
+if TYPE_CHECKING:
+    from meterage._native import MeasureInfo
 
 OPERATION_KEY = "meterage.operation"
 #: How a call's GPU energy was found: "counter" (the device's energy counter, calls of
@@ -44,94 +30,38 @@ class CallMetric(NamedTuple):
     boundaries: tuple[float, ...]
 
 
-def _direction(key: str, value: str) -> tuple[tuple[str, str], ...]:
-    return ((key, value),)
+def _exported(measure: MeasureInfo) -> CallMetric:
+    return CallMetric(
+        measure["metric"],
+        measure["unit"],
+        measure["description"],
+        tuple(measure["attributes"]),
+        tuple(measure["boundaries"]),
+    )
 
 
+# Every measure of every probe, as the native core declares it (rust/probe/): the boundaries
+# are the ones its histograms count exactly (values on a boundary included).
 CALL_METRICS: dict[str, CallMetric] = {
-    "duration": CallMetric(
-        "meterage.call.duration", "s", "Wall time of metered calls.", (), DURATION_BOUNDARIES
-    ),
-    "cpu.time": CallMetric(
-        "meterage.call.cpu.time", "s", "Thread CPU time of metered calls.", (), CPU_BOUNDARIES
-    ),
-    "io.read": CallMetric(
-        "meterage.call.io",
-        "By",
-        "Bytes moved by read/write-family syscalls (read, write, pread, pwrite, readv, writev, "
-        "sendfile, copy_file_range) of metered calls; socket send/recv and mmap are not counted.",
-        _direction("io.direction", "read"),
-        BYTE_BOUNDARIES,
-    ),
-    "io.write": CallMetric(
-        "meterage.call.io",
-        "By",
-        "Bytes moved by read/write-family syscalls (read, write, pread, pwrite, readv, writev, "
-        "sendfile, copy_file_range) of metered calls; socket send/recv and mmap are not counted.",
-        _direction("io.direction", "write"),
-        BYTE_BOUNDARIES,
-    ),
-    "disk.io.read": CallMetric(
-        "meterage.call.disk.io",
-        "By",
-        "Storage bytes read and written by metered calls.",
-        _direction("disk.io.direction", "read"),
-        BYTE_BOUNDARIES,
-    ),
-    "disk.io.write": CallMetric(
-        "meterage.call.disk.io",
-        "By",
-        "Storage bytes read and written by metered calls.",
-        _direction("disk.io.direction", "write"),
-        BYTE_BOUNDARIES,
-    ),
-    "paging.faults.minor": CallMetric(
-        "meterage.call.paging.faults",
-        "{fault}",
-        "Page faults of metered calls.",
-        _direction("system.paging.fault.type", "minor"),
-        COUNT_BOUNDARIES,
-    ),
-    "paging.faults.major": CallMetric(
-        "meterage.call.paging.faults",
-        "{fault}",
-        "Page faults of metered calls.",
-        _direction("system.paging.fault.type", "major"),
-        COUNT_BOUNDARIES,
-    ),
-    "context_switches.voluntary": CallMetric(
-        "meterage.call.context_switches",
-        "{context_switch}",
-        "Context switches of metered calls.",
-        _direction("process.context_switch.type", "voluntary"),
-        COUNT_BOUNDARIES,
-    ),
-    "context_switches.involuntary": CallMetric(
-        "meterage.call.context_switches",
-        "{context_switch}",
-        "Context switches of metered calls.",
-        _direction("process.context_switch.type", "involuntary"),
-        COUNT_BOUNDARIES,
-    ),
-    "gpu.energy": CallMetric(
-        "meterage.call.gpu.energy",
-        "J",
-        "Energy the counted GPUs used during metered calls (all work on them).",
-        _direction(ENERGY_SOURCE_KEY, "counter"),
-        ENERGY_BOUNDARIES,
-    ),
-    "gpu.energy.estimated": CallMetric(
-        "meterage.call.gpu.energy",
-        "J",
-        "Energy the counted GPUs used during metered calls (all work on them).",
-        _direction(ENERGY_SOURCE_KEY, "power_estimate"),
-        ENERGY_BOUNDARIES,
-    ),
-    "gpu.memory": CallMetric(
-        "meterage.call.gpu.memory",
-        "By",
-        "GPU memory of this process on the counted GPUs at the end of metered calls.",
-        (),
-        GPU_MEMORY_BOUNDARIES,
-    ),
+    _native.DURATION_MEASURE["key"]: _exported(_native.DURATION_MEASURE),
+    **{
+        measure["key"]: _exported(measure)
+        for probe in _native.PROBES
+        for measure in probe["measures"]
+    },
 }
+
+#: Semantic-convention advisory boundaries for request durations (seconds).
+DURATION_BOUNDARIES: tuple[float, ...] = CALL_METRICS["duration"].boundaries
+#: CPU seconds per call: hot paths spend microseconds, so the scale starts lower.
+CPU_BOUNDARIES: tuple[float, ...] = CALL_METRICS["cpu.time"].boundaries
+#: Bytes per call: 0, then powers of 4 from 1 KiB to 1 GiB.
+BYTE_BOUNDARIES: tuple[float, ...] = CALL_METRICS["io.read"].boundaries
+#: Events per call (faults, context switches).
+COUNT_BOUNDARIES: tuple[float, ...] = CALL_METRICS["paging.faults.minor"].boundaries
+#: Joules per call: a millisecond of a small GPU to minutes of a large one.
+ENERGY_BOUNDARIES: tuple[float, ...] = CALL_METRICS["gpu.energy"].boundaries
+#: GPU memory held at the end of a call: 0, then powers of 4 from 1 MiB to 256 GiB.
+GPU_MEMORY_BOUNDARIES: tuple[float, ...] = CALL_METRICS["gpu.memory"].boundaries
+#: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
+DEFAULT_BOUNDARIES: tuple[float, ...] = _native.DEFAULT_BOUNDARIES
