@@ -26,7 +26,8 @@ def io_meter(name):
 def test_available_probes_names_every_probe():
     available = meterage.available_probes()
     assert isinstance(available, dict)
-    assert sorted(available) == ["cpu", "gpu", "io", "rusage"]
+    assert list(available) == [probe["name"] for probe in meterage._native.PROBES]
+    assert {"cpu", "rusage", "io", "gpu", "alloc"} <= set(available)
     for name, reason in available.items():
         assert reason is None or (isinstance(reason, str) and reason), name
 

@@ -87,11 +87,12 @@ def available_probes(names: Iterable[str] | None = None) -> dict[str, str | None
     """Each probe name (or each of ``names``) mapped to None when it works here, or a
     sentence saying why not.
 
-    ``"gpu"`` is None when NVML loaded and found GPUs (asking about it loads NVML).
+    ``"gpu"`` is None when NVML loaded and found GPUs (asking about it loads NVML);
+    ``"alloc"`` when CPython's allocator hooks can be installed (asking installs nothing).
 
     >>> import meterage
     >>> sorted(meterage.available_probes())
-    ['cpu', 'gpu', 'io', 'rusage']
+    ['alloc', 'cpu', 'gpu', 'io', 'rusage']
     >>> meterage.available_probes(["cpu"])
     {'cpu': None}
     """

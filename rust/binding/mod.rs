@@ -99,6 +99,13 @@ fn set_active_tracking(on: bool) {
     crate::aggregate::call::set_active_tracking(on);
 }
 
+/// Makes the next installation of the allocation probe's hooks fail, as a process where
+/// they cannot be installed would (tests of the warning path).
+#[pyfunction]
+fn _refuse_alloc_hooks() {
+    probe::alloc::refuse_next_install();
+}
+
 /// Bytes held by all histograms (for checking that memory stays bounded).
 #[pyfunction]
 fn memory_bytes() -> usize {
@@ -132,6 +139,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(set_active_tracking, module)?)?;
     module.add_function(wrap_pyfunction!(drivers::_set_drivers, module)?)?;
     module.add_function(wrap_pyfunction!(guard::_panic_in_next_record, module)?)?;
+    module.add_function(wrap_pyfunction!(_refuse_alloc_hooks, module)?)?;
     module.add_function(wrap_pyfunction!(snapshots::_restore_series, module)?)?;
     module.add_function(wrap_pyfunction!(snapshots::_restore_histogram, module)?)?;
     module.add_function(wrap_pyfunction!(reserved_name, module)?)?;

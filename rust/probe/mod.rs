@@ -7,6 +7,7 @@
 //! Each probe is one declaration ([`catalog::Probe`]) in its own file, named once in the
 //! list below: the probe set, the measure indices, the readings and their deltas follow.
 
+pub mod alloc;
 pub mod catalog;
 pub mod clock;
 pub mod fork;
@@ -117,6 +118,7 @@ probes! {
     RUSAGE: rusage::Rusage,
     IO: thread_io::Io,
     GPU: gpu_probe::Gpu,
+    ALLOC: alloc::Alloc,
 }
 
 /// The index of the probe called `name` in [`PROBES`] (a compile-time error if none is).
