@@ -7,10 +7,7 @@
 pub mod clock;
 pub mod fork;
 pub mod gpu;
-pub mod host;
-mod host_pid;
 pub mod nvml;
-pub mod process;
 mod rusage;
 mod thread_io;
 
