@@ -10,4 +10,4 @@ pub mod gpu_devices;
 pub mod host;
 pub(crate) mod host_pid;
 pub mod process;
-mod procfs;
+pub mod procfs;

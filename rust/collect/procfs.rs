@@ -77,7 +77,7 @@ fn fill(buffer: &mut Vec<u8>, limit: usize, mut source: impl Read) -> Option<usi
     while filled < limit {
         if filled == buffer.len() {
             let grown = (buffer.len() * 2).max(FIRST_BUFFER);
-            buffer.resize(grown.min(limit).max(filled + 1), 0);
+            buffer.resize(grown.min(limit), 0);
         }
         let end = buffer.len().min(limit);
         match source.read(&mut buffer[filled..end]) {
@@ -202,7 +202,7 @@ pub fn sysconf(name: libc::c_int) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::collections::VecDeque;
 
@@ -442,7 +442,8 @@ mod tests {
 
     // ---- /proc/net/dev ---------------------------------------------------------------------
 
-    const NET_DEV: &[u8] = b"\
+    /// Also the host readers' fixture.
+    pub(in crate::collect) const NET_DEV: &str = "\
 Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
     lo: 2813168    9275    0    0    0     0          0         0  2813168    9275    0    0    0     0       0          0
@@ -452,7 +453,7 @@ wlan0:17 2 0 0 0 0 0 0 19 3 1 0 0 0 0 0
 
     #[test]
     fn every_interface_line() {
-        let devices: Vec<_> = net_devices(NET_DEV).collect();
+        let devices: Vec<_> = net_devices(NET_DEV.as_bytes()).collect();
         assert_eq!(devices.len(), 3);
         assert_eq!(devices[0].name, b"lo");
         assert_eq!(
