@@ -1,10 +1,12 @@
-//! meterage core: per-call probes, lock-free histograms and the series registry.
+//! meterage core: per-call probes, collection-time readers, lock-free histograms and the
+//! series registry.
 //!
-//! Data flows `probe` -> `aggregate` -> `bridge` (export shapes, at collection time); the `binding` module (feature `python`) is the only
+//! Data flows `probe`/`collect` -> `aggregate` -> `bridge` (export shapes, at collection time); the `binding` module (feature `python`) is the only
 //! place that knows about Python. Everything else is plain Rust covered by `cargo test`.
 
 pub mod aggregate;
 pub mod bridge;
+pub mod collect;
 pub mod probe;
 
 #[cfg(feature = "python")]

@@ -2,7 +2,8 @@
 //! bridge exports. Each of these runs with the GIL released (loading NVML and reading
 //! every device can take a while); only a metered call's own short readings keep it.
 
-use crate::probe::gpu::{self, DeviceKey, DeviceReading};
+use crate::collect::gpu_devices::{read_devices, DeviceReading};
+use crate::probe::gpu::{self, DeviceKey};
 use crate::probe::nvml;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -156,7 +157,7 @@ fn device_dict<'py>(py: Python<'py>, device: &DeviceReading) -> PyResult<Bound<'
 /// bytes and fractions (0–1); values a GPU does not support are None.
 #[pyfunction]
 pub fn gpu_metrics(py: Python<'_>) -> PyResult<Option<Bound<'_, PyDict>>> {
-    let Ok((driver_version, devices)) = py.detach(gpu::read_devices) else {
+    let Ok((driver_version, devices)) = py.detach(read_devices) else {
         return Ok(None);
     };
     let result = PyDict::new(py);

@@ -1,7 +1,7 @@
 //! `host_metrics()`: one reading of the host, for the OpenTelemetry `system.*` and
 //! `container.*` instruments (read once per collection, not per call).
 
-use crate::probe::host::{read_host, HostReading, CPU_MODES};
+use crate::collect::host::{read_host, HostReading, CPU_MODES};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 

@@ -1,7 +1,7 @@
 //! `process_metrics()`: one reading of the whole-process counters, for the OpenTelemetry
 //! `process.*` instruments (read once per collection, not per call).
 
-use crate::probe::process::read_process;
+use crate::collect::process::read_process;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 

@@ -13,10 +13,7 @@ pub mod clock;
 pub mod fork;
 pub mod gpu;
 mod gpu_probe;
-pub mod host;
-mod host_pid;
 pub mod nvml;
-pub mod process;
 mod rusage;
 mod thread_io;
 
@@ -425,7 +422,7 @@ mod tests {
         );
         assert_eq!(
             ProbeSet::ALL.names().collect::<Vec<_>>(),
-            ["cpu", "rusage", "io", "gpu"]
+            PROBES.iter().map(|probe| probe.name).collect::<Vec<_>>()
         );
     }
 

@@ -10,12 +10,11 @@
 //! | file system usage | `statvfs` of each mount in `/proc/self/mounts` |
 //! | container CPU and memory | cgroup v2: `/proc/self/cgroup` and the cgroup's directory |
 //!
-//! The parsers are pure functions of a file's text, tested on fixed samples. Every source is
-//! optional: one that is missing or unreadable leaves its values out — never an error, never
-//! a zero that was not read.
+//! The parsers are pure functions of a file's text, tested on fixed samples; the files are
+//! read through [`procfs::Reader`], below a root that tests point at a fixed tree.
 
-use std::ffi::{CString, OsStr};
-use std::io::Read;
+use super::procfs::{self, keyed_values, leading_numbers, parse_kib, parse_u64, Reader};
+use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -178,9 +177,9 @@ pub fn read_host() -> HostReading {
 
 /// [`read_host`] with every absolute path taken below `root` (tests use a fixed tree).
 pub fn read_host_at(root: &Path) -> HostReading {
-    let mut files = Files::new(root);
+    let mut files = Reader::new(root);
     let mounts = files
-        .bytes("/proc/self/mounts", u64::MAX)
+        .bytes("/proc/self/mounts", usize::MAX)
         .map(parse_mounts)
         .unwrap_or_default();
     HostReading {
@@ -189,9 +188,9 @@ pub fn read_host_at(root: &Path) -> HostReading {
         cpu: files
             .bytes("/proc/stat", 4096)
             .and_then(|text| parse_cpu_ticks(std::str::from_utf8(text).ok()?))
-            .zip(clock_ticks_per_second())
+            .zip(procfs::sysconf(libc::_SC_CLK_TCK))
             .map(|(ticks, hz)| CpuTimes {
-                seconds: ticks.map(|count| count as f64 / hz),
+                seconds: ticks.map(|count| count as f64 / hz as f64),
             }),
         memory: files.text("/proc/meminfo").and_then(parse_meminfo),
         disks: files
@@ -202,75 +201,11 @@ pub fn read_host_at(root: &Path) -> HostReading {
             .text("/proc/net/dev")
             .map(parse_net_dev)
             .unwrap_or_default(),
-        filesystems: filesystem_usage(root, &mounts),
+        filesystems: filesystem_usage(&files, &mounts),
         container: cgroup_directory(&mut files, &mounts)
             .map(|directory| read_cgroup(&mut files, &directory))
             .unwrap_or_default(),
     }
-}
-
-/// Reads files below a root into one reused buffer: an open, two reads (the data, then
-/// the end) and a close per file. (`std::fs::read` would also stat the file and, as /proc
-/// files have no size, read them in small growing pieces.)
-struct Files<'a> {
-    root: &'a Path,
-    buffer: Vec<u8>,
-}
-
-impl<'a> Files<'a> {
-    fn new(root: &'a Path) -> Files<'a> {
-        Files {
-            root,
-            buffer: Vec::with_capacity(16 << 10),
-        }
-    }
-
-    /// An absolute path (as bytes) taken below the root.
-    fn below(&self, absolute: impl AsRef<[u8]>) -> PathBuf {
-        below(self.root, absolute.as_ref())
-    }
-
-    /// Up to `limit` bytes of a file below the root; `None` if it cannot be opened or read.
-    fn bytes(&mut self, absolute: impl AsRef<[u8]>, limit: u64) -> Option<&[u8]> {
-        self.bytes_at(&self.below(absolute), limit)
-    }
-
-    fn bytes_at(&mut self, path: &Path, limit: u64) -> Option<&[u8]> {
-        self.buffer.clear();
-        std::fs::File::open(path)
-            .ok()?
-            .take(limit)
-            .read_to_end(&mut self.buffer)
-            .ok()?;
-        Some(&self.buffer)
-    }
-
-    /// A whole text file; `None` if it cannot be read or is not UTF-8.
-    fn text(&mut self, absolute: impl AsRef<[u8]>) -> Option<&str> {
-        std::str::from_utf8(self.bytes(absolute, u64::MAX)?).ok()
-    }
-
-    /// A text file at `path` (already below the root) made into a value by `parse`.
-    fn parse_at<T>(&mut self, path: &Path, parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
-        parse(std::str::from_utf8(self.bytes_at(path, u64::MAX)?).ok()?)
-    }
-}
-
-fn clock_ticks_per_second() -> Option<f64> {
-    // SAFETY: sysconf only reads its argument.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then_some(hz as f64)
-}
-
-/// The first `N` fields as numbers; `None` if there are fewer or one is not a number.
-fn leading_numbers<'a, const N: usize>(
-    mut fields: impl Iterator<Item = &'a str>,
-) -> Option<[u64; N]> {
-    let mut numbers = [0u64; N];
-    for number in &mut numbers {
-        *number = fields.next()?.parse().ok()?;
-    }
-    Some(numbers)
 }
 
 // ---- /proc/stat ----------------------------------------------------------------------------
@@ -298,21 +233,15 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<[u64; 7]> {
 /// `MemTotal`, `MemFree`, `Buffers`, `Cached` and `SReclaimable` (`Key:   123 kB` lines);
 /// `None` unless all five are there.
 pub fn parse_meminfo(text: &str) -> Option<Memory> {
-    let [mut total, mut free, mut buffers, mut cached, mut reclaimable] = [None; 5];
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else {
-            continue;
-        };
-        let slot = match key {
-            "MemTotal" => &mut total,
-            "MemFree" => &mut free,
-            "Buffers" => &mut buffers,
-            "Cached" => &mut cached,
-            "SReclaimable" => &mut reclaimable,
-            _ => continue,
-        };
-        *slot = parse_kib(value);
-    }
+    let keys: [&[u8]; 5] = [
+        b"MemTotal",
+        b"MemFree",
+        b"Buffers",
+        b"Cached",
+        b"SReclaimable",
+    ];
+    let [total, free, buffers, cached, reclaimable] =
+        keyed_values(text.as_bytes(), keys).map(|value| value.and_then(parse_kib));
     let (total, free, buffers) = (total?, free?, buffers?);
     let cached = cached?.checked_add(reclaimable?)?;
     // Never negative; with the usual numbers the four states add up to the total exactly.
@@ -324,17 +253,6 @@ pub fn parse_meminfo(text: &str) -> Option<Memory> {
         buffers,
         cached,
     })
-}
-
-/// `  123 kB` as bytes (meminfo's "kB" is KiB).
-fn parse_kib(value: &str) -> Option<u64> {
-    let mut parts = value.split_ascii_whitespace();
-    let number: u64 = parts.next()?.parse().ok()?;
-    match (parts.next(), parts.next()) {
-        (Some("kB"), None) => number.checked_mul(1024),
-        (None, None) => Some(number),
-        _ => None,
-    }
 }
 
 // ---- /proc/diskstats -----------------------------------------------------------------------
@@ -369,23 +287,18 @@ fn parse_diskstats_line(line: &str) -> Option<DiskCounters> {
 
 // ---- /proc/net/dev -------------------------------------------------------------------------
 
-/// `iface: rx bytes packets errs drop fifo frame compressed multicast tx bytes packets errs
-/// ...` lines; the two header lines have no colon, and interface names cannot hold one.
+/// Every interface line (see [`procfs::net_devices`]). The text is UTF-8, so the names are
+/// too.
 pub fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
-    text.lines()
-        .filter_map(|line| {
-            let (name, counters) = line.split_once(':')?;
-            let [receive_bytes, receive_packets, receive_errors, _, _, _, _, _, transmit_bytes, transmit_packets, transmit_errors] =
-                leading_numbers(counters.split_ascii_whitespace())?;
-            Some(InterfaceCounters {
-                interface: name.trim().to_owned(),
-                receive_bytes,
-                transmit_bytes,
-                receive_packets,
-                transmit_packets,
-                receive_errors,
-                transmit_errors,
-            })
+    procfs::net_devices(text.as_bytes())
+        .map(|device| InterfaceCounters {
+            interface: String::from_utf8_lossy(device.name).into_owned(),
+            receive_bytes: device.receive_bytes,
+            transmit_bytes: device.transmit_bytes,
+            receive_packets: device.receive_packets,
+            transmit_packets: device.transmit_packets,
+            receive_errors: device.receive_errors,
+            transmit_errors: device.transmit_errors,
         })
         .collect()
 }
@@ -440,14 +353,14 @@ pub fn is_skipped_filesystem(filesystem_type: &str) -> bool {
 
 /// Usage of every mounted file system with storage, each counted once: bind mounts of one
 /// file system share a device number (`st_dev`), and the first mount listed is reported.
-fn filesystem_usage(root: &Path, mounts: &[Mount]) -> Vec<FilesystemUsage> {
+fn filesystem_usage(files: &Reader, mounts: &[Mount]) -> Vec<FilesystemUsage> {
     let mut reported_devices = Vec::new();
     let mut usages = Vec::new();
     for mount in mounts {
         if is_skipped_filesystem(&mount.filesystem_type) {
             continue;
         }
-        let path = below(root, &mount.mountpoint);
+        let path = files.path(&mount.mountpoint);
         let Ok(metadata) = std::fs::metadata(&path) else {
             continue;
         };
@@ -468,12 +381,6 @@ fn filesystem_usage(root: &Path, mounts: &[Mount]) -> Vec<FilesystemUsage> {
         });
     }
     usages
-}
-
-/// An absolute path (as bytes) taken below `root`.
-fn below(root: &Path, absolute: &[u8]) -> PathBuf {
-    let relative = absolute.strip_prefix(b"/").unwrap_or(absolute);
-    root.join(OsStr::from_bytes(relative))
 }
 
 fn statvfs_bytes(path: &Path) -> Option<(u64, u64, u64)> {
@@ -528,24 +435,29 @@ pub fn parse_cgroup_v2_path(text: &str) -> Option<&str> {
 /// The directory of this process's cgroup v2, where the cgroup2 file system is mounted
 /// (`/sys/fs/cgroup` on a unified machine, `/sys/fs/cgroup/unified` on a hybrid one). `None`
 /// for the root cgroup: it has no `cgroup.type`, and its counters are the whole machine's.
-fn cgroup_directory(files: &mut Files, mounts: &[Mount]) -> Option<PathBuf> {
+fn cgroup_directory(files: &mut Reader, mounts: &[Mount]) -> Option<PathBuf> {
     let cgroup = parse_cgroup_v2_path(files.text("/proc/self/cgroup")?)?;
     let relative = cgroup.trim_start_matches('/').trim_end().to_owned();
     let mount = mounts
         .iter()
         .find(|mount| mount.filesystem_type == "cgroup2")?;
-    let directory = files.below(&mount.mountpoint).join(relative);
+    let directory = files.path(&mount.mountpoint).join(relative);
     directory.join("cgroup.type").exists().then_some(directory)
 }
 
-fn read_cgroup(files: &mut Files, directory: &Path) -> ContainerReading {
+fn read_cgroup(files: &mut Reader, directory: &Path) -> ContainerReading {
     let file = |name: &str| directory.join(name);
     ContainerReading {
-        cpu_limit: files.parse_at(&file("cpu.max"), parse_cpu_max),
-        cpu_seconds: files.parse_at(&file("cpu.stat"), parse_cpu_stat_usage),
+        cpu_limit: files.text_at(&file("cpu.max")).and_then(parse_cpu_max),
+        cpu_seconds: files
+            .text_at(&file("cpu.stat"))
+            .and_then(parse_cpu_stat_usage),
         memory_usage_bytes: files
-            .parse_at(&file("memory.current"), |text| text.trim().parse().ok()),
-        memory_limit_bytes: files.parse_at(&file("memory.max"), parse_memory_max),
+            .text_at(&file("memory.current"))
+            .and_then(|text| parse_u64(text.trim().as_bytes())),
+        memory_limit_bytes: files
+            .text_at(&file("memory.max"))
+            .and_then(parse_memory_max),
     }
 }
 
@@ -554,31 +466,27 @@ fn read_cgroup(files: &mut Files, directory: &Path) -> ContainerReading {
 pub fn parse_cpu_max(text: &str) -> Option<f64> {
     let mut fields = text.split_ascii_whitespace();
     let quota = fields.next()?;
-    let period: u64 = fields.next()?.parse().ok()?;
+    let period = parse_u64(fields.next()?.as_bytes())?;
     if quota == "max" || period == 0 {
         return None;
     }
-    Some(quota.parse::<u64>().ok()? as f64 / period as f64)
+    Some(parse_u64(quota.as_bytes())? as f64 / period as f64)
 }
 
 /// Seconds from the `usage_usec` line of `cpu.stat`.
 pub fn parse_cpu_stat_usage(text: &str) -> Option<f64> {
-    let microseconds: u64 = text
-        .lines()
-        .find_map(|line| line.strip_prefix("usage_usec "))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(microseconds as f64 * 1e-6)
+    let [microseconds] = keyed_values(text.as_bytes(), [b"usage_usec"]);
+    Some(parse_u64(microseconds?)? as f64 * 1e-6)
 }
 
 /// `memory.max` in bytes, `None` when it is `max` (unlimited).
 pub fn parse_memory_max(text: &str) -> Option<u64> {
-    text.trim().parse().ok()
+    parse_u64(text.trim().as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::procfs::tests::NET_DEV;
     use super::*;
 
     // ---- parsers, on fixed samples -----------------------------------------------------------
@@ -702,19 +610,12 @@ HugePages_Total:       0
         assert_eq!(parse_diskstats(" 8 0 sda 1 2 3\n"), []);
     }
 
-    const NET_DEV: &str = "\
-Inter-|   Receive                                                |  Transmit
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo: 2813168    9275    0    0    0     0          0         0  2813168    9275    0    0    0     0       0          0
-  eth0: 362647773   10195    3    1    0     0          0         0   741552    6565    2    0    0     0       0          0
-wlan0:17 2 0 0 0 0 0 0 19 3 1 0 0 0 0 0
-";
-
     #[test]
     fn every_interface_with_its_bytes_packets_and_errors() {
+        // The line format is procfs's (tested there); this is the mapping to the counters.
         let interfaces = parse_net_dev(NET_DEV);
-        assert_eq!(interfaces.len(), 3);
-        assert_eq!(interfaces[0].interface, "lo");
+        let names: Vec<_> = interfaces.iter().map(|i| i.interface.as_str()).collect();
+        assert_eq!(names, ["lo", "eth0", "wlan0"]);
         assert_eq!(
             interfaces[1],
             InterfaceCounters {
@@ -727,11 +628,6 @@ wlan0:17 2 0 0 0 0 0 0 19 3 1 0 0 0 0 0
                 transmit_errors: 2,
             }
         );
-        // Old kernels print no space after the colon.
-        assert_eq!(interfaces[2].interface, "wlan0");
-        assert_eq!(interfaces[2].receive_bytes, 17);
-        assert_eq!(interfaces[2].transmit_bytes, 19);
-        assert_eq!(interfaces[2].transmit_errors, 1);
     }
 
     const MOUNTS: &[u8] = b"\
@@ -880,7 +776,7 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0
         tree.directory("/run");
         let reading = read_host_at(&tree.0);
 
-        let hz = clock_ticks_per_second().unwrap();
+        let hz = procfs::sysconf(libc::_SC_CLK_TCK).unwrap() as f64;
         assert_eq!(reading.cpu.unwrap().seconds[0], 53946.0 / hz);
         assert_eq!(reading.memory, parse_meminfo(MEMINFO));
         assert_eq!(reading.disks, parse_diskstats(DISKSTATS));
@@ -1007,7 +903,7 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0
     fn this_machine_container_values_match_the_cgroup_files() {
         let mounts = parse_mounts(&std::fs::read("/proc/self/mounts").unwrap());
         let container = read_host().container;
-        let Some(directory) = cgroup_directory(&mut Files::new(Path::new("/")), &mounts) else {
+        let Some(directory) = cgroup_directory(&mut Reader::system(), &mounts) else {
             // Not in a cgroup v2 below the root (v1, hybrid at the root, or no cgroups).
             assert_eq!(container, ContainerReading::default());
             return;

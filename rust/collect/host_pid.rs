@@ -8,6 +8,11 @@
 //! * where `/proc` belongs to the host's namespace (a container given the host's `/proc`),
 //!   the first `NSpid` entry of `/proc/self/status` is the host PID;
 //! * otherwise (the usual container) it is not knowable, and `None` says so.
+//!
+//! Read when the `gpu` probe's device view is built (once per selection and fork), not per
+//! call.
+
+use super::procfs::{fields, keyed_values, parse_u64, Reader};
 
 /// The inode number of the initial PID namespace (`PROC_PID_INIT_INO` in the kernel).
 const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
@@ -20,16 +25,11 @@ fn namespace_inode(path: &str) -> Option<u64> {
 
 /// The `NSpid` entries of a `/proc/<pid>/status` text: this process's PID in each PID
 /// namespace from the one `/proc` belongs to down to its own.
-pub fn namespace_pids(status: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("NSpid:"))
-        .map(|pids| {
-            pids.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+pub fn namespace_pids(status: &[u8]) -> Vec<u32> {
+    let [pids] = keyed_values(status, [b"NSpid"]);
+    fields(pids.unwrap_or_default())
+        .filter_map(|pid| u32::try_from(parse_u64(pid)?).ok())
+        .collect()
 }
 
 /// The host PID, or why it cannot be known here.
@@ -38,8 +38,11 @@ pub fn host_pid() -> Result<u32, String> {
     if namespace_inode("/proc/self/ns/pid") == Some(INITIAL_PID_NAMESPACE) {
         return Ok(own);
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let pids = namespace_pids(&status);
+    let mut files = Reader::system();
+    // As text, as it always was: a status that is not UTF-8 (a command name of other
+    // bytes) gives no PIDs.
+    let status = files.text("/proc/self/status").unwrap_or_default();
+    let pids = namespace_pids(status.as_bytes());
     // More than one entry: /proc shows an outer namespace; the first is its number, which
     // is the host's when that outer namespace is the initial one.
     if pids.len() > 1 && namespace_inode("/proc/1/ns/pid") == Some(INITIAL_PID_NAMESPACE) {
@@ -59,9 +62,11 @@ mod tests {
 
     #[test]
     fn nspid_lists_every_namespace() {
-        let status = "Name:\tpython\nPid:\t7\nNSpid:\t41235\t7\nVmRSS:\t1 kB\n";
+        let status = b"Name:\tpython\nPid:\t7\nNSpid:\t41235\t7\nVmRSS:\t1 kB\n";
         assert_eq!(namespace_pids(status), [41235, 7]);
-        assert_eq!(namespace_pids("Name:\tx\n"), Vec::<u32>::new());
+        assert_eq!(namespace_pids(b"Name:\tx\n"), Vec::<u32>::new());
+        // Entries that are not PIDs are skipped, as before.
+        assert_eq!(namespace_pids(b"NSpid:\t12 x 4294967296 3\n"), [12, 3]);
     }
 
     #[test]
@@ -71,7 +76,7 @@ mod tests {
             Ok(pid) if in_initial => assert_eq!(pid, std::process::id()),
             Ok(pid) => {
                 // Through an outer /proc only: its first NSpid entry.
-                let status = std::fs::read_to_string("/proc/self/status").unwrap();
+                let status = std::fs::read("/proc/self/status").unwrap();
                 assert_eq!(namespace_pids(&status).first(), Some(&pid));
                 assert_ne!(pid, std::process::id());
             }

@@ -1,7 +1,7 @@
 //! Whole-process counters for the OpenTelemetry `process.*` metrics, read at collection
 //! time (a few times per second at most), never on the hot path.
 //!
-//! Sources, each read with open/read/close into a stack buffer and parsed by hand:
+//! Sources, the files read through [`procfs::Reader`] and parsed by hand:
 //!
 //! | values | source | why this one |
 //! |---|---|---|
@@ -16,6 +16,7 @@
 //! is not used. Every value is an `Option`: a source that is missing or unreadable (no
 //! `/proc`, a restricted container) gives `None`, never an error.
 
+use super::procfs::{self, fields, keyed_values, parse_u64, sysconf, Reader};
 use std::ffi::CStr;
 
 /// One reading of this process's counters. Counters are cumulative since the process
@@ -56,7 +57,10 @@ pub struct ProcessReading {
 /// files, a stat and a getrusage); meant for metric collection, not for every call.
 pub fn read_process() -> ProcessReading {
     let mut reading = ProcessReading::default();
-    let stat = read_stat();
+    let mut files = Reader::system();
+    let stat = files
+        .bytes("/proc/self/stat", usize::MAX)
+        .and_then(parse_stat);
     if let Some(stat) = &stat {
         let page = sysconf(libc::_SC_PAGESIZE);
         reading.memory_resident_bytes = page.and_then(|page| stat.rss_pages.checked_mul(page));
@@ -73,124 +77,22 @@ pub fn read_process() -> ProcessReading {
             reading.faults_major = Some(stat.majflt);
         }
     }
-    if let Some((read, write)) = read_disk_io() {
+    if let Some((read, write)) = files
+        .bytes("/proc/self/io", usize::MAX)
+        .and_then(parse_disk_io)
+    {
         reading.disk_read_bytes = Some(read);
         reading.disk_write_bytes = Some(write);
     }
-    if let Some((receive, transmit)) = read_network() {
+    if let Some((receive, transmit)) = files
+        .bytes("/proc/self/net/dev", usize::MAX)
+        .map(sum_network)
+    {
         reading.network_receive_bytes = Some(receive);
         reading.network_transmit_bytes = Some(transmit);
     }
     reading.open_file_descriptors = count_open_fds();
     reading
-}
-
-fn sysconf(name: libc::c_int) -> Option<u64> {
-    // SAFETY: sysconf only reads its argument.
-    let value = unsafe { libc::sysconf(name) };
-    (value > 0).then_some(value as u64)
-}
-
-// ---- file reading ------------------------------------------------------------------------
-
-/// Reads a whole small file into `buffer`. `None` if it cannot be opened or read, or if it
-/// fills the buffer (it might be truncated).
-fn read_small<'a>(path: &CStr, buffer: &'a mut [u8]) -> Option<&'a [u8]> {
-    let fd = open_read(path)?;
-    let mut filled = 0;
-    let complete = loop {
-        if filled == buffer.len() {
-            break false;
-        }
-        match read_some(fd, &mut buffer[filled..]) {
-            Some(0) => break true,
-            Some(count) => filled += count,
-            None => break false,
-        }
-    };
-    close(fd);
-    complete.then_some(&buffer[..filled])
-}
-
-/// Calls `line` for every line of a file of any length, through a 4 KiB stack buffer.
-/// `false` if the file cannot be opened or read, or has a line longer than the buffer.
-fn for_each_line(path: &CStr, mut line: impl FnMut(&[u8])) -> bool {
-    let Some(fd) = open_read(path) else {
-        return false;
-    };
-    let mut buffer = [0u8; 4096];
-    let mut filled = 0;
-    let complete = loop {
-        let Some(count) = read_some(fd, &mut buffer[filled..]) else {
-            break false;
-        };
-        if count == 0 {
-            if filled > 0 {
-                line(&buffer[..filled]);
-            }
-            break true;
-        }
-        filled += count;
-        let mut start = 0;
-        while let Some(end) = buffer[start..filled].iter().position(|&b| b == b'\n') {
-            line(&buffer[start..start + end]);
-            start += end + 1;
-        }
-        buffer.copy_within(start..filled, 0);
-        filled -= start;
-        if filled == buffer.len() {
-            break false;
-        }
-    };
-    close(fd);
-    complete
-}
-
-fn open_read(path: &CStr) -> Option<libc::c_int> {
-    // SAFETY: path is NUL-terminated.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    (fd >= 0).then_some(fd)
-}
-
-/// One read(2), retried on EINTR. `Some(0)` at end of file.
-fn read_some(fd: libc::c_int, buffer: &mut [u8]) -> Option<usize> {
-    loop {
-        // SAFETY: the buffer is valid for its length; fd is open.
-        let count = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
-        if count >= 0 {
-            return Some(count as usize);
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return None;
-        }
-    }
-}
-
-fn close(fd: libc::c_int) {
-    // SAFETY: fd was opened by the caller and is closed once.
-    unsafe { libc::close(fd) };
-}
-
-/// A decimal number made only of ASCII digits; `None` for anything else or on overflow.
-fn parse_u64(text: &[u8]) -> Option<u64> {
-    if text.is_empty() {
-        return None;
-    }
-    let mut number = 0u64;
-    for &byte in text {
-        if !byte.is_ascii_digit() {
-            return None;
-        }
-        number = number
-            .checked_mul(10)?
-            .checked_add(u64::from(byte - b'0'))?;
-    }
-    Some(number)
-}
-
-fn fields(text: &[u8]) -> impl Iterator<Item = &[u8]> {
-    text.split(|byte| byte.is_ascii_whitespace())
-        .filter(|field| !field.is_empty())
 }
 
 // ---- /proc/self/stat ---------------------------------------------------------------------
@@ -205,12 +107,6 @@ struct Stat {
     start_ticks: u64,
     vsize_bytes: u64,
     rss_pages: u64,
-}
-
-fn read_stat() -> Option<Stat> {
-    // ~52 fields of at most 20 digits plus the name: 2 KiB always holds it.
-    let mut buffer = [0u8; 2048];
-    parse_stat(read_small(c"/proc/self/stat", &mut buffer)?)
 }
 
 /// Parses `pid (comm) state ppid ...` (proc(5)). The command name may hold spaces and
@@ -278,60 +174,24 @@ fn read_rusage(reading: &mut ProcessReading) -> bool {
 
 // ---- /proc/self/io ---------------------------------------------------------------------------
 
-fn read_disk_io() -> Option<(u64, u64)> {
-    let mut buffer = [0u8; 512];
-    parse_disk_io(read_small(c"/proc/self/io", &mut buffer)?)
-}
-
 /// `read_bytes` and `write_bytes` from the `key: value` lines of an io file.
 fn parse_disk_io(text: &[u8]) -> Option<(u64, u64)> {
-    let (mut read, mut write) = (None, None);
-    for line in text.split(|&byte| byte == b'\n') {
-        let Some(colon) = line.iter().position(|&byte| byte == b':') else {
-            continue;
-        };
-        let slot = match &line[..colon] {
-            b"read_bytes" => &mut read,
-            b"write_bytes" => &mut write,
-            _ => continue,
-        };
-        *slot = parse_u64(line[colon + 1..].trim_ascii());
-    }
-    Some((read?, write?))
+    let [read, write] = keyed_values(text, [b"read_bytes", b"write_bytes"]);
+    Some((parse_u64(read?)?, parse_u64(write?)?))
 }
 
 // ---- /proc/self/net/dev ----------------------------------------------------------------------
 
-fn read_network() -> Option<(u64, u64)> {
-    let mut totals = NetTotals::default();
-    for_each_line(c"/proc/self/net/dev", |line| totals.add_line(line)).then_some(())?;
-    Some((totals.receive, totals.transmit))
-}
-
-#[derive(Default)]
-struct NetTotals {
-    receive: u64,
-    transmit: u64,
-}
-
-impl NetTotals {
-    /// One `iface: rx_bytes rx_packets ... (8 receive fields) tx_bytes ...` line; the two
-    /// header lines have no colon. Older kernels print no space after the colon.
-    fn add_line(&mut self, line: &[u8]) {
-        let Some(colon) = line.iter().position(|&byte| byte == b':') else {
-            return;
-        };
-        if line[..colon].trim_ascii() == b"lo" {
-            return;
-        }
-        let mut numbers = fields(&line[colon + 1..]);
-        let receive = numbers.next().and_then(parse_u64);
-        let transmit = numbers.nth(7).and_then(parse_u64);
-        if let (Some(receive), Some(transmit)) = (receive, transmit) {
-            self.receive = self.receive.wrapping_add(receive);
-            self.transmit = self.transmit.wrapping_add(transmit);
-        }
-    }
+/// Received and transmitted bytes summed over every interface but `lo`.
+fn sum_network(text: &[u8]) -> (u64, u64) {
+    procfs::net_devices(text)
+        .filter(|device| device.name != b"lo")
+        .fold((0u64, 0u64), |(receive, transmit), device| {
+            (
+                receive.wrapping_add(device.receive_bytes),
+                transmit.wrapping_add(device.transmit_bytes),
+            )
+        })
 }
 
 // ---- /proc/self/fd ---------------------------------------------------------------------------
@@ -600,37 +460,13 @@ mod tests {
             lo:    3193      29    0    0    0     0          0         0     3193      29    0    0    0     0       0          0\n  \
             eth0: 430282498   13052    0    0    0     0          0         0  1018931    9393    0    0    0     0       0          0\n  \
             eth1:1000 1 0 0 0 0 0 0 2000 1 0 0 0 0 0 0";
-        let mut totals = NetTotals::default();
-        for line in text.as_bytes().split(|&b| b == b'\n') {
-            totals.add_line(line);
-        }
-        assert_eq!(totals.receive, 430_282_498 + 1000);
-        assert_eq!(totals.transmit, 1_018_931 + 2000);
-    }
-
-    #[test]
-    fn lines_spanning_buffer_fills_come_whole() {
-        let mut lines = 0;
-        let mut bytes = 0;
-        // /proc/self/maps is usually several KiB: more than one 4 KiB buffer fill.
-        assert!(for_each_line(c"/proc/self/maps", |line| {
-            lines += 1;
-            bytes += line.len() + 1;
-            assert!(line.contains(&b'-'), "{}", String::from_utf8_lossy(line));
-        }));
-        let whole = std::fs::read("/proc/self/maps").unwrap();
-        assert!(lines > 10);
-        // The map changes between reads only when other tests map memory meanwhile.
-        assert!(bytes.abs_diff(whole.len()) < whole.len() / 2);
-    }
-
-    #[test]
-    fn unreadable_sources_are_none() {
-        let mut buffer = [0u8; 64];
-        assert_eq!(read_small(c"/nonexistent/meterage", &mut buffer), None);
-        assert!(!for_each_line(c"/nonexistent/meterage", |_| {}));
-        // A file bigger than the buffer is refused, not truncated.
-        assert_eq!(read_small(c"/proc/self/maps", &mut buffer), None);
+        assert_eq!(
+            sum_network(text.as_bytes()),
+            (430_282_498 + 1000, 1_018_931 + 2000)
+        );
+        // A namespace with only `lo`: a read zero, not a missing value.
+        let loopback_only = text.lines().take(3).collect::<Vec<_>>().join("\n");
+        assert_eq!(sum_network(loopback_only.as_bytes()), (0, 0));
     }
 
     #[test]
