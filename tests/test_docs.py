@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import meterage
+from meterage import _tables
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_MODULES = ["meterage", "meterage._meter", "meterage._instruments"]
@@ -162,3 +163,39 @@ def test_block_extraction():
     assert namespace["y"] == 2
     with pytest.raises(AssertionError):
         run_block(">>> 1 + 1\n3\n", {}, "wrong")
+
+
+# ---- the tables of measures, made from the probes' declarations --------------------------
+
+
+@pytest.mark.parametrize("relative", sorted(_tables.PLACES))
+def test_the_docs_tables_of_measures_follow_the_probe_declarations(relative):
+    text = (ROOT / relative).read_text(encoding="utf-8")
+    name = _tables.PLACES[relative]
+    assert _tables.current(text, name) == _tables.table(name), (
+        f"{relative}: the table of measures is out of date; run python -m meterage._tables --write"
+    )
+
+
+def every_measure():
+    return [meterage._native.DURATION_MEASURE] + [
+        measure for probe in meterage._native.PROBES for measure in probe["measures"]
+    ]
+
+
+@pytest.mark.parametrize("measure", every_measure(), ids=lambda measure: measure["key"])
+def test_every_measure_is_exported_with_a_name_unit_description_and_boundaries(measure):
+    from meterage.otel._names import CALL_METRICS
+
+    assert measure["key"] and measure["unit"] and measure["description"] and measure["source"]
+    assert measure["metric"].startswith("meterage.call.")
+    assert list(measure["boundaries"]) == sorted(set(measure["boundaries"]))
+    exported = CALL_METRICS[measure["key"]]
+    assert (exported.name, exported.unit) == (measure["metric"], measure["unit"])
+    # Measures that share a metric share its unit, description and boundaries, and tell
+    # themselves apart by their attributes.
+    siblings = [other for other in every_measure() if other["metric"] == measure["metric"]]
+    assert {(m["unit"], m["description"], m["boundaries"]) for m in siblings} == {
+        (measure["unit"], measure["description"], measure["boundaries"])
+    }
+    assert len({m["attributes"] for m in siblings}) == len(siblings)

@@ -63,6 +63,9 @@ const fn measure(
     }
 }
 
+/// The allocation count's source, next to the bytes' in the docs.
+const COUNT_SOURCE: &str = "the same hooks: each malloc, calloc and realloc call is one";
+
 impl Probe for Alloc {
     const INFO: ProbeInfo = ProbeInfo {
         name: "alloc",
@@ -83,7 +86,8 @@ impl Probe for Alloc {
                 "meterage.call.memory.allocations",
                 &ALLOCATION_BOUNDARIES,
                 "Allocations (malloc, calloc, realloc) metered calls made through CPython's allocators.",
-            ),
+            )
+            .with_source(COUNT_SOURCE),
             measure(
                 "memory.retained",
                 "By",

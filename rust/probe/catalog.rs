@@ -47,6 +47,13 @@ pub struct Measure {
     pub source: &'static str,
 }
 
+impl Measure {
+    /// The same measure, its numbers coming from `source` (for the docs).
+    pub const fn with_source(self, source: &'static str) -> Measure {
+        Measure { source, ..self }
+    }
+}
+
 /// One probe: the name users ask for it by, and its measures.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeInfo {
