@@ -86,11 +86,11 @@ def test_measurements_are_plausible(report: dict[str, Any]) -> None:
     # Sleeping waits without working; the IO operation writes its payload every call.
     sleep = rows["demo.sleep"]
     assert sleep["latency_p50_s"] >= demo.SLEEP_SECONDS * 0.97
-    assert sleep["cpu_per_call_s"] < sleep["latency_p50_s"] / 4
+    assert sleep["per_call"]["cpu.time"] < sleep["latency_p50_s"] / 4
     file_io = rows["demo.file_io"]
     if report["probes"]["io"] is None:
-        assert file_io["io_write_per_call_bytes"] >= demo.FILE_BYTES
-        assert file_io["io_read_per_call_bytes"] >= demo.FILE_BYTES
+        assert file_io["per_call"]["io.write"] >= demo.FILE_BYTES
+        assert file_io["per_call"]["io.read"] >= demo.FILE_BYTES
     batch = [s["attributes"].get("batch.size") for s in rows["demo.batch"]["series"]]
     assert set(batch) == {"small", "large"}
 
@@ -150,7 +150,7 @@ def test_demo_with_a_gpu_shows_energy_and_memory_per_call(fake_nvml_library: str
             continue
         # Every call is under 100 ms: a power x time estimate.
         assert row["gpu_energy_estimated_share"] == 1.0, row["operation"]
-        assert row["gpu_memory_per_call_bytes"] == 0  # no CUDA context in the demo
+        assert row["per_call"]["gpu.memory"] == 0  # no CUDA context in the demo
         energy, low = row["gpu_energy_per_call_j"], power_w * row["wall_per_call_s"]
         if styles[row["operation"]] == "steps":
             # Coroutines and generators are charged for their own steps only, not for

@@ -407,7 +407,8 @@ impl MeterCore {
             let delta = Reading::take_after(&before).since(&before);
             if self.sampler.is_adaptive() {
                 let cost = (start.wall_ns - start.probes_began_ns)
-                    + monotonic_ns().saturating_sub(wall_end);
+                    + monotonic_ns().saturating_sub(wall_end)
+                    + delta.map_or(0, |delta| delta.in_call_ns);
                 self.sampler.observe(duration_ns, cost);
             }
             delta.map(|delta| (cap_cpu(delta, duration_ns), weight))
@@ -486,7 +487,8 @@ impl MeterCore {
         let sample = match call.weight {
             Some(weight) if !call.broken => {
                 if self.sampler.is_adaptive() {
-                    self.sampler.observe(duration_ns, call.probe_cost_ns);
+                    self.sampler
+                        .observe(duration_ns, call.probe_cost_ns + call.total.in_call_ns);
                 }
                 Some((cap_cpu(call.total, duration_ns), weight))
             }

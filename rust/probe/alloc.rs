@@ -29,7 +29,7 @@
 //! native code takes from malloc or mmap directly.
 
 use super::catalog::{all_measures, Combine, Measure, Probe, ProbeInfo, Stage, BYTE_BOUNDARIES};
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -118,30 +118,26 @@ impl Probe for Alloc {
         if !hooks::ready_for_call() {
             return false;
         }
-        THREAD
-            .try_with(|thread| {
-                let mut thread = thread.borrow_mut();
-                raw[0] = thread.allocated;
-                raw[1] = thread.allocations;
-                raw[2] = thread.push();
-            })
-            .is_ok()
+        with_thread(|thread| {
+            raw[0] = thread.allocated;
+            raw[1] = thread.allocations;
+            raw[2] = thread.push();
+        })
+        .is_some()
     }
 
     #[inline]
     fn after(start: &[u64], raw: &mut [u64]) -> bool {
-        THREAD
-            .try_with(|thread| {
-                let mut thread = thread.borrow_mut();
-                raw[0] = thread.allocated;
-                raw[1] = thread.allocations;
-                if let Some(level) = thread.pop(start[2]) {
-                    raw[2] = level.live.max(0) as u64;
-                    raw[3] = level.peak.max(0) as u64;
-                    raw[4] = u64::from(!level.broken);
-                }
-            })
-            .is_ok()
+        with_thread(|thread| {
+            raw[0] = thread.allocated;
+            raw[1] = thread.allocations;
+            if let Some(level) = thread.pop(start[2]) {
+                raw[2] = level.live.max(0) as u64;
+                raw[3] = level.peak.max(0) as u64;
+                raw[4] = u64::from(!level.broken);
+            }
+        })
+        .is_some()
     }
 
     fn delta(end: &[u64], start: &[u64], out: &mut [u64]) -> u32 {
@@ -156,8 +152,13 @@ impl Probe for Alloc {
         }
     }
 
+    /// Each allocation and free of a probed call goes through the thread's table.
+    fn in_call_cost_ns(measures: &[u64]) -> u64 {
+        measures[1].saturating_mul(hooks::tracked_allocation_cost_ps()) / 1000
+    }
+
     fn abandon(start: &[u64]) {
-        let _ = THREAD.try_with(|thread| thread.borrow_mut().pop(start[2]));
+        with_thread(|thread| thread.pop(start[2]));
     }
 
     fn availability() -> Option<String> {
@@ -349,27 +350,91 @@ struct Thread {
     table: Table,
 }
 
-thread_local! {
-    static THREAD: RefCell<Thread> = const {
-        RefCell::new(Thread {
-            allocated: 0,
-            allocations: 0,
-            serial: 0,
-            levels: [Level { id: 0, start_serial: 0, live: 0, peak: 0, broken: false }; MAX_LEVELS],
-            depth: 0,
-            next_id: 1,
-            table: Table::new(),
-        })
-    };
+/// What the wrappers read of a thread: one thread-local without a destructor, so reading
+/// it is a plain load.
+struct Fast {
     /// [`COUNTING`] while a probed call is in flight, [`IN_HOOK`] while a wrapper runs the
-    /// allocator below it: the one load an allocation pays outside probed calls.
-    static STATE: Cell<u8> = const { Cell::new(0) };
+    /// allocator below it: all that an allocation outside probed calls looks at.
+    state: Cell<u8>,
+    /// The thread's [`Thread`], made by its first probed call (null before, and after the
+    /// thread's exit freed it).
+    thread: Cell<*mut Thread>,
+}
+
+/// Frees the thread's [`Thread`] when the thread exits.
+struct Owner(Cell<*mut Thread>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let thread = self.0.replace(std::ptr::null_mut());
+        if thread.is_null() {
+            return;
+        }
+        let _ = FAST.try_with(|fast| {
+            fast.thread.set(std::ptr::null_mut());
+            fast.state.set(0);
+        });
+        // SAFETY: made by Box::into_raw in `with_thread`, freed once, here; the wrappers
+        // no longer see it (FAST's pointer is null).
+        drop(unsafe { Box::from_raw(thread) });
+    }
+}
+
+thread_local! {
+    static FAST: Fast = const {
+        Fast {
+            state: Cell::new(0),
+            thread: Cell::new(std::ptr::null_mut()),
+        }
+    };
+    static OWNER: Owner = const { Owner(Cell::new(std::ptr::null_mut())) };
 }
 
 const COUNTING: u8 = 1;
 const IN_HOOK: u8 = 2;
 
+/// Runs `f` on this thread's state, made on first use; `None` while the thread exits.
+fn with_thread<T>(f: impl FnOnce(&mut Thread) -> T) -> Option<T> {
+    let mut thread = FAST.try_with(|fast| fast.thread.get()).ok()?;
+    if thread.is_null() {
+        thread = Box::into_raw(Box::new(Thread::new()));
+        if OWNER.try_with(|owner| owner.0.set(thread)).is_err() {
+            // SAFETY: just made, and handed to nobody.
+            drop(unsafe { Box::from_raw(thread) });
+            return None;
+        }
+        let _ = FAST.try_with(|fast| fast.thread.set(thread));
+    }
+    // SAFETY: this thread's own state, freed only by its Owner at its exit. Nothing that
+    // holds it allocates through CPython (the table grows with Rust's allocator), so no
+    // wrapper runs while it is borrowed here.
+    Some(f(unsafe { &mut *thread }))
+}
+
+fn set_counting(on: bool) {
+    let _ = FAST.try_with(|fast| {
+        let state = fast.state.get();
+        fast.state.set(if on {
+            state | COUNTING
+        } else {
+            state & !COUNTING
+        });
+    });
+}
+
 impl Thread {
+    fn new() -> Thread {
+        Thread {
+            allocated: 0,
+            allocations: 0,
+            serial: 0,
+            levels: [Level::default(); MAX_LEVELS],
+            depth: 0,
+            next_id: 1,
+            table: Table::new(),
+        }
+    }
+
     /// Starts tracking a call; its level's id.
     fn push(&mut self) -> u64 {
         if self.depth == MAX_LEVELS {
@@ -384,7 +449,7 @@ impl Thread {
             ..Level::default()
         };
         self.depth += 1;
-        let _ = STATE.try_with(|state| state.set(state.get() | COUNTING));
+        set_counting(true);
         id
     }
 
@@ -398,7 +463,7 @@ impl Thread {
         self.levels.copy_within(at + 1..self.depth, at);
         self.depth -= 1;
         if self.depth == 0 {
-            let _ = STATE.try_with(|state| state.set(state.get() & !COUNTING));
+            set_counting(false);
             self.table.clear();
             self.serial = 0;
         }
@@ -585,7 +650,49 @@ mod hooks {
             return Err(reason);
         }
         VERIFIED_TOP.store(now[OBJECT_DOMAIN].ctx, Ordering::Release);
+        tracked_allocation_cost_ps();
         Ok(())
+    }
+
+    /// What tracking one allocation and its free costs inside a probed call, in
+    /// picoseconds: measured once, on a wrapper over libc's allocator, as the difference
+    /// between tracked and untracked allocations.
+    pub(super) fn tracked_allocation_cost_ps() -> u64 {
+        static COST_PS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        // On a thread of its own: none of this thread's calls in flight may see it.
+        *COST_PS.get_or_init(|| std::thread::spawn(calibrate).join().unwrap_or(0))
+    }
+
+    fn calibrate() -> u64 {
+        const PAIRS: usize = 2048;
+        let wrapper = wrapper_over_libc();
+        let (Some(malloc), Some(free)) = (wrapper.malloc, wrapper.free) else {
+            return 0;
+        };
+        let mut blocks = [std::ptr::null_mut(); 64];
+        let mut run = || {
+            let began = super::super::clock::monotonic_ns();
+            for _ in 0..PAIRS / blocks.len() {
+                for block in blocks.iter_mut() {
+                    // SAFETY: our wrapper over libc's allocator; each block freed below.
+                    *block = unsafe { malloc(wrapper.ctx, 48) };
+                }
+                for block in blocks.iter() {
+                    // SAFETY: as above.
+                    unsafe { free(wrapper.ctx, *block) };
+                }
+            }
+            super::super::clock::monotonic_ns().saturating_sub(began)
+        };
+        let untracked = (0..5).map(|_| run()).min().unwrap_or(0);
+        let tracked = with_thread(|thread| thread.push())
+            .map(|level| {
+                let best = (0..5).map(|_| run()).min().unwrap_or(0);
+                with_thread(|thread| thread.pop(level));
+                best
+            })
+            .unwrap_or(untracked);
+        tracked.saturating_sub(untracked) * 1000 / PAIRS as u64
     }
 
     /// Before a probed call: whether ours is the object domain's top allocator, installing
@@ -612,28 +719,36 @@ mod hooks {
         install().is_ok()
     }
 
-    /// Whether this thread counts this call, and if so marks it inside the wrapper.
+    /// This thread's state when it counts this allocation (marked inside the wrapper
+    /// then); `None` outside probed calls and inside another wrapper of ours.
     #[inline(always)]
-    fn enter() -> Option<u8> {
-        let state = STATE.try_with(Cell::get).unwrap_or(IN_HOOK);
-        if state != COUNTING {
-            return None;
-        }
-        let _ = STATE.try_with(|cell| cell.set(state | IN_HOOK));
-        Some(state)
-    }
-
-    #[inline(always)]
-    fn leave(state: u8) {
-        let _ = STATE.try_with(|cell| cell.set(state));
-    }
-
-    fn with_thread(f: impl FnOnce(&mut Thread)) {
-        let _ = THREAD.try_with(|thread| {
-            if let Ok(mut thread) = thread.try_borrow_mut() {
-                f(&mut thread);
+    fn enter() -> Option<*mut Thread> {
+        FAST.try_with(|fast| {
+            if fast.state.get() != COUNTING {
+                return None;
             }
-        });
+            let thread = fast.thread.get();
+            if thread.is_null() {
+                return None;
+            }
+            fast.state.set(COUNTING | IN_HOOK);
+            Some(thread)
+        })
+        .ok()
+        .flatten()
+    }
+
+    #[inline(always)]
+    fn leave() {
+        let _ = FAST.try_with(|fast| fast.state.set(fast.state.get() & !IN_HOOK));
+    }
+
+    /// # Safety
+    /// `thread` came from [`enter`] on this thread, which has not exited since.
+    #[inline(always)]
+    unsafe fn update(thread: *mut Thread, f: impl FnOnce(&mut Thread)) {
+        // SAFETY: the caller's contract; see `with_thread` for why nothing else borrows it.
+        f(unsafe { &mut *thread });
     }
 
     /// # Safety
@@ -649,16 +764,17 @@ mod hooks {
         let Some(malloc) = below.malloc else {
             return std::ptr::null_mut();
         };
-        let Some(state) = enter() else {
+        let Some(thread) = enter() else {
             // SAFETY: the replaced allocator, with its own context.
             return unsafe { malloc(below.ctx, size) };
         };
         // SAFETY: as above.
         let block = unsafe { malloc(below.ctx, size) };
         if !block.is_null() {
-            with_thread(|thread| thread.allocated_block(block as usize, size as u64));
+            // SAFETY: from enter(), on this thread.
+            unsafe { update(thread, |t| t.allocated_block(block as usize, size as u64)) };
         }
-        leave(state);
+        leave();
         block
     }
 
@@ -668,7 +784,7 @@ mod hooks {
         let Some(calloc) = below.calloc else {
             return std::ptr::null_mut();
         };
-        let Some(state) = enter() else {
+        let Some(thread) = enter() else {
             // SAFETY: the replaced allocator, with its own context.
             return unsafe { calloc(below.ctx, count, each) };
         };
@@ -676,9 +792,10 @@ mod hooks {
         let block = unsafe { calloc(below.ctx, count, each) };
         if !block.is_null() {
             let size = (count as u64).saturating_mul(each as u64);
-            with_thread(|thread| thread.allocated_block(block as usize, size));
+            // SAFETY: from enter(), on this thread.
+            unsafe { update(thread, |t| t.allocated_block(block as usize, size)) };
         }
-        leave(state);
+        leave();
         block
     }
 
@@ -692,7 +809,7 @@ mod hooks {
         let Some(realloc) = below.realloc else {
             return std::ptr::null_mut();
         };
-        let Some(state) = enter() else {
+        let Some(thread) = enter() else {
             // SAFETY: the replaced allocator, with its own context.
             return unsafe { realloc(below.ctx, old, size) };
         };
@@ -700,14 +817,17 @@ mod hooks {
         let block = unsafe { realloc(below.ctx, old, size) };
         if !block.is_null() {
             // The old block is gone (or is this one, resized): a free and an allocation.
-            with_thread(|thread| {
-                if !old.is_null() {
-                    thread.freed_block(old as usize);
-                }
-                thread.allocated_block(block as usize, size as u64);
-            });
+            // SAFETY: from enter(), on this thread.
+            unsafe {
+                update(thread, |t| {
+                    if !old.is_null() {
+                        t.freed_block(old as usize);
+                    }
+                    t.allocated_block(block as usize, size as u64);
+                });
+            }
         }
-        leave(state);
+        leave();
         block
     }
 
@@ -717,63 +837,60 @@ mod hooks {
         let Some(free) = below.free else {
             return;
         };
-        if let Some(state) = enter() {
+        if let Some(thread) = enter() {
             if !block.is_null() {
                 // Before the free: after it the address may be handed out again.
-                with_thread(|thread| thread.freed_block(block as usize));
+                // SAFETY: from enter(), on this thread.
+                unsafe { update(thread, |t| t.freed_block(block as usize)) };
             }
             // SAFETY: the replaced allocator, with its own context.
             unsafe { free(below.ctx, block) };
-            leave(state);
+            leave();
         } else {
             // SAFETY: as above.
             unsafe { free(below.ctx, block) };
         }
     }
 
-    #[cfg(test)]
-    pub(super) mod testing {
-        use super::*;
+    unsafe extern "C" fn system_malloc(_: *mut c_void, size: usize) -> *mut c_void {
+        // SAFETY: libc malloc.
+        unsafe { libc::malloc(size.max(1)) }
+    }
+    unsafe extern "C" fn system_calloc(_: *mut c_void, n: usize, each: usize) -> *mut c_void {
+        // SAFETY: libc calloc.
+        unsafe { libc::calloc(n.max(1), each.max(1)) }
+    }
+    unsafe extern "C" fn system_realloc(
+        _: *mut c_void,
+        old: *mut c_void,
+        size: usize,
+    ) -> *mut c_void {
+        // SAFETY: libc realloc of a block from system_malloc.
+        unsafe { libc::realloc(old, size.max(1)) }
+    }
+    unsafe extern "C" fn system_free(_: *mut c_void, block: *mut c_void) {
+        // SAFETY: libc free of a block from system_malloc.
+        unsafe { libc::free(block) }
+    }
 
-        unsafe extern "C" fn system_malloc(_: *mut c_void, size: usize) -> *mut c_void {
-            // SAFETY: libc malloc.
-            unsafe { libc::malloc(size.max(1)) }
-        }
-        unsafe extern "C" fn system_calloc(_: *mut c_void, n: usize, each: usize) -> *mut c_void {
-            // SAFETY: libc calloc.
-            unsafe { libc::calloc(n.max(1), each.max(1)) }
-        }
-        unsafe extern "C" fn system_realloc(
-            _: *mut c_void,
-            old: *mut c_void,
-            size: usize,
-        ) -> *mut c_void {
-            // SAFETY: libc realloc of a block from system_malloc.
-            unsafe { libc::realloc(old, size.max(1)) }
-        }
-        unsafe extern "C" fn system_free(_: *mut c_void, block: *mut c_void) {
-            // SAFETY: libc free of a block from system_malloc.
-            unsafe { libc::free(block) }
-        }
-
-        /// A wrapper over libc's allocator, as `install` would make one.
-        pub fn wrapper_over_libc() -> Allocator {
-            let layer: &'static Layer = Box::leak(Box::new(Layer {
-                inner: Allocator {
-                    ctx: std::ptr::null_mut(),
-                    malloc: Some(system_malloc),
-                    calloc: Some(system_calloc),
-                    realloc: Some(system_realloc),
-                    free: Some(system_free),
-                },
-            }));
-            Allocator {
-                ctx: (layer as *const Layer).cast_mut().cast(),
-                malloc: Some(hook_malloc),
-                calloc: Some(hook_calloc),
-                realloc: Some(hook_realloc),
-                free: Some(hook_free),
-            }
+    /// A wrapper over libc's allocator, as `install` would make one (for calibration and
+    /// tests).
+    pub(super) fn wrapper_over_libc() -> Allocator {
+        let layer: &'static Layer = Box::leak(Box::new(Layer {
+            inner: Allocator {
+                ctx: std::ptr::null_mut(),
+                malloc: Some(system_malloc),
+                calloc: Some(system_calloc),
+                realloc: Some(system_realloc),
+                free: Some(system_free),
+            },
+        }));
+        Allocator {
+            ctx: (layer as *const Layer).cast_mut().cast(),
+            malloc: Some(hook_malloc),
+            calloc: Some(hook_calloc),
+            realloc: Some(hook_realloc),
+            free: Some(hook_free),
         }
     }
 }
@@ -790,8 +907,7 @@ mod tests {
     /// A probed call's readings around `work`, which allocates through `wrapper`.
     fn measured(work: impl FnOnce()) -> ([u64; 4], u32) {
         let mut start = [0; 5];
-        THREAD.with(|thread| {
-            let mut thread = thread.borrow_mut();
+        with_thread(|thread| {
             start[0] = thread.allocated;
             start[1] = thread.allocations;
             start[2] = thread.push();
@@ -820,7 +936,7 @@ mod tests {
 
     #[test]
     fn a_call_is_charged_what_it_allocates_and_retains() {
-        let a = hooks::testing::wrapper_over_libc();
+        let a = hooks::wrapper_over_libc();
         let mut kept = Vec::new();
         let (values, present) = measured(|| {
             for size in [100, 200, 300] {
@@ -838,16 +954,16 @@ mod tests {
 
     #[test]
     fn outside_probed_calls_nothing_is_counted() {
-        let a = hooks::testing::wrapper_over_libc();
-        let before = THREAD.with(|t| t.borrow().allocations);
+        let a = hooks::wrapper_over_libc();
+        let before = with_thread(|t| t.allocations);
         let block = call(a.malloc.unwrap(), &a, 64);
         free(&a, block);
-        assert_eq!(THREAD.with(|t| t.borrow().allocations), before);
+        assert_eq!(with_thread(|t| t.allocations), before);
     }
 
     #[test]
     fn freeing_older_memory_is_not_credited_to_a_call() {
-        let a = hooks::testing::wrapper_over_libc();
+        let a = hooks::wrapper_over_libc();
         let old = call(a.malloc.unwrap(), &a, 500);
         let (values, _) = measured(|| free(&a, old));
         assert_eq!(values, [0, 0, 0, 0]);
@@ -855,7 +971,7 @@ mod tests {
 
     #[test]
     fn nested_calls_each_see_their_own_blocks() {
-        let a = hooks::testing::wrapper_over_libc();
+        let a = hooks::wrapper_over_libc();
         let mut inner_values = [0; 4];
         let mut outer_block = 0;
         let (outer, _) = measured(|| {
@@ -876,7 +992,7 @@ mod tests {
 
     #[test]
     fn realloc_is_a_free_and_an_allocation() {
-        let a = hooks::testing::wrapper_over_libc();
+        let a = hooks::wrapper_over_libc();
         let (values, _) = measured(|| {
             let block = call(a.malloc.unwrap(), &a, 100);
             // SAFETY: a block from the same wrapper.
@@ -915,7 +1031,7 @@ mod tests {
 
     #[test]
     fn a_full_table_leaves_retained_unknown_not_wrong() {
-        let a = hooks::testing::wrapper_over_libc();
+        let a = hooks::wrapper_over_libc();
         let mut blocks = Vec::new();
         let (values, present) = measured(|| {
             for _ in 0..MAX_TABLE {
@@ -932,8 +1048,7 @@ mod tests {
     #[test]
     fn too_many_nested_calls_evict_the_oldest() {
         let mut ids = Vec::new();
-        THREAD.with(|thread| {
-            let mut thread = thread.borrow_mut();
+        with_thread(|thread| {
             for _ in 0..MAX_LEVELS + 1 {
                 ids.push(thread.push());
             }
@@ -943,6 +1058,15 @@ mod tests {
             }
             assert_eq!(thread.depth, 0);
         });
-        assert_eq!(STATE.with(Cell::get), 0);
+        assert_eq!(FAST.with(|fast| fast.state.get()), 0);
+    }
+
+    #[test]
+    fn adaptive_sampling_is_told_what_tracking_cost_inside_the_call() {
+        let per_allocation_ps = hooks::tracked_allocation_cost_ps();
+        assert!(per_allocation_ps > 0);
+        let measures = [48_000, 1000, 0, 0];
+        assert_eq!(Alloc::in_call_cost_ns(&measures), per_allocation_ps * 1000 / 1000);
+        assert_eq!(Alloc::in_call_cost_ns(&[0, 0, 0, 0]), 0);
     }
 }

@@ -101,6 +101,12 @@ pub trait Probe {
         all_measures(Self::INFO)
     }
 
+    /// What the probe added to the call while it ran (beyond its readings), from the
+    /// call's measures: adaptive sampling counts it as the probes' cost.
+    fn in_call_cost_ns(_measures: &[u64]) -> u64 {
+        0
+    }
+
     /// A reading before a call that will never be read after it (the call was given up,
     /// or ends on another thread or in a fork child).
     fn abandon(_start: &[u64]) {}

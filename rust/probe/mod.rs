@@ -72,9 +72,10 @@ macro_rules! probes {
                     let present = <$probe as Probe>::delta(
                         &end.raw[raw.clone()],
                         &start.raw[raw],
-                        &mut delta.values[values],
+                        &mut delta.values[values.clone()],
                     );
                     delta.present |= present << first;
+                    delta.in_call_ns += <$probe as Probe>::in_call_cost_ns(&delta.values[values]);
                 }
             )+
         }
@@ -273,6 +274,8 @@ pub struct Delta {
     pub values: [u64; measure::COUNT],
     /// Bit i: measure i has a value.
     pub present: u32,
+    /// What the probes added inside the call (the allocation probe's per-allocation work).
+    pub in_call_ns: u64,
 }
 
 impl Delta {
@@ -302,6 +305,7 @@ impl Delta {
             };
         }
         self.present |= step.present;
+        self.in_call_ns += step.in_call_ns;
     }
 }
 

@@ -21,10 +21,10 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import meterage
 from meterage.cli.table import (
@@ -35,9 +35,12 @@ from meterage.cli.table import (
     render,
 )
 
+if TYPE_CHECKING:
+    from meterage._native import MeasureInfo
+
 DESCRIPTION = (
     "Run a built-in synthetic workload (CPU-bound, file IO, sleeping, asyncio, failing, "
-    "generator and with-block operations) under meterage, then print what each call cost "
+    "generator, with-block and memory-hungry operations) under meterage, then print what each call cost "
     "and what metering itself cost on this machine."
 )
 DEFAULT_DURATION = 4.0
@@ -49,6 +52,9 @@ SLEEP_SECONDS = 0.004
 ASYNC_CONCURRENCY = 8
 ASYNC_WAIT_SECONDS = 0.005
 GENERATOR_ROWS = 16
+REPORT_LINES = 2_000
+RECORDS_PER_FILL = 200
+CACHED_FILLS = 32
 # The failing operation raises these on about this share of its calls each.
 ERROR_SHARES: tuple[tuple[type[Exception], float], ...] = ((ValueError, 0.12), (TimeoutError, 0.04))
 ADAPTIVE_OPERATION = "demo.lookup"
@@ -121,6 +127,19 @@ OPERATIONS: tuple[Operation, ...] = (
         style="with",
     ),
     Operation(
+        "demo.render",
+        f"join a {REPORT_LINES:,}-line report built as a list of strings (keeps nothing)",
+        share=0.06,
+        seconds_per_call=0.0006,
+    ),
+    Operation(
+        "demo.cache_fill",
+        f"parse {RECORDS_PER_FILL} records into a cache of the last {CACHED_FILLS} fills "
+        "(keeps them)",
+        share=0.06,
+        seconds_per_call=0.0003,
+    ),
+    Operation(
         ADAPTIVE_OPERATION,
         "tiny dict lookup, default adaptive sampling budget",
         share=0.03,
@@ -158,13 +177,19 @@ class DriverReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def workload_probes(available: dict[str, str | None] | None = None) -> tuple[str, ...]:
+    """Every probe that works here (``available``: as ``meterage.available_probes()``
+    says): the OS ones, memory, and the GPU's when NVML works."""
+    if available is None:
+        available = meterage.available_probes()
+    return tuple(name for name, why in available.items() if why is None)
+
+
 class Workload:
     """The metered operations; built fresh for each run so meters start empty."""
 
-    def __init__(self, directory: str, gpu: bool = False) -> None:
+    def __init__(self, directory: str, probes: tuple[str, ...] = ("cpu", "rusage", "io")) -> None:
         sample = 1.0  # every call runs the probes, except the adaptive operation
-        # The OS probes, and the GPU's when NVML works here.
-        probes = ("cpu", "rusage", "io", "gpu") if gpu else ("cpu", "rusage", "io")
         self.path = os.path.join(directory, "demo.bin")
         self.payload = os.urandom(FILE_BYTES)
         self.cache: dict[int, int] = {}
@@ -177,6 +202,11 @@ class Workload:
         self.flaky = meterage.meter("demo.flaky", probes=probes, sample=sample)(self._parse)
         self.rows = meterage.meter("demo.generator", probes=probes, sample=sample)(self._rows)
         self.batch = meterage.meter("demo.batch", probes=probes, sample=sample)
+        self.render = meterage.meter("demo.render", probes=probes, sample=sample)(self._render)
+        self.cache_fill = meterage.meter("demo.cache_fill", probes=probes, sample=sample)(
+            self._cache_fill
+        )
+        self.cached: deque[dict[int, dict[str, Any]]] = deque(maxlen=CACHED_FILLS)
         self.lookup = meterage.meter(ADAPTIVE_OPERATION, probes=probes)(self.table.get)
         self.batch_items = meterage.histogram(
             "demo.batch.items", unit="{item}", description="items per batch"
@@ -209,6 +239,19 @@ class Workload:
             if fate < threshold:
                 raise error(f"record {record} failed")
         return value
+
+    @staticmethod
+    def _render(lines: int) -> int:
+        report = [f"line {index:>6}: {index * index:>14,}" for index in range(lines)]
+        return len("\n".join(report))
+
+    def _cache_fill(self, fill: int) -> int:
+        records = {
+            index: {"id": index, "name": f"record-{fill}-{index}", "score": index * 0.5}
+            for index in range(RECORDS_PER_FILL)
+        }
+        self.cached.append(records)  # the oldest fill is dropped: freed, not this call's
+        return len(records)
 
     @staticmethod
     def _rows(count: int) -> Iterator[dict[str, int]]:
@@ -287,6 +330,12 @@ def run_workload(workload: Workload, calls: dict[str, int]) -> DriverReport:
             workload.run_batch(rng)
         return n
 
+    def render(n: int) -> int:
+        return sum(workload.render(REPORT_LINES) > 0 for _ in range(n))
+
+    def cache_fill(n: int) -> int:
+        return sum(workload.cache_fill(fill) == RECORDS_PER_FILL for fill in range(n))
+
     def lookup(n: int) -> int:
         get = workload.lookup
         for key in range(n):
@@ -301,6 +350,8 @@ def run_workload(workload: Workload, calls: dict[str, int]) -> DriverReport:
         "demo.flaky": flaky,
         "demo.generator": generator,
         "demo.batch": batch,
+        "demo.render": render,
+        "demo.cache_fill": cache_fill,
         ADAPTIVE_OPERATION: lookup,
     }
     for operation in OPERATIONS:
@@ -342,11 +393,11 @@ class Overhead:
         return self.all_probes_s - self.timer_only_s
 
 
-def _stand_ins(style: str) -> tuple[Callable[[], object], ...]:
-    """(bare, timer only, all probes at sample=1.0) for one metering style."""
+def _stand_ins(style: str, probe_names: tuple[str, ...]) -> tuple[Callable[[], object], ...]:
+    """(bare, timer only, the workload's probes at sample=1.0) for one metering style."""
     name = f"meterage.demo.overhead.{style}"
     timer = meterage.meter(f"{name}.timer_only", probes=())
-    probes = meterage.meter(f"{name}.all_probes", sample=1.0)
+    probes = meterage.meter(f"{name}.all_probes", probes=probe_names, sample=1.0)
     if style == "function":
         return _empty, timer(_empty), probes(_empty)
     if style == "with":
@@ -398,9 +449,13 @@ STYLE_LABELS = {
 }
 
 
-def measure_overhead(rounds: int = 5, target_seconds: float = 0.004) -> dict[str, Overhead]:
-    """Bare vs timer-only vs all-probes, interleaved in rounds; medians of the differences."""
-    stand_ins = {style: _stand_ins(style) for style in STYLE_LABELS}
+def measure_overhead(
+    rounds: int = 5,
+    target_seconds: float = 0.004,
+    probes: tuple[str, ...] = ("cpu", "rusage", "io"),
+) -> dict[str, Overhead]:
+    """Bare vs timer-only vs ``probes``, interleaved in rounds; medians of the differences."""
+    stand_ins = {style: _stand_ins(style, probes) for style in STYLE_LABELS}
     calls = {
         style: [_calls_for(function, target_seconds) for function in functions]
         for style, functions in stand_ins.items()
@@ -438,20 +493,27 @@ def measure_overhead(rounds: int = 5, target_seconds: float = 0.004) -> dict[str
 
 # ---- turning the snapshot into rows ----------------------------------------------------
 
-MEASURES_PER_CALL = (
-    ("cpu_per_call_s", "cpu.time"),
-    ("io_read_per_call_bytes", "io.read"),
-    ("io_write_per_call_bytes", "io.write"),
-    ("disk_read_per_call_bytes", "disk.io.read"),
-    ("disk_write_per_call_bytes", "disk.io.write"),
-    ("faults_minor_per_call", "paging.faults.minor"),
-    ("faults_major_per_call", "paging.faults.major"),
-    ("context_switches_voluntary_per_call", "context_switches.voluntary"),
-    ("context_switches_involuntary_per_call", "context_switches.involuntary"),
-    ("gpu_memory_per_call_bytes", "gpu.memory"),
-)
 # A call's GPU energy is one of these two (see docs/gpu.md): summed per call.
 GPU_ENERGY_MEASURES = ("gpu.energy", "gpu.energy.estimated")
+#: Probes with a table of their own in the report (the others share "Resources per call").
+OWN_SECTIONS = ("cpu", "gpu")
+
+
+def measure_columns(probe: str) -> list[tuple[str, list[MeasureInfo]]]:
+    """One probe's report columns: (header, measures); measures that share an exported
+    metric share a column ("io read / write")."""
+    (info,) = [p for p in meterage._native.PROBES if p["name"] == probe]
+    columns: dict[str, list[MeasureInfo]] = {}
+    for measure in info["measures"]:
+        columns.setdefault(measure["metric"], []).append(measure)
+    out = []
+    for metric, measures in columns.items():
+        header = metric.removeprefix("meterage.call.").replace(".", " ").replace("_", " ")
+        values = [" / ".join(value for _, value in m["attributes"]) for m in measures]
+        if any(values):
+            header += " " + " / ".join(values)
+        out.append((header, measures))
+    return out
 
 
 def merged_quantile(histograms: Sequence[Any], q: float) -> float | None:
@@ -516,13 +578,18 @@ def operation_rows(
             "latency_p99_s": merged_quantile(durations, 0.99),
             "wall_per_call_s": sum(h.sum for h in durations) / calls if calls else None,
         }
-        for key, measure in MEASURES_PER_CALL:
-            present = [s for s in series if measure in s.histograms]
-            row[key] = (
-                sum(s.estimated_total(measure) for s in present) / calls
-                if present and calls
-                else None
-            )
+        # Every probe measure, per call (probed calls weighted by 1/p): None when not read.
+        per_call: dict[str, float | None] = {}
+        for probe in meterage._native.PROBES:
+            for measure in probe["measures"]:
+                key = measure["key"]
+                present = [s for s in series if key in s.histograms]
+                per_call[key] = (
+                    sum(s.estimated_total(key) for s in present) / calls
+                    if present and calls
+                    else None
+                )
+        row["per_call"] = per_call
         energy = [(s, m) for s in series for m in GPU_ENERGY_MEASURES if m in s.histograms]
         row["gpu_energy_per_call_j"] = (
             sum(s.estimated_total(m) for s, m in energy) / calls if energy and calls else None
@@ -590,7 +657,7 @@ def _format_time_table(rows: list[dict[str, Any]]) -> str:
             format_share(row["probed_share"]),
             format_seconds(row["latency_p50_s"]),
             format_seconds(row["latency_p99_s"]),
-            format_seconds(row["cpu_per_call_s"]),
+            format_seconds(row["per_call"]["cpu.time"]),
             format_seconds(row["overhead_per_call_s"]),
         )
         for row in rows
@@ -598,32 +665,24 @@ def _format_time_table(rows: list[dict[str, Any]]) -> str:
     return render(headers, cells, indent="  ")
 
 
-def _format_resource_table(rows: list[dict[str, Any]]) -> str:
-    headers = (
-        "operation",
-        "io read / write",
-        "disk read / write",
-        "faults minor / major",
-        "ctx switches vol / invol",
-    )
+def _format_value(value: float | None, unit: str) -> str:
+    if unit == "By":
+        return format_bytes(value)
+    if unit == "s":
+        return format_seconds(value)
+    return format_amount(value)
+
+
+def _format_probe_table(rows: list[dict[str, Any]], probe: str) -> str:
+    """One probe's measures per call, a column per exported metric."""
+    columns = measure_columns(probe)
+    headers = ("operation", *(header for header, _ in columns))
     cells = [
         (
             row["operation"],
-            _pair(
-                format_bytes(row["io_read_per_call_bytes"]),
-                format_bytes(row["io_write_per_call_bytes"]),
-            ),
-            _pair(
-                format_bytes(row["disk_read_per_call_bytes"]),
-                format_bytes(row["disk_write_per_call_bytes"]),
-            ),
-            _pair(
-                format_amount(row["faults_minor_per_call"]),
-                format_amount(row["faults_major_per_call"]),
-            ),
-            _pair(
-                format_amount(row["context_switches_voluntary_per_call"]),
-                format_amount(row["context_switches_involuntary_per_call"]),
+            *(
+                " / ".join(_format_value(row["per_call"][m["key"]], m["unit"]) for m in measures)
+                for _, measures in columns
             ),
         )
         for row in rows
@@ -640,7 +699,7 @@ def _format_gpu_table(rows: list[dict[str, Any]]) -> str:
             if row["gpu_energy_per_call_j"] is None
             else f"{row['gpu_energy_per_call_j']:.4g} J",
             format_share(row["gpu_energy_estimated_share"]),
-            format_bytes(row["gpu_memory_per_call_bytes"]),
+            format_bytes(row["per_call"]["gpu.memory"]),
         )
         for row in rows
     ]
@@ -752,11 +811,15 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         _format_time_table(rows),
         "",
-        "Resources per call (means):",
-        "",
-        _format_resource_table(rows),
-        "",
     ]
+    for probe in meterage._native.PROBES:
+        if probe["name"] not in OWN_SECTIONS:
+            out += [
+                f"Per call, {probe['name']} probe (means):",
+                "",
+                _format_probe_table(rows, probe["name"]),
+                "",
+            ]
     for row in rows:
         if row["errors_by_type"]:
             kinds = ", ".join(
@@ -780,9 +843,9 @@ def format_report(report: dict[str, Any]) -> str:
     perturbed = [
         row["operation"]
         for row in rows
-        if row["cpu_per_call_s"] is not None
+        if row["per_call"]["cpu.time"] is not None
         and row["wall_per_call_s"] is not None
-        and row["cpu_per_call_s"] > row["wall_per_call_s"]
+        and row["per_call"]["cpu.time"] > row["wall_per_call_s"]
     ]
     if perturbed:
         out.append(
@@ -796,6 +859,12 @@ def format_report(report: dict[str, Any]) -> str:
         _notes(
             "io: bytes of every read/write syscall; disk: bytes that reached storage (0 on "
             "tmpfs, or when reads come from the page cache)."
+        ),
+        _notes(
+            "memory: bytes through CPython's allocators (a list's growth counts each new "
+            "size); retained: the call's own allocations still held when it ended "
+            "(demo.cache_fill keeps its records, demo.render nothing); peak: the most they "
+            "held at once."
         ),
         "",
         *_gpu_section(report),
@@ -893,14 +962,16 @@ def collect(duration: float) -> dict[str, Any]:
     meterage.reset()
     probes = meterage.available_probes()
     with tempfile.TemporaryDirectory(prefix="meterage-demo-") as directory:
-        workload = Workload(directory, gpu=probes["gpu"] is None)
+        probe_names = workload_probes(probes)
+        workload = Workload(directory, probe_names)
         driver = run_workload(workload, plan(duration))
     snapshot = meterage.snapshot()
     workload_s = time.perf_counter() - started
     overhead_started = time.perf_counter()
     # Shorter timings for a quick --duration; 4 ms per timing is plenty for a stable median.
     overhead = measure_overhead(
-        target_seconds=0.004 * min(1.0, max(0.25, duration / DEFAULT_DURATION))
+        target_seconds=0.004 * min(1.0, max(0.25, duration / DEFAULT_DURATION)),
+        probes=probe_names,
     )
     overhead_s = time.perf_counter() - overhead_started
     return {

@@ -53,7 +53,7 @@ def keep_running(host: str, port: int, rounds: int | None = None) -> int:
     )
     done = 0
     with tempfile.TemporaryDirectory(prefix="meterage-serve-") as directory:
-        workload = demo.Workload(directory)
+        workload = demo.Workload(directory, demo.workload_probes())
         try:
             while rounds is None or done < rounds:
                 demo.run_workload(workload, demo.plan(1.0))
