@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 DESCRIPTION = (
     "Run a built-in synthetic workload (CPU-bound, file IO, sleeping, asyncio, failing, "
-    "generator, with-block and memory-hungry operations) under meterage, then print what each call cost "
-    "and what metering itself cost on this machine."
+    "generator, with-block and memory-hungry operations) under meterage, then print what "
+    "each call cost and what metering itself cost on this machine."
 )
 DEFAULT_DURATION = 4.0
 
