@@ -794,8 +794,9 @@ def format_report(report: dict[str, Any]) -> str:
         *(f"  {row['operation']:<18}{row['what']}" for row in rows),
         "",
         _paragraph(
-            "Every call is counted and timed. The probes (thread CPU, page faults, context "
-            "switches, IO bytes) ran on every call (sample=1.0), except on "
+            "Every call is counted and timed. The probes that work here "
+            f"({', '.join(workload_probes(report['probes']))}) ran on every call (sample=1.0), "
+            "except on "
             f"{ADAPTIVE_OPERATION}, which keeps the default adaptive budget (the probes may "
             f"cost 1% of its wall time): they ran on {adaptive['probed']:,} of its "
             f"{adaptive['calls']:,} calls ({format_share(adaptive['probed_share'])}), so its "
