@@ -95,6 +95,22 @@ def test_measurements_are_plausible(report: dict[str, Any]) -> None:
     assert set(batch) == {"small", "large"}
 
 
+def test_memory_per_call_tells_keeping_from_churning(report: dict[str, Any]) -> None:
+    if report["probes"]["alloc"] is not None:
+        pytest.skip(f"no alloc probe here: {report['probes']['alloc']}")
+    rows = {row["operation"]: row["per_call"] for row in report["operations"]}
+    render, fill = rows["demo.render"], rows["demo.cache_fill"]
+    # The report's lines (2,000 strings of ~30 bytes) and the joined text, all freed.
+    assert render["memory.allocated"] >= demo.REPORT_LINES * 60
+    assert render["memory.retained"] < 1024
+    assert render["memory.peak"] >= demo.REPORT_LINES * 60
+    # Each fill keeps its records: a dict of dicts, over 100 bytes a record.
+    assert fill["memory.retained"] >= demo.RECORDS_PER_FILL * 100
+    assert fill["memory.allocations"] >= demo.RECORDS_PER_FILL * 2
+    # Sleeping allocates nothing of its own.
+    assert rows["demo.sleep"]["memory.allocated"] < 1024
+
+
 def test_custom_instruments_and_overhead_are_reported(report: dict[str, Any]) -> None:
     calls = demo.plan(DURATION)["demo.batch"]
     items = [row for row in report["instruments"] if row["name"] == "demo.batch.items"]
@@ -121,6 +137,12 @@ def test_text_table_shows_each_operation_and_its_calls(text_output: str) -> None
     assert "sample=1.0" in text_output
     assert "measured on this machine" in text_output
     assert "Custom instruments" in text_output
+    # A table for each probe without one of its own, its columns from its measures.
+    for probe in meterage._native.PROBES:
+        if probe["name"] not in demo.OWN_SECTIONS:
+            assert f"Per call, {probe['name']} probe (means):" in text_output
+            for header, _ in demo.measure_columns(probe["name"]):
+                assert header in text_output, header
 
 
 def test_demo_without_a_gpu_says_why_in_one_line(tmp_path) -> None:
