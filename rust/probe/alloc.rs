@@ -31,7 +31,7 @@
 use super::catalog::{all_measures, Combine, Measure, Probe, ProbeInfo, Stage, BYTE_BOUNDARIES};
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 pub struct Alloc;
@@ -370,6 +370,7 @@ impl Drop for Owner {
         if thread.is_null() {
             return;
         }
+        set_counting(false);
         let _ = FAST.try_with(|fast| {
             fast.thread.set(std::ptr::null_mut());
             fast.state.set(0);
@@ -411,9 +412,26 @@ fn with_thread<T>(f: impl FnOnce(&mut Thread) -> T) -> Option<T> {
     Some(f(unsafe { &mut *thread }))
 }
 
+/// Threads with a probed call in flight: while none has, an allocation costs the wrappers
+/// one load of this (no thread-local at all).
+static COUNTING_THREADS: AtomicUsize = AtomicUsize::new(0);
+/// The fork generation [`COUNTING_THREADS`] counts in: a fork child has only the thread
+/// that forked, and recounts on its first change.
+static COUNTED_GENERATION: AtomicU64 = AtomicU64::new(0);
+
 fn set_counting(on: bool) {
     let _ = FAST.try_with(|fast| {
         let state = fast.state.get();
+        let generation = super::fork::generation();
+        if COUNTED_GENERATION.load(Ordering::Relaxed) != generation {
+            COUNTED_GENERATION.store(generation, Ordering::Relaxed);
+            COUNTING_THREADS.store(usize::from(state & COUNTING != 0), Ordering::Relaxed);
+        }
+        if on && state & COUNTING == 0 {
+            COUNTING_THREADS.fetch_add(1, Ordering::Relaxed);
+        } else if !on && state & COUNTING != 0 {
+            COUNTING_THREADS.fetch_sub(1, Ordering::Relaxed);
+        }
         fast.state.set(if on {
             state | COUNTING
         } else {
@@ -608,6 +626,8 @@ mod hooks {
     /// held (making a meter; a probed call finding a foreign wrapper on top).
     pub(super) fn install() -> Result<(), String> {
         let api = api().ok_or_else(|| availability().unwrap_or_default())?;
+        // Fork children recount the threads that count (see COUNTED_GENERATION).
+        super::super::fork::install();
         let mut state = STATE_LOCK.lock().map_err(|_| "poisoned".to_owned())?;
         if let Some(failure) = &state.failure {
             return Err(failure.clone());
@@ -723,6 +743,9 @@ mod hooks {
     /// then); `None` outside probed calls and inside another wrapper of ours.
     #[inline(always)]
     fn enter() -> Option<*mut Thread> {
+        if COUNTING_THREADS.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         FAST.try_with(|fast| {
             if fast.state.get() != COUNTING {
                 return None;
@@ -1066,7 +1089,10 @@ mod tests {
         let per_allocation_ps = hooks::tracked_allocation_cost_ps();
         assert!(per_allocation_ps > 0);
         let measures = [48_000, 1000, 0, 0];
-        assert_eq!(Alloc::in_call_cost_ns(&measures), per_allocation_ps * 1000 / 1000);
+        assert_eq!(
+            Alloc::in_call_cost_ns(&measures),
+            per_allocation_ps * 1000 / 1000
+        );
         assert_eq!(Alloc::in_call_cost_ns(&[0, 0, 0, 0]), 0);
     }
 }

@@ -13,7 +13,7 @@ import json
 import math
 import time
 
-from meterage.cli import overhead
+from meterage.cli import alloc_cost, overhead
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--basic", action="store_true", help="only the subjects the goals need (faster)"
     )
+    parser.add_argument(
+        "--no-alloc", action="store_true", help="skip the alloc probe's per-allocation costs"
+    )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser
 
@@ -56,8 +59,10 @@ def main(argv: list[str]) -> int:
         subjects, rounds=args.rounds, rounds_10us=args.rounds_10us, batch_ms=args.batch_ms
     )
     checked = overhead.goals(subjects)
+    # Child interpreters of their own (the hooks never leave a process): after the rest.
+    alloc = None if args.basic or args.no_alloc else alloc_cost.measure()
     if args.json:
-        print(json.dumps(_as_json(results, checked), indent=2))
+        print(json.dumps({**_as_json(results, checked), "alloc": alloc}, indent=2))
         return 0
     print(f"meterage bench: {overhead.machine_line()}")
     print(
@@ -75,6 +80,10 @@ def main(argv: list[str]) -> int:
     print("\ngoals")
     for line in overhead.format_goals(results, checked):
         print(line)
+    if alloc is not None:
+        print(f"\nthe alloc probe ({alloc['rounds']} interleaved rounds, medians)")
+        for line in alloc_cost.format_lines(alloc):
+            print(line)
     print(f"\n({time.monotonic() - started:.0f} s)")
     return 0
 
