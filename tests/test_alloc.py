@@ -607,3 +607,84 @@ def test_memory_is_exported_and_on_spans(unique: Callable[..., str]) -> None:
     assert attributes["meterage.memory.allocations"] >= 1000
     # The span's peak is its largest call's, not the sum of two.
     assert attributes["meterage.memory.peak"] < attributes["meterage.memory.allocated"]
+
+
+def test_a_block_that_ends_on_another_thread_leaves_the_first_thread_exact(
+    unique: Callable[..., str],
+) -> None:
+    # A streaming body as Starlette runs it: a sync generator whose steps run in a thread
+    # pool, here each in a new thread. The block began in one thread and ends in another.
+    streamed, after = unique("stream"), unique("after")
+    meter = meterage.meter(streamed, probes=("alloc",), sample=1.0)
+
+    def body() -> Any:
+        with meter:
+            for index in range(3):
+                yield [str(i) for i in range(100 * index)]
+
+    chunks = body()
+
+    def step() -> None:
+        next(chunks, None)
+
+    for _ in range(4):
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join()
+    (series,) = [s for s in meterage.snapshot() if s.operation == streamed]
+    # Two threads' counters do not subtract: the block keeps its wall time only.
+    assert series.count == 1 and series.histograms["memory.allocated"].count == 0
+    # The thread it began on dropped the block's level: later calls there are exact.
+    work = meterage.meter(after, probes=("alloc",), sample=1.0)(
+        lambda: [str(i) for i in range(1000)]
+    )
+    kept = work()
+    found = memory(after)
+    assert held_bytes(kept) <= found["memory.retained"].sum < 1.2 * held_bytes(kept)
+
+
+def test_many_threads_with_nested_and_abandoned_calls_stay_consistent(
+    unique: Callable[..., str],
+) -> None:
+    outer_name, inner_name = unique("outer"), unique("inner")
+    inner = meterage.meter(inner_name, probes=("alloc",), sample=1.0)
+    errors: list[BaseException] = []
+
+    @meterage.meter(outer_name, probes=("alloc",), sample=1.0)
+    def outer(seed: int) -> list[Any]:
+        kept = []
+        for round_index in range(20):
+            with inner:
+                kept.append([seed * round_index] * 50)
+            if round_index % 5 == 0:
+                gc.collect()
+            # A generator given up half way: its block never ends normally.
+            abandoned = stepping()
+            next(abandoned)
+            del abandoned
+        return kept
+
+    def stepping() -> Any:
+        with inner:
+            yield [0] * 10
+            yield [1] * 10
+
+    def worker(seed: int) -> None:
+        try:
+            for _ in range(10):
+                outer(seed)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    found = memory(outer_name)
+    assert found["memory.allocated"].count == 80
+    assert found["memory.retained"].min > 0
+    assert found["memory.retained"].max <= found["memory.peak"].max
+    inner_found = memory(inner_name)
+    assert inner_found["memory.allocated"].count >= 80 * 20

@@ -131,7 +131,7 @@ impl Probe for Alloc {
         with_thread(|thread| {
             raw[0] = thread.allocated;
             raw[1] = thread.allocations;
-            if let Some(level) = thread.pop(start[2]) {
+            if let Some(level) = thread.end(start[2]) {
                 raw[2] = level.live.max(0) as u64;
                 raw[3] = level.peak.max(0) as u64;
                 raw[4] = u64::from(!level.broken);
@@ -158,7 +158,7 @@ impl Probe for Alloc {
     }
 
     fn abandon(start: &[u64]) {
-        with_thread(|thread| thread.pop(start[2]));
+        with_thread(|thread| thread.end(start[2]));
     }
 
     fn availability() -> Option<String> {
@@ -346,8 +346,29 @@ struct Thread {
     serial: u64,
     levels: [Level; MAX_LEVELS],
     depth: usize,
+    /// Level ids are this thread's number (high 32 bits) and a count.
+    number: u64,
     next_id: u64,
     table: Table,
+}
+
+/// Level ids of calls that began on one thread and ended (or were given up) on another:
+/// the thread they began on drops those levels at its next probed call. A level whose id
+/// finds no free slot stays until it is evicted.
+static RETIRED: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+static RETIRED_COUNT: AtomicUsize = AtomicUsize::new(0);
+static THREAD_NUMBERS: AtomicU64 = AtomicU64::new(1);
+
+fn retire(id: u64) {
+    for slot in &RETIRED {
+        if slot
+            .compare_exchange(0, id, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            RETIRED_COUNT.fetch_add(1, Ordering::Release);
+            return;
+        }
+    }
 }
 
 /// What the wrappers read of a thread: one thread-local without a destructor, so reading
@@ -375,6 +396,8 @@ impl Drop for Owner {
             fast.thread.set(std::ptr::null_mut());
             fast.state.set(0);
         });
+        // SAFETY: as below; read before it is freed.
+        unsafe { (*thread).release_retired() };
         // SAFETY: made by Box::into_raw in `with_thread`, freed once, here; the wrappers
         // no longer see it (FAST's pointer is null).
         drop(unsafe { Box::from_raw(thread) });
@@ -448,18 +471,71 @@ impl Thread {
             serial: 0,
             levels: [Level::default(); MAX_LEVELS],
             depth: 0,
+            number: THREAD_NUMBERS.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF,
             next_id: 1,
             table: Table::new(),
         }
     }
 
+    fn owns(&self, id: u64) -> bool {
+        id >> 32 == self.number
+    }
+
+    /// Drops the levels that other threads retired, and frees their slots.
+    #[cold]
+    fn reap(&mut self) {
+        for slot in &RETIRED {
+            let id = slot.load(Ordering::Acquire);
+            if id != 0
+                && self.owns(id)
+                && slot
+                    .compare_exchange(id, 0, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                RETIRED_COUNT.fetch_sub(1, Ordering::Relaxed);
+                self.pop(id);
+            }
+        }
+    }
+
+    /// Ends the call with level `id`: its level, if this thread has it. A call that began
+    /// on another thread is retired for that thread to drop.
+    fn end(&mut self, id: u64) -> Option<Level> {
+        if !self.owns(id) {
+            retire(id);
+            return None;
+        }
+        self.pop(id)
+    }
+
+    /// At the thread's exit: the slots of its retired levels are nobody's any more.
+    fn release_retired(&self) {
+        if RETIRED_COUNT.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        for slot in &RETIRED {
+            let id = slot.load(Ordering::Acquire);
+            if id != 0
+                && self.owns(id)
+                && slot
+                    .compare_exchange(id, 0, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                RETIRED_COUNT.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Starts tracking a call; its level's id.
     fn push(&mut self) -> u64 {
+        if RETIRED_COUNT.load(Ordering::Acquire) != 0 {
+            self.reap();
+        }
         if self.depth == MAX_LEVELS {
             self.levels.copy_within(1.., 0);
             self.depth -= 1;
         }
-        let id = self.next_id;
+        let id = self.number << 32 | (self.next_id & 0xFFFF_FFFF);
         self.next_id += 1;
         self.levels[self.depth] = Level {
             id,
@@ -482,8 +558,14 @@ impl Thread {
         self.depth -= 1;
         if self.depth == 0 {
             set_counting(false);
+        }
+        if self.levels[..self.depth].iter().all(|level| level.broken) {
+            // No call in flight needs its blocks any more.
             self.table.clear();
             self.serial = 0;
+            for level in &mut self.levels[..self.depth] {
+                level.start_serial = 0;
+            }
         }
         Some(level)
     }
@@ -491,13 +573,24 @@ impl Thread {
     fn allocated_block(&mut self, address: usize, size: u64) {
         self.allocated = self.allocated.wrapping_add(size);
         self.allocations += 1;
+        let levels = &mut self.levels[..self.depth];
+        if levels.iter().all(|level| level.broken) {
+            return; // nobody needs the block tracked
+        }
         self.serial += 1;
-        let tracked = self.serial <= SERIAL_MASK && self.table.insert(address, size, self.serial);
+        if self.serial > SERIAL_MASK || !self.table.insert(address, size, self.serial) {
+            // Full: the calls in flight lose retained and peak, later ones start afresh.
+            for level in levels.iter_mut() {
+                level.broken = true;
+            }
+            self.table.clear();
+            self.serial = 0;
+            return;
+        }
         let size = size.min(i64::MAX as u64) as i64;
-        for level in &mut self.levels[..self.depth] {
+        for level in levels {
             level.live = level.live.saturating_add(size);
             level.peak = level.peak.max(level.live);
-            level.broken |= !tracked;
         }
     }
 
@@ -1094,5 +1187,47 @@ mod tests {
             per_allocation_ps * 1000 / 1000
         );
         assert_eq!(Alloc::in_call_cost_ns(&[0, 0, 0, 0]), 0);
+    }
+
+    #[test]
+    fn a_call_ended_on_another_thread_is_dropped_by_its_own() {
+        let id = with_thread(|thread| thread.push()).unwrap();
+        let depth = || with_thread(|thread| thread.depth).unwrap();
+        assert_eq!(depth(), 1);
+        std::thread::spawn(move || {
+            // Its reading after: on this thread, which does not have the level.
+            assert!(with_thread(|thread| thread.end(id)).unwrap().is_none());
+        })
+        .join()
+        .unwrap();
+        // The next probed call of the first thread drops it.
+        let next = with_thread(|thread| thread.push()).unwrap();
+        assert_eq!(depth(), 1);
+        assert!(with_thread(|thread| thread.end(next)).unwrap().is_some());
+        assert_eq!(depth(), 0);
+        assert_eq!(FAST.with(|fast| fast.state.get()), 0);
+    }
+
+    #[test]
+    fn a_stale_call_that_filled_the_table_leaves_later_calls_exact() {
+        let a = hooks::wrapper_over_libc();
+        // A call that never ends on this thread (its block moved elsewhere and was lost).
+        let stale = with_thread(|thread| thread.push()).unwrap();
+        let mut blocks = Vec::new();
+        for _ in 0..MAX_TABLE {
+            blocks.push(call(a.malloc.unwrap(), &a, 8));
+        }
+        let (values, present) = measured(|| {
+            let kept = call(a.malloc.unwrap(), &a, 300);
+            let gone = call(a.malloc.unwrap(), &a, 700);
+            free(&a, gone);
+            blocks.push(kept);
+        });
+        assert_eq!(present, 0b1111);
+        assert_eq!(values, [1000, 2, 300, 1000]);
+        with_thread(|thread| thread.end(stale));
+        for block in blocks {
+            free(&a, block);
+        }
     }
 }

@@ -309,6 +309,27 @@ impl Delta {
     }
 }
 
+/// This thread's number, never another's for the life of the process: `pthread_self` is
+/// not (a thread started after another ended often gets its handle), and two threads'
+/// counters must never subtract.
+#[inline]
+fn thread_number() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    thread_local! {
+        static NUMBER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+    NUMBER
+        .try_with(|number| match number.get() {
+            0 => {
+                let new = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                number.set(new);
+                new
+            }
+            known => known,
+        })
+        .unwrap_or(0)
+}
+
 const STAGES: [Stage; 4] = [Stage::Outer, Stage::Counters, Stage::Clock, Stage::Inner];
 
 impl Reading {
@@ -319,8 +340,7 @@ impl Reading {
             raw: [0; RAW_COUNT],
             probes: ProbeSet::NONE,
             generation: fork::generation(),
-            // SAFETY: pthread_self has no preconditions (it reads a register).
-            thread: unsafe { libc::pthread_self() } as usize,
+            thread: thread_number(),
         };
         for stage in STAGES {
             read_stage(stage, probes, None, &mut reading);
@@ -336,8 +356,7 @@ impl Reading {
             raw: [0; RAW_COUNT],
             probes: ProbeSet::NONE,
             generation: fork::generation(),
-            // SAFETY: as in take_before.
-            thread: unsafe { libc::pthread_self() } as usize,
+            thread: thread_number(),
         };
         for stage in STAGES.into_iter().rev() {
             read_stage(stage, start.probes, Some(start), &mut reading);
@@ -570,6 +589,38 @@ mod tests {
             .unwrap();
         assert!(elsewhere.since(&start).is_none());
         assert!(Reading::take_after(&start).since(&start).is_some());
+    }
+
+    #[test]
+    fn readings_of_a_thread_and_a_later_one_with_its_handle_are_not_comparable() {
+        let (handle, start) = std::thread::spawn(|| {
+            // SAFETY: no preconditions.
+            let handle = unsafe { libc::pthread_self() } as usize;
+            (handle, Reading::take_before(ProbeSet::CPU))
+        })
+        .join()
+        .unwrap();
+        // Threads started one after another: glibc hands a later one the earlier handle
+        // (and stack) from its cache, most of the time.
+        let mut reused = false;
+        for _ in 0..20 {
+            let (same_handle, comparable) = std::thread::spawn(move || {
+                // SAFETY: no preconditions.
+                let mine = unsafe { libc::pthread_self() } as usize;
+                (
+                    mine == handle,
+                    Reading::take_after(&start).since(&start).is_some(),
+                )
+            })
+            .join()
+            .unwrap();
+            reused |= same_handle;
+            assert!(!comparable);
+        }
+        assert!(
+            reused,
+            "no later thread got the handle: the case was not tried"
+        );
     }
 
     #[test]
