@@ -673,7 +673,7 @@ def test_many_threads_with_nested_and_abandoned_calls_stay_consistent(
         try:
             for _ in range(10):
                 outer(seed)
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:  # reported below
             errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
