@@ -95,11 +95,22 @@ def test_memory_allocated_and_freed_in_the_call_is_not_retained(unique: Callable
 def test_freeing_memory_from_before_the_call_is_not_credited(unique: Callable[..., str]) -> None:
     name = unique()
     old = [str(i) for i in range(5000)]
-    dropper = meterage.meter(name, probes=("alloc",), sample=1.0)(lambda: old.clear())
-    dropper()
+    new: list[Any] = []
+
+    @meterage.meter(name, probes=("alloc",), sample=1.0)
+    def swap() -> None:
+        old.clear()  # frees about 250 kB made before the call: not the call's
+        new.append([str(i) for i in range(100)])
+
+    swap()
     found = memory(name)
-    assert found["memory.retained"].sum == 0
-    assert found["memory.allocated"].sum < 1024
+    # Had the older frees been credited, retained would be 0 (it never goes below).
+    kept = held_bytes(new[0])
+    # Also kept: the first item slots of ``new`` and, on 3.10, the frames made for the
+    # first call (each under 1 kB).
+    assert kept <= found["memory.retained"].sum < kept + 2048
+    # The list's growth counts each new size: a few times what it ends up holding.
+    assert kept <= found["memory.allocated"].sum < 4 * kept
 
 
 def test_threads_are_charged_their_own_allocations_only(unique: Callable[..., str]) -> None:
@@ -136,7 +147,8 @@ def test_threads_are_charged_their_own_allocations_only(unique: Callable[..., st
     # Each call made 100 ints and grew its list (each growth counts its new size): the
     # same few kB every time. One round of the noisy thread is 200 bytes objects, 26 kB.
     assert allocated.min >= held_bytes(results[0])
-    assert allocated.max - allocated.min <= 256
+    # (3.10 makes and keeps frame objects on some calls: under 1 kB.)
+    assert allocated.max - allocated.min <= 1024
     assert allocated.max < 20_000
 
 
@@ -370,6 +382,7 @@ def traced():
 metered = meterage.meter("work", probes=("alloc",), sample=1.0)(workload)
 
 def measured():
+    metered()  # a warm-up (3.10 makes the frames of a function's first call)
     meterage.reset()
     kept = [metered() for _ in range(2)]
     (series,) = [s for s in meterage.snapshot() if s.operation == "work"]
@@ -452,6 +465,7 @@ def workload():
 order, path = sys.argv[1], sys.argv[2]
 
 def measured(metered):
+    metered()  # a warm-up (3.10 makes the frames of a function's first call)
     meterage.reset()
     kept = [metered() for _ in range(2)]
     (series,) = [s for s in meterage.snapshot() if s.operation == "work"]

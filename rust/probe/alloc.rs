@@ -7,8 +7,9 @@
 //! allocator it replaced; it is installed when the first meter that asks for `alloc` is
 //! made, never otherwise, and never removed (a wrapper may sit on top of ours).
 //!
-//! **What a thread pays.** Outside a probed call, one thread-local load per allocation and
-//! per free. Inside one, each allocation also goes into the thread's table of the blocks
+//! **What a thread pays.** While no thread has a probed call in flight, one atomic load
+//! per allocation and per free; while another thread has, a thread-local load too. Inside
+//! one, each allocation also goes into the thread's table of the blocks
 //! its calls allocated (address → size), and each free of a block found there is credited
 //! to the calls that allocated it: that is what makes `memory.retained` exact. Nested
 //! allocations (pymalloc handing a large request to the raw domain) count once, at the
@@ -816,7 +817,9 @@ mod hooks {
             return false;
         };
         let current = top(api, DOMAINS[OBJECT_DOMAIN]);
-        if current.ctx == VERIFIED_TOP.load(Ordering::Acquire) {
+        let verified = VERIFIED_TOP.load(Ordering::Acquire);
+        // (Null until installed: CPython's own allocators have a null context.)
+        if !verified.is_null() && current.ctx == verified {
             return true;
         }
         verify_slowly(current)
