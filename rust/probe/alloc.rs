@@ -877,24 +877,36 @@ mod hooks {
         unsafe { (*ctx.cast::<Layer>()).inner }
     }
 
+    /// Runs `allocate` (the allocator below) and, when this thread counts, `record`s the
+    /// block it gave.
+    #[inline(always)]
+    fn counted(
+        allocate: impl FnOnce() -> *mut c_void,
+        record: impl FnOnce(&mut Thread, *mut c_void),
+    ) -> *mut c_void {
+        let Some(thread) = enter() else {
+            return allocate();
+        };
+        let block = allocate();
+        if !block.is_null() {
+            // SAFETY: from enter(), on this thread.
+            unsafe { update(thread, |t| record(t, block)) };
+        }
+        leave();
+        block
+    }
+
     unsafe extern "C" fn hook_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
         // SAFETY: CPython calls this with the context it was installed with.
         let below = unsafe { inner(ctx) };
         let Some(malloc) = below.malloc else {
             return std::ptr::null_mut();
         };
-        let Some(thread) = enter() else {
+        counted(
             // SAFETY: the replaced allocator, with its own context.
-            return unsafe { malloc(below.ctx, size) };
-        };
-        // SAFETY: as above.
-        let block = unsafe { malloc(below.ctx, size) };
-        if !block.is_null() {
-            // SAFETY: from enter(), on this thread.
-            unsafe { update(thread, |t| t.allocated_block(block as usize, size as u64)) };
-        }
-        leave();
-        block
+            || unsafe { malloc(below.ctx, size) },
+            |thread, block| thread.allocated_block(block as usize, size as u64),
+        )
     }
 
     unsafe extern "C" fn hook_calloc(ctx: *mut c_void, count: usize, each: usize) -> *mut c_void {
@@ -903,19 +915,12 @@ mod hooks {
         let Some(calloc) = below.calloc else {
             return std::ptr::null_mut();
         };
-        let Some(thread) = enter() else {
+        let size = (count as u64).saturating_mul(each as u64);
+        counted(
             // SAFETY: the replaced allocator, with its own context.
-            return unsafe { calloc(below.ctx, count, each) };
-        };
-        // SAFETY: as above.
-        let block = unsafe { calloc(below.ctx, count, each) };
-        if !block.is_null() {
-            let size = (count as u64).saturating_mul(each as u64);
-            // SAFETY: from enter(), on this thread.
-            unsafe { update(thread, |t| t.allocated_block(block as usize, size)) };
-        }
-        leave();
-        block
+            || unsafe { calloc(below.ctx, count, each) },
+            |thread, block| thread.allocated_block(block as usize, size),
+        )
     }
 
     unsafe extern "C" fn hook_realloc(
@@ -928,26 +933,17 @@ mod hooks {
         let Some(realloc) = below.realloc else {
             return std::ptr::null_mut();
         };
-        let Some(thread) = enter() else {
+        counted(
             // SAFETY: the replaced allocator, with its own context.
-            return unsafe { realloc(below.ctx, old, size) };
-        };
-        // SAFETY: as above.
-        let block = unsafe { realloc(below.ctx, old, size) };
-        if !block.is_null() {
+            || unsafe { realloc(below.ctx, old, size) },
             // The old block is gone (or is this one, resized): a free and an allocation.
-            // SAFETY: from enter(), on this thread.
-            unsafe {
-                update(thread, |t| {
-                    if !old.is_null() {
-                        t.freed_block(old as usize);
-                    }
-                    t.allocated_block(block as usize, size as u64);
-                });
-            }
-        }
-        leave();
-        block
+            |thread, block| {
+                if !old.is_null() {
+                    thread.freed_block(old as usize);
+                }
+                thread.allocated_block(block as usize, size as u64);
+            },
+        )
     }
 
     unsafe extern "C" fn hook_free(ctx: *mut c_void, block: *mut c_void) {

@@ -89,8 +89,12 @@ pub trait Probe {
     /// The reading before a call; false when it could not be read.
     fn before(raw: &mut [u64]) -> bool;
 
-    /// The reading after a call whose reading before was `start` (read on this thread).
-    fn after(start: &[u64], raw: &mut [u64]) -> bool;
+    /// The reading after a call whose reading before was `start` (read on this thread
+    /// unless the call moved): by default the same reading as before.
+    #[inline(always)]
+    fn after(_start: &[u64], raw: &mut [u64]) -> bool {
+        Self::before(raw)
+    }
 
     /// The call's measures from its two readings, into `out`; returns which of them have a
     /// value (bit i for measure i).

@@ -79,11 +79,6 @@ impl Probe for Cpu {
         true
     }
 
-    #[inline(always)]
-    fn after(_start: &[u64], raw: &mut [u64]) -> bool {
-        Self::before(raw)
-    }
-
     /// The difference, less what one reading of the clock charges to the thread.
     #[inline(always)]
     fn delta(end: &[u64], start: &[u64], out: &mut [u64]) -> u32 {

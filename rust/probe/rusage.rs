@@ -73,11 +73,6 @@ impl Probe for Rusage {
         read_thread(raw)
     }
 
-    #[inline(always)]
-    fn after(_start: &[u64], raw: &mut [u64]) -> bool {
-        read_thread(raw)
-    }
-
     fn availability() -> Option<String> {
         static CHECKED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
         CHECKED.get_or_init(availability).clone()

@@ -550,11 +550,6 @@ impl Probe for Io {
         read_thread(raw)
     }
 
-    #[inline(always)]
-    fn after(_start: &[u64], raw: &mut [u64]) -> bool {
-        read_thread(raw)
-    }
-
     fn availability() -> Option<String> {
         // Found out once per process: the check opens a file (~10 us), which making a
         // meter must not pay every time.
