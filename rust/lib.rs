@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod bridge;
 pub mod collect;
+pub mod group;
 pub mod probe;
 
 #[cfg(feature = "python")]
