@@ -12,3 +12,8 @@ pub mod probe;
 
 #[cfg(feature = "python")]
 mod binding;
+
+/// Blocks made in a shared scope come from the process group's segment (multiprocess
+/// mode); all others from the system allocator.
+#[global_allocator]
+static ALLOCATOR: group::arena::SharedFirst = group::arena::SharedFirst;

@@ -7,8 +7,11 @@
 //!   member, so the pointers inside the members' histograms mean the same in each;
 //! * [`lock`]: the group's robust, process-shared mutex (a holder that dies leaves it
 //!   recoverable, never stuck);
+//! * [`arena`]: where the members' series are allocated (the crate's global allocator
+//!   serves shared scopes from this process's arena);
 //! * [`liveness`]: whether a process is the one a member slot names (PIDs are reused).
 
+pub mod arena;
 pub mod liveness;
 pub mod lock;
 pub mod segment;
