@@ -11,7 +11,7 @@ use super::epoch;
 use super::histogram::{HistogramSnapshot, SCALE};
 use super::sampling::{Sampler, SamplingMode};
 use super::series::{CallSeries, CounterSeries, HistogramSeries};
-use super::series_map::{SeriesData, SeriesMap};
+use super::series_map::{Label, SeriesData, SeriesMap};
 use super::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
 use crate::probe::{ProbeSet, DURATION, MEASURES, MEASURE_PROBES};
 use arc_swap::ArcSwap;
@@ -210,12 +210,22 @@ pub fn registry() -> &'static Registry {
     })
 }
 
-fn instrument<T: SeriesData>(name: &str, unit: &str, description: &str) -> Instrument<T> {
+fn instrument<T: SeriesData>(
+    kind: SeriesKind,
+    name: &str,
+    unit: &str,
+    description: &str,
+) -> Instrument<T> {
     Instrument {
         name: Arc::from(name),
         unit: Arc::from(unit),
         description: Arc::from(description),
-        series: SeriesMap::new(),
+        series: SeriesMap::labelled(Label {
+            kind,
+            name: Arc::from(name),
+            unit: Arc::from(unit),
+            description: Arc::from(description),
+        }),
     }
 }
 
@@ -256,7 +266,12 @@ impl Registry {
     pub fn operation(&self, name: &str) -> Arc<Operation> {
         get_or_insert(&self.operations, name, || Operation {
             name: Arc::from(name),
-            series: SeriesMap::new(),
+            series: SeriesMap::labelled(Label {
+                kind: SeriesKind::Call,
+                name: Arc::from(name),
+                unit: Arc::from(DURATION.unit),
+                description: Arc::from(""),
+            }),
             probes_requested: AtomicU8::new(0),
             meters: ArcSwap::from_pointee(Vec::new()),
             samplers: ArcSwap::from_pointee(Vec::new()),
@@ -277,7 +292,7 @@ impl Registry {
             return Err(why);
         }
         Ok(get_or_insert(&self.histograms, name, || {
-            instrument(name, unit, description)
+            instrument(SeriesKind::Histogram, name, unit, description)
         }))
     }
 
@@ -295,7 +310,7 @@ impl Registry {
             return Err(why);
         }
         Ok(get_or_insert(&self.counters, name, || {
-            instrument(name, unit, description)
+            instrument(SeriesKind::Counter, name, unit, description)
         }))
     }
 
@@ -303,6 +318,14 @@ impl Registry {
     pub fn resets(&self) -> (u64, u64) {
         let count = RESETS.load(Ordering::Acquire);
         (count, LAST_RESET_UNIX_NS.load(Ordering::Relaxed))
+    }
+
+    /// Forgets every series (a fork child of a process group's member: the series it
+    /// inherited are its parent's, and it makes its own).
+    pub fn forget_series(&self) {
+        for_each(&self.operations, |operation| operation.series.forget());
+        for_each(&self.histograms, |histogram| histogram.series.forget());
+        for_each(&self.counters, |counter| counter.series.forget());
     }
 
     /// Clears every recorded value in O(1), and drops the series nothing else holds.

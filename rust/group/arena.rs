@@ -101,6 +101,19 @@ pub fn owns(address: usize) -> bool {
     address >= OWN_START.load(Ordering::Relaxed) && address < OWN_END.load(Ordering::Relaxed)
 }
 
+/// Whether this process has an arena (it is a member of a group).
+#[inline(always)]
+pub fn owns_any() -> bool {
+    OWN_END.load(Ordering::Relaxed) != 0
+}
+
+/// Whether `address` is in the segment but not in this process's arena: a series a fork
+/// child inherited from its parent. Always false (one load) outside a group.
+#[inline(always)]
+pub fn is_foreign(address: usize) -> bool {
+    owns_any() && in_segment(address) && !owns(address)
+}
+
 /// Whether `address` lies anywhere in the segment.
 #[inline(always)]
 fn in_segment(address: usize) -> bool {

@@ -14,4 +14,6 @@
 pub mod arena;
 pub mod liveness;
 pub mod lock;
+pub mod member;
 pub mod segment;
+pub mod wire;

@@ -60,8 +60,10 @@ pub struct Member {
     pub state: AtomicU32,
     pub pid: AtomicU32,
     pub start: AtomicU64,
-    /// Bytes of its arena handed out (the arena's own bookkeeping lives in the arena).
-    pub used: AtomicU64,
+    /// The member's epoch: its series of another epoch hold nothing of now.
+    pub epoch: AtomicU64,
+    /// The address of its newest directory entry (0: none); each names the next older.
+    pub directory: AtomicU64,
 }
 
 /// The start of the segment.
