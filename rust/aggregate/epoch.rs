@@ -97,6 +97,12 @@ impl Liveness {
         self.epoch.load(Ordering::Acquire) == current()
     }
 
+    /// The epoch the values belong to (a process group's reader compares it with the
+    /// epoch of the member that owns the series).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     /// Before a record: if the values belong to an earlier epoch, `clear` them once (other
     /// threads wait for it) and move them to this one. Returns whether this call cleared.
     #[inline(always)]

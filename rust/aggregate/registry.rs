@@ -136,13 +136,13 @@ fn unix_now_ns() -> u64 {
 }
 
 /// The names and units of call measures, made once: a snapshot shares them.
-struct MeasureNames {
-    duration: (Arc<str>, Arc<str>),
-    probes: Vec<(Arc<str>, Arc<str>)>,
-    empty: Arc<str>,
+pub(crate) struct MeasureNames {
+    pub(crate) duration: (Arc<str>, Arc<str>),
+    pub(crate) probes: Vec<(Arc<str>, Arc<str>)>,
+    pub(crate) empty: Arc<str>,
 }
 
-fn measure_names() -> &'static MeasureNames {
+pub(crate) fn measure_names() -> &'static MeasureNames {
     static NAMES: OnceLock<MeasureNames> = OnceLock::new();
     NAMES.get_or_init(|| MeasureNames {
         duration: (DURATION.key.into(), DURATION.unit.into()),
@@ -439,37 +439,7 @@ impl Registry {
                 });
             });
         });
-        // A stable order for readers and tests: sorted by index, then moved into place
-        // once (a snapshot is a few hundred bytes; sorting them in place moves each many
-        // times).
-        // Each is given an integer key first (its kind, the rank of its name, its attributes'
-        // prefix), so most comparisons are of integers; ties are compared in full.
-        let mut names: Vec<&Arc<str>> = out.iter().map(|series| &series.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        let mut order: Vec<([u64; 4], usize)> = out
-            .iter()
-            .enumerate()
-            .map(|(index, series)| {
-                let rank = names.binary_search(&&series.name).unwrap_or(0) as u64;
-                let (key, value) = series.attributes.sort_prefix();
-                let kind_and_name = (series.kind as u64) << 56 | rank;
-                (
-                    [kind_and_name, key, (value >> 64) as u64, value as u64],
-                    index,
-                )
-            })
-            .collect();
-        order.sort_unstable_by(|(a_key, a), (b_key, b)| {
-            a_key
-                .cmp(b_key)
-                .then_with(|| out[*a].attributes.cmp(&out[*b].attributes))
-        });
-        let mut taken: Vec<Option<SeriesSnapshot>> = out.into_iter().map(Some).collect();
-        order
-            .into_iter()
-            .filter_map(|(_, index)| taken[index].take())
-            .collect()
+        sorted(out)
     }
 
     /// Bytes held by every series' histograms and counters (for checking that memory stays
@@ -488,4 +458,39 @@ impl Registry {
         });
         total
     }
+}
+
+/// Snapshots in a stable order for readers and tests.
+pub fn sorted(out: Vec<SeriesSnapshot>) -> Vec<SeriesSnapshot> {
+    // A stable order for readers and tests: sorted by index, then moved into place
+    // once (a snapshot is a few hundred bytes; sorting them in place moves each many
+    // times).
+    // Each is given an integer key first (its kind, the rank of its name, its attributes'
+    // prefix), so most comparisons are of integers; ties are compared in full.
+    let mut names: Vec<&Arc<str>> = out.iter().map(|series| &series.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut order: Vec<([u64; 4], usize)> = out
+        .iter()
+        .enumerate()
+        .map(|(index, series)| {
+            let rank = names.binary_search(&&series.name).unwrap_or(0) as u64;
+            let (key, value) = series.attributes.sort_prefix();
+            let kind_and_name = (series.kind as u64) << 56 | rank;
+            (
+                [kind_and_name, key, (value >> 64) as u64, value as u64],
+                index,
+            )
+        })
+        .collect();
+    order.sort_unstable_by(|(a_key, a), (b_key, b)| {
+        a_key
+            .cmp(b_key)
+            .then_with(|| out[*a].attributes.cmp(&out[*b].attributes))
+    });
+    let mut taken: Vec<Option<SeriesSnapshot>> = out.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|(_, index)| taken[index].take())
+        .collect()
 }

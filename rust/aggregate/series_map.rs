@@ -276,8 +276,7 @@ impl<T: SeriesData> SeriesMap<T> {
         });
         if let Some(identity) = identity {
             if Arc::ptr_eq(&chosen, &fresh) {
-                let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(&fresh) as _;
-                member::register(&identity, Arc::as_ptr(&fresh) as usize, keep);
+                member::register(&identity, Arc::as_ptr(&fresh) as usize, Arc::clone(&fresh));
             }
         }
         chosen

@@ -250,14 +250,17 @@ impl PyExportState {
         let now_ns = now_ns.unwrap_or_else(now_unix_ns);
         let metrics = py.detach(|| {
             let mut state = self.lock();
-            let (resets, last_reset_ns) = registry().resets();
-            if resets != state.resets_seen {
-                state.resets_seen = resets;
-                state.export.restart(last_reset_ns);
+            // A group's totals never reset (a fork child's new epoch is its own values').
+            if !super::group::in_group() {
+                let (resets, last_reset_ns) = registry().resets();
+                if resets != state.resets_seen {
+                    state.resets_seen = resets;
+                    state.export.restart(last_reset_ns);
+                }
             }
-            let series = registry().snapshot();
-            state.export.collect(&series, now_ns)
-        });
+            let series = super::group::series_now()?;
+            Ok::<_, PyErr>(state.export.collect(&series, now_ns))
+        })?;
         let mut builder = Builder::new(py, &self.classes, now_ns);
         let out = PyList::empty(py);
         for metric in &metrics {

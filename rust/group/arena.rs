@@ -107,11 +107,12 @@ pub fn owns_any() -> bool {
     OWN_END.load(Ordering::Relaxed) != 0
 }
 
-/// Whether `address` is in the segment but not in this process's arena: a series a fork
-/// child inherited from its parent. Always false (one load) outside a group.
+/// Whether this process is a group's member and `address` (a series) is not in its arena:
+/// a series a fork child inherited from its parent, or one made before the process joined.
+/// Always false (one load) outside a group.
 #[inline(always)]
 pub fn is_foreign(address: usize) -> bool {
-    owns_any() && in_segment(address) && !owns(address)
+    owns_any() && !owns(address)
 }
 
 /// Whether `address` lies anywhere in the segment.
@@ -141,6 +142,11 @@ pub fn set_own(arena: Option<(usize, usize)>, back: fn(usize, usize) -> bool) {
     });
     OWN_START.store(start, Ordering::Relaxed);
     OWN_END.store(end, Ordering::Relaxed);
+}
+
+/// In a fork child, before it joins: where the parent's use of its arena ended.
+pub fn inherited_end() -> usize {
+    BOOKKEEPING.with(|book| book.next)
 }
 
 /// In a fork child: the arena is the parent's, not ours, and no other thread is left to

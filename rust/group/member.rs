@@ -14,12 +14,14 @@
 
 use super::arena;
 use super::liveness::ProcessId;
-use super::segment::{Member, Segment, ARENA_BYTES, FREE, LIVE, MAX_MEMBERS, SEGMENT_BYTES};
+use super::segment::{
+    back_from_allocator, Member, Segment, ARENA_BYTES, FREE, LIVE, MAX_MEMBERS, SEGMENT_BYTES,
+};
 use super::wire::{Identity, Writer};
-use std::any::Any;
+use arc_swap::ArcSwapOption;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 /// A directory entry, in the owner's arena.
 #[repr(C)]
@@ -43,24 +45,19 @@ pub struct Joined {
     pub me: ProcessId,
 }
 
-static JOINED: Mutex<Option<Arc<Joined>>> = Mutex::new(None);
-/// The series this process named in its directory, kept alive for good.
-static KEPT: Mutex<Vec<Arc<dyn Any + Send + Sync>>> = Mutex::new(Vec::new());
+/// Lock-free, so that a fork child (whose parent's threads may have held a lock) reads it.
+static JOINED: ArcSwapOption<Joined> = ArcSwapOption::const_empty();
 /// Set once joined: what the registry calls to forget its series in a fork child.
 static FORGET_SERIES: OnceLock<fn()> = OnceLock::new();
 
 /// The group, if this process is a member of one.
 pub fn joined() -> Option<Arc<Joined>> {
-    JOINED.lock().ok()?.clone()
+    JOINED.load_full()
 }
 
 /// Whether this process records into a group (a fast check for the registry).
 pub fn is_joined() -> bool {
     arena::owns_any()
-}
-
-fn back(address: usize, bytes: usize) -> bool {
-    joined().is_some_and(|group| group.segment.back(address, bytes))
 }
 
 impl Joined {
@@ -86,6 +83,16 @@ pub fn join(directory: &Path, root: ProcessId, forget_series: fn()) -> Result<Ar
     // A fork child must stop allocating in its parent's arena at once (atfork handler).
     crate::probe::fork::install();
     let segment = Segment::open(directory, root)?;
+    enter(segment, directory, root, me)
+}
+
+/// Takes a slot of `segment` (mapped here) for `me` and makes it this process's.
+fn enter(
+    segment: Segment,
+    directory: &Path,
+    root: ProcessId,
+    me: ProcessId,
+) -> Result<Arc<Joined>, String> {
     let slot = claim(&segment, me)?;
     let group = Arc::new(Joined {
         segment,
@@ -95,9 +102,17 @@ pub fn join(directory: &Path, root: ProcessId, forget_series: fn()) -> Result<Ar
         me,
     });
     arena::set_segment(group.segment.base(), group.segment.base() + SEGMENT_BYTES);
-    *JOINED.lock().map_err(|_| "poisoned")? = Some(Arc::clone(&group));
-    arena::set_own(Some(group.segment.arena(slot)), back);
+    JOINED.store(Some(Arc::clone(&group)));
+    // Series made before joining are not in the arena: the maps make new ones there.
+    if let Some(forget) = FORGET_SERIES.get() {
+        forget();
+    }
+    group.segment.open_backing()?;
+    arena::set_own(Some(group.segment.arena(slot)), back_from_allocator);
     crate::aggregate::epoch::set_observer(epoch_advanced);
+    // Meters check their series again on their next call (a new epoch): they find the
+    // ones of this arena. Nothing was recorded before joining (the binding checks).
+    crate::aggregate::epoch::advance();
     Ok(group)
 }
 
@@ -106,11 +121,18 @@ pub fn join(directory: &Path, root: ProcessId, forget_series: fn()) -> Result<Ar
 fn claim(segment: &Segment, me: ProcessId) -> Result<usize, String> {
     let header = segment.header();
     let _guard = header.lock.lock()?;
-    let slot = (0..MAX_MEMBERS)
-        .find(|&slot| header.members[slot].state.load(Ordering::Acquire) == FREE)
-        .ok_or_else(|| {
-            format!("the group has {MAX_MEMBERS} members already (live, or exited and not yet collected)")
-        })?;
+    let free_slot = || {
+        (0..MAX_MEMBERS).find(|&slot| header.members[slot].state.load(Ordering::Acquire) == FREE)
+    };
+    let slot = match free_slot() {
+        Some(slot) => slot,
+        None => {
+            // Members that are gone and not collected yet: fold them to make room.
+            super::collect::fold_gone(segment, MAX_MEMBERS)?;
+            free_slot()
+                .ok_or_else(|| format!("the group has {MAX_MEMBERS} live members already"))?
+        }
+    };
     let member = &header.members[slot];
     // Its arena may hold a folded member's leftovers: nothing of it is read again.
     let (start, _) = segment.arena(slot);
@@ -126,8 +148,8 @@ fn claim(segment: &Segment, me: ProcessId) -> Result<usize, String> {
 }
 
 /// Names a new series in this process's directory. `series` is its address in the
-/// arena; `keep` holds it alive for good.
-pub fn register(identity: &Identity, series: usize, keep: Arc<dyn Any + Send + Sync>) {
+/// arena; `keep` is a reference to it, leaked here: the series lives for good.
+pub fn register<T>(identity: &Identity, series: usize, keep: Arc<T>) {
     let Some(group) = joined() else {
         return;
     };
@@ -136,7 +158,8 @@ pub fn register(identity: &Identity, series: usize, keep: Arc<dyn Any + Send + S
     }
     let mut writer = Writer::default();
     writer.identity(identity);
-    let bytes: &'static [u8] = arena::shared(|| Box::leak(writer.bytes.into_boxed_slice()));
+    let bytes: &'static [u8] =
+        arena::shared(|| Box::leak(Box::<[u8]>::from(writer.bytes.as_slice())));
     let member = group.own();
     let entry: &'static mut Entry = arena::shared(|| {
         Box::leak(Box::new(Entry {
@@ -149,9 +172,9 @@ pub fn register(identity: &Identity, series: usize, keep: Arc<dyn Any + Send + S
     if !arena::owns(entry as *const Entry as usize) || !arena::owns(bytes.as_ptr() as usize) {
         return; // the arena is full: the series stays this process's own
     }
-    if let Ok(mut kept) = KEPT.lock() {
-        kept.push(keep);
-    }
+    // Never dropped (a reference count in the arena): a directory entry never names
+    // freed memory. A fork child's copy of it is never dropped either.
+    std::mem::forget(keep);
     let mut head = member.directory.load(Ordering::Acquire);
     loop {
         entry.next = head;
@@ -169,7 +192,7 @@ pub fn register(identity: &Identity, series: usize, keep: Arc<dyn Any + Send + S
 
 /// The process's epoch moved on (a reset): its member slot says so, for the readers.
 fn epoch_advanced(epoch: u64) {
-    if let Some(group) = JOINED.try_lock().ok().and_then(|joined| joined.clone()) {
+    if let Some(group) = JOINED.load_full() {
         // A fork child's handler runs this before the child has a slot: never the parent's.
         if group.me.pid == std::process::id() {
             group.own().epoch.store(epoch, Ordering::Release);
@@ -187,64 +210,46 @@ pub fn rejoin_after_fork() -> Result<Option<Arc<Joined>>, String> {
     if parent.me == me {
         return Ok(Some(parent));
     }
-    private_copy(&parent.segment, parent.slot)?;
-    if let Ok(mut kept) = KEPT.lock() {
-        // Not ours to keep (their memory is the parent's, now copied): dropping an
-        // inherited block frees nothing (see arena's dealloc).
-        kept.clear();
-    }
-    if let Ok(mut joined) = JOINED.lock() {
-        *joined = None;
-    }
-    if let Some(forget) = FORGET_SERIES.get() {
-        forget();
-    }
-    join(
-        &parent.directory,
-        parent.root,
-        *FORGET_SERIES.get().unwrap_or(&(noop as fn())),
-    )
-    .map(Some)
+    private_copy(&parent.segment, parent.slot, arena::inherited_end())?;
+    JOINED.store(None);
+    // The segment is mapped here already (inherited): a slot of it, the series forgotten.
+    enter(parent.segment.clone(), &parent.directory, parent.root, me).map(Some)
 }
 
-fn noop() {}
-
-/// Maps arena `slot` of `segment` again at the same address, private and copy-on-write.
-fn private_copy(segment: &Segment, slot: usize) -> Result<(), String> {
-    let (start, _) = segment.arena(slot);
-    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
-        segment.path.as_os_str(),
-    ))
-    .map_err(|_| "bad segment path")?;
-    // SAFETY: a NUL-terminated path of our own segment file.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!(
-            "cannot reopen the group's segment: {}",
-            std::io::Error::last_os_error()
-        ));
+/// Replaces the parent's arena (`slot` of `segment`) in this just-forked child with a
+/// private copy of what the parent used of it, at the same address: the inherited series
+/// stay readable whatever becomes of the slot (folded, given to a new member), and nothing
+/// the child does reaches the parent's numbers.
+fn private_copy(segment: &Segment, slot: usize, used_end: usize) -> Result<(), String> {
+    let (start, end) = segment.arena(slot);
+    let used = used_end.clamp(start, end) - start;
+    let mut saved: Vec<u8> = Vec::with_capacity(used);
+    // SAFETY: `used` bytes at the arena's start are mapped (the parent's arena, shared);
+    // `saved` has room for them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(start as *const u8, saved.as_mut_ptr(), used);
+        saved.set_len(used);
     }
-    // SAFETY: replaces exactly the parent's arena in this (single-threaded, just forked)
-    // process with a private view of the same file range: reads see the file, writes stay
-    // here.
+    // SAFETY: replaces exactly the parent's arena in this process with fresh private
+    // memory; no other thread runs in a just-forked child.
     let mapped = unsafe {
         libc::mmap(
             start as *mut libc::c_void,
             ARENA_BYTES,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED,
-            fd,
-            (start - segment.base()) as libc::off_t,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
         )
     };
-    // SAFETY: ours; the mapping keeps what it needs.
-    unsafe { libc::close(fd) };
     if mapped == libc::MAP_FAILED {
         return Err(format!(
-            "cannot make the parent's arena private: {}",
+            "cannot copy the parent's arena: {}",
             std::io::Error::last_os_error()
         ));
     }
+    // SAFETY: the fresh mapping has room for `used` bytes at its start.
+    unsafe { std::ptr::copy_nonoverlapping(saved.as_ptr(), start as *mut u8, used) };
     Ok(())
 }
 
@@ -289,10 +294,8 @@ pub fn epoch_of(member: &Member) -> u64 {
 
 /// Not a member any more (tests; a process leaves its group by exiting).
 pub fn leave_for_tests() {
-    arena::set_own(None, back);
-    if let Ok(mut joined) = JOINED.lock() {
-        if let Some(group) = joined.take() {
-            group.own().state.store(FREE, Ordering::Release);
-        }
+    arena::set_own(None, back_from_allocator);
+    if let Some(group) = JOINED.swap(None) {
+        group.own().state.store(FREE, Ordering::Release);
     }
 }

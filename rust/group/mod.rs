@@ -9,9 +9,13 @@
 //!   recoverable, never stuck);
 //! * [`arena`]: where the members' series are allocated (the crate's global allocator
 //!   serves shared scopes from this process's arena);
+//! * [`member`]: this process's slot, and the directory naming its series;
+//! * [`collect`]: the group's numbers, summed, with the totals of members that are gone;
+//! * [`wire`]: identities and snapshots as bytes;
 //! * [`liveness`]: whether a process is the one a member slot names (PIDs are reused).
 
 pub mod arena;
+pub mod collect;
 pub mod liveness;
 pub mod lock;
 pub mod member;

@@ -13,7 +13,7 @@ use super::lock::RobustMutex;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Members at once (live processes, and exited ones not yet folded).
 pub const MAX_MEMBERS: usize = 256;
@@ -86,7 +86,7 @@ pub struct Header {
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
 
 /// A mapped segment. Never unmapped: the members' series point into it for good.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Segment {
     base: usize,
     pub path: PathBuf,
@@ -359,6 +359,85 @@ impl Segment {
         // for every process that maps it.
         unsafe { libc::madvise(address as *mut libc::c_void, bytes, libc::MADV_REMOVE) };
     }
+}
+
+/// A descriptor of this process's segment file for the arena's allocator, which must
+/// make memory real without allocating (it runs inside the allocator). Checked by `fstat`
+/// before each use: an application that closed descriptors (`closerange` in a child) may
+/// have given the number to a file of its own.
+struct Backing {
+    fd: AtomicI32,
+    device: AtomicU64,
+    inode: AtomicU64,
+    base: AtomicUsize,
+}
+
+static BACKING: Backing = Backing {
+    fd: AtomicI32::new(-1),
+    device: AtomicU64::new(0),
+    inode: AtomicU64::new(0),
+    base: AtomicUsize::new(0),
+};
+
+/// `(device, inode)` of an open descriptor, without allocating.
+fn file_of(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: a zeroed stat is filled by fstat; a closed fd fails cleanly.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
+}
+
+impl Segment {
+    /// Opens the descriptor [`back_from_allocator`] uses (again, in a fork child).
+    pub fn open_backing(&self) -> Result<(), String> {
+        let c = c_path(&self.path)?;
+        // SAFETY: a NUL-terminated path of our own file.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(error("cannot open the group's segment", &self.path));
+        }
+        let Some((device, inode)) = file_of(fd) else {
+            // SAFETY: ours.
+            unsafe { libc::close(fd) };
+            return Err(error("cannot stat the group's segment", &self.path));
+        };
+        let old = BACKING.fd.swap(-1, Ordering::AcqRel);
+        if old >= 0
+            && file_of(old)
+                == Some((
+                    BACKING.device.load(Ordering::Relaxed),
+                    BACKING.inode.load(Ordering::Relaxed),
+                ))
+        {
+            // SAFETY: still our descriptor of a segment file (checked just now).
+            unsafe { libc::close(old) };
+        }
+        BACKING.device.store(device, Ordering::Relaxed);
+        BACKING.inode.store(inode, Ordering::Relaxed);
+        BACKING.base.store(self.base, Ordering::Relaxed);
+        BACKING.fd.store(fd, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Makes `bytes` at `address` of this process's segment real memory; false when there is
+/// no room, or the descriptor is not the segment's any more. Never allocates.
+pub fn back_from_allocator(address: usize, bytes: usize) -> bool {
+    let fd = BACKING.fd.load(Ordering::Acquire);
+    if fd < 0
+        || file_of(fd)
+            != Some((
+                BACKING.device.load(Ordering::Relaxed),
+                BACKING.inode.load(Ordering::Relaxed),
+            ))
+    {
+        return false;
+    }
+    let Some(offset) = address.checked_sub(BACKING.base.load(Ordering::Relaxed)) else {
+        return false;
+    };
+    // SAFETY: the segment file (checked above); the range lies within its size.
+    unsafe { libc::fallocate(fd, 0, offset as libc::off_t, bytes as libc::off_t) == 0 }
 }
 
 /// Removes the segments of groups whose root process is gone (a crashed server's).

@@ -26,7 +26,7 @@ impl Writer {
     fn u8(&mut self, value: u8) {
         self.bytes.push(value);
     }
-    fn u64(&mut self, value: u64) {
+    pub fn u64(&mut self, value: u64) {
         self.bytes.extend_from_slice(&value.to_le_bytes());
     }
     fn i64(&mut self, value: i64) {
@@ -137,7 +137,7 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Option<u8> {
         Some(self.take(1)?[0])
     }
-    fn u64(&mut self) -> Option<u64> {
+    pub fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
     fn len(&mut self) -> Option<usize> {
