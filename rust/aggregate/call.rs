@@ -235,7 +235,11 @@ impl MeterCore {
         if !TRACK_ACTIVE.load(Ordering::Relaxed) {
             return Counted(std::ptr::null());
         }
-        let series = self.held_series();
+        let mut series = self.held_series();
+        if crate::group::arena::is_foreign(series as *const CallSeries as usize) {
+            // A process group's fork child: its calls in flight are counted in its own.
+            series = self.series();
+        }
         series.active.enter(generation);
         Counted(series)
     }

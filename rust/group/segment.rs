@@ -13,7 +13,7 @@ use super::lock::RobustMutex;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// Members at once (live processes, and exited ones not yet folded).
 pub const MAX_MEMBERS: usize = 256;
@@ -370,13 +370,24 @@ struct Backing {
     device: AtomicU64,
     inode: AtomicU64,
     base: AtomicUsize,
+    /// The file's path, NUL-terminated, to open it again without allocating.
+    path: [AtomicU8; PATH_BYTES],
 }
+
+const PATH_BYTES: usize = 256;
+/// Descriptors the allocator opens are moved this high where the limit allows: an application that
+/// closed everything and opens its standard streams again must get the numbers it expects.
+const HIGH_FD: i32 = 1000;
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NUL: AtomicU8 = AtomicU8::new(0);
 
 static BACKING: Backing = Backing {
     fd: AtomicI32::new(-1),
     device: AtomicU64::new(0),
     inode: AtomicU64::new(0),
     base: AtomicUsize::new(0),
+    path: [NUL; PATH_BYTES],
 };
 
 /// `(device, inode)` of an open descriptor, without allocating.
@@ -387,51 +398,100 @@ fn file_of(fd: i32) -> Option<(u64, u64)> {
     (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
 }
 
-impl Segment {
-    /// Opens the descriptor [`back_from_allocator`] uses (again, in a fork child).
-    pub fn open_backing(&self) -> Result<(), String> {
-        let c = c_path(&self.path)?;
-        // SAFETY: a NUL-terminated path of our own file.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(error("cannot open the group's segment", &self.path));
-        }
-        let Some((device, inode)) = file_of(fd) else {
+fn is_backing(fd: i32) -> bool {
+    fd >= 0
+        && file_of(fd)
+            == Some((
+                BACKING.device.load(Ordering::Relaxed),
+                BACKING.inode.load(Ordering::Relaxed),
+            ))
+}
+
+/// Opens the segment file from the stored path, high above the application's descriptors;
+/// -1 if it cannot (or it is not the segment any more). Never allocates.
+fn open_stored_path() -> i32 {
+    let mut path = [0u8; PATH_BYTES];
+    for (byte, stored) in path.iter_mut().zip(&BACKING.path) {
+        *byte = stored.load(Ordering::Relaxed);
+    }
+    if path[0] == 0 || path[PATH_BYTES - 1] != 0 {
+        return -1;
+    }
+    // SAFETY: a NUL-terminated path on the stack.
+    let low = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if low < 0 {
+        return -1;
+    }
+    // As high as the descriptor limit allows (a low limit refuses the higher floors).
+    let fd = [HIGH_FD, 256, 64, 16]
+        .iter()
+        // SAFETY: `low` is ours; the duplicate is too.
+        .map(|&floor| unsafe { libc::fcntl(low, libc::F_DUPFD_CLOEXEC, floor) })
+        .find(|&fd| fd >= 0)
+        .unwrap_or(-1);
+    // SAFETY: ours (the duplicate, if any, stays open).
+    unsafe { libc::close(low) };
+    if fd >= 0 && is_backing(fd) {
+        fd
+    } else {
+        if fd >= 0 {
             // SAFETY: ours.
             unsafe { libc::close(fd) };
-            return Err(error("cannot stat the group's segment", &self.path));
+        }
+        -1
+    }
+}
+
+impl Segment {
+    /// Sets up what [`back_from_allocator`] uses (again, in a fork child).
+    pub fn open_backing(&self) -> Result<(), String> {
+        let bytes = self.path.as_os_str().as_bytes();
+        if bytes.len() >= PATH_BYTES || bytes.contains(&0) {
+            return Err(format!(
+                "the segment's path is too long: {}",
+                self.path.display()
+            ));
+        }
+        let c = c_path(&self.path)?;
+        // SAFETY: a NUL-terminated path of our own file.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        let Some((device, inode)) = (fd >= 0).then(|| file_of(fd)).flatten() else {
+            return Err(error("cannot open the group's segment", &self.path));
         };
+        // SAFETY: ours, only opened to learn the file's identity.
+        unsafe { libc::close(fd) };
         let old = BACKING.fd.swap(-1, Ordering::AcqRel);
-        if old >= 0
-            && file_of(old)
-                == Some((
-                    BACKING.device.load(Ordering::Relaxed),
-                    BACKING.inode.load(Ordering::Relaxed),
-                ))
-        {
-            // SAFETY: still our descriptor of a segment file (checked just now).
+        if is_backing(old) {
+            // SAFETY: still our descriptor of the segment file (checked just now).
             unsafe { libc::close(old) };
+        }
+        for (index, stored) in BACKING.path.iter().enumerate() {
+            stored.store(bytes.get(index).copied().unwrap_or(0), Ordering::Relaxed);
         }
         BACKING.device.store(device, Ordering::Relaxed);
         BACKING.inode.store(inode, Ordering::Relaxed);
         BACKING.base.store(self.base, Ordering::Relaxed);
+        let fd = open_stored_path();
+        if fd < 0 {
+            return Err(error("cannot open the group's segment", &self.path));
+        }
         BACKING.fd.store(fd, Ordering::Release);
         Ok(())
     }
 }
 
 /// Makes `bytes` at `address` of this process's segment real memory; false when there is
-/// no room, or the descriptor is not the segment's any more. Never allocates.
+/// no room. Never allocates; opens the file again if the application closed the
+/// descriptor.
 pub fn back_from_allocator(address: usize, bytes: usize) -> bool {
-    let fd = BACKING.fd.load(Ordering::Acquire);
-    if fd < 0
-        || file_of(fd)
-            != Some((
-                BACKING.device.load(Ordering::Relaxed),
-                BACKING.inode.load(Ordering::Relaxed),
-            ))
-    {
-        return false;
+    let mut fd = BACKING.fd.load(Ordering::Acquire);
+    if !is_backing(fd) {
+        // Closed (and maybe reused) by the application: never touch it, open our own.
+        fd = open_stored_path();
+        if fd < 0 {
+            return false;
+        }
+        BACKING.fd.store(fd, Ordering::Release);
     }
     let Some(offset) = address.checked_sub(BACKING.base.load(Ordering::Relaxed)) else {
         return false;
