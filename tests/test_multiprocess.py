@@ -15,8 +15,6 @@ import sys
 import textwrap
 from typing import Any
 
-import pytest
-
 PRELUDE = """
 import json, os, signal, sys, time
 import meterage, meterage.multiprocess as mp
@@ -36,7 +34,11 @@ def done(**seen):
 
 
 def run(
-    script: str, *, multiprocess: bool = True, env: dict[str, str] | None = None, timeout: float = 90
+    script: str,
+    *,
+    multiprocess: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 90,
 ) -> dict[str, Any]:
     """Runs ``script`` (after PRELUDE) in a fresh interpreter; returns what it passed to
     ``done``."""

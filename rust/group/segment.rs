@@ -516,6 +516,8 @@ pub fn sweep(directory: &Path, keep: ProcessId) {
         let (Some(pid), Some(start), None) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
+        // A group's other files (its exporters' leases) are named `<segment>.<role>`.
+        let start = start.split('.').next().unwrap_or(start);
         let (Ok(pid), Ok(start)) = (pid.parse(), start.parse()) else {
             continue;
         };
