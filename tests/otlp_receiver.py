@@ -159,3 +159,42 @@ class HttpReceiver(_Store):
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+# --- reading what arrived --------------------------------------------------------------
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def attributes(message: Any) -> dict[str, Any]:
+    """A resource's, scope's or data point's attributes as a dict."""
+    return {kv.key: _value(kv.value) for kv in message.attributes}
+
+
+def resources(request: ExportMetricsServiceRequest) -> list[dict[str, Any]]:
+    """The attributes of each resource in the request."""
+    return [attributes(rm.resource) for rm in request.resource_metrics]
+
+
+def histogram_totals(
+    request: ExportMetricsServiceRequest, metric: str, **point_attributes: Any
+) -> tuple[int, float]:
+    """(count, sum) of histogram ``metric`` (explicit-bucket or exponential) over every
+    resource and scope of the request and every data point whose attributes include
+    ``point_attributes``; (0, 0.0) when there is none."""
+    count, total = 0, 0.0
+    for resource_metrics in request.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for found in scope_metrics.metrics:
+                if found.name != metric:
+                    continue
+                data = getattr(found, found.WhichOneof("data"))
+                for point in data.data_points:
+                    have = attributes(point)
+                    if all(have.get(k) == v for k, v in point_attributes.items()):
+                        count += point.count
+                        total += point.sum
+    return count, total

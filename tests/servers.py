@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,8 +272,10 @@ def running(
     ready_check: Callable[[Server], bool] | None = None,
     timeout: float = 30.0,
     grace: float = 5.0,
+    workdir: Path | None = None,
 ) -> Iterator[Server]:
-    """Runs ``argv`` in a fresh temporary directory holding ``files`` (name -> text).
+    """Runs ``argv`` in a fresh temporary directory holding ``files`` (name -> text), or
+    in ``workdir`` when given (kept afterwards: a test runs servers there one after another).
 
     Ready when ``ready_url`` answers 2xx, ``ready_line`` is a line of its output,
     ``ready_text`` occurs in its output and ``ready_check(server)`` is true (each when
@@ -282,8 +285,11 @@ def running(
     if any survives that, and the directory is removed. A failure in the block prints its
     log to stderr.
     """
-    with tempfile.TemporaryDirectory(prefix=f"meterage-{name}-") as directory:
-        server = _start(name, argv, Path(directory), files, env)
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            temporary = tempfile.TemporaryDirectory(prefix=f"meterage-{name}-")
+            workdir = Path(stack.enter_context(temporary))
+        server = _start(name, argv, workdir, files, env)
         try:
             _wait_until_ready(server, ready_url, ready_line, ready_text, ready_check, timeout)
             try:
@@ -449,6 +455,21 @@ class PrometheusAPI:
         """The sum of ``metric`` over the job's series with ``labels`` (0 when there is none)."""
         selector = ",".join([f'job="{self.job}"', *(f'{k}="{v}"' for k, v in labels.items())])
         return sum(value for _, value in self.query(f"{metric}{{{selector}}}"))
+
+    def scrapes(self, metric: str, since: float, **labels: str) -> list[tuple[float, float]]:
+        """Per successful scrape of the job since ``since`` (time.time()): its timestamp and
+        the sum of ``metric`` over the job's series with ``labels``, in scrape order (the raw
+        samples Prometheus stored, not an evaluation of them)."""
+        selector = ",".join([f'job="{self.job}"', *(f'{k}="{v}"' for k, v in labels.items())])
+        window = max(1, int(time.time() - since) + 2)
+        data = self.get("/api/v1/query", query=f"{metric}{{{selector}}}[{window}s]")
+        assert data["resultType"] == "matrix", data
+        totals: dict[float, float] = {}
+        for item in data["result"]:
+            for stamp, value in item["values"]:
+                if float(stamp) >= since and not math.isnan(float(value)):
+                    totals[float(stamp)] = totals.get(float(stamp), 0.0) + float(value)
+        return sorted(totals.items())
 
     def last_scrape(self) -> float | None:
         """When the job's latest scrape started (Unix time), if it succeeded; else None."""
@@ -651,9 +672,12 @@ def gunicorn(
     max_requests_jitter: int = 0,
     preload: bool = False,
     config: str | None = None,
+    args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ready_path: str | None = "/",
     timeout: float = 30.0,
+    port: int | None = None,
+    workdir: Path | None = None,
 ) -> Iterator[Service]:
     """``python -m gunicorn`` with ``workers`` sync workers serving ``app``
     ("module:callable", imported from tests/workers_apps) on a free loopback port.
@@ -662,9 +686,13 @@ def gunicorn(
     requests (plus up to the jitter) and the master forks a new one. ``preload``: the master
     imports the app before forking. ``config``: the text of a gunicorn.conf.py passed with
     ``-c`` (the master runs it before it forks). ``env``: the master's environment (default:
-    this one), which its workers inherit. Ready when ``ready_path`` answers 2xx (None: when
-    the master has started)."""
-    port = free_port()
+    this one), which its workers inherit; ``args``: more command-line options (e.g.
+    ``["--env", "NAME=value"]``, which the master puts in its os.environ before it imports a
+    preloaded app or forks). Ready when ``ready_path`` answers 2xx (None: when the master
+    has started). ``port``: the port to serve (default: a free one); ``workdir``: see
+    ``running``."""
+    if port is None:
+        port = free_port()
     argv = [
         PYTHON,
         "-m",
@@ -691,7 +719,7 @@ def gunicorn(
     if config is not None:
         files["gunicorn.conf.py"] = config
         argv += ["--config", "gunicorn.conf.py"]
-    argv.append(app)
+    argv += [*args, app]
     with tempfile.TemporaryDirectory(prefix="meterage-gunicorn-run-") as runtime:
         # gunicorn >= 25 opens a control socket, by default in $XDG_RUNTIME_DIR or
         # ~/.gunicorn, shared by every gunicorn there: one of its own per run.
@@ -704,6 +732,7 @@ def gunicorn(
             ready_url=None if ready_path is None else f"http://127.0.0.1:{port}{ready_path}",
             ready_text=None if ready_path is not None else "Listening at",
             timeout=timeout,
+            workdir=workdir,
         ) as server:
             yield Service(server, port)
 
@@ -756,6 +785,8 @@ class Load:
     sent: int
     #: The bodies of the 200 responses, in the order they completed.
     bodies: list[bytes] = field(default_factory=list)
+    #: When each of them had been read in full (time.time(), same order).
+    answered_at: list[float] = field(default_factory=list)
     #: One line per request that failed (an error or another status).
     failures: list[str] = field(default_factory=list)
 
@@ -812,6 +843,7 @@ def load(
         with lock:
             if body is not None:
                 result.bodies.append(body)
+                result.answered_at.append(time.time())
             else:
                 result.failures.append(failure)
             ended += 1
@@ -936,6 +968,59 @@ def rq_burst(
     exited (normally: its main process ends through sys.exit)."""
     argv = _rq_argv(redis, queues, settings, burst=True)
     return run_to_exit("rq", argv, env=env, timeout=timeout)
+
+
+# --- sockets of processes --------------------------------------------------------------
+
+
+def _tcp_connections(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        # psutil >= 6 calls it net_connections; older ones connections.
+        return getattr(process, "net_connections", process.connections)(kind="tcp")
+    except psutil.Error:  # gone meanwhile (or a zombie)
+        return []
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (exited, or a zombie not yet reaped)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def listening(pids: Iterable[int], port: int) -> list[int]:
+    """Those of ``pids`` that hold a socket listening on ``port`` (bound by them, or
+    inherited from the process that forked them)."""
+    import psutil
+
+    return [
+        pid
+        for pid in pids
+        if any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+            for c in _tcp_connections(pid)
+        )
+    ]
+
+
+def connected(pids: Iterable[int], port: int) -> list[int]:
+    """Those of ``pids`` that hold an open TCP connection to 127.0.0.1:``port``."""
+    import psutil
+
+    return [
+        pid
+        for pid in pids
+        if any(
+            c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port
+            for c in _tcp_connections(pid)
+        )
+    ]
 
 
 def log_lines(server: Server, pattern: str) -> list[re.Match[str]]:

@@ -1,7 +1,8 @@
 """A plain ASGI app (no framework) with one metered route, for uvicorn.
 
-The same routes as wsgi_app: ``/`` (this process's PID), ``/work`` (one metered call,
-operation ``OPERATION``, answering the PID) and ``/metrics`` (``WORKERS_APP_EXPORT=route``).
+Routes as wsgi_app's: ``/`` (this process's PID), ``/work`` (one metered call, operation
+``OPERATION``, answering the PID), ``/block`` (holds the worker, its event loop included,
+outside any metered call) and ``/metrics`` (``WORKERS_APP_EXPORT=route``).
 It speaks the lifespan protocol. The export is set up when the module is imported: in each
 worker (``uvicorn --workers N`` spawns them: each imports the app afresh).
 """
@@ -47,6 +48,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = await work()
     elif path == "/":
         body = str(os.getpid()).encode()
+    elif path == "/block":
+        workers_export.hold()  # blocks this worker's event loop: it serves nothing else
+        body = b"held"
     elif path == "/metrics" and workers_export.EXPORT == "route":
         page, kind = workers_export.metrics_page()
         body, content_type = page, kind.encode()

@@ -49,10 +49,12 @@ def booted() -> None:
     pathlib.Path(f"booted.{os.getpid()}").touch()
 
 
-def hold() -> None:
-    """For a ``/block`` route: says which process holds the request (a file
-    ``blocked.<pid>``), then keeps it 10 s (the test kills that process meanwhile)."""
+def hold(tag: str = "blocked") -> None:
+    """For the ``/block`` and ``/held`` routes: says which process holds the request (a
+    file ``<tag>.<pid>``), then keeps it 10 s (the test kills that process meanwhile). It
+    sleeps without yielding: an ASGI worker's event loop stops too, so that the held worker
+    accepts and runs nothing else until it dies."""
     import time
 
-    pathlib.Path(f"blocked.{os.getpid()}").touch()
+    pathlib.Path(f"{tag}.{os.getpid()}").touch()
     time.sleep(10)

@@ -2,7 +2,8 @@
 
 Routes: ``/`` answers this process's PID (not metered: readiness), ``/work`` runs one
 metered call (operation ``OPERATION``) and answers its PID, ``/block`` holds its worker (see
-``workers_export.hold``) and ``/metrics`` is the app's own scrape page when
+``workers_export.hold``) outside any metered call, ``/held`` inside one (operation
+``HELD``), and ``/metrics`` is the app's own scrape page when
 ``WORKERS_APP_EXPORT=route``. The export is set up when the module is imported: in each
 worker, or in the master with ``--preload``.
 """
@@ -18,6 +19,7 @@ import workers_export
 import meterage
 
 OPERATION = "workers.wsgi.work"
+HELD = "workers.wsgi.held"
 
 workers_export.setup()
 
@@ -27,6 +29,12 @@ def work() -> bytes:
     # Holds this sync worker a moment, so that concurrent requests spread over the workers.
     time.sleep(0.005)
     return str(os.getpid()).encode()
+
+
+@meterage.meter(HELD, sample=1.0)
+def held() -> bytes:
+    workers_export.hold("held")  # a metered call in flight when the test kills its worker
+    return b"held"
 
 
 def app(environ: dict, start_response: Callable[..., object]) -> Iterable[bytes]:
@@ -40,6 +48,8 @@ def app(environ: dict, start_response: Callable[..., object]) -> Iterable[bytes]
     elif path == "/block":
         workers_export.hold()
         body = b"held"
+    elif path == "/held":
+        body = held()
     elif path == "/metrics" and workers_export.EXPORT == "route":
         body, content_type = workers_export.metrics_page()
     else:
