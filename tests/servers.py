@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import ipaddress
 import json
 import math
@@ -77,6 +78,27 @@ def require_binary(name: str, *, fallbacks: Sequence[str] = (), hint: str = "") 
     if servers_required():
         pytest.fail(f"{message} -- and {REQUIRE_ENV}=1 requires it", pytrace=False)
     pytest.skip(f"{message} (set {REQUIRE_ENV}=1 to fail instead of skipping)")
+
+
+def require_modules(*names: str) -> None:
+    """For a test module: skips it (at collection) unless every one of the Python modules
+    ``names`` can be imported here (they are in the test extra, '.[test]'), or fails it
+    when METERAGE_REQUIRE_SERVERS=1. It only looks them up: the servers import them, in
+    their own processes."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # a parent package is missing
+            found = None
+        if found is None:
+            missing.append(name)
+    if not missing:
+        return
+    message = f"{', '.join(missing)} not installed (the test extra, '.[test]', has them)"
+    if servers_required():
+        pytest.fail(f"{message} -- and {REQUIRE_ENV}=1 requires them", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
 
 
 def free_port() -> int:
@@ -877,12 +899,14 @@ def celery_worker(
     *,
     redis: Redis,
     concurrency: int = 4,
+    max_tasks_per_child: int | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Iterator[Server]:
     """``celery -A app worker --pool=prefork --concurrency=N`` (app: a module of
     tests/workers_apps) with ``redis`` as broker and result backend: the main process
-    imports the app, then forks the pool's processes. Ready when it logs "<name> ready."."""
+    imports the app, then forks the pool's processes (with ``max_tasks_per_child``, each is
+    replaced by a new fork after that many tasks). Ready when it logs "<name> ready."."""
     hostname = f"meterage-test-{redis.port}@localhost"
     argv = [
         PYTHON,
@@ -901,6 +925,8 @@ def celery_worker(
         "--without-mingle",
         "--without-heartbeat",
     ]
+    if max_tasks_per_child is not None:
+        argv.append(f"--max-tasks-per-child={max_tasks_per_child}")
     with running(
         "celery",
         argv,
@@ -912,7 +938,9 @@ def celery_worker(
         yield server
 
 
-def _rq_argv(redis: Redis, queues: Sequence[str], settings: str | None, burst: bool) -> list[str]:
+def _rq_argv(
+    redis: Redis, queues: Sequence[str], settings: str | None, burst: bool, worker_class: str
+) -> list[str]:
     argv = [
         PYTHON,
         "-m",
@@ -922,9 +950,8 @@ def _rq_argv(redis: Redis, queues: Sequence[str], settings: str | None, burst: b
         redis.url(),
         "--path",
         str(APPS),
-        # The default forking Worker, named: a work horse forked per job.
         "--worker-class",
-        "rq.Worker",
+        worker_class,
     ]
     if settings is not None:
         argv += ["--config", settings]
@@ -939,16 +966,18 @@ def rq_worker(
     *,
     queues: Sequence[str] = ("default",),
     settings: str | None = None,
+    worker_class: str = "rq.Worker",
     env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Iterator[Server]:
-    """``rq worker`` (the default forking ``rq.Worker``: one work horse forked per job, which
-    exits with os._exit) on ``queues`` of ``redis``; jobs and ``settings`` (the module
+    """``rq worker`` on ``queues`` of ``redis``: by default the default forking
+    ``rq.Worker``, named (one work horse forked per job, which exits with os._exit);
+    ``rq.SimpleWorker`` runs the jobs in its own process. Jobs and ``settings`` (the module
     passed with ``--config``, imported by the worker process itself) come from
     tests/workers_apps. Ready when it logs that it listens on its queues."""
     with running(
         "rq",
-        _rq_argv(redis, queues, settings, burst=False),
+        _rq_argv(redis, queues, settings, burst=False, worker_class=worker_class),
         env=env,
         ready_text="Listening on",
         timeout=timeout,
@@ -966,7 +995,7 @@ def rq_burst(
 ) -> Finished:
     """``rq worker --burst``, as ``rq_worker``, run until it has done every job queued and
     exited (normally: its main process ends through sys.exit)."""
-    argv = _rq_argv(redis, queues, settings, burst=True)
+    argv = _rq_argv(redis, queues, settings, burst=True, worker_class="rq.Worker")
     return run_to_exit("rq", argv, env=env, timeout=timeout)
 
 

@@ -18,7 +18,6 @@ worker is replaced.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import time
@@ -40,31 +39,24 @@ from servers import (
     http_get,
     listening,
     load,
-    servers_required,
+    require_modules,
     uvicorn,
     wait_for,
 )
 
-
-def _need(module: str) -> Any:
-    # CI (METERAGE_REQUIRE_SERVERS=1) installs '.[test]', which has them all: there a
-    # missing one is an import error, not a skip.
-    if servers_required():
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"{module} is in the test extra ('.[test]')")
-
-
-for _module in (
+# Installed? (Looked up only: the servers import them in their own processes.)
+require_modules(
     "gunicorn",
     "uvicorn",
     "psutil",
+    "prometheus_client",
+    "grpc",
+    "opentelemetry.proto",
     "opentelemetry.exporter.prometheus",
     "opentelemetry.exporter.otlp.proto.http",
-    "opentelemetry.proto",
-):
-    _need(_module)
+)
 
-from otlp_receiver import HttpReceiver, histogram_totals, resources  # noqa: E402
+from otlp_receiver import HttpReceiver, check_one_pusher, histogram_totals, resources  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 MULTIPROCESS = pytest.mark.xfail(strict=True, reason="issue 11: multiprocess mode not built yet")
@@ -78,6 +70,8 @@ SERVICE_NAME = "meterage-workers-test"
 #: How soon another process must serve the group's Prometheus port once its server died:
 #: one collection interval (about 1 s) and a margin for this 2-core machine.
 TAKEOVER_S = 5.0
+#: How often the OTLP exporters push.
+PUSH_INTERVAL_S = 0.5
 #: Spawned interpreters (uvicorn's workers) booting 4 at once on 2 cores: ~1 s.
 UVICORN_BOOT_S = 15.0
 
@@ -111,7 +105,7 @@ def app_environment(
         environ.update(
             OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="http/protobuf",
             OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=otlp,
-            OTEL_METRIC_EXPORT_INTERVAL="500",
+            OTEL_METRIC_EXPORT_INTERVAL=str(int(PUSH_INTERVAL_S * 1000)),
         )
     environ["OTEL_METRICS_EXPORTER"] = ",".join(exporters) or "none"
     if multiprocess:
@@ -314,6 +308,8 @@ def test_gunicorn_one_worker_pushes_its_counts_over_otlp():
             assert result.ok == requests, result.failures
             pushes = wait_for_pushes(receiver, len(receiver.requests), 2, [service.server])
             assert connected(service.server.pids(), receiver.port) == [worker]
+            # (Before the worker exits: its last push, at exit, comes when it comes.)
+            check_one_pusher(receiver.arrivals, PUSH_INTERVAL_S)
         operation = {"meterage.operation": WSGI_OPERATION}
         assert histogram_totals(pushes[-1], "meterage.call.duration", **operation)[0] == requests
         assert {r.get("service.name") for p in pushes for r in resources(p)} == {SERVICE_NAME}
@@ -438,7 +434,8 @@ def test_gunicorn_apps_own_metrics_route_returns_the_group():
 @MULTIPROCESS
 def test_gunicorn_workers_push_the_group_once_over_otlp():
     """meterage.otel.configure() with OTLP pushes every 500 ms in each of 4 workers: one
-    process pushes (one connection to the receiver, from one PID, the whole time), every
+    process pushes (one connection to the receiver, from one PID, the whole time, and no
+    two pushes closer than one pusher makes them), every
     push has one service.instance.id, the same for the group, and once the load is done
     each later push has exactly its calls."""
     requests = 40
@@ -466,6 +463,7 @@ def test_gunicorn_workers_push_the_group_once_over_otlp():
             )
             assert len(pushers) == 1, f"processes pushing to the receiver: {sorted(pushers)}"
             pushes = receiver.requests
+            check_one_pusher(receiver.arrivals, PUSH_INTERVAL_S)
     operation = {"meterage.operation": WSGI_OPERATION}
     counts = [histogram_totals(p, "meterage.call.duration", **operation)[0] for p in pushes]
     assert counts[done + 1 :] == [requests] * (len(pushes) - done - 1), counts
