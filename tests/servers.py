@@ -9,8 +9,10 @@ and any descendant that left it), showing its log when anything fails.
 On top of it: ``prometheus`` (a real Prometheus scraping given ports, and its HTTP API),
 ``redis_server``, ``gunicorn``, ``uvicorn``, ``celery_worker``, ``rq_worker`` and
 ``run_to_exit`` (a process run to its end, e.g. a burst-mode worker or a client), and
-``load``, a bounded HTTP load client for loopback servers. The Python servers run from the
-interpreter running the tests (``sys.executable -m gunicorn`` ...); redis-server and
+``load``, a bounded HTTP load client for loopback servers; ``listening``, ``connected``
+and ``gone`` tell which processes hold a listening socket or a connection, and which have
+ended. The Python servers run from the interpreter running the tests (``sys.executable -m
+gunicorn`` ...), their packages checked by ``require_modules``; redis-server and
 prometheus are found with ``require_binary``.
 """
 
