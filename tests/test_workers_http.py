@@ -132,6 +132,16 @@ def wait_for_workers(service: Service, count: int, timeout: float = 20.0) -> lis
     )
 
 
+def wait_for_forked_workers(service: Service, count: int) -> list[int]:
+    """Waits until the master has ``count`` live workers (with --preload they import
+    nothing: there is no booted.<pid> to wait for)."""
+    return wait_for(
+        lambda: pids if len(pids := service.workers()) >= count else None,
+        what=f"{count} workers",
+        servers=[service.server],
+    )
+
+
 def served_by(*loads: Load) -> set[int]:
     """The PIDs of the workers that answered (the apps answer /work with their PID)."""
     return {int(body) for result in loads for body in result.bodies}
@@ -332,7 +342,7 @@ def test_gunicorn_restarting_and_killed_workers_add_up_in_a_real_prometheus(
     with gunicorn(
         "wsgi_app:app", workers=4, max_requests=8, max_requests_jitter=4, preload=preload, env=env
     ) as service:
-        wait_for(lambda: len(service.workers()) == 4, what="4 workers", servers=[service.server])
+        wait_for_forked_workers(service, 4)
         first, second = load_and_kill_in_a_real_prometheus(
             service, api, WSGI_OPERATION, batches=(40, 40)
         )
@@ -405,7 +415,7 @@ def test_gunicorn_preloaded_app_serves_the_group_from_the_master():
     metrics_port = free_port()
     env = app_environment(export="configure", metrics_port=metrics_port, multiprocess=True)
     with gunicorn("wsgi_app:app", workers=4, preload=True, env=env) as service:
-        wait_for(lambda: len(service.workers()) == 4, what="4 workers", servers=[service.server])
+        wait_for_forked_workers(service, 4)
         result = load(service.url("/work"), requests, concurrency=4)
         assert result.ok == requests, result.failures
         assert len(served_by(result)) >= 2, "the load did not spread over the workers"
@@ -433,21 +443,25 @@ def test_gunicorn_apps_own_metrics_route_returns_the_group():
 
 
 @MULTIPROCESS
-def test_gunicorn_workers_push_the_group_once_over_otlp():
-    """meterage.otel.configure() with OTLP pushes every 500 ms in each of 4 workers: one
-    process pushes (one connection to the receiver, from one PID, the whole time, and no
-    two pushes closer than one pusher makes them), every
-    push has one service.instance.id, the same for the group, and once the load is done
-    each later push has exactly its calls."""
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_gunicorn_workers_push_the_group_once_over_otlp(preload: bool):
+    """meterage.otel.configure() with OTLP pushes every 500 ms, in each of 4 workers or
+    (--preload) in the master before it forks them (the SDK restarts its periodic reader's
+    thread in every fork child): one process pushes (no two pushes closer than one pusher
+    makes them; without --preload, one connection to the receiver, from one PID, the whole
+    time), every push has one service.instance.id, the same for the group, and once the
+    load is done each later push has exactly its calls."""
     requests = 40
     with HttpReceiver() as receiver:
         env = app_environment(export="configure", otlp=receiver.endpoint, multiprocess=True)
-        with gunicorn("wsgi_app:app", workers=4, env=env) as service:
-            wait_for_workers(service, 4)
+        with gunicorn("wsgi_app:app", workers=4, preload=preload, env=env) as service:
+            wait_for_forked_workers(service, 4)
             pushers: set[int] = set()
 
             def note_pushers() -> None:
-                pushers.update(connected(service.server.pids(), receiver.port))
+                # Forked from a process with a connection, a worker holds a copy of it.
+                if not preload:
+                    pushers.update(connected(service.server.pids(), receiver.port))
 
             result = load(
                 service.url("/work"), requests, concurrency=4, after=lambda _: note_pushers()
@@ -462,7 +476,7 @@ def test_gunicorn_workers_push_the_group_once_over_otlp():
                 what="4 OTLP pushes after the load",
                 servers=[service.server],
             )
-            assert len(pushers) == 1, f"processes pushing to the receiver: {sorted(pushers)}"
+            assert len(pushers) == (0 if preload else 1), f"pushing: {sorted(pushers)}"
             pushes = receiver.requests
             check_one_pusher(receiver.arrivals, PUSH_INTERVAL_S)
     operation = {"meterage.operation": WSGI_OPERATION}
