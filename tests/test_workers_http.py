@@ -59,7 +59,7 @@ require_modules(
 from otlp_receiver import HttpReceiver, check_one_pusher, histogram_totals, resources  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-MULTIPROCESS = pytest.mark.xfail(strict=True, reason="issue 11: multiprocess mode not built yet")
+MULTIPROCESS = pytest.mark.multiprocess_mode
 
 WSGI_OPERATION = "workers.wsgi.work"  # tests/workers_apps/wsgi_app.py
 WSGI_HELD = "workers.wsgi.held"

@@ -60,7 +60,7 @@ from otlp_receiver import (  # noqa: E402
     resources,
 )
 
-MULTIPROCESS = pytest.mark.xfail(strict=True, reason="issue 11: multiprocess mode not built yet")
+MULTIPROCESS = pytest.mark.multiprocess_mode
 
 PAYLOAD = 4096  # tests/workers_apps/workers_job.py
 RQ_OPERATION = "workers.rq.job"  # tests/workers_apps/rq_jobs.py

@@ -14,9 +14,9 @@ it is imported), or in code before the first metered call:
 >>> meterage.multiprocess.enable()  # doctest: +SKIP
 
 A process's group is named by its *root*: the topmost of its ancestors that run the same
-Python executable with ``METERAGE_MULTIPROCESS=1`` in their environment (a gunicorn or
-uvicorn master, a Celery or RQ main process), or the group a member named for the
-processes it starts (``METERAGE_GROUP``). Different services on one machine have different
+Python executable and either forked it without exec or have ``METERAGE_MULTIPROCESS=1`` in
+their environment (a gunicorn or uvicorn master, a Celery or RQ main process), or the group
+a member named for the processes it starts (``METERAGE_GROUP``). Different services on one machine have different
 roots, so they never see each other's numbers. See ``docs/workers.md``.
 """
 
@@ -88,6 +88,31 @@ def _has_switch(pid: int) -> bool:
     )
 
 
+def _memory_layout(pid: int) -> tuple[str, str] | None:
+    """Where a process's arguments and environment start (``/proc/<pid>/stat`` fields 48
+    and 50): a fork child that did not exec has its parent's, an exec'd program new ones
+    (its stack is placed at random)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 48 or fields[45] == b"0":
+        return None  # not readable (another user's process)
+    return fields[45].decode(), fields[47].decode()
+
+
+def _in_parents_group(pid: int, parent: int, executable: str | None) -> bool:
+    """Whether ``pid`` belongs to ``parent``'s group: the same program, and either forked
+    from it without exec (gunicorn's, Celery's, RQ's workers, even when the switch reached
+    the parent's environment only at run time) or started by a parent that has the switch
+    in its environment (uvicorn's spawned workers)."""
+    if _executable(parent) != executable:
+        return False
+    layout = _memory_layout(pid)
+    return (layout is not None and layout == _memory_layout(parent)) or _has_switch(parent)
+
+
 def _is_ancestor(pid: int) -> bool:
     current: int | None = os.getpid()
     while current is not None and current > 1:
@@ -118,9 +143,7 @@ def _root() -> tuple[int, int]:
     executable = _executable("self")
     root = me
     parent = _native.parent_pid(me)
-    while parent is not None and parent > 1:
-        if _executable(parent) != executable or not _has_switch(parent):
-            break
+    while parent is not None and parent > 1 and _in_parents_group(root, parent, executable):
         root = parent
         parent = _native.parent_pid(parent)
     start = _native.process_start_time(root)
