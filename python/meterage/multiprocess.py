@@ -16,8 +16,8 @@ it is imported), or in code before the first metered call:
 A process's group is named by its *root*: the topmost of its ancestors that run the same
 Python executable and either forked it without exec or have ``METERAGE_MULTIPROCESS=1`` in
 their environment (a gunicorn or uvicorn master, a Celery or RQ main process), or the group
-a member named for the processes it starts (``METERAGE_GROUP``). Different services on one machine have different
-roots, so they never see each other's numbers. See ``docs/workers.md``.
+a member named for the processes it starts (``METERAGE_GROUP``). Different services on one
+machine have different roots, so they never see each other's numbers. See ``docs/workers.md``.
 """
 
 from __future__ import annotations
