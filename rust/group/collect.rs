@@ -283,7 +283,8 @@ unsafe fn read_series(
             let series = unsafe { &*(entry.series as *const CallSeries) };
             let current = series.liveness().epoch() == epoch;
             let active = if live { series.active.counted() } else { None };
-            if !current && !active.is_some_and(|calls| calls > 0) {
+            let in_flight = active.is_some_and(|calls| calls > 0);
+            if !current && !in_flight {
                 return None;
             }
             let read = |histogram: &AtomicHistogram| {
@@ -313,7 +314,7 @@ unsafe fn read_series(
                 }
             }
             snapshot.active = active;
-            if snapshot.count == 0 && !active.is_some_and(|calls| calls > 0) {
+            if snapshot.count == 0 && !in_flight {
                 return None;
             }
         }
