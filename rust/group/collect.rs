@@ -390,3 +390,144 @@ fn add_into(into: &mut SeriesSnapshot, more: SeriesSnapshot) {
         (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::attributes::{AttributeSet, AttributeValue};
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("meterage-collect-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A process that has exited (its PID and start time, as a member slot names it).
+    fn gone_process() -> ProcessId {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let (_, start) = super::super::liveness::state(child.id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        ProcessId {
+            pid: child.id(),
+            start,
+        }
+    }
+
+    fn counter(value: f64) -> SeriesSnapshot {
+        SeriesSnapshot {
+            kind: SeriesKind::Counter,
+            name: "jobs".into(),
+            unit: "1".into(),
+            description: "".into(),
+            attributes: AttributeSet::new([("queue".into(), AttributeValue::Str("a".into()))]),
+            count: 1,
+            measures: Vec::new(),
+            value,
+            exemplars: Vec::new(),
+            active: None,
+        }
+    }
+
+    fn make_live(segment: &Segment, slot: usize, process: ProcessId) {
+        let member = &segment.header().members[slot];
+        member.pid.store(process.pid, Ordering::Relaxed);
+        member.start.store(process.start, Ordering::Relaxed);
+        member.state.store(LIVE, Ordering::Release);
+    }
+
+    #[test]
+    fn a_gone_member_is_folded_once_even_if_the_folder_died_after_committing() {
+        let dir = scratch("commit");
+        let me = ProcessId::current().unwrap();
+        let segment = Segment::open(&dir, me).unwrap();
+        // Totals folded earlier: one counter at 5.
+        let earlier = Graveyard {
+            sequence: 1,
+            folded: Vec::new(),
+            series: Arc::new(vec![counter(5.0)]),
+        };
+        write_blob(&segment, 0, &earlier).unwrap();
+        let gone = gone_process();
+        make_live(&segment, 7, gone);
+        let _guard = segment.header().lock.lock().unwrap();
+        let folded = fold_gone(&segment, MAX_MEMBERS).unwrap();
+        assert_eq!(folded.sequence, 2);
+        assert_eq!(folded.folded, vec![(7, gone)]);
+        assert_eq!(folded.series[0].value, 5.0);
+        assert_eq!(
+            segment.header().members[7].state.load(Ordering::Acquire),
+            FREE
+        );
+        // A folder that died right after its commit: the slot still reads LIVE. The next
+        // folder frees it without folding it again (no new blob).
+        make_live(&segment, 7, gone);
+        *DECODED.lock().unwrap() = None; // another process: no cached copy
+        let again = fold_gone(&segment, MAX_MEMBERS).unwrap();
+        assert_eq!(again.sequence, 2);
+        assert_eq!(
+            segment.header().members[7].state.load(Ordering::Acquire),
+            FREE
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_folder_that_died_before_committing_leaves_the_old_totals_current() {
+        let dir = scratch("uncommitted");
+        let me = ProcessId::current().unwrap();
+        let segment = Segment::open(&dir, me).unwrap();
+        let current = Graveyard {
+            sequence: 4,
+            folded: Vec::new(),
+            series: Arc::new(vec![counter(2.0)]),
+        };
+        write_blob(&segment, 0, &current).unwrap();
+        // Half the work of a folder that died: the other buffer written, never made current.
+        let unfinished = Graveyard {
+            sequence: 5,
+            folded: Vec::new(),
+            series: Arc::new(vec![counter(99.0)]),
+        };
+        write_blob(&segment, 1, &unfinished).unwrap();
+        *DECODED.lock().unwrap() = None;
+        let _guard = segment.header().lock.lock().unwrap();
+        let read = current_graveyard(&segment);
+        assert_eq!((read.sequence, read.series[0].value), (4, 2.0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn snapshots_of_one_identity_add_up_and_calls_in_flight_only_where_counted() {
+        let mut merged = Merged::default();
+        let mut first = counter(1.5);
+        first.active = Some(2);
+        merged.add(first);
+        merged.add(counter(2.5));
+        let mut other = counter(1.0);
+        other.attributes = AttributeSet::empty();
+        merged.add(other);
+        let series = merged.into_series();
+        assert_eq!(series.len(), 2);
+        assert_eq!(
+            (series[0].value, series[0].count, series[0].active),
+            (4.0, 2, Some(2))
+        );
+    }
+
+    #[test]
+    fn a_corrupt_blob_reads_as_no_totals() {
+        let mut writer = Writer::default();
+        writer.u64(1);
+        writer.u64(MAX_MEMBERS as u64 + 3); // a slot that does not exist
+        writer.u64(1);
+        writer.u64(1);
+        writer.u64(0);
+        assert!(decode(1, &writer.bytes).is_none());
+        assert!(decode(1, &[1, 2, 3]).is_none());
+    }
+}
