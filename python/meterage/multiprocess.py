@@ -22,13 +22,14 @@ machine have different roots, so they never see each other's numbers. See ``docs
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
 
 from meterage import _native
 
-__all__ = ["GroupInfo", "enable", "group", "is_enabled", "members"]
+__all__ = ["GroupInfo", "enable", "group", "is_enabled", "members", "unshared_series"]
 
 #: The switch: ``1`` turns multiprocess mode on when meterage is imported.
 ENVIRONMENT_SWITCH = "METERAGE_MULTIPROCESS"
@@ -214,3 +215,28 @@ def group() -> GroupInfo | None:
 def members() -> list[int]:
     """The PIDs of the group's live processes (empty outside multiprocess mode)."""
     return sorted(_native.group_members())
+
+
+def unshared_series() -> int:
+    """How many series this process made that the rest of the group cannot see, because
+    its share of the shared memory (1 GiB of address space) or ``/dev/shm`` was full: their
+    values are in this process's own numbers only. 0 when all is well; a snapshot warns
+    once when it is not."""
+    return _native.group_unshared_series()
+
+
+_logged_unshared = 0
+
+
+def log_unshared_series() -> None:
+    """Logs (once per new count) that some series are not in the group's numbers."""
+    global _logged_unshared
+    unshared = _native.group_unshared_series()
+    if unshared > _logged_unshared:
+        _logged_unshared = unshared
+        logging.getLogger("meterage").warning(
+            "meterage: %d series of process %d are not in its group's numbers (its share of "
+            "the shared memory or /dev/shm is full); they are exported by no one",
+            unshared,
+            os.getpid(),
+        )

@@ -59,6 +59,12 @@ pub fn group_info() -> Option<(String, u32, usize)> {
     })
 }
 
+/// Series this process made that the group cannot see (its arena or /dev/shm was full).
+#[pyfunction]
+pub fn group_unshared_series() -> u64 {
+    member::unshared_series()
+}
+
 /// The PIDs of the group's live members (empty outside a group).
 #[pyfunction]
 pub fn group_members(py: Python<'_>) -> Vec<u32> {

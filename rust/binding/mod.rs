@@ -146,6 +146,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(group::group_rejoin_after_fork, module)?)?;
     module.add_function(wrap_pyfunction!(group::group_info, module)?)?;
     module.add_function(wrap_pyfunction!(group::group_members, module)?)?;
+    module.add_function(wrap_pyfunction!(group::group_unshared_series, module)?)?;
     module.add_function(wrap_pyfunction!(group::process_start_time, module)?)?;
     module.add_function(wrap_pyfunction!(group::parent_pid, module)?)?;
     module.add_function(wrap_pyfunction!(available_probes, module)?)?;

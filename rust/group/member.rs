@@ -20,7 +20,7 @@ use super::segment::{
 use super::wire::{Identity, Writer};
 use arc_swap::ArcSwapOption;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// A directory entry, in the owner's arena.
@@ -49,6 +49,14 @@ pub struct Joined {
 static JOINED: ArcSwapOption<Joined> = ArcSwapOption::const_empty();
 /// Set once joined: what the registry calls to forget its series in a fork child.
 static FORGET_SERIES: OnceLock<fn()> = OnceLock::new();
+
+/// Series this process made while joined that the group cannot see (its arena was full
+/// or `/dev/shm` had no room): their values are this process's only.
+static UNSHARED: AtomicU64 = AtomicU64::new(0);
+
+pub fn unshared_series() -> u64 {
+    UNSHARED.load(Ordering::Relaxed)
+}
 
 /// The group, if this process is a member of one.
 pub fn joined() -> Option<Arc<Joined>> {
@@ -153,7 +161,11 @@ pub fn register<T>(identity: &Identity, series: usize, keep: Arc<T>) {
     let Some(group) = joined() else {
         return;
     };
-    if !arena::owns(series) || group.me.pid != std::process::id() {
+    if group.me.pid != std::process::id() {
+        return;
+    }
+    if !arena::owns(series) {
+        UNSHARED.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let mut writer = Writer::default();
@@ -170,7 +182,9 @@ pub fn register<T>(identity: &Identity, series: usize, keep: Arc<T>) {
         }))
     });
     if !arena::owns(entry as *const Entry as usize) || !arena::owns(bytes.as_ptr() as usize) {
-        return; // the arena is full: the series stays this process's own
+        // The arena is full: the series stays this process's own.
+        UNSHARED.fetch_add(1, Ordering::Relaxed);
+        return;
     }
     // Never dropped (a reference count in the arena): a directory entry never names
     // freed memory. A fork child's copy of it is never dropped either.

@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, 
 /// Members at once (live processes, and exited ones not yet folded).
 pub const MAX_MEMBERS: usize = 256;
 /// Address space of one member's arena (virtual: only what holds data takes memory).
-pub const ARENA_BYTES: usize = 64 << 20;
+pub const ARENA_BYTES: usize = 1 << 30;
 /// Address space of each of the two graveyards.
-pub const GRAVEYARD_BYTES: usize = 256 << 20;
+pub const GRAVEYARD_BYTES: usize = 1 << 30;
 /// Room for the header, rounded to a huge page.
 pub const HEADER_BYTES: usize = 2 << 20;
 pub const SEGMENT_BYTES: usize = HEADER_BYTES + MAX_MEMBERS * ARENA_BYTES + 2 * GRAVEYARD_BYTES;
@@ -135,7 +135,7 @@ fn map_at(fd: i32, base: usize, length: usize) -> bool {
             base as *mut libc::c_void,
             length,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+            libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
             fd,
             0,
         )

@@ -34,7 +34,7 @@ from opentelemetry.sdk.metrics.view import (
     ExponentialBucketHistogramAggregation,
 )
 
-from meterage import _native
+from meterage import _native, multiprocess
 from meterage.otel._names import ACTIVE_CALLS, CALL_METRICS, DEFAULT_BOUNDARIES, OPERATION_KEY
 
 _Instrument = TypeVar("_Instrument")
@@ -97,8 +97,6 @@ def _preference(table: Mapping[type[_Instrument], _Value], instrument: str) -> _
 def _exports_per_process() -> bool:
     """``METERAGE_EXPORT_PER_PROCESS=1`` in multiprocess mode: pushing readers export this
     process's own numbers (a Prometheus page always shows the group's)."""
-    from meterage import multiprocess
-
     value = os.environ.get("METERAGE_EXPORT_PER_PROCESS", "").strip().lower()
     return multiprocess.is_enabled() and value in ("1", "true")
 
@@ -205,6 +203,7 @@ def collect_metrics(state: ReaderState) -> list[Metric]:
     gc.disable()
     try:
         collected = state.native.collect()
+        multiprocess.log_unshared_series()
     finally:
         if collecting:
             gc.enable()
