@@ -438,3 +438,60 @@ def test_enable_in_code_before_any_call_and_children_of_threads_and_closerange()
         multiprocess=False,
     )
     assert seen["child"] == 20 * 50
+
+
+def test_a_fork_from_c_without_pythons_fork_hooks_never_touches_the_parents_numbers() -> None:
+    # libc's fork() runs the atfork handlers but not Python's os.register_at_fork hooks
+    # (as a C extension's fork would): the child cannot join, and what it records into the
+    # series it inherited must stay its own.
+    seen = run(
+        """
+        import ctypes
+        @meterage.meter("mp.cfork", probes=("cpu",), sample=1.0)
+        def work():
+            pass
+        hist = meterage.histogram("mp.cfork.values")
+        for _ in range(10):
+            work()
+            hist.record(1.0)
+        pid = ctypes.CDLL(None).fork()
+        if pid == 0:
+            for _ in range(100):
+                work()
+                hist.record(1.0, {"new": "series"})
+                hist.record(2.0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        for _ in range(5):
+            work()
+        done(calls=count("mp.cfork"), values=count("mp.cfork.values"))
+        """
+    )
+    assert seen == {"calls": 15, "values": 10}
+
+
+def test_a_reader_killed_while_it_holds_the_groups_lock_blocks_no_one() -> None:
+    seen = run(
+        """
+        import random
+        rng = random.Random(5)
+        @meterage.meter("mp.locked")
+        def work():
+            pass
+        for _ in range(50):
+            work()
+        kills = 0
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                while True:  # reads (and folds) under the lock until killed
+                    meterage.snapshot()
+            time.sleep(rng.random() * 0.01)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            kills += 1
+        work()
+        done(calls=count("mp.locked"), kills=kills, members=len(mp.members()))
+        """
+    )
+    assert seen == {"calls": 51, "kills": 40, "members": 1}

@@ -144,17 +144,19 @@ pub fn set_own(arena: Option<(usize, usize)>, back: fn(usize, usize) -> bool) {
     OWN_END.store(end, Ordering::Relaxed);
 }
 
-/// In a fork child, before it joins: where the parent's use of its arena ended.
-pub fn inherited_end() -> usize {
-    BOOKKEEPING.with(|book| book.next)
-}
-
-/// In a fork child: the arena is the parent's, not ours, and no other thread is left to
-/// hold the lock. Only atomics (async-signal safe).
-pub fn forget_own_after_fork() {
-    OWN_START.store(0, Ordering::Relaxed);
-    OWN_END.store(0, Ordering::Relaxed);
+/// In a fork child (its atfork handler: atomics only): the arena is the parent's, not
+/// ours, and no other thread is left to hold the lock. Returns the parent's arena and
+/// where its use of it ended (`None`: it had none).
+pub fn forget_own_after_fork() -> Option<(usize, usize, usize)> {
+    let (start, end) = (
+        OWN_START.swap(0, Ordering::Relaxed),
+        OWN_END.swap(0, Ordering::Relaxed),
+    );
     BOOKKEEPING.locked.store(false, Ordering::Release);
+    // SAFETY: the only thread of a just-forked child, the lock freed above: nothing else
+    // reads or writes the bookkeeping.
+    let used_end = unsafe { (*BOOKKEEPING.book.get()).next };
+    (end != 0).then_some((start, end, used_end))
 }
 
 fn class_of(layout: Layout) -> Option<usize> {

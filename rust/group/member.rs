@@ -6,11 +6,11 @@
 //! process keeps every such series alive for good: a directory entry never points at
 //! memory that was reused.
 //!
-//! After a `fork`, the child is another process: the atfork handler (atomics only) stops
-//! it from allocating in the parent's arena, and [`rejoin_after_fork`] (run by the Python
-//! layer's fork hook, before any Python code of the child) gives it its own slot. The
-//! parent's arena stays mapped in the child, but copy-on-write: nothing the child does to
-//! the series it inherited reaches the parent's numbers.
+//! After a `fork`, the child is another process: its atfork handler (syscalls and copies
+//! only) stops it from allocating in the parent's arena and gives it a private copy of it
+//! ([`after_fork_in_child`]), so nothing it does to the series it inherited reaches the
+//! parent's numbers; [`rejoin_after_fork`] (run by the Python layer's fork hook, before
+//! any Python code of the child) gives it a slot and an arena of its own.
 
 use super::arena;
 use super::liveness::ProcessId;
@@ -224,47 +224,57 @@ pub fn rejoin_after_fork() -> Result<Option<Arc<Joined>>, String> {
     if parent.me == me {
         return Ok(Some(parent));
     }
-    private_copy(&parent.segment, parent.slot, arena::inherited_end())?;
     JOINED.store(None);
     // The segment is mapped here already (inherited): a slot of it, the series forgotten.
     enter(parent.segment.clone(), &parent.directory, parent.root, me).map(Some)
 }
 
-/// Replaces the parent's arena (`slot` of `segment`) in this just-forked child with a
-/// private copy of what the parent used of it, at the same address: the inherited series
-/// stay readable whatever becomes of the slot (folded, given to a new member), and nothing
-/// the child does reaches the parent's numbers.
-fn private_copy(segment: &Segment, slot: usize, used_end: usize) -> Result<(), String> {
-    let (start, end) = segment.arena(slot);
+/// In a fork child, at once (its atfork handler: syscalls and copies only, no allocation,
+/// no lock): the parent's arena is replaced by a private copy of what the parent used of
+/// it, at the same address. The series the child inherited stay readable whatever becomes
+/// of the slot (folded, given to a new member), and nothing the child does to them, joined
+/// or not (a fork from C skips Python's fork hooks), reaches the parent's numbers.
+pub fn after_fork_in_child() {
+    let Some((start, end, used_end)) = arena::forget_own_after_fork() else {
+        return;
+    };
     let used = used_end.clamp(start, end) - start;
-    let mut saved: Vec<u8> = Vec::with_capacity(used);
-    // SAFETY: `used` bytes at the arena's start are mapped (the parent's arena, shared);
-    // `saved` has room for them.
+    // SAFETY: plain syscalls on this process's own address space; in a just-forked child
+    // no other thread runs. The arena's `used` bytes are mapped (shared) until replaced.
     unsafe {
-        std::ptr::copy_nonoverlapping(start as *const u8, saved.as_mut_ptr(), used);
-        saved.set_len(used);
-    }
-    // SAFETY: replaces exactly the parent's arena in this process with fresh private
-    // memory; no other thread runs in a just-forked child.
-    let mapped = unsafe {
-        libc::mmap(
+        let saved = if used > 0 {
+            let saved = libc::mmap(
+                std::ptr::null_mut(),
+                used,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if saved == libc::MAP_FAILED {
+                // No memory for the copy (only short of memory): the arena stays shared.
+                return;
+            }
+            std::ptr::copy_nonoverlapping(start as *const u8, saved.cast::<u8>(), used);
+            saved
+        } else {
+            std::ptr::null_mut()
+        };
+        let mapped = libc::mmap(
             start as *mut libc::c_void,
-            ARENA_BYTES,
+            end - start,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
             -1,
             0,
-        )
-    };
-    if mapped == libc::MAP_FAILED {
-        return Err(format!(
-            "cannot copy the parent's arena: {}",
-            std::io::Error::last_os_error()
-        ));
+        );
+        if !saved.is_null() {
+            if mapped != libc::MAP_FAILED {
+                std::ptr::copy_nonoverlapping(saved.cast::<u8>(), start as *mut u8, used);
+            }
+            libc::munmap(saved, used);
+        }
     }
-    // SAFETY: the fresh mapping has room for `used` bytes at its start.
-    unsafe { std::ptr::copy_nonoverlapping(saved.as_ptr(), start as *mut u8, used) };
-    Ok(())
 }
 
 /// Every member slot, with whether it is live.
