@@ -168,6 +168,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
     module.add_function(wrap_pyfunction!(process::process_metrics, module)?)?;
+    module.add_function(wrap_pyfunction!(process::process_metrics_of, module)?)?;
     module.add_function(wrap_pyfunction!(gpu::gpu_info, module)?)?;
     module.add_function(wrap_pyfunction!(gpu::gpu_metrics, module)?)?;
     module.add_function(wrap_pyfunction!(gpu::select_gpus, module)?)?;

@@ -1,7 +1,8 @@
 //! `process_metrics()`: one reading of the whole-process counters, for the OpenTelemetry
-//! `process.*` instruments (read once per collection, not per call).
+//! `process.*` instruments (read once per collection, not per call); `process_metrics_of`
+//! reads the processes of a group (multiprocess mode) from `/proc/<pid>`.
 
-use crate::collect::process::read_process;
+use crate::collect::process::{read_process, read_process_of, ProcessReading};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -9,7 +10,30 @@ use pyo3::types::PyDict;
 /// uptime in seconds (float); `None` for any value this machine does not provide.
 #[pyfunction]
 pub fn process_metrics(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let reading = read_process();
+    reading_dict(py, &read_process())
+}
+
+/// The counters of each process of `pids` (this one's too, by its PID) that is running, as
+/// `{pid: dict}`: the keys of `process_metrics()` and `start_time` (clock ticks since boot),
+/// all read from `/proc/<pid>` (tick-granular CPU times; context switches of the live
+/// threads). A PID with no running process (gone, or a zombie) is left out.
+#[pyfunction]
+pub fn process_metrics_of(py: Python<'_>, pids: Vec<u32>) -> PyResult<Bound<'_, PyDict>> {
+    let readings: Vec<(u32, ProcessReading)> = py.detach(|| {
+        pids.iter()
+            .filter_map(|&pid| Some((pid, read_process_of(pid)?)))
+            .collect()
+    });
+    let result = PyDict::new(py);
+    for (pid, reading) in &readings {
+        let dict = reading_dict(py, reading)?;
+        dict.set_item("start_time", reading.start_ticks)?;
+        result.set_item(pid, dict)?;
+    }
+    Ok(result)
+}
+
+fn reading_dict<'py>(py: Python<'py>, reading: &ProcessReading) -> PyResult<Bound<'py, PyDict>> {
     let result = PyDict::new(py);
     result.set_item("cpu.time.user", reading.cpu_user_seconds)?;
     result.set_item("cpu.time.system", reading.cpu_system_seconds)?;

@@ -15,9 +15,23 @@
 //! `/proc/self/status` also has context-switch counts, but for the main thread only, so it
 //! is not used. Every value is an `Option`: a source that is missing or unreadable (no
 //! `/proc`, a restricted container) gives `None`, never an error.
+//!
+//! [`read_process_of`] reads another process (a member of this one's process group, in
+//! multiprocess mode) the same way, but all from `/proc/<pid>`: no process can call
+//! `getrusage` for another. What differs:
+//!
+//! | values | source | compared with this process's own reading |
+//! |---|---|---|
+//! | CPU user/system, faults | `/proc/<pid>/stat` `utime`/`stime`, `minflt`/`majflt` | the whole thread group, exited threads included, as getrusage; CPU in 10 ms ticks (truncated) |
+//! | context switches | `voluntary_ctxt_switches`/`nonvoluntary_ctxt_switches` of every `/proc/<pid>/task/*/status`, summed | live threads only: the switches of threads that exited are gone (getrusage of the process itself keeps them) |
+//! | open descriptors | `stat("/proc/<pid>/fd").st_size`, else a count of its entries | the same |
+//! | threads, memory, start time, disk and network bytes | `/proc/<pid>/{stat,io,net/dev}` | the same |
+//!
+//! Reading another process's `io` and `fd` needs the permission to trace it (the same user,
+//! not made undumpable); without it those values are `None`.
 
 use super::procfs::{self, fields, keyed_values, parse_u64, sysconf, Reader};
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 
 /// One reading of this process's counters. Counters are cumulative since the process
 /// started; callers take differences between readings for rates.
@@ -51,6 +65,9 @@ pub struct ProcessReading {
     pub open_file_descriptors: Option<u64>,
     /// Seconds since the process started (clock-tick granular: 10 ms at the usual 100 Hz).
     pub uptime_seconds: Option<f64>,
+    /// When the process started, in clock ticks since boot (`/proc/<pid>/stat` field 22):
+    /// with the PID, it names one process (PIDs are reused).
+    pub start_ticks: Option<u64>,
 }
 
 /// Reads every counter of this process. Costs tens of microseconds (three small /proc
@@ -62,43 +79,90 @@ pub fn read_process() -> ProcessReading {
         .bytes("/proc/self/stat", usize::MAX)
         .and_then(parse_stat);
     if let Some(stat) = &stat {
-        let page = sysconf(libc::_SC_PAGESIZE);
-        reading.memory_resident_bytes = page.and_then(|page| stat.rss_pages.checked_mul(page));
-        reading.memory_virtual_bytes = Some(stat.vsize_bytes);
-        reading.threads = Some(stat.num_threads);
-        reading.uptime_seconds = uptime_seconds(stat.start_ticks);
+        apply_stat(&mut reading, stat);
     }
     if !read_rusage(&mut reading) {
         // getrusage(RUSAGE_SELF) does not fail in practice; stat has tick-granular CPU.
-        if let (Some(stat), Some(hz)) = (&stat, sysconf(libc::_SC_CLK_TCK)) {
-            reading.cpu_user_seconds = Some(stat.utime_ticks as f64 / hz as f64);
-            reading.cpu_system_seconds = Some(stat.stime_ticks as f64 / hz as f64);
-            reading.faults_minor = Some(stat.minflt);
-            reading.faults_major = Some(stat.majflt);
+        if let Some(stat) = &stat {
+            apply_stat_counters(&mut reading, stat);
         }
     }
+    read_io_and_network(&mut files, "/proc/self", &mut reading);
+    reading.open_file_descriptors = count_open_fds(FD_DIR, true);
+    reading
+}
+
+/// Reads every counter of the process `pid` (this one's too, by its PID) from
+/// `/proc/<pid>`; `None` when there is no such process, or it has exited (a zombie not yet
+/// reaped). See the module documentation for how the values differ from [`read_process`]'s.
+/// Costs a few tens of microseconds plus one small file per thread.
+pub fn read_process_of(pid: u32) -> Option<ProcessReading> {
+    let directory = format!("/proc/{pid}");
+    let mut files = Reader::system();
+    let stat = files
+        .bytes(format!("{directory}/stat"), usize::MAX)
+        .and_then(parse_stat)?;
+    if matches!(stat.state, b'Z' | b'X' | b'x') {
+        return None;
+    }
+    let mut reading = ProcessReading::default();
+    apply_stat(&mut reading, &stat);
+    apply_stat_counters(&mut reading, &stat);
+    read_io_and_network(&mut files, &directory, &mut reading);
+    if let Some((voluntary, involuntary)) = sum_thread_switches(&mut files, &directory) {
+        reading.context_switches_voluntary = Some(voluntary);
+        reading.context_switches_involuntary = Some(involuntary);
+    }
+    reading.open_file_descriptors = CString::new(format!("{directory}/fd"))
+        .ok()
+        .and_then(|fd_dir| count_open_fds(&fd_dir, pid == std::process::id()));
+    Some(reading)
+}
+
+/// Memory, threads, start time and uptime from a stat.
+fn apply_stat(reading: &mut ProcessReading, stat: &Stat) {
+    let page = sysconf(libc::_SC_PAGESIZE);
+    reading.memory_resident_bytes = page.and_then(|page| stat.rss_pages.checked_mul(page));
+    reading.memory_virtual_bytes = Some(stat.vsize_bytes);
+    reading.threads = Some(stat.num_threads);
+    reading.start_ticks = Some(stat.start_ticks);
+    reading.uptime_seconds = uptime_seconds(stat.start_ticks);
+}
+
+/// CPU times (tick-granular) and page faults from a stat.
+fn apply_stat_counters(reading: &mut ProcessReading, stat: &Stat) {
+    if let Some(hz) = sysconf(libc::_SC_CLK_TCK) {
+        reading.cpu_user_seconds = Some(stat.utime_ticks as f64 / hz as f64);
+        reading.cpu_system_seconds = Some(stat.stime_ticks as f64 / hz as f64);
+    }
+    reading.faults_minor = Some(stat.minflt);
+    reading.faults_major = Some(stat.majflt);
+}
+
+/// Disk bytes from `<directory>/io`, network bytes from `<directory>/net/dev`.
+fn read_io_and_network(files: &mut Reader<'_>, directory: &str, reading: &mut ProcessReading) {
     if let Some((read, write)) = files
-        .bytes("/proc/self/io", usize::MAX)
+        .bytes(format!("{directory}/io"), usize::MAX)
         .and_then(parse_disk_io)
     {
         reading.disk_read_bytes = Some(read);
         reading.disk_write_bytes = Some(write);
     }
     if let Some((receive, transmit)) = files
-        .bytes("/proc/self/net/dev", usize::MAX)
+        .bytes(format!("{directory}/net/dev"), usize::MAX)
         .map(sum_network)
     {
         reading.network_receive_bytes = Some(receive);
         reading.network_transmit_bytes = Some(transmit);
     }
-    reading.open_file_descriptors = count_open_fds();
-    reading
 }
 
 // ---- /proc/self/stat ---------------------------------------------------------------------
 
 #[derive(Debug, PartialEq)]
 struct Stat {
+    /// Field 3: `R`, `S`, ... `Z` (zombie), `X` (dead).
+    state: u8,
     minflt: u64,
     majflt: u64,
     utime_ticks: u64,
@@ -121,6 +185,7 @@ fn parse_stat(text: &[u8]) -> Option<Stat> {
     }
     let field = |number: usize| parse_u64(found[number - 3]);
     Some(Stat {
+        state: *found[0].first()?,
         minflt: field(10)?,
         majflt: field(12)?,
         utime_ticks: field(14)?,
@@ -180,6 +245,39 @@ fn parse_disk_io(text: &[u8]) -> Option<(u64, u64)> {
     Some((parse_u64(read?)?, parse_u64(write?)?))
 }
 
+// ---- /proc/<pid>/task/*/status ------------------------------------------------------------
+
+/// Voluntary and involuntary context switches summed over the live threads of the process
+/// in `directory`; `None` if no thread's status could be read. A thread that ends while
+/// they are listed is left out.
+fn sum_thread_switches(files: &mut Reader<'_>, directory: &str) -> Option<(u64, u64)> {
+    let tasks = std::fs::read_dir(files.path(format!("{directory}/task"))).ok()?;
+    let mut total: Option<(u64, u64)> = None;
+    for task in tasks.flatten() {
+        let Some(switches) = files
+            .bytes_at(&task.path().join("status"), usize::MAX)
+            .and_then(parse_switches)
+        else {
+            continue;
+        };
+        let (voluntary, involuntary) = total.unwrap_or_default();
+        total = Some((
+            voluntary.wrapping_add(switches.0),
+            involuntary.wrapping_add(switches.1),
+        ));
+    }
+    total
+}
+
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of a status file.
+fn parse_switches(text: &[u8]) -> Option<(u64, u64)> {
+    let [voluntary, involuntary] = keyed_values(
+        text,
+        [b"voluntary_ctxt_switches", b"nonvoluntary_ctxt_switches"],
+    );
+    Some((parse_u64(voluntary?)?, parse_u64(involuntary?)?))
+}
+
 // ---- /proc/self/net/dev ----------------------------------------------------------------------
 
 /// Received and transmitted bytes summed over every interface but `lo`.
@@ -198,24 +296,27 @@ fn sum_network(text: &[u8]) -> (u64, u64) {
 
 const FD_DIR: &CStr = c"/proc/self/fd";
 
-fn count_open_fds() -> Option<u64> {
+/// The open descriptors listed in `fd_dir` (a `/proc/<pid>/fd`); `own`: it is this
+/// process's, so listing it opens one more.
+fn count_open_fds(fd_dir: &CStr, own: bool) -> Option<u64> {
     // Since Linux 6.2 the directory's size is the number of open descriptors.
     // SAFETY: zeroed stat is a valid value; stat only writes into it.
     let mut status: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: path is NUL-terminated; valid pointer.
-    if unsafe { libc::stat(FD_DIR.as_ptr(), &mut status) } != 0 {
+    if unsafe { libc::stat(fd_dir.as_ptr(), &mut status) } != 0 {
         return None;
     }
     if status.st_size > 0 {
         return Some(status.st_size as u64);
     }
-    count_fd_entries()
+    count_fd_entries(fd_dir, own)
 }
 
-/// Counts the entries of /proc/self/fd, less the descriptor that lists them.
-fn count_fd_entries() -> Option<u64> {
+/// Counts the entries of `fd_dir`, less the descriptor that lists them when it is this
+/// process's own.
+fn count_fd_entries(fd_dir: &CStr, own: bool) -> Option<u64> {
     // SAFETY: path is NUL-terminated.
-    let directory = unsafe { libc::opendir(FD_DIR.as_ptr()) };
+    let directory = unsafe { libc::opendir(fd_dir.as_ptr()) };
     if directory.is_null() {
         return None;
     }
@@ -234,7 +335,11 @@ fn count_fd_entries() -> Option<u64> {
     }
     // SAFETY: opened above, closed once.
     unsafe { libc::closedir(directory) };
-    Some(entries.saturating_sub(1))
+    Some(if own {
+        entries.saturating_sub(1)
+    } else {
+        entries
+    })
 }
 
 #[cfg(test)]
@@ -314,7 +419,9 @@ mod tests {
 
     #[test]
     fn stat_size_and_listing_agree() {
-        let (Some(by_size), Some(by_listing)) = (count_open_fds(), count_fd_entries()) else {
+        let (Some(by_size), Some(by_listing)) =
+            (count_open_fds(FD_DIR, true), count_fd_entries(FD_DIR, true))
+        else {
             panic!("/proc/self/fd unreadable");
         };
         // Parallel tests may open or close a descriptor between the two readings.
@@ -426,12 +533,133 @@ mod tests {
     }
 
     #[test]
+    fn reading_this_process_by_its_pid_agrees_with_reading_itself() {
+        let pid = std::process::id();
+        let total =
+            |r: &ProcessReading| (r.cpu_user_seconds.unwrap(), r.cpu_system_seconds.unwrap());
+        // Test threads of the harness come and go: a few tries must see no thread change.
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let before = read_process();
+            let of = read_process_of(pid).expect("this process by its PID");
+            let after = read_process();
+            if before.threads != after.threads {
+                seen.push((before.threads, of.threads, after.threads));
+                continue;
+            }
+            assert_eq!(of.threads, before.threads);
+            // /proc/<pid>/stat has the same split of the same total as getrusage, truncated
+            // to clock ticks (10 ms at 100 Hz).
+            let tick = 1.0 / sysconf(libc::_SC_CLK_TCK).unwrap() as f64;
+            let ((user_before, system_before), (user_of, system_of), (user_after, system_after)) =
+                (total(&before), total(&of), total(&after));
+            assert!(
+                user_of >= user_before - tick - 1e-6 && user_of <= user_after + 1e-6,
+                "user {user_before} / {user_of} / {user_after}"
+            );
+            assert!(
+                system_of >= system_before - tick - 1e-6 && system_of <= system_after + 1e-6,
+                "system {system_before} / {system_of} / {system_after}"
+            );
+            // Page faults: the same whole-group counts as getrusage.
+            let (minor_before, minor_of, minor_after) = (
+                before.faults_minor.unwrap(),
+                of.faults_minor.unwrap(),
+                after.faults_minor.unwrap(),
+            );
+            assert!(
+                (minor_before..=minor_after).contains(&minor_of),
+                "minor faults {minor_before} / {minor_of} / {minor_after}"
+            );
+            // Live threads only: at most what getrusage counts (exited threads too).
+            assert!(
+                of.context_switches_voluntary.unwrap() <= after.context_switches_voluntary.unwrap()
+            );
+            assert!(
+                of.context_switches_involuntary.unwrap()
+                    <= after.context_switches_involuntary.unwrap()
+            );
+            assert_eq!(of.start_ticks, before.start_ticks);
+            assert!(of.start_ticks.is_some());
+            assert!(of.memory_resident_bytes.unwrap() > 1 << 20);
+            assert!(of.memory_virtual_bytes.unwrap() >= of.memory_resident_bytes.unwrap());
+            assert!(of.disk_read_bytes.is_some() && of.disk_write_bytes.is_some());
+            assert_eq!(
+                of.network_receive_bytes.is_some(),
+                before.network_receive_bytes.is_some()
+            );
+            // Other tests open and close a few descriptors meanwhile.
+            let descriptors = of.open_file_descriptors.unwrap();
+            assert!(
+                descriptors.abs_diff(before.open_file_descriptors.unwrap()) <= 8,
+                "{descriptors} descriptors by PID, {:?} by self",
+                before.open_file_descriptors
+            );
+            return;
+        }
+        panic!("the thread count changed during each try: {seen:?}");
+    }
+
+    #[test]
+    fn another_process_is_read_until_it_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        // Straight after its exec the child may not have touched a page yet.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let reading = loop {
+            let reading = read_process_of(pid).expect("a live child");
+            if reading.memory_resident_bytes.unwrap() > 0 || Instant::now() > deadline {
+                break reading;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(reading.threads, Some(1));
+        assert!(reading.memory_resident_bytes.unwrap() > 0);
+        assert!(reading.cpu_user_seconds.unwrap() >= 0.0);
+        assert!(reading.cpu_system_seconds.unwrap() >= 0.0);
+        assert!(reading.context_switches_voluntary.is_some());
+        assert!(reading.faults_minor.is_some());
+        // stdin, stdout and stderr at least (this process's, inherited).
+        assert!(reading.open_file_descriptors.unwrap() >= 3);
+        assert!(reading.start_ticks.unwrap() >= read_process().start_ticks.unwrap());
+        assert!(reading.uptime_seconds.unwrap() < 60.0);
+        child.kill().unwrap();
+        // Killed but not yet reaped: a zombie, which is not read.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read_process_of(pid).is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the killed child still reads as live"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert_eq!(read_process_of(pid), None);
+        // Beyond the largest PID Linux gives (2^22).
+        assert_eq!(read_process_of(4_000_000_000), None);
+    }
+
+    #[test]
+    fn parses_context_switches_of_a_status() {
+        let text = b"Name:\tpython3\nThreads:\t1\nvoluntary_ctxt_switches:\t152\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(text), Some((152, 7)));
+        assert_eq!(
+            parse_switches(b"Name:\tx\nvoluntary_ctxt_switches:\t1\n"),
+            None
+        );
+    }
+
+    #[test]
     fn parses_stat_with_an_awkward_name() {
         let text = b"4242 (a) b (c) S 1 2 3 0 -1 4194304 100 7 2 9 150 30 1 1 20 0 5 0 12345 1000000 250 18446744073709551615 1 2\n";
         let stat = parse_stat(text).unwrap();
         assert_eq!(
             stat,
             Stat {
+                state: b'S',
                 minflt: 100,
                 majflt: 2,
                 utime_ticks: 150,

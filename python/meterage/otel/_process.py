@@ -24,19 +24,53 @@ Notes on the values:
   own only when it has the namespace to itself, as in a container; on a host it is the
   whole machine's.
 * ``process.disk.io`` counts storage IO; writes to tmpfs count nothing.
+
+Multiprocess mode (``meterage.multiprocess``, unless ``METERAGE_EXPORT_PER_PROCESS=1``):
+the semantic conventions define ``process.*`` as the metrics of one process, and a sum over
+processes is not one (the summed uptime, utilization or thread count of a group means
+nothing a process metric means), so every metric is observed once per live member of the
+group (``meterage.multiprocess.members()``), each with a ``process.pid`` attribute (int),
+all read from ``/proc/<pid>`` by ``_native.process_metrics_of``; the process that exports
+sends them. No process can call ``getrusage`` for another, so for every member (this one
+too, so that a member's series does not change source when another process becomes the
+exporter):
+
+* ``process.cpu.time`` and ``process.paging.faults`` come from ``/proc/<pid>/stat``: the
+  whole thread group, exited threads included, CPU truncated to clock ticks (10 ms);
+* ``process.context_switches`` sums ``/proc/<pid>/task/*/status`` over the live threads:
+  the switches of a thread that exited are gone from ``/proc``. So that the counter never
+  goes down, each member's value is held at its highest while its live threads catch up;
+* ``process.cpu.utilization`` is each member's, with its own previous reading and CPU
+  affinity (a member seen for the first time: since it started);
+* ``process.network.io`` is a network namespace's, not a process's: it is observed once,
+  without ``process.pid`` (this process's namespace, which the group shares but where a
+  member runs in its own).
+
+With ``METERAGE_EXPORT_PER_PROCESS=1`` each process exports its own numbers, and its
+process metrics are the single-process ones (its own, without ``process.pid``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from meterage import _native
+from meterage import _native, multiprocess
 from meterage.otel._shared import SharedReading, gated
 
 Reading = dict[str, float | int | None]
+#: One collection's readings: ``{None: this process's}``, or in multiprocess mode
+#: ``{pid: that member's}``.
+Readings = dict[int | None, Reading]
+
+#: The attribute naming a member of the group (multiprocess mode).
+PID_KEY = "process.pid"
+#: A network namespace's metric: observed once in multiprocess mode.
+_PER_NAMESPACE = "process.network.io"
+_SWITCH_KEYS = ("context_switches.voluntary", "context_switches.involuntary")
 
 # (name, kind, unit, description, attribute key, ((reading key, attribute value), ...)).
 # Kinds: "counter" (ObservableCounter), "updown" (ObservableUpDownCounter), "gauge".
@@ -133,56 +167,127 @@ UTILIZATION = "process.cpu.utilization"
 PROCESS_METRIC_NAMES: tuple[str, ...] = (*(spec[0] for spec in _METRICS), UTILIZATION)
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), at least 1."""
+def _usable_cpus(pid: int = 0) -> int:
+    """CPUs process ``pid`` (0: this one) may run on (its affinity mask), at least 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
+        return max(1, len(os.sched_getaffinity(pid)))
+    except (AttributeError, OSError):  # not Linux, or the process is gone
         return os.cpu_count() or 1
 
 
-class _ProcessReadings(SharedReading[Reading]):
-    """The shared process reading, and the CPU times of the previous utilization."""
+def _per_member() -> bool:
+    """Whether the process metrics are every group member's (multiprocess mode, unless
+    each process exports its own numbers)."""
+    if not multiprocess.is_enabled():
+        return False
+    from meterage.otel._convert import _exports_per_process
+
+    return not _exports_per_process()
+
+
+def _read() -> Readings:
+    # _native's functions are looked up at each reading (tests replace them).
+    if not _per_member():
+        return {None: _native.process_metrics()}
+    pids = multiprocess.members() or [os.getpid()]
+    return {pid: reading for pid, reading in _native.process_metrics_of(pids).items()}
+
+
+class _ProcessReadings(SharedReading[Readings]):
+    """The shared process readings, and the CPU times of the previous utilization."""
 
     def __init__(self) -> None:
-        # Looked up at each reading (tests replace it).
-        super().__init__(lambda: _native.process_metrics(), {}, name="the process metrics")
-        # (monotonic time, user s, system s) the last utilization was computed at.
-        self._previous: tuple[float, float, float] | None = None
-        self._utilization: dict[str, float] | None = None  # for the current reading
+        super().__init__(_read, {}, name="the process metrics")
+        # Per process (None: this one, outside multiprocess mode): (start time, monotonic
+        # time, user s, system s) the last utilization was computed at.
+        self._previous: dict[int | None, tuple[object, float, float, float]] = {}
+        self._utilization: dict[int | None, dict[str, float]] | None = None
+        # Per member: (start time, the highest context switches reported).
+        self._switches: dict[int | None, tuple[object, dict[str, float | int]]] = {}
 
     def forked(self) -> None:
-        self._previous = None  # the child's CPU times started again from zero
+        self._previous = {}  # the child's CPU times started again from zero
 
     def refreshed(self) -> None:
         self._utilization = None
+        self._hold_switches()
 
-    def utilization(self, callback: int) -> dict[str, float]:
+    def _hold_switches(self) -> None:
+        """Keeps each member's context switches from going down when one of its threads
+        exits (``/proc`` sums the live threads only)."""
+        if not self.current:
+            return  # a failed reading: keep what was seen
+        held: dict[int | None, tuple[object, dict[str, float | int]]] = {}
+        for pid, reading in self.current.items():
+            if pid is None:
+                continue  # getrusage: exited threads included, never goes down
+            start = reading.get("start_time")
+            seen_start, highest = self._switches.get(pid, (None, {}))
+            if seen_start != start:
+                highest = {}
+            highest = dict(highest)
+            for key in _SWITCH_KEYS:
+                value = reading.get(key)
+                if value is None:
+                    continue
+                if value < highest.get(key, value):
+                    reading[key] = highest[key]
+                else:
+                    highest[key] = value
+            held[pid] = (start, highest)
+        self._switches = held
+
+    def utilization(self, callback: int) -> dict[int | None, dict[str, float]]:
         with self.lock:
             self.refresh(callback)
             if self._utilization is None:
                 self._utilization = self._compute_utilization()
             return self._utilization
 
-    def _compute_utilization(self) -> dict[str, float]:
-        user = self.current.get("cpu.time.user")
-        system = self.current.get("cpu.time.system")
-        if user is None or system is None:
-            return {}
-        previous, self._previous = self._previous, (self.read_at, user, system)
-        if previous is None:  # the first collection: since the process started
-            wall = self.current.get("uptime")
-            since_user = since_system = 0.0
-        else:
-            at, since_user, since_system = previous
-            wall = self.read_at - at
-        if not wall or wall <= 0:
-            return {}
-        capacity = wall * _usable_cpus()
-        return {
-            mode: min(1.0, max(0.0, (used - since) / capacity))
-            for mode, used, since in (("user", user, since_user), ("system", system, since_system))
-        }
+    def _compute_utilization(self) -> dict[int | None, dict[str, float]]:
+        previous, self._previous = self._previous, {}
+        result: dict[int | None, dict[str, float]] = {}
+        for pid, reading in self.current.items():
+            user = reading.get("cpu.time.user")
+            system = reading.get("cpu.time.system")
+            if user is None or system is None:
+                continue
+            start = reading.get("start_time")
+            self._previous[pid] = (start, self.read_at, user, system)
+            before = previous.get(pid)
+            if before is None or before[0] != start:  # the first: since the process started
+                wall = reading.get("uptime")
+                since_user = since_system = 0.0
+            else:
+                _, at, since_user, since_system = before
+                wall = self.read_at - at
+            if not wall or wall <= 0:
+                continue
+            capacity = wall * _usable_cpus(pid or 0)
+            result[pid] = {
+                mode: min(1.0, max(0.0, (used - since) / capacity))
+                for mode, used, since in (
+                    ("user", user, since_user),
+                    ("system", system, since_system),
+                )
+            }
+        return result
+
+
+def _attributes(pid: int | None, attributes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A member's attributes: ``process.pid`` first; outside multiprocess mode unchanged."""
+    if pid is None:
+        return attributes
+    return {PID_KEY: pid, **(attributes or {})}
+
+
+def _one_namespace(readings: Readings) -> Readings:
+    """One reading for a network namespace's metric, observed without ``process.pid``:
+    this process's (whose namespace the group shares), else any member's."""
+    if None in readings:
+        return readings
+    reading = readings.get(os.getpid()) or next(iter(readings.values()), None)
+    return {} if reading is None else {None: reading}
 
 
 def _reading_callback(
@@ -190,6 +295,8 @@ def _reading_callback(
     callback: int,
     attribute_key: str | None,
     sources: Sequence[tuple[str, str | None]],
+    *,
+    per_namespace: bool = False,
 ) -> Callable[[CallbackOptions], Iterable[Observation]]:
     pairs = [
         (key, {attribute_key: value} if attribute_key is not None else None)
@@ -197,9 +304,12 @@ def _reading_callback(
     ]
 
     def observe(options: CallbackOptions) -> list[Observation]:
-        reading = readings.reading(callback)
+        current = readings.reading(callback)
+        if per_namespace:
+            current = _one_namespace(current)
         return [
-            Observation(value, attributes)
+            Observation(value, _attributes(pid, attributes))
+            for pid, reading in current.items()
             for key, attributes in pairs
             if (value := reading.get(key)) is not None
         ]
@@ -211,8 +321,11 @@ def _utilization_callback(
     readings: _ProcessReadings, callback: int
 ) -> Callable[[CallbackOptions], Iterable[Observation]]:
     def observe(options: CallbackOptions) -> list[Observation]:
-        utilization = readings.utilization(callback)
-        return [Observation(value, {"cpu.mode": mode}) for mode, value in utilization.items()]
+        return [
+            Observation(value, _attributes(pid, {"cpu.mode": mode}))
+            for pid, utilization in readings.utilization(callback).items()
+            for mode, value in utilization.items()
+        ]
 
     return observe
 
@@ -233,7 +346,18 @@ def register_process_metrics(meter: Meter, *, enabled: Callable[[], bool] | None
     for index, (name, kind, unit, description, attribute_key, sources) in enumerate(_METRICS):
         create[kind](
             name,
-            callbacks=[gated(_reading_callback(readings, index, attribute_key, sources), enabled)],
+            callbacks=[
+                gated(
+                    _reading_callback(
+                        readings,
+                        index,
+                        attribute_key,
+                        sources,
+                        per_namespace=name == _PER_NAMESPACE,
+                    ),
+                    enabled,
+                )
+            ],
             unit=unit,
             description=description,
         )
