@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from meterage import _native
@@ -33,6 +34,8 @@ __all__ = ["GroupInfo", "enable", "group", "is_enabled", "members", "unshared_se
 
 #: The switch: ``1`` turns multiprocess mode on when meterage is imported.
 ENVIRONMENT_SWITCH = "METERAGE_MULTIPROCESS"
+#: ``1``: in multiprocess mode, each process pushes its own numbers (see docs/workers.md).
+ENVIRONMENT_PER_PROCESS = "METERAGE_EXPORT_PER_PROCESS"
 #: Set by a member for the processes it starts: ``<root pid>-<root start time>``.
 ENVIRONMENT_GROUP = "METERAGE_GROUP"
 _DIRECTORY = "/dev/shm"
@@ -53,7 +56,7 @@ class GroupInfo:
     slot: int
 
 
-def switch_is_on(environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
+def switch_is_on(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``METERAGE_MULTIPROCESS`` asks for multiprocess mode; a value that is
     neither on nor off is a ValueError naming the variable."""
     value = (os.environ if environ is None else environ).get(ENVIRONMENT_SWITCH, "")
@@ -66,6 +69,18 @@ def switch_is_on(environ: dict[str, str] | os._Environ[str] | None = None) -> bo
         f"{ENVIRONMENT_SWITCH}={value!r}: expected 1 (on) or 0 (off); "
         f"also accepted: {', '.join(_ON[1:])} / {', '.join(_OFF[2:])}"
     )
+
+
+def exports_per_process(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``METERAGE_EXPORT_PER_PROCESS`` asks every process of a group to push its
+    own numbers; a value that is neither 1 nor 0 is a ValueError naming the variable."""
+    value = (os.environ if environ is None else environ).get(ENVIRONMENT_PER_PROCESS, "")
+    lowered = value.strip().lower()
+    if lowered in _ON:
+        return True
+    if lowered in _OFF:
+        return False
+    raise ValueError(f"{ENVIRONMENT_PER_PROCESS}={value!r}: expected 1 (on) or 0 (off)")
 
 
 def _executable(pid: int | str) -> str | None:

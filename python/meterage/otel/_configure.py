@@ -337,18 +337,6 @@ def _serve_prometheus(prometheus: _Prometheus) -> Callable[[], None]:
     return elected.close
 
 
-_PER_PROCESS = "METERAGE_EXPORT_PER_PROCESS"
-
-
-def _per_process(environ: Mapping[str, str]) -> bool:
-    """``METERAGE_EXPORT_PER_PROCESS=1``: in multiprocess mode, every process pushes its
-    own numbers with its own ``service.instance.id``, as without the switch."""
-    value = environ.get(_PER_PROCESS, "").strip().lower()
-    if value not in ("", "0", "1", "true", "false"):
-        raise ValueError(f"{_PER_PROCESS}={environ[_PER_PROCESS]!r} is not 1 or 0")
-    return value in ("1", "true")
-
-
 def _instance_attributes(environ: Mapping[str, str]) -> dict[str, str]:
     """``service.instance.id``, unless OTEL_RESOURCE_ATTRIBUTES names one: the group's in
     multiprocess mode (one instance for all its workers), else this process's own."""
@@ -356,7 +344,7 @@ def _instance_attributes(environ: Mapping[str, str]) -> dict[str, str]:
         return {}
     from meterage.otel._leader import group_instance_id
 
-    group = None if _per_process(environ) else group_instance_id()
+    group = None if multiprocess.exports_per_process(environ) else group_instance_id()
     if group is not None:
         return {"service.instance.id": group}
     return {"service.instance.id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"}
@@ -389,7 +377,11 @@ def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
         for name, make in make_exporter.items():
             exporters[name] = make()
             undo.callback(exporters[name].shutdown)
-            if name == "otlp" and multiprocess.is_enabled() and not _per_process(environ):
+            if (
+                name == "otlp"
+                and multiprocess.is_enabled()
+                and not multiprocess.exports_per_process(environ)
+            ):
                 from meterage.otel._leader import leader_only
 
                 # One process pushes the group's aggregate (the others' would repeat it).

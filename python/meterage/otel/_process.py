@@ -180,9 +180,7 @@ def _per_member() -> bool:
     each process exports its own numbers)."""
     if not multiprocess.is_enabled():
         return False
-    from meterage.otel._convert import _exports_per_process
-
-    return not _exports_per_process()
+    return not multiprocess.exports_per_process()
 
 
 def _read() -> Readings:
