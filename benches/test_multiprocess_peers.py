@@ -22,8 +22,8 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
-import multiprocess_peers  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+import multiprocess_peers
+from prometheus_client.parser import text_string_to_metric_families
 
 overhead = multiprocess_peers.overhead
 
@@ -67,9 +67,7 @@ CASES = [
         operation,
         mode,
         id=f"{operation}-{mode}",
-        marks=pytest.mark.benchmark(
-            group=f"prometheus_client per call: {text} (1000 per round)"
-        ),
+        marks=pytest.mark.benchmark(group=f"prometheus_client per call: {text} (1000 per round)"),
     )
     for operation, text in multiprocess_peers.OPERATIONS.items()
     for mode in multiprocess_peers.MODES
