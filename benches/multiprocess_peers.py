@@ -1096,10 +1096,10 @@ def _reset_peak_memory() -> bool:
     return True
 
 
-def measure_state(subject: MultiprocessSubject, scrapes: int) -> dict[str, Any]:
+def measure_state(subject: MultiprocessSubject, scrapes: int, expected: ReadBack) -> dict[str, Any]:
     """Times ``scrapes`` scrapes (each part); how much a scrape raised this process's
     resident memory at its peak (the largest over the scrapes); the footprint; what the last
-    scrape says."""
+    scrape says, and what it should say (``expected``)."""
     times: dict[str, list[float]] = {}
     peaks = []
     scrape = None
@@ -1121,6 +1121,7 @@ def measure_state(subject: MultiprocessSubject, scrapes: int) -> dict[str, Any]:
         "scrape_bytes": len(scrape.text),
         "footprint": asdict(subject.footprint()),
         "read_back": asdict(subject.read_back(scrape)),
+        "expected": asdict(expected),
     }
 
 
@@ -1141,6 +1142,12 @@ class Progress:
         print(f"[{time.monotonic() - self.started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
+def _expected(plan: Plan, processes: int, alive: int) -> ReadBack:
+    """What a scrape should read: every series, each process's two observations of each,
+    the live workers only."""
+    return ReadBack(plan.series, float(processes * 2 * plan.series), float(alive))
+
+
 def phase_workers(
     subject: MultiprocessSubject, plan: Plan, progress: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -1150,9 +1157,13 @@ def phase_workers(
     try:
         progress(f"{subject.name}: {plan.workers} workers")
         group.start(plan.workers)
-        found["workers_alive"] = measure_state(subject, plan.scrapes)
+        found["workers_alive"] = measure_state(
+            subject, plan.scrapes, _expected(plan, plan.workers, plan.workers)
+        )
         group.stop(hook=True)
-        found["workers_exited"] = measure_state(subject, plan.scrapes)
+        found["workers_exited"] = measure_state(
+            subject, plan.scrapes, _expected(plan, plan.workers, 0)
+        )
         found["worker_cpu"] = _worker_cpu(group.reports)
     finally:
         group.close()
@@ -1170,18 +1181,21 @@ def phase_restarts(
         group.start(plan.workers)
         group.churn(1, 1)
         progress(f"{subject.name}: scrapes after 1 restart")
-        found["restarts_one"] = measure_state(subject, plan.scrapes)
+        found["restarts_one"] = measure_state(
+            subject, plan.scrapes, _expected(plan, plan.workers + 1, plan.workers)
+        )
         progress(f"{subject.name}: {plan.restarts - 1:,} more restarts, {plan.parallel} at a time")
         found["churn_s"] = group.churn(plan.restarts - 1, plan.parallel)
         progress(f"{subject.name}: scrapes after {plan.restarts:,} restarts, no exit hook")
-        found["restarts_no_hook"] = measure_state(subject, plan.scrapes_after_restarts)
+        expected = _expected(plan, plan.workers + plan.restarts, plan.workers)
+        found["restarts_no_hook"] = measure_state(subject, plan.scrapes_after_restarts, expected)
         if subject.exit_hook is not None:
             started = time.perf_counter()
             for pid in group.exited:
                 subject.process_exited(pid)
             hook_s = (time.perf_counter() - started) / max(1, len(group.exited))
             progress(f"{subject.name}: scrapes after {plan.restarts:,} restarts, exit hook run")
-            found["restarts_hook"] = measure_state(subject, plan.scrapes_after_restarts)
+            found["restarts_hook"] = measure_state(subject, plan.scrapes_after_restarts, expected)
             found["restarts_hook"]["hook_s_per_call"] = hook_s
         found["restart_cpu"] = _worker_cpu(group.reports[plan.workers :])
     finally:
@@ -1262,22 +1276,41 @@ def _scrape(state: dict[str, Any], part: str) -> str:
 def _files(state: dict[str, Any]) -> str:
     footprint = state["footprint"]
     files = "1 file" if footprint["files"] == 1 else f"{footprint['files']:,} files"
-    text = f"{files}, {_mib(footprint['allocated'])} ({_mib(footprint['bytes'])} apparent)"
-    if state["scrape_peak_memory_bytes"] is not None:
-        text += f"; scrape's peak memory +{_mib(state['scrape_peak_memory_bytes'])}"
-    return text
+    return f"{files}, {_mib(footprint['allocated'])} ({_mib(footprint['bytes'])} apparent)"
+
+
+def _peak(state: dict[str, Any]) -> str:
+    peak = state["scrape_peak_memory_bytes"]
+    return "n/a" if peak is None else f"+{_mib(peak)}"
 
 
 def _read_back(state: dict[str, Any]) -> str:
-    found = state["read_back"]
-    text = f"{found['series']:,} series, {found['observations']:,.0f} observations"
+    found, expected = state["read_back"], state["expected"]
+
+    def show(key: str) -> str:
+        text = f"{found[key]:,.0f}"
+        if found[key] != expected[key]:
+            text += f" (**expected {expected[key]:,.0f}**)"
+        return text
+
+    text = f"{show('series')} series, {show('observations')} observations"
     if state["scrape_bytes"]:
         text += f" in {state['scrape_bytes'] / 1024:,.0f} KiB"
     if found["live_workers"] is not None:
-        text += f"; live workers {found['live_workers']:,.0f}"
+        text += f"; live workers {show('live_workers')}"
     if found.get("note"):
         text += f" (but {found['note']})"
     return text
+
+
+def read_back_right(state: dict[str, Any]) -> bool:
+    """Whether a scrape read every series and observation, and the live workers only."""
+    found, expected = state["read_back"], state["expected"]
+    return all(
+        found[key] == expected[key]
+        for key in ("series", "observations", "live_workers")
+        if found[key] is not None
+    )
 
 
 def _ratio_of_states(key: str, part: str | None) -> Callable[[dict[str, Any]], str]:
@@ -1376,6 +1409,7 @@ def table_rows(plan: Plan, subjects: Sequence[MultiprocessSubject]) -> list[Row]
             )
         rows += [
             (f"shared state held, {text}", state_row(key, _files)),
+            (f"scrape's peak memory, {text}", state_row(key, _peak)),
             (f"scrape read back, {text}", state_row(key, _read_back)),
         ]
         if key == "restarts_no_hook":
@@ -1458,6 +1492,13 @@ def format_goals(results: dict[str, Any]) -> list[str]:
     for what, value in goals:
         met = "n/a" if value is None else ("yes" if value <= GOAL_LIMIT else "**no**")
         lines.append(f"| {what} | {_factor(value)} | ≤ {GOAL_LIMIT}x | {met} |")
+    states = ("workers_alive", "workers_exited", "restarts_one", "restarts_no_hook")
+    wrong = [key for key in states if not read_back_right(processes[key])]
+    lines.append(
+        "| every scrape reads every observation, and the live workers only | "
+        f"{len(states) - len(wrong)} of {len(states)} states | all | "
+        f"{'yes' if not wrong else '**no**'} |"
+    )
     return lines
 
 
@@ -1546,9 +1587,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{plan.series:,} series (one histogram, `route` label), {plan.workers} workers and "
         f"{plan.restarts:,} restarts made by os.fork(); per call: medians of {plan.rounds} "
-        f"interleaved rounds (meterage: over {plan.pairs} pairs of processes), minus the "
-        f"baseline's; scrapes: median of {plan.scrapes} ({plan.scrapes_after_restarts} after "
-        f"the restarts); {results['seconds']:,.0f} s."
+        f"interleaved rounds minus the baseline's (where a mode needs its own process: "
+        f"{plan.pairs} pair{'s' if plan.pairs > 1 else ''} of processes in lockstep); "
+        f"scrapes: median of {plan.scrapes} ({plan.scrapes_after_restarts} after the "
+        f"restarts); {results['seconds']:,.0f} s in all."
     )
     for line in [*describe(subjects), *results["not_measured"]]:
         print(line)
