@@ -162,7 +162,7 @@ FULL = Plan(
     restarts=1_000,
     parallel=4,
     rounds=300,
-    pairs=3,
+    pairs=5,
     scrapes=7,
     scrapes_after_restarts=3,
 )
@@ -468,8 +468,13 @@ def measure_in_processes(
         }
         children = {mode: _PerCallProcess(subject.name, mode, environments[mode]) for mode in MODES}
         try:
-            for child in children.values():
-                child.receive()  # calibrated, waiting
+            for mode, child in children.items():
+                here = child.receive()["multiprocess"]  # calibrated, waiting
+                if here is not None and here != (mode == MULTI):
+                    raise RuntimeError(
+                        f"{subject.name}: the {mode} per-call worker is "
+                        f"{'in' if here else 'not in'} multiprocess mode"
+                    )
             samples: dict[str, dict[str, list[float]]] = {mode: {} for mode in MODES}
             order = list(MODES)
             for _ in range(plan.rounds):
@@ -536,7 +541,8 @@ def _per_call_worker(subject: Any, mode: str) -> None:
     shuffle = random.Random().shuffle
     gc.collect()
     gc.disable()  # as overhead.measure does; nothing else runs here between rounds
-    print(json.dumps({"ready": True}), flush=True)
+    here = getattr(subject, "multiprocess_here", lambda: None)()
+    print(json.dumps({"multiprocess": here}), flush=True)
     for line in sys.stdin:
         if line.strip() == "end":
             break
@@ -706,6 +712,9 @@ class PrometheusSubject:
         self.directory = None
 
 
+GROUP_VARIABLES = ("METERAGE_MULTIPROCESS", "METERAGE_GROUP")
+"""What makes a process a member of a meterage group, or its root (meterage.multiprocess)."""
+
 SEGMENTS = "/dev/shm"
 """Where meterage keeps a group's segment (``meterage-<uid>-<root pid>-<start>``)."""
 
@@ -761,7 +770,16 @@ class MeterageSubject:
         self._live: Any = None
 
     def environment(self) -> dict[str, str | None]:
-        return {"METERAGE_MULTIPROCESS": "1"}
+        # A process names its own group unless an ancestor with the switch, or the
+        # group in METERAGE_GROUP, does (meterage.multiprocess): neither is left to chance.
+        return {"METERAGE_MULTIPROCESS": "1", "METERAGE_GROUP": None}
+
+    def multiprocess_here(self) -> bool | None:
+        """Whether this process is in a group, if this build can say."""
+        import meterage.multiprocess
+
+        is_enabled = getattr(meterage.multiprocess, "is_enabled", None)
+        return None if is_enabled is None else bool(is_enabled())
 
     def per_call_statements(self, mode: str) -> dict[str, Statement]:
         """In the process that times them (its root in ``mode``): operation -> statement."""
@@ -882,6 +900,13 @@ class MeterageSubject:
         return text
 
     def footprint(self) -> Footprint:
+        import meterage.multiprocess
+
+        group = getattr(meterage.multiprocess, "group", lambda: None)()
+        if group is not None and getattr(group, "path", None):
+            found = _footprint([group.path])
+            found.names = [os.path.basename(group.path)]
+            return found
         prefix = f"meterage-{os.getuid()}-{self._root}-"
         paths = [
             os.path.join(SEGMENTS, name) for name in _segment_names() if name.startswith(prefix)
@@ -1564,12 +1589,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.restarts < 1:
             parser.error("--restarts must be >= 1")
         plan = Plan(**{**asdict(plan), "restarts": options.restarts})
-    if os.environ.get("METERAGE_MULTIPROCESS"):
-        print(
-            "METERAGE_MULTIPROCESS is set here: it is ignored (each subject's processes"
-            " get their own environment)",
-            file=sys.stderr,
-        )
+    inherited = [name for name in GROUP_VARIABLES if name in os.environ]
+    if inherited:
+        # This process would be the group's root, or a member, of every process it starts.
+        if argv is not None:
+            parser.error(f"unset {' and '.join(inherited)} first")
+        print(f"{' and '.join(inherited)} set: running again without", file=sys.stderr)
+        environment = {k: v for k, v in os.environ.items() if k not in GROUP_VARIABLES}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], environment)
     results, subjects = run(plan, options.subject or list(SUBJECTS), Progress())
     if not subjects:
         for line in results["not_measured"]:
