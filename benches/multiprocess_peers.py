@@ -1,8 +1,10 @@
 """Multiprocess metrics, measured: meterage's multiprocess mode next to prometheus_client's.
 
-    python benches/multiprocess_peers.py            # ~6 min: the table for docs/benchmarks.md
-    python benches/multiprocess_peers.py --quick    # ~20 s, smaller numbers (says so)
-    python benches/multiprocess_peers.py --json     # the raw numbers instead of the table
+    python benches/multiprocess_peers.py               # ~8 min: the table for docs/benchmarks.md
+    python benches/multiprocess_peers.py --quick       # ~20 s, smaller numbers (says so)
+    python benches/multiprocess_peers.py --json        # the raw numbers instead of the table
+    python benches/multiprocess_peers.py --save r.json # the table, and the raw numbers in r.json
+    python benches/multiprocess_peers.py --table r.json            # the table of saved numbers
     python benches/multiprocess_peers.py --subject prometheus_client   # one subject only
 
 Each subject is a library in its multiprocess mode (see ``MultiprocessSubject``):
@@ -1369,7 +1371,7 @@ def _ratio(figures: dict[str, Any]) -> str:
 Row = tuple[str, Callable[[dict[str, Any]], str]]
 
 
-def table_rows(plan: Plan, subjects: Sequence[MultiprocessSubject]) -> list[Row]:
+def table_rows(plan: Plan, names: Sequence[str]) -> list[Row]:
     """(what, how to print it from one subject's results) for every row of the table."""
 
     def per_call(operation: str, show: Callable[[dict[str, Any]], str]) -> Callable[..., str]:
@@ -1377,7 +1379,7 @@ def table_rows(plan: Plan, subjects: Sequence[MultiprocessSubject]) -> list[Row]
 
     rows: list[Row] = []
     for operation, about in OPERATIONS.items():
-        if not any(operation in subject.idioms for subject in subjects):
+        if not any(operation in SUBJECTS[name].idioms for name in names):
             continue
         rows += [
             (
@@ -1416,8 +1418,8 @@ def table_rows(plan: Plan, subjects: Sequence[MultiprocessSubject]) -> list[Row]
         ("restarts_hook", f"{workers} alive + {restarts} restarted, exit hook run"),
     ]
     parts: dict[str, str] = {}
-    for subject in subjects:
-        for part, words in subject.scrape_parts.items():
+    for name in names:
+        for part, words in SUBJECTS[name].scrape_parts.items():
             parts.setdefault(part, words)
     part_words = {"text": "Prometheus text", "snapshot": "`meterage.snapshot()`"}
 
@@ -1469,14 +1471,14 @@ def table_rows(plan: Plan, subjects: Sequence[MultiprocessSubject]) -> list[Row]
     return rows
 
 
-def format_table(results: dict[str, Any], subjects: Sequence[MultiprocessSubject]) -> list[str]:
+def format_table(results: dict[str, Any]) -> list[str]:
     plan = Plan(**results["plan"])
-    names = [subject.name for subject in subjects]
+    names = list(results["subjects"])
     lines = [
         "| what | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
     ]
-    for what, show in table_rows(plan, subjects):
+    for what, show in table_rows(plan, names):
         cells = [show(results["subjects"][name]) for name in names]
         lines.append(f"| {what} | " + " | ".join(cells) + " |")
     return lines
@@ -1527,16 +1529,39 @@ def format_goals(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def describe(subjects: Sequence[MultiprocessSubject]) -> list[str]:
+def describe(results: dict[str, Any]) -> list[str]:
     lines = []
-    for subject in subjects:
+    for name, found in results["subjects"].items():
         idioms = ", ".join(
-            f"{OPERATIONS[operation].text}: `{code}`" for operation, code in subject.idioms.items()
+            f"{OPERATIONS[operation].text}: `{code}`" for operation, code in found["idioms"].items()
         )
         lines.append(
-            f"{subject.name} {subject.version}: {subject.switch}; exit hook "
-            f"{subject.exit_hook or 'none needed'}; {idioms}."
+            f"{name} {found['version']}: {found['switch']}; exit hook "
+            f"{found['exit_hook'] or 'none needed'}; {idioms}."
         )
+    return lines
+
+
+def report(results: dict[str, Any]) -> list[str]:
+    """The run's context, the table and meterage's goals, as printed."""
+    plan = Plan(**results["plan"])
+    lines = [results["machine"]]
+    if plan.quick:
+        lines.append(
+            "REDUCED (--quick): smaller numbers than the documented run; not for the docs."
+        )
+    lines.append(
+        f"{plan.series:,} series (one histogram, `route` label), {plan.workers} workers and "
+        f"{plan.restarts:,} restarts made by os.fork(); per call: medians of {plan.rounds} "
+        f"interleaved rounds minus the baseline's (where a mode needs its own process: "
+        f"{plan.pairs} pair{'s' if plan.pairs > 1 else ''} of processes in lockstep); "
+        f"scrapes: median of {plan.scrapes} ({plan.scrapes_after_restarts} after the "
+        f"restarts); {results['seconds']:,.0f} s in all."
+    )
+    lines += [*describe(results), *results["not_measured"], "", *format_table(results)]
+    goals = format_goals(results)
+    if goals:
+        lines += ["", *goals]
     return lines
 
 
@@ -1568,6 +1593,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller numbers, for a smoke run")
     parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
+    parser.add_argument("--save", metavar="PATH", help="also write the raw numbers there")
+    parser.add_argument(
+        "--table", metavar="PATH", help="print the table of numbers saved by --save or --json"
+    )
     parser.add_argument("--restarts", type=int, help="short-lived processes (default 1,000)")
     parser.add_argument(
         "--subject",
@@ -1583,6 +1612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.phase_child:
         name, phase, plan_json, started = options.phase_child
         return phase_child(name, phase, plan_json, float(started))
+    if options.table:
+        for line in report(json.loads(Path(options.table).read_text())):
+            print(line)
+        return 0
 
     plan = QUICK if options.quick else FULL
     if options.restarts is not None:
@@ -1605,32 +1638,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return 1
 
+    if options.save:
+        Path(options.save).write_text(json.dumps(results, indent=2) + "\n")
     if options.json:
         for line in results["not_measured"]:
             print(line, file=sys.stderr)
         print(json.dumps(results, indent=2))
         return 0
-    print(overhead.machine_line())
-    if plan.quick:
-        print("REDUCED (--quick): smaller numbers than the documented run; not for the docs.")
-    print(
-        f"{plan.series:,} series (one histogram, `route` label), {plan.workers} workers and "
-        f"{plan.restarts:,} restarts made by os.fork(); per call: medians of {plan.rounds} "
-        f"interleaved rounds minus the baseline's (where a mode needs its own process: "
-        f"{plan.pairs} pair{'s' if plan.pairs > 1 else ''} of processes in lockstep); "
-        f"scrapes: median of {plan.scrapes} ({plan.scrapes_after_restarts} after the "
-        f"restarts); {results['seconds']:,.0f} s in all."
-    )
-    for line in [*describe(subjects), *results["not_measured"]]:
+    for line in report(results):
         print(line)
-    print()
-    for line in format_table(results, subjects):
-        print(line)
-    goals = format_goals(results)
-    if goals:
-        print()
-        for line in goals:
-            print(line)
     return 0
 
 
