@@ -895,9 +895,10 @@ class MeterageSubject:
                     assert text.live_workers is not None
                     text.live_workers += sample.value
         if asdict(text) != asdict(found):
+            live = "n/a" if found.live_workers is None else f"{found.live_workers:,.0f}"
             text.note = (
                 f"snapshot(): {found.series:,} series, {found.observations:,.0f} observations,"
-                f" {found.live_workers:,.0f} live"
+                f" {live} live"
             )
         return text
 
