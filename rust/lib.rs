@@ -7,7 +7,13 @@
 pub mod aggregate;
 pub mod bridge;
 pub mod collect;
+pub mod group;
 pub mod probe;
 
 #[cfg(feature = "python")]
 mod binding;
+
+/// Blocks made in a shared scope come from the process group's segment (multiprocess
+/// mode); all others from the system allocator.
+#[global_allocator]
+static ALLOCATOR: group::arena::SharedFirst = group::arena::SharedFirst;

@@ -83,6 +83,24 @@ def burn() -> Callable[[int], int]:
 
 
 @pytest.fixture(scope="session")
+def _prometheus_targets() -> Iterator[object]:
+    from servers import PrometheusTargets
+
+    targets = PrometheusTargets()
+    yield targets
+    targets.close()
+
+
+@pytest.fixture
+def prometheus_target(_prometheus_targets: object) -> tuple[int, object]:
+    """``(port, api)``: a loopback port that a real Prometheus (one for the whole run)
+    scrapes every 500 ms as job ``port-<port>``, free for the test's metrics endpoint, and a
+    servers.PrometheusAPI asking about that job. Skips (fails with
+    METERAGE_REQUIRE_SERVERS=1) where prometheus is not installed."""
+    return _prometheus_targets.claim()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
 def fake_nvml_library(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The fake NVML library, compiled once per test run."""
     from nvml_fake import build

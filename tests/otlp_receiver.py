@@ -1,13 +1,16 @@
 """Minimal OTLP metric receivers for tests: gRPC and HTTP/protobuf, on 127.0.0.1.
 
-Both keep every decoded ``ExportMetricsServiceRequest`` they are sent, in arrival order,
-and answer with an empty ``ExportMetricsServiceResponse``, as a collector would.
+Both keep every decoded ``ExportMetricsServiceRequest`` they are sent, in arrival order
+(with when it arrived), and answer with an empty ``ExportMetricsServiceResponse``, as a
+collector would.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import threading
+import time
 import zlib
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +31,7 @@ class _Store:
         self._details: list[dict[str, Any]] = []
 
     def add(self, request: ExportMetricsServiceRequest, **details: Any) -> None:
+        details.setdefault("received", time.monotonic())
         with self._lock:
             self._requests.append(request)
             self._details.append(details)
@@ -41,6 +45,11 @@ class _Store:
     def details(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._details)
+
+    @property
+    def arrivals(self) -> list[float]:
+        """When each request arrived (time.monotonic())."""
+        return [details["received"] for details in self.details]
 
     def clear(self) -> None:
         with self._lock:
@@ -159,3 +168,55 @@ class HttpReceiver(_Store):
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+# --- reading what arrived --------------------------------------------------------------
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def attributes(message: Any) -> dict[str, Any]:
+    """A resource's, scope's or data point's attributes as a dict."""
+    return {kv.key: _value(kv.value) for kv in message.attributes}
+
+
+def resources(request: ExportMetricsServiceRequest) -> list[dict[str, Any]]:
+    """The attributes of each resource in the request."""
+    return [attributes(rm.resource) for rm in request.resource_metrics]
+
+
+def histogram_totals(
+    request: ExportMetricsServiceRequest, metric: str, **point_attributes: Any
+) -> tuple[int, float]:
+    """(count, sum) of histogram ``metric`` (explicit-bucket or exponential) over every
+    resource and scope of the request and every data point whose attributes include
+    ``point_attributes``; (0, 0.0) when there is none."""
+    count, total = 0, 0.0
+    for resource_metrics in request.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for found in scope_metrics.metrics:
+                if found.name != metric:
+                    continue
+                data = getattr(found, found.WhichOneof("data"))
+                for point in data.data_points:
+                    have = attributes(point)
+                    if all(have.get(k) == v for k, v in point_attributes.items()):
+                        count += point.count
+                        total += point.sum
+    return count, total
+
+
+def check_one_pusher(arrivals: list[float], interval: float) -> None:
+    """Asserts that requests arriving at ``arrivals`` (time.monotonic(), in order) can be
+    one periodic pusher's: an SDK PeriodicExportingMetricReader waits ``interval`` after
+    each export before it collects again, so one pusher's requests arrive at least about
+    ``interval`` apart; two pushers' interleave, some less than ``interval / 2`` apart."""
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    close = [round(gap, 3) for gap in gaps if gap < 0.8 * interval]
+    assert not close, (
+        f"requests {interval:g} s apart expected from one pusher, some came closer: {close} "
+        f"(all gaps: {[round(gap, 3) for gap in gaps]})"
+    )

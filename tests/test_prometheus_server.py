@@ -8,20 +8,17 @@ that Prometheus users will query.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import textwrap
 import time
-import urllib.parse
-from typing import Any
 
 import pytest
 
 pytest.importorskip("opentelemetry.exporter.prometheus")
 
-from servers import free_port, http_get, require_binary, running
+from servers import PrometheusAPI, free_port, prometheus_config, require_binary, running
 
 from meterage.otel._names import (
     CPU_BOUNDARIES,
@@ -103,41 +100,6 @@ EXPECTED_NAMES = {
 }
 
 
-def prometheus_config(target_port: int) -> str:
-    return textwrap.dedent(
-        f"""
-        global:
-          scrape_interval: 1s
-          scrape_timeout: 1s
-          evaluation_interval: 1s
-        scrape_configs:
-          - job_name: {JOB}
-            static_configs:
-              - targets: ["127.0.0.1:{target_port}"]
-        """
-    )
-
-
-class PrometheusAPI:
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-
-    def get(self, path: str, **params: str) -> Any:
-        url = f"{self.base}{path}?{urllib.parse.urlencode(params)}"
-        body = json.loads(http_get(url))
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expression: str) -> list[tuple[dict[str, str], float]]:
-        """An instant query: (labels, value) per series."""
-        data = self.get("/api/v1/query", query=expression)
-        assert data["resultType"] == "vector", data
-        return [(item["metric"], float(item["value"][1])) for item in data["result"]]
-
-    def names(self) -> set[str]:
-        return set(self.get("/api/v1/label/__name__/values", **{"match[]": f'{{job="{JOB}"}}'}))
-
-
 def by_call(series: list[tuple[dict[str, str], float]]) -> dict[tuple[str, str], float]:
     """(meterage_operation, error_type) -> value; Prometheus drops empty labels."""
     out: dict[tuple[str, str], float] = {}
@@ -194,11 +156,11 @@ def test_a_real_prometheus_scrapes_the_exact_counts():
                 "--storage.tsdb.path=data",
                 f"--web.listen-address=127.0.0.1:{prometheus_port}",
             ],
-            files={"prometheus.yml": prometheus_config(metrics_port)},
+            files={"prometheus.yml": prometheus_config({JOB: [metrics_port]}, interval="1s")},
             ready_url=f"http://127.0.0.1:{prometheus_port}/-/ready",
         ),
     ):
-        api = PrometheusAPI(prometheus_port)
+        api = PrometheusAPI(prometheus_port, JOB)
 
         # One scrape stores all of a target's series at once: wait for the first one.
         deadline = time.monotonic() + 30

@@ -147,3 +147,26 @@ def configure(
     if gpu_devices is not None:
         _native.select_gpus(None if gpu_devices == "auto" else gpu_devices)
     return _native.configure(budget, cardinality_limit)
+
+
+def _join_group_if_asked() -> None:
+    # METERAGE_MULTIPROCESS=1: this process joins its process group now, before any call.
+    from meterage import multiprocess
+
+    if not multiprocess.switch_is_on():
+        return
+    try:
+        multiprocess.enable()
+    except OSError as error:
+        import warnings
+
+        # The application runs on, metered per process: better than not running.
+        warnings.warn(
+            f"meterage: METERAGE_MULTIPROCESS=1 but this process could not join its "
+            f"process group ({error}); its numbers are its own only",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_join_group_if_asked()

@@ -235,7 +235,11 @@ impl MeterCore {
         if !TRACK_ACTIVE.load(Ordering::Relaxed) {
             return Counted(std::ptr::null());
         }
-        let series = self.held_series();
+        let mut series = self.held_series();
+        if crate::group::arena::is_foreign(series as *const CallSeries as usize) {
+            // A process group's fork child: its calls in flight are counted in its own.
+            series = self.series();
+        }
         series.active.enter(generation);
         Counted(series)
     }
@@ -279,7 +283,10 @@ impl MeterCore {
         let map = &self.operation.series;
         let is_overflow = series.attributes().get(OVERFLOW_KEY).is_some()
             && self.attributes.get(OVERFLOW_KEY).is_none();
-        let wanted = if is_overflow {
+        // A process group's fork child (or a process that joined one) records into series
+        // of its own arena, not into the ones its meters held before.
+        let foreign = crate::group::arena::is_foreign(series as *const CallSeries as usize);
+        let wanted = if is_overflow || (foreign && map.has_room()) {
             map.get_or_create_idle(&self.attributes)
         } else if !map.has_room() {
             map.overflow()
@@ -546,7 +553,9 @@ impl MeterCore {
             .iter()
             .find(|(name, _)| &**name == error_type)
         {
-            return Arc::clone(series);
+            if !crate::group::arena::is_foreign(Arc::as_ptr(series) as usize) {
+                return Arc::clone(series);
+            }
         }
         let series = self
             .operation
@@ -556,6 +565,11 @@ impl MeterCore {
         if series.attributes().get(ERROR_TYPE_KEY).is_some() {
             self.error_series.rcu(|current| {
                 let mut next = Vec::clone(current);
+                // A cached series of another process's arena (see above) is replaced.
+                next.retain(|(name, cached)| {
+                    &**name != error_type
+                        || !crate::group::arena::is_foreign(Arc::as_ptr(cached) as usize)
+                });
                 if !next.iter().any(|(name, _)| &**name == error_type) {
                     next.push((error_type.into(), Arc::clone(&series)));
                 }

@@ -22,7 +22,22 @@ pub fn current() -> u64 {
 /// Starts a new epoch (a reset, or a forked child): every series reads as empty. Only an
 /// atomic add, so it is safe in a `fork()` child handler.
 pub fn advance() {
-    EPOCH.fetch_add(1, Ordering::AcqRel);
+    let now = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+    let observer = OBSERVER.load(Ordering::Acquire);
+    if !observer.is_null() {
+        // SAFETY: only `set_observer` stores here, a `fn(u64)` cast to a pointer.
+        let observer: fn(u64) = unsafe { std::mem::transmute(observer) };
+        observer(now);
+    }
+}
+
+/// Told each new epoch (a process group's member slot shows its member's epoch). Called
+/// from a fork child's handler too: it must be async-signal safe there.
+static OBSERVER: std::sync::atomic::AtomicPtr<()> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+pub fn set_observer(observer: fn(u64)) {
+    OBSERVER.store(observer as *mut (), Ordering::Release);
 }
 
 /// How many series of one map hold values of the current epoch: what its cardinality
@@ -80,6 +95,12 @@ impl Liveness {
     #[inline(always)]
     pub fn is_current(&self) -> bool {
         self.epoch.load(Ordering::Acquire) == current()
+    }
+
+    /// The epoch the values belong to (a process group's reader compares it with the
+    /// epoch of the member that owns the series).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Before a record: if the values belong to an earlier epoch, `clear` them once (other

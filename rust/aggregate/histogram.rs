@@ -197,8 +197,10 @@ impl Chunk {
     }
 }
 
-fn new_chunk() -> *mut Chunk {
-    Box::into_raw(Box::new(Chunk::new()))
+/// A chunk for the histogram at `owner`: where it lives (a process group's arena, or the
+/// heap), so that whoever can read the histogram can read its chunks.
+fn new_chunk(owner: *const AtomicHistogram) -> *mut Chunk {
+    crate::group::arena::near(owner.cast(), || Box::into_raw(Box::new(Chunk::new())))
 }
 
 /// Octaves a histogram finds without the overflow directory: any 16 consecutive ones (a
@@ -281,7 +283,7 @@ impl AtomicHistogram {
         let key = octave as u64 + 1;
         let entry = &self.table[octave & (TABLE - 1)];
         if entry.load(Acquire) == 0 {
-            let fresh = new_chunk();
+            let fresh = new_chunk(self);
             let address = fresh as u64;
             if address >> KEY_SHIFT == 0 {
                 match entry.compare_exchange(0, key << KEY_SHIFT | address, AcqRel, Acquire) {

@@ -44,7 +44,11 @@ impl<T> LazyBox<T> {
     #[cold]
     #[inline(never)]
     fn init(&self, make: impl FnOnce() -> T) -> &T {
-        let fresh = Box::into_raw(Box::new(make()));
+        // Where its owner lives (a process group's arena, or the heap): readers of the
+        // owner can read the value too.
+        let fresh = crate::group::arena::near((self as *const Self).cast(), || {
+            Box::into_raw(Box::new(make()))
+        });
         match self.value.compare_exchange(
             ptr::null_mut(),
             fresh,

@@ -11,7 +11,7 @@ use super::epoch;
 use super::histogram::{HistogramSnapshot, SCALE};
 use super::sampling::{Sampler, SamplingMode};
 use super::series::{CallSeries, CounterSeries, HistogramSeries};
-use super::series_map::{SeriesData, SeriesMap};
+use super::series_map::{Label, SeriesData, SeriesMap};
 use super::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
 use crate::probe::{ProbeSet, DURATION, MEASURES, MEASURE_PROBES};
 use arc_swap::ArcSwap;
@@ -136,13 +136,13 @@ fn unix_now_ns() -> u64 {
 }
 
 /// The names and units of call measures, made once: a snapshot shares them.
-struct MeasureNames {
-    duration: (Arc<str>, Arc<str>),
-    probes: Vec<(Arc<str>, Arc<str>)>,
-    empty: Arc<str>,
+pub(crate) struct MeasureNames {
+    pub(crate) duration: (Arc<str>, Arc<str>),
+    pub(crate) probes: Vec<(Arc<str>, Arc<str>)>,
+    pub(crate) empty: Arc<str>,
 }
 
-fn measure_names() -> &'static MeasureNames {
+pub(crate) fn measure_names() -> &'static MeasureNames {
     static NAMES: OnceLock<MeasureNames> = OnceLock::new();
     NAMES.get_or_init(|| MeasureNames {
         duration: (DURATION.key.into(), DURATION.unit.into()),
@@ -210,12 +210,22 @@ pub fn registry() -> &'static Registry {
     })
 }
 
-fn instrument<T: SeriesData>(name: &str, unit: &str, description: &str) -> Instrument<T> {
+fn instrument<T: SeriesData>(
+    kind: SeriesKind,
+    name: &str,
+    unit: &str,
+    description: &str,
+) -> Instrument<T> {
     Instrument {
         name: Arc::from(name),
         unit: Arc::from(unit),
         description: Arc::from(description),
-        series: SeriesMap::new(),
+        series: SeriesMap::labelled(Label {
+            kind,
+            name: Arc::from(name),
+            unit: Arc::from(unit),
+            description: Arc::from(description),
+        }),
     }
 }
 
@@ -256,7 +266,12 @@ impl Registry {
     pub fn operation(&self, name: &str) -> Arc<Operation> {
         get_or_insert(&self.operations, name, || Operation {
             name: Arc::from(name),
-            series: SeriesMap::new(),
+            series: SeriesMap::labelled(Label {
+                kind: SeriesKind::Call,
+                name: Arc::from(name),
+                unit: Arc::from(DURATION.unit),
+                description: Arc::from(""),
+            }),
             probes_requested: AtomicU8::new(0),
             meters: ArcSwap::from_pointee(Vec::new()),
             samplers: ArcSwap::from_pointee(Vec::new()),
@@ -277,7 +292,7 @@ impl Registry {
             return Err(why);
         }
         Ok(get_or_insert(&self.histograms, name, || {
-            instrument(name, unit, description)
+            instrument(SeriesKind::Histogram, name, unit, description)
         }))
     }
 
@@ -295,7 +310,7 @@ impl Registry {
             return Err(why);
         }
         Ok(get_or_insert(&self.counters, name, || {
-            instrument(name, unit, description)
+            instrument(SeriesKind::Counter, name, unit, description)
         }))
     }
 
@@ -303,6 +318,14 @@ impl Registry {
     pub fn resets(&self) -> (u64, u64) {
         let count = RESETS.load(Ordering::Acquire);
         (count, LAST_RESET_UNIX_NS.load(Ordering::Relaxed))
+    }
+
+    /// Forgets every series (a fork child of a process group's member: the series it
+    /// inherited are its parent's, and it makes its own).
+    pub fn forget_series(&self) {
+        for_each(&self.operations, |operation| operation.series.forget());
+        for_each(&self.histograms, |histogram| histogram.series.forget());
+        for_each(&self.counters, |counter| counter.series.forget());
     }
 
     /// Clears every recorded value in O(1), and drops the series nothing else holds.
@@ -416,37 +439,7 @@ impl Registry {
                 });
             });
         });
-        // A stable order for readers and tests: sorted by index, then moved into place
-        // once (a snapshot is a few hundred bytes; sorting them in place moves each many
-        // times).
-        // Each is given an integer key first (its kind, the rank of its name, its attributes'
-        // prefix), so most comparisons are of integers; ties are compared in full.
-        let mut names: Vec<&Arc<str>> = out.iter().map(|series| &series.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        let mut order: Vec<([u64; 4], usize)> = out
-            .iter()
-            .enumerate()
-            .map(|(index, series)| {
-                let rank = names.binary_search(&&series.name).unwrap_or(0) as u64;
-                let (key, value) = series.attributes.sort_prefix();
-                let kind_and_name = (series.kind as u64) << 56 | rank;
-                (
-                    [kind_and_name, key, (value >> 64) as u64, value as u64],
-                    index,
-                )
-            })
-            .collect();
-        order.sort_unstable_by(|(a_key, a), (b_key, b)| {
-            a_key
-                .cmp(b_key)
-                .then_with(|| out[*a].attributes.cmp(&out[*b].attributes))
-        });
-        let mut taken: Vec<Option<SeriesSnapshot>> = out.into_iter().map(Some).collect();
-        order
-            .into_iter()
-            .filter_map(|(_, index)| taken[index].take())
-            .collect()
+        sorted(out)
     }
 
     /// Bytes held by every series' histograms and counters (for checking that memory stays
@@ -465,4 +458,39 @@ impl Registry {
         });
         total
     }
+}
+
+/// Snapshots in a stable order for readers and tests.
+pub fn sorted(out: Vec<SeriesSnapshot>) -> Vec<SeriesSnapshot> {
+    // A stable order for readers and tests: sorted by index, then moved into place
+    // once (a snapshot is a few hundred bytes; sorting them in place moves each many
+    // times).
+    // Each is given an integer key first (its kind, the rank of its name, its attributes'
+    // prefix), so most comparisons are of integers; ties are compared in full.
+    let mut names: Vec<&Arc<str>> = out.iter().map(|series| &series.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut order: Vec<([u64; 4], usize)> = out
+        .iter()
+        .enumerate()
+        .map(|(index, series)| {
+            let rank = names.binary_search(&&series.name).unwrap_or(0) as u64;
+            let (key, value) = series.attributes.sort_prefix();
+            let kind_and_name = (series.kind as u64) << 56 | rank;
+            (
+                [kind_and_name, key, (value >> 64) as u64, value as u64],
+                index,
+            )
+        })
+        .collect();
+    order.sort_unstable_by(|(a_key, a), (b_key, b)| {
+        a_key
+            .cmp(b_key)
+            .then_with(|| out[*a].attributes.cmp(&out[*b].attributes))
+    });
+    let mut taken: Vec<Option<SeriesSnapshot>> = out.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|(_, index)| taken[index].take())
+        .collect()
 }

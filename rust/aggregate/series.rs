@@ -70,6 +70,14 @@ impl ActiveCalls {
         }
     }
 
+    /// Calls in flight as the owner counted them, or None if never counted (a process
+    /// group's reader of another member's series, which has no fork generation to check).
+    pub fn counted(&self) -> Option<i64> {
+        self.tracked
+            .load(Ordering::Relaxed)
+            .then(|| self.count.load(Ordering::Relaxed).max(0))
+    }
+
     /// Calls in flight now, or None if they were never counted here.
     pub fn now(&self) -> Option<i64> {
         if !self.tracked.load(Ordering::Relaxed) {
@@ -252,6 +260,15 @@ impl CounterSeries {
             }
         }
         self.touched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The total and the number of adds, whatever their epoch (a process group's reader
+    /// checks the epoch itself).
+    pub fn raw(&self) -> (f64, u64) {
+        (
+            f64::from_bits(self.total_bits.load(Ordering::Relaxed)),
+            self.touched.load(Ordering::Relaxed),
+        )
     }
 
     /// The total of the current epoch.

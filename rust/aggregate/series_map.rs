@@ -15,7 +15,9 @@
 
 use super::attributes::{AttributeSet, ValueRef};
 use super::epoch::{InUse, Liveness};
-use arc_swap::ArcSwap;
+use super::snapshot::SeriesKind;
+use crate::group::{arena, member, wire};
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rpds::HashTrieMapSync;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,7 +38,7 @@ pub fn global_cardinality_limit() -> usize {
 }
 
 /// Something that lives in a series map: built from its attributes, able to clear itself.
-pub trait SeriesData: Send + Sync {
+pub trait SeriesData: Send + Sync + 'static {
     /// A series that has not recorded yet (it counts against the limit once it does).
     fn new(attributes: AttributeSet, liveness: Liveness) -> Self;
     fn attributes(&self) -> &AttributeSet;
@@ -88,7 +90,17 @@ pub struct SeriesMap<T> {
     limit: AtomicUsize,
     in_use: Arc<InUse>,
     /// The series past the limit (also in the trie, for iteration; never counted).
-    overflow: OnceLock<Arc<T>>,
+    overflow: ArcSwapOption<T>,
+    /// What names this map's series in a process group's directory.
+    label: OnceLock<Label>,
+}
+
+/// The operation or instrument a map's series belong to.
+pub struct Label {
+    pub kind: SeriesKind,
+    pub name: Arc<str>,
+    pub unit: Arc<str>,
+    pub description: Arc<str>,
 }
 
 impl<T: SeriesData> Default for SeriesMap<T> {
@@ -105,8 +117,35 @@ impl<T: SeriesData> SeriesMap<T> {
             )),
             limit: AtomicUsize::new(0),
             in_use: Arc::new(InUse::default()),
-            overflow: OnceLock::new(),
+            overflow: ArcSwapOption::empty(),
+            label: OnceLock::new(),
         }
+    }
+
+    /// A map whose series a process group's members can find by `label`.
+    pub fn labelled(label: Label) -> Self {
+        let map = Self::new();
+        let _ = map.label.set(label);
+        map
+    }
+
+    /// `series`, unless this is the fork child of a process group's member and `series`
+    /// its parent's (copied, and not the group's any more): then this process's own
+    /// series of the same attributes. One load when not in a group.
+    #[inline(always)]
+    pub fn own(&self, series: &Arc<T>) -> Option<Arc<T>> {
+        if !arena::is_foreign(Arc::as_ptr(series) as usize) {
+            return None;
+        }
+        Some(self.get_or_create(series.attributes()))
+    }
+
+    /// Forgets every series (a fork child of a group's member: they are its parent's).
+    pub fn forget(&self) {
+        self.trie.store(Arc::new(Trie::new_with_hasher_and_ptr_kind(
+            BuildHasherDefault::default(),
+        )));
+        self.overflow.store(None);
     }
 
     pub fn set_limit(&self, limit: Option<usize>) {
@@ -199,7 +238,21 @@ impl<T: SeriesData> SeriesMap<T> {
         attributes: AttributeSet,
         liveness: Liveness,
     ) -> Arc<T> {
-        let fresh = Arc::new(T::new(attributes, liveness));
+        let in_group = member::is_joined();
+        let fresh = if in_group {
+            let identity = self.label.get().map(|label| wire::Identity {
+                kind: label.kind,
+                name: Arc::clone(&label.name),
+                unit: Arc::clone(&label.unit),
+                description: Arc::clone(&label.description),
+                attributes: attributes.clone(),
+            });
+            let fresh = arena::shared(|| Arc::new(T::new(attributes, liveness)));
+            (fresh, identity)
+        } else {
+            (Arc::new(T::new(attributes, liveness)), None)
+        };
+        let (fresh, identity) = fresh;
         let mut chosen = Arc::clone(&fresh);
         self.trie.rcu(|current| {
             let existing = current.get(&hash).map(Bucket::as_slice).unwrap_or(&[]);
@@ -221,6 +274,11 @@ impl<T: SeriesData> SeriesMap<T> {
             };
             Arc::new(current.insert(hash, bucket))
         });
+        if let Some(identity) = identity {
+            if Arc::ptr_eq(&chosen, &fresh) {
+                member::register(&identity, Arc::as_ptr(&fresh) as usize, Arc::clone(&fresh));
+            }
+        }
         chosen
     }
 
@@ -231,15 +289,19 @@ impl<T: SeriesData> SeriesMap<T> {
 
     /// The overflow series, created on first use.
     pub fn overflow(&self) -> Arc<T> {
-        Arc::clone(self.overflow.get_or_init(|| {
-            let attributes = AttributeSet::overflow();
-            self.insert(
-                attributes.hash_value(),
-                &|candidate| *candidate == attributes,
-                attributes.clone(),
-                Liveness::standalone(), // past the limit by design: never counted
-            )
-        }))
+        if let Some(overflow) = self.overflow.load_full() {
+            return overflow;
+        }
+        let attributes = AttributeSet::overflow();
+        let made = self.insert(
+            attributes.hash_value(),
+            &|candidate| *candidate == attributes,
+            attributes.clone(),
+            Liveness::standalone(), // past the limit by design: never counted
+        );
+        // The trie holds one overflow series: whoever inserted first, all store the same.
+        self.overflow.store(Some(Arc::clone(&made)));
+        made
     }
 
     /// `f` of the series of the attribute set with this `hash` that `matches`, if it

@@ -95,6 +95,8 @@ struct PointClasses {
 pub struct PyExportState {
     state: Mutex<Tracked>,
     classes: PointClasses,
+    /// In multiprocess mode: this process's own numbers, not the group's.
+    process_only: bool,
 }
 
 /// The state with the registry resets it has seen.
@@ -148,7 +150,7 @@ impl PyExportState {
     #[pyo3(signature = (
         *, delta_histograms, delta_counters, exponential, max_buckets, max_scale,
         boundaries, call_metrics, active_calls, operation_key, default_boundaries,
-        point_classes, attached_ns = None,
+        point_classes, attached_ns = None, process_only = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -164,6 +166,7 @@ impl PyExportState {
         default_boundaries: Vec<f64>,
         point_classes: &Bound<'_, PyDict>,
         attached_ns: Option<u64>,
+        process_only: bool,
     ) -> PyResult<Self> {
         let layout = if exponential {
             if max_buckets < 2 {
@@ -228,6 +231,7 @@ impl PyExportState {
                 resets_seen,
             }),
             classes,
+            process_only,
         })
     }
 
@@ -250,14 +254,22 @@ impl PyExportState {
         let now_ns = now_ns.unwrap_or_else(now_unix_ns);
         let metrics = py.detach(|| {
             let mut state = self.lock();
-            let (resets, last_reset_ns) = registry().resets();
-            if resets != state.resets_seen {
-                state.resets_seen = resets;
-                state.export.restart(last_reset_ns);
+            let group = super::group::in_group() && !self.process_only;
+            // A group's totals never reset (a fork child's new epoch is its own values').
+            if !group {
+                let (resets, last_reset_ns) = registry().resets();
+                if resets != state.resets_seen {
+                    state.resets_seen = resets;
+                    state.export.restart(last_reset_ns);
+                }
             }
-            let series = registry().snapshot();
-            state.export.collect(&series, now_ns)
-        });
+            let series = if group {
+                super::group::series_now()?
+            } else {
+                registry().snapshot()
+            };
+            Ok::<_, PyErr>(state.export.collect(&series, now_ns))
+        })?;
         let mut builder = Builder::new(py, &self.classes, now_ns);
         let out = PyList::empty(py);
         for metric in &metrics {

@@ -81,7 +81,11 @@ impl<T: SeriesData> Handle<T> {
     /// The series to record into, created if needed.
     fn series(&self, attributes: Option<&Bound<'_, PyAny>>) -> PyResult<Arc<T>> {
         let Some(attributes) = attributes.filter(|a| !a.is_none()) else {
-            return Ok(Arc::clone(&self.default));
+            return Ok(self
+                .instrument
+                .series
+                .own(&self.default)
+                .unwrap_or_else(|| Arc::clone(&self.default)));
         };
         let series = &self.instrument.series;
         if let Ok(dict) = attributes.cast_exact::<PyDict>() {
@@ -106,7 +110,10 @@ impl<T: SeriesData> Handle<T> {
         record: impl Fn(&T),
     ) -> PyResult<()> {
         let Some(attributes) = attributes.filter(|a| !a.is_none()) else {
-            record(&self.default);
+            match self.instrument.series.own(&self.default) {
+                Some(own) => record(&own),
+                None => record(&self.default),
+            }
             return Ok(());
         };
         if let Ok(dict) = attributes.cast_exact::<PyDict>() {
@@ -262,7 +269,11 @@ pub struct BoundHistogram {
 impl BoundHistogram {
     /// Records one value (int or float, finite, not negative) in the bound series.
     fn record(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.series.record(measurement("histogram values", value)?);
+        let value = measurement("histogram values", value)?;
+        match self.instrument.series.own(&self.series) {
+            Some(own) => own.record(value),
+            None => self.series.record(value),
+        }
         Ok(())
     }
 
@@ -379,7 +390,10 @@ impl BoundCounter {
     /// Adds a non-negative amount (default 1) to the bound series.
     #[pyo3(signature = (amount = Amount(1.0)))]
     fn add(&self, amount: Amount) {
-        self.series.add(amount.0);
+        match self.instrument.series.own(&self.series) {
+            Some(own) => own.add(amount.0),
+            None => self.series.add(amount.0),
+        }
     }
 
     #[getter]

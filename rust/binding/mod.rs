@@ -7,6 +7,7 @@ mod drivers;
 mod export;
 mod floor;
 mod gpu;
+mod group;
 mod guard;
 mod host;
 mod instruments;
@@ -24,16 +25,24 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-/// Every series with data, as plain objects.
+/// Every series with data, as plain objects (in multiprocess mode, the whole group's).
 #[pyfunction]
 fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
-    snapshots::series_list(py, registry().snapshot())
+    let series = py.detach(group::series_now)?;
+    snapshots::series_list(py, series)
 }
 
 /// Clears every recorded value (meters and instruments stay usable).
 #[pyfunction]
-fn reset() {
+fn reset() -> PyResult<()> {
+    if group::in_group() {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "reset() is not allowed in multiprocess mode: the group's totals are shared by \
+             every process of it, and other processes' readers rely on them only growing",
+        ));
+    }
     registry().reset();
+    Ok(())
 }
 
 /// Each probe name (or each of `names`, an iterable of probe names) mapped to None when it
@@ -133,6 +142,12 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<export::PyExportState>()?;
     module.add_function(wrap_pyfunction!(snapshot, module)?)?;
     module.add_function(wrap_pyfunction!(reset, module)?)?;
+    module.add_function(wrap_pyfunction!(group::group_join, module)?)?;
+    module.add_function(wrap_pyfunction!(group::group_rejoin_after_fork, module)?)?;
+    module.add_function(wrap_pyfunction!(group::group_info, module)?)?;
+    module.add_function(wrap_pyfunction!(group::group_members, module)?)?;
+    module.add_function(wrap_pyfunction!(group::process_start_time, module)?)?;
+    module.add_function(wrap_pyfunction!(group::parent_pid, module)?)?;
     module.add_function(wrap_pyfunction!(available_probes, module)?)?;
     module.add_function(wrap_pyfunction!(configure, module)?)?;
     module.add_function(wrap_pyfunction!(memory_bytes, module)?)?;

@@ -32,6 +32,8 @@ extern "C" fn on_parent() {
 
 extern "C" fn on_child() {
     thread_io::close_all_in_child();
+    // The parent's arena of a process group is not the child's to allocate in.
+    crate::group::arena::forget_own_after_fork();
     GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import os
 import socket
 import threading
 import urllib.parse
+import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
+
+from meterage import multiprocess
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -285,14 +289,77 @@ def stop_endpoint(endpoint: Endpoint) -> None:
     thread.join(5)
 
 
-# The scrape servers build_provider started, by provider (stopped by stop_endpoints).
-_endpoints: weakref.WeakKeyDictionary[MeterProvider, list[Endpoint]] = weakref.WeakKeyDictionary()
+def forget_endpoint(endpoint: Endpoint) -> None:
+    """In a fork child of the process serving it: closes the inherited listening socket
+    (the parent serves on), so that the port is free once the parent is gone."""
+    server, _ = endpoint
+    server.socket.close()
+
+
+# How to stop the scrape servers build_provider started, by provider (see stop_endpoints).
+_endpoints: weakref.WeakKeyDictionary[MeterProvider, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def stop_endpoints(provider: MeterProvider) -> None:
     """Stops the Prometheus scrape servers ``build_provider`` started for ``provider``."""
-    for endpoint in _endpoints.pop(provider, []):
-        stop_endpoint(endpoint)
+    for stop in _endpoints.pop(provider, []):
+        stop()
+
+
+def _serve_prometheus(prometheus: _Prometheus) -> Callable[[], None]:
+    """Starts the scrape server (in multiprocess mode: in the one process of the group
+    that holds the port's lease, the others standing by); returns what stops it."""
+    start = functools.partial(
+        start_endpoint,
+        prometheus.start_server,
+        prometheus.host,
+        prometheus.port,
+        "OTEL_EXPORTER_PROMETHEUS_HOST",
+        "OTEL_EXPORTER_PROMETHEUS_PORT",
+    )
+    if not multiprocess.is_enabled():
+        endpoint = start()
+        return (lambda: stop_endpoint(endpoint)) if endpoint is not None else (lambda: None)
+    from meterage.otel._leader import Elected
+
+    def forget(endpoint: Endpoint | None) -> None:
+        if endpoint is not None:
+            forget_endpoint(endpoint)
+
+    def stop(endpoint: Endpoint | None) -> None:
+        if endpoint is not None:
+            stop_endpoint(endpoint)
+
+    elected = Elected(f"prometheus-{prometheus.port}", start, forget=forget, stop=stop)
+    elected.first_try()
+    return elected.close
+
+
+_PER_PROCESS = "METERAGE_EXPORT_PER_PROCESS"
+
+
+def _per_process(environ: Mapping[str, str]) -> bool:
+    """``METERAGE_EXPORT_PER_PROCESS=1``: in multiprocess mode, every process pushes its
+    own numbers with its own ``service.instance.id``, as without the switch."""
+    value = environ.get(_PER_PROCESS, "").strip().lower()
+    if value not in ("", "0", "1", "true", "false"):
+        raise ValueError(f"{_PER_PROCESS}={environ[_PER_PROCESS]!r} is not 1 or 0")
+    return value in ("1", "true")
+
+
+def _instance_attributes(environ: Mapping[str, str]) -> dict[str, str]:
+    """``service.instance.id``, unless OTEL_RESOURCE_ATTRIBUTES names one: the group's in
+    multiprocess mode (one instance for all its workers), else this process's own."""
+    if "service.instance.id=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        return {}
+    from meterage.otel._leader import group_instance_id
+
+    group = None if _per_process(environ) else group_instance_id()
+    if group is not None:
+        return {"service.instance.id": group}
+    return {"service.instance.id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"}
 
 
 def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
@@ -313,7 +380,7 @@ def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
     prometheus = _check_prometheus(environ) if "prometheus" in names else None
     _check_resource_attributes(environ)
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
-    resource = Resource.create()
+    resource = Resource.create(_instance_attributes(environ))
 
     with contextlib.ExitStack() as undo:
         # Exporters first (they start nothing), then the server (which can fail), then the
@@ -322,17 +389,15 @@ def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
         for name, make in make_exporter.items():
             exporters[name] = make()
             undo.callback(exporters[name].shutdown)
-        endpoint = None
+            if name == "otlp" and multiprocess.is_enabled() and not _per_process(environ):
+                from meterage.otel._leader import leader_only
+
+                # One process pushes the group's aggregate (the others' would repeat it).
+                exporters[name] = leader_only(exporters[name])
+        stop_serving = None
         if prometheus is not None:
-            endpoint = start_endpoint(
-                prometheus.start_server,
-                prometheus.host,
-                prometheus.port,
-                "OTEL_EXPORTER_PROMETHEUS_HOST",
-                "OTEL_EXPORTER_PROMETHEUS_PORT",
-            )
-            if endpoint is not None:
-                undo.callback(stop_endpoint, endpoint)
+            stop_serving = _serve_prometheus(prometheus)
+            undo.callback(stop_serving)
         readers: list[MetricReader] = []
         for name in names:
             if name == "prometheus" and prometheus is not None:
@@ -348,6 +413,6 @@ def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
             undo.callback(readers[-1].shutdown)
         provider = MeterProvider(metric_readers=readers, resource=resource)
         undo.pop_all()  # built: from here on the provider owns them
-    if endpoint is not None:
-        _endpoints[provider] = [endpoint]
+    if stop_serving is not None:
+        _endpoints[provider] = [stop_serving]
     return provider

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -93,6 +94,15 @@ def _preference(table: Mapping[type[_Instrument], _Value], instrument: str) -> _
     return None
 
 
+def _exports_per_process() -> bool:
+    """``METERAGE_EXPORT_PER_PROCESS=1`` in multiprocess mode: pushing readers export this
+    process's own numbers (a Prometheus page always shows the group's)."""
+    from meterage import multiprocess
+
+    value = os.environ.get("METERAGE_EXPORT_PER_PROCESS", "").strip().lower()
+    return multiprocess.is_enabled() and value in ("1", "true")
+
+
 class UnsupportedReader(ValueError):
     """A reader's preferences meterage cannot follow (e.g. unsorted bucket boundaries)."""
 
@@ -138,6 +148,7 @@ class ReaderState:
                 operation_key=OPERATION_KEY,
                 default_boundaries=list(DEFAULT_BOUNDARIES),
                 point_classes=_POINT_CLASSES,
+                process_only=not prometheus and _exports_per_process(),
             )
         except (ValueError, TypeError, OverflowError) as error:
             wanted = (

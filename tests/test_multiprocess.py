@@ -1,0 +1,440 @@
+"""Multiprocess mode (``METERAGE_MULTIPROCESS=1``): one aggregate for a process group.
+
+Joining a group is for good in a process, so each test runs its scenario in a fresh Python
+process (``run``), which prints one JSON line with what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+PRELUDE = """
+import json, os, signal, sys, time
+import meterage, meterage.multiprocess as mp
+
+def count(operation, **attributes):
+    return sum(
+        s.count for s in meterage.snapshot()
+        if s.operation == operation and all(s.attributes.get(k) == v for k, v in attributes.items())
+    )
+
+def series(operation):
+    return [s for s in meterage.snapshot() if s.operation == operation]
+
+def done(**seen):
+    print("RESULT " + json.dumps(seen), flush=True)
+"""
+
+
+def run(
+    script: str,
+    *,
+    multiprocess: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 90,
+) -> dict[str, Any]:
+    """Runs ``script`` (after PRELUDE) in a fresh interpreter; returns what it passed to
+    ``done``."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("METERAGE_MULTIPROCESS", "METERAGE_GROUP"))
+    }
+    if multiprocess:
+        environ["METERAGE_MULTIPROCESS"] = "1"
+    environ.update(env or {})
+    completed = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    assert completed.returncode == 0 and lines, (
+        f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])  # type: ignore[no-any-return]
+
+
+def test_forked_children_are_summed_and_every_member_sees_the_group() -> None:
+    seen = run(
+        """
+        @meterage.meter("mp.work", probes=("cpu", "io"), sample=1.0)
+        def work(i):
+            return i * 2
+        assert [work(i) for i in range(7)] == [i * 2 for i in range(7)]
+        children = []
+        for k in range(4):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read)
+                for i in range(100 + k):
+                    assert work(i) == i * 2
+                # What this child sees of the group while its siblings may still run.
+                os.write(write, str(count("mp.work")).encode())
+                os._exit(0)
+            os.close(write)
+            children.append((pid, read))
+        child_views = []
+        for pid, read in children:
+            child_views.append(int(os.read(read, 64)))
+            os.waitpid(pid, 0)
+        work(0)
+        cpu = [m for m in series("mp.work")[0].histograms if m.startswith("cpu")]
+        done(total=count("mp.work"), child_views=child_views, members=mp.members(),
+             me=os.getpid(), enabled=mp.is_enabled(), cpu=cpu)
+        """
+    )
+    assert seen["total"] == 7 + 100 + 101 + 102 + 103 + 1
+    assert seen["enabled"] is True
+    assert seen["members"] == [seen["me"]]  # the children are gone, folded
+    # Each child saw at least the parent's 7 and its own calls, at most everything.
+    for k, view in enumerate(seen["child_views"]):
+        assert 7 + 100 + k <= view <= 7 + 406
+    assert seen["cpu"], "probe measures of the children reach the group"
+
+
+def test_calls_in_flight_count_live_processes_only_and_kill_9_keeps_completed_calls() -> None:
+    seen = run(
+        """
+        import threading
+        @meterage.meter("mp.slow", sample=1.0)
+        def slow(read_fd):
+            os.read(read_fd, 1)  # held until the test writes
+        @meterage.meter("mp.quick")
+        def quick():
+            pass
+        from meterage import _native  # calls in flight are counted once an exporter asks
+        _native.set_active_tracking(True)
+        hold_read, hold_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(25):
+                quick()
+            os.write(ready_write, b"x")
+            slow(hold_read)  # in flight until killed
+            os._exit(0)
+        os.read(ready_read, 1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = series("mp.slow")
+            if found and found[0].active == 1:
+                break
+            time.sleep(0.01)
+        active_before = [s.active for s in series("mp.slow")]
+        quick_before = count("mp.quick")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        active_after = [s.active for s in series("mp.slow")]
+        done(active_before=active_before, active_after=active_after,
+             quick_before=quick_before, quick_after=count("mp.quick"),
+             slow_after=count("mp.slow"))
+        """
+    )
+    assert seen["active_before"] == [1]
+    assert seen["quick_before"] == seen["quick_after"] == 25
+    # The killed call never completed: not counted, and no longer in flight.
+    assert seen["slow_after"] == 0
+    assert seen["active_after"] in ([], [0])
+
+
+def test_killing_processes_at_any_instruction_never_corrupts_or_blocks_the_group() -> None:
+    seen = run(
+        """
+        import random
+        rng = random.Random(11)
+        @meterage.meter("mp.churn", probes=("cpu",), sample=1.0)
+        def churn(i):
+            return i
+        hist = meterage.histogram("mp.values", unit="By")
+        finished = 0  # calls of children that exited on their own, told by pipe
+        seen_totals = []
+        live = []
+        for round_ in range(60):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read)
+                n = 0
+                # New series too: a kill may land mid-way through making one.
+                while n < 400:
+                    churn(n)
+                    hist.record(float(n), {"shard": str(n % 37)})
+                    n += 1
+                os.write(write, str(n).encode())
+                os._exit(0)
+            os.close(write)
+            live.append((pid, read, rng.random() < 0.5))
+            if len(live) >= 3:
+                pid, read, kill = live.pop(0)
+                if kill:
+                    time.sleep(rng.random() * 0.004)
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                told = os.read(read, 64)
+                finished += int(told or 0)
+                os.close(read)
+            seen_totals.append(count("mp.churn"))
+        for pid, read, _ in live:
+            os.waitpid(pid, 0)
+            finished += int(os.read(read, 64) or 0)
+        total = count("mp.churn")
+        values = sum(s.count for s in meterage.snapshot() if s.operation == "mp.values")
+        # The group still works after all that.
+        churn(1)
+        done(totals=seen_totals, total=total, finished=finished, values=values,
+             after=count("mp.churn"))
+        """,
+        timeout=110,
+    )
+    totals = seen["totals"]
+    assert totals == sorted(totals), "a scrape went backwards"
+    # Every call of a child that exited on its own is there; killed ones add what they
+    # completed (at most their 400).
+    assert seen["finished"] <= seen["total"] <= 60 * 400
+    assert seen["after"] == seen["total"] + 1
+    assert seen["values"] >= seen["finished"]
+
+
+def test_a_thousand_restarts_leave_the_footprint_bounded() -> None:
+    seen = run(
+        """
+        @meterage.meter("mp.restart", probes=("cpu",), sample=1.0)
+        def handle(route):
+            return route
+        def footprint():
+            info = mp.group()
+            return os.stat(info.path).st_blocks * 512
+        def restart(times):
+            for _ in range(times):
+                pid = os.fork()
+                if pid == 0:
+                    for r in range(20):
+                        handle(r)  # attribute-free series, and 20 routes below
+                        meterage.counter("mp.routes").add(1, {"route": f"/r{r}"})
+                    os._exit(0)
+                os.waitpid(pid, 0)
+            meterage.snapshot()  # a scrape folds the exited
+        restart(1)
+        after_one = footprint()
+        restart(999)
+        after_thousand = footprint()
+        routes = [s for s in meterage.snapshot() if s.operation == "mp.routes"]
+        done(after_one=after_one, after_thousand=after_thousand, calls=count("mp.restart"),
+             routes=len(routes), adds=sum(s.value for s in routes))
+        """,
+        timeout=110,
+    )
+    assert seen["calls"] == 1000 * 20
+    assert seen["routes"] == 20
+    assert seen["adds"] == 1000 * 20
+    assert seen["after_thousand"] <= 1.1 * seen["after_one"], seen
+
+
+def test_custom_instruments_and_dynamic_attributes_are_summed() -> None:
+    seen = run(
+        """
+        hist = meterage.histogram("mp.size", unit="By")
+        bound = hist.bind({"kind": "bound"})
+        total = meterage.counter("mp.total")
+        @meterage.meter("mp.fail")
+        def fail(kind):
+            raise KeyError(kind)
+        pids = []
+        for k in range(3):
+            pid = os.fork()
+            if pid == 0:
+                for i in range(10):
+                    hist.record(100.0, {"kind": "plain"})
+                    bound.record(1.0)
+                    total.add(2.5)
+                    try:
+                        fail(i)
+                    except KeyError:
+                        pass
+                    with meterage.meter("mp.block") as call:
+                        call.set_attribute("worker", k)
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        snap = meterage.snapshot()
+        plain = [s for s in snap if s.operation == "mp.size" and s.attributes == {"kind": "plain"}]
+        counter = [s for s in snap if s.operation == "mp.total"]
+        done(plain=plain[0].count, plain_sum=next(iter(plain[0].histograms.values())).sum,
+             bound=count("mp.size", kind="bound"), counter=counter[0].value,
+             failed=count("mp.fail", **{"error.type": "KeyError"}),
+             blocks=sorted((s.attributes["worker"], s.count) for s in series("mp.block")))
+        """
+    )
+    assert seen["plain"] == 30 and seen["plain_sum"] == 3000.0
+    assert seen["bound"] == 30
+    assert seen["counter"] == 75.0
+    assert seen["failed"] == 30
+    assert seen["blocks"] == [[0, 10], [1, 10], [2, 10]]
+
+
+def test_multiprocessing_pool_fork_and_spawn() -> None:
+    seen = run(
+        """
+        import multiprocessing
+        import mp_pool_work
+        counts = {}
+        for method in ("fork", "spawn"):
+            with multiprocessing.get_context(method).Pool(4) as pool:
+                assert pool.map(mp_pool_work.square, range(200)) == [i * i for i in range(200)]
+            counts[method] = count("mp.pool.square")
+        done(counts=counts)
+        """,
+        env={"PYTHONPATH": str(pathlib.Path(__file__).parent / "multiprocess_apps")},
+    )
+    assert seen["counts"] == {"fork": 200, "spawn": 400}
+
+
+def test_the_shared_state_is_the_users_only_and_a_crashed_groups_is_not_joined() -> None:
+    first = run(
+        """
+        info = mp.group()
+        st = os.stat(info.path)
+        @meterage.meter("mp.stale")
+        def f():
+            pass
+        f()
+        done(path=info.path, mode=st.st_mode, uid=st.st_uid, root=info.root_pid, pid=os.getpid())
+        """
+    )
+    assert stat.S_IMODE(first["mode"]) == 0o600
+    assert first["uid"] == os.getuid()
+    assert first["root"] == first["pid"]
+    # That process is gone: a new service (a new root) neither joins nor sees its group,
+    # and sweeps its file away.
+    second = run(
+        """
+        f = meterage.meter("mp.stale")(lambda: None)
+        done(path=mp.group().path, stale=count("mp.stale"))
+        """
+    )
+    assert second["path"] != first["path"]
+    assert second["stale"] == 0
+    assert not os.path.exists(first["path"])
+
+
+def test_two_services_never_see_each_others_numbers() -> None:
+    # Two roots at once: each sees its own calls only.
+    service = """
+        import sys
+        name = sys.argv[1] if len(sys.argv) > 1 else "x"
+        op = meterage.meter("mp.service")
+        for _ in range(int(os.environ["CALLS"])):
+            with op:
+                pass
+        time.sleep(0.5)  # both alive at once
+        done(calls=count("mp.service"), path=mp.group().path)
+    """
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("METERAGE_MULTIPROCESS", "METERAGE_GROUP"))
+    }
+    environ["METERAGE_MULTIPROCESS"] = "1"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PRELUDE + textwrap.dedent(service)],
+            env={**environ, "CALLS": str(calls)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for calls in (3, 5)
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        results.append(json.loads(out.split("RESULT ", 1)[1]))
+    assert [r["calls"] for r in results] == [3, 5]
+    assert results[0]["path"] != results[1]["path"]
+
+
+def test_misuse_is_refused_clearly() -> None:
+    seen = run(
+        """
+        errors = {}
+        try:
+            meterage.reset()
+        except RuntimeError as error:
+            errors["reset"] = str(error)
+        done(**errors)
+        """
+    )
+    assert "multiprocess" in seen["reset"]
+    late = run(
+        """
+        with meterage.meter("mp.early"):
+            pass
+        try:
+            mp.enable()
+        except RuntimeError as error:
+            done(late=str(error), enabled=mp.is_enabled(), count=count("mp.early"))
+        """,
+        multiprocess=False,
+    )
+    assert "before the first metered call" in late["late"]
+    assert late["enabled"] is False and late["count"] == 1
+    bad = subprocess.run(
+        [sys.executable, "-c", "import meterage"],
+        env={**os.environ, "METERAGE_MULTIPROCESS": "maybe"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0
+    assert "METERAGE_MULTIPROCESS='maybe'" in bad.stderr and "expected 1" in bad.stderr
+
+
+def test_enable_in_code_before_any_call_and_children_of_threads_and_closerange() -> None:
+    seen = run(
+        """
+        info = mp.enable()
+        assert mp.enable() == info  # idempotent
+        import threading
+        stop = threading.Event()
+        def busy(k):
+            # New series all the time: a fork may land while one is being made.
+            i = 0
+            while not stop.is_set():
+                with meterage.meter("mp.threads", attributes={"t": k, "i": i % 500}):
+                    pass
+                i += 1
+        threads = [threading.Thread(target=busy, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        pids = []
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                os.closerange(3, 4096)
+                log = open(os.devnull, "w")  # reuses a low descriptor
+                for _ in range(50):
+                    with meterage.meter("mp.child"):
+                        log.write("x")
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            assert status == 0, status
+        stop.set()
+        for t in threads:
+            t.join()
+        done(child=count("mp.child"))
+        """,
+        multiprocess=False,
+    )
+    assert seen["child"] == 20 * 50
