@@ -49,8 +49,10 @@ has no ``meterage.multiprocess``). What is measured, in one run:
    deletes files named after the dead pid.
 
 The shared state is the files in ``PROMETHEUS_MULTIPROC_DIR``, or meterage's group segment
-in ``/dev/shm`` (``meterage-<uid>-<root pid>-...``); both are sparse, so the bytes they
-hold (``st_blocks * 512``) are given first and their apparent size after.
+in ``/dev/shm`` (``meterage.multiprocess.group().path``: ``meterage-<uid>-<root pid>-...``);
+both are sparse, so the bytes they hold (``st_blocks * 512``) are given first and their
+apparent size after. ``benches/multiprocess_overhead.py`` is meterage's own per-call gate
+(its processes of both modes started at once); this script puts the peer beside it.
 
 Live workers: each prometheus_client worker sets, once at its start, an unlabelled gauge
 with ``multiprocess_mode="livesum"`` (the kind of metric ``mark_process_dead`` acts on);
