@@ -1057,3 +1057,49 @@ def connected(pids: Iterable[int], port: int) -> list[int]:
 def log_lines(server: Server, pattern: str) -> list[re.Match[str]]:
     """The matches of regular expression ``pattern`` in its whole log, in order."""
     return list(re.finditer(pattern, server.log(tail=1 << 30)))
+
+
+#: How often the worker tests' OTLP exporters push.
+PUSH_INTERVAL_S = 0.5
+
+
+def worker_environment(
+    *,
+    export: str,
+    service_name: str,
+    metrics_port: int | None,
+    otlp: str | None,
+    multiprocess: bool,
+    **extra: str,
+) -> dict[str, str]:
+    """A worker server's environment: this one without OTEL_*, meterage's multiprocess
+    settings and the test apps' own, then ``extra``, the app's export
+    (``WORKERS_APP_EXPORT``), a Prometheus endpoint on ``metrics_port``, OTLP/HTTP pushes
+    every ``PUSH_INTERVAL_S`` to ``otlp`` (a /v1/metrics URL) and, with ``multiprocess``,
+    ``METERAGE_MULTIPROCESS=1``."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("OTEL_", "METERAGE_MULTIPROCESS", "METERAGE_GROUP", "WORKERS_APP_"))
+    }
+    environ.update(
+        PYTHONUNBUFFERED="1", WORKERS_APP_EXPORT=export, OTEL_SERVICE_NAME=service_name, **extra
+    )
+    exporters = []
+    if metrics_port is not None:
+        exporters.append("prometheus")
+        environ.update(
+            OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+            OTEL_EXPORTER_PROMETHEUS_PORT=str(metrics_port),
+        )
+    if otlp is not None:
+        exporters.append("otlp")
+        environ.update(
+            OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="http/protobuf",
+            OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=otlp,
+            OTEL_METRIC_EXPORT_INTERVAL=str(int(PUSH_INTERVAL_S * 1000)),
+        )
+    environ["OTEL_METRICS_EXPORTER"] = ",".join(exporters) or "none"
+    if multiprocess:
+        environ["METERAGE_MULTIPROCESS"] = "1"
+    return environ

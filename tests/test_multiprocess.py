@@ -15,6 +15,8 @@ import sys
 import textwrap
 from typing import Any
 
+import scenario
+
 PRELUDE = """
 import json, os, signal, sys, time
 import meterage, meterage.multiprocess as mp
@@ -40,28 +42,8 @@ def run(
     env: dict[str, str] | None = None,
     timeout: float = 90,
 ) -> dict[str, Any]:
-    """Runs ``script`` (after PRELUDE) in a fresh interpreter; returns what it passed to
-    ``done``."""
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("METERAGE_MULTIPROCESS", "METERAGE_GROUP"))
-    }
-    if multiprocess:
-        environ["METERAGE_MULTIPROCESS"] = "1"
-    environ.update(env or {})
-    completed = subprocess.run(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    assert completed.returncode == 0 and lines, (
-        f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
-    )
-    return json.loads(lines[-1][len("RESULT ") :])  # type: ignore[no-any-return]
+    """Runs ``script`` after this file's PRELUDE in a fresh interpreter (scenario.run)."""
+    return scenario.run(PRELUDE, script, multiprocess=multiprocess, env=env, timeout=timeout)
 
 
 def test_forked_children_are_summed_and_every_member_sees_the_group() -> None:
@@ -341,12 +323,7 @@ def test_two_services_never_see_each_others_numbers() -> None:
         time.sleep(0.5)  # both alive at once
         done(calls=count("mp.service"), path=mp.group().path)
     """
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("METERAGE_MULTIPROCESS", "METERAGE_GROUP"))
-    }
-    environ["METERAGE_MULTIPROCESS"] = "1"
+    environ = scenario.clean_environment(multiprocess=True)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", PRELUDE + textwrap.dedent(service)],

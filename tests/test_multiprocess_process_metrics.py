@@ -7,15 +7,13 @@ fresh Python process (``run``), which prints one JSON line with what it saw.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import scenario
 
 pytest.importorskip("opentelemetry.sdk.metrics")
 
@@ -68,28 +66,8 @@ def run(
     env: dict[str, str] | None = None,
     timeout: float = 90,
 ) -> dict[str, Any]:
-    """Runs ``script`` (after PRELUDE) in a fresh interpreter; returns what it passed to
-    ``done``. (A copy of tests/test_multiprocess.py's helper, with this file's prelude.)"""
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("METERAGE_MULTIPROCESS", "METERAGE_GROUP", "METERAGE_EXPORT"))
-    }
-    if multiprocess:
-        environ["METERAGE_MULTIPROCESS"] = "1"
-    environ.update(env or {})
-    completed = subprocess.run(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    assert completed.returncode == 0 and lines, (
-        f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
-    )
-    return json.loads(lines[-1][len("RESULT ") :])  # type: ignore[no-any-return]
+    """Runs ``script`` after this file's PRELUDE in a fresh interpreter (scenario.run)."""
+    return scenario.run(PRELUDE, script, multiprocess=multiprocess, env=env, timeout=timeout)
 
 
 # Children that burn a known CPU time, then wait (alive) until told to exit.

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from servers import (
+    PUSH_INTERVAL_S,
     Load,
     PrometheusAPI,
     Service,
@@ -42,6 +43,7 @@ from servers import (
     require_modules,
     uvicorn,
     wait_for,
+    worker_environment,
 )
 
 # Installed? (Looked up only: the servers import them in their own processes.)
@@ -70,8 +72,6 @@ SERVICE_NAME = "meterage-workers-test"
 #: How soon another process must serve the group's Prometheus port once its server died:
 #: one collection interval (about 1 s) and a margin for this 2-core machine.
 TAKEOVER_S = 5.0
-#: How often the OTLP exporters push.
-PUSH_INTERVAL_S = 0.5
 #: Spawned interpreters (uvicorn's workers) booting 4 at once on 2 cores: ~1 s.
 UVICORN_BOOT_S = 15.0
 
@@ -83,34 +83,14 @@ def app_environment(
     otlp: str | None = None,
     multiprocess: bool = False,
 ) -> dict[str, str]:
-    """The servers' environment: this one without OTEL_* and multiprocess settings, then
-    the app's export, a Prometheus endpoint on ``metrics_port``, OTLP/HTTP pushes every
-    500 ms to ``otlp`` (a /v1/metrics URL) and, with ``multiprocess``,
-    ``METERAGE_MULTIPROCESS=1``."""
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("OTEL_", "METERAGE_MULTIPROCESS", "WORKERS_APP_"))
-    }
-    environ.update(PYTHONUNBUFFERED="1", WORKERS_APP_EXPORT=export, OTEL_SERVICE_NAME=SERVICE_NAME)
-    exporters = []
-    if metrics_port is not None:
-        exporters.append("prometheus")
-        environ.update(
-            OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
-            OTEL_EXPORTER_PROMETHEUS_PORT=str(metrics_port),
-        )
-    if otlp is not None:
-        exporters.append("otlp")
-        environ.update(
-            OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="http/protobuf",
-            OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=otlp,
-            OTEL_METRIC_EXPORT_INTERVAL=str(int(PUSH_INTERVAL_S * 1000)),
-        )
-    environ["OTEL_METRICS_EXPORTER"] = ",".join(exporters) or "none"
-    if multiprocess:
-        environ["METERAGE_MULTIPROCESS"] = "1"
-    return environ
+    """The servers' environment (servers.worker_environment)."""
+    return worker_environment(
+        export=export,
+        service_name=SERVICE_NAME,
+        metrics_port=metrics_port,
+        otlp=otlp,
+        multiprocess=multiprocess,
+    )
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from servers import (
     APPS,
+    PUSH_INTERVAL_S,
     PYTHON,
     PrometheusAPI,
     Redis,
@@ -37,6 +38,7 @@ from servers import (
     rq_worker,
     run_to_exit,
     wait_for,
+    worker_environment,
 )
 
 # Installed? (Looked up only: the servers import them in their own processes.)
@@ -67,7 +69,6 @@ RQ_OPERATION = "workers.rq.job"  # tests/workers_apps/rq_jobs.py
 CELERY_OPERATION = "workers.celery.task"  # tests/workers_apps/celery_app.py
 POOL_OPERATION = "workers.pool.call"  # tests/workers_apps/pool_calls.py
 SERVICE_NAME = "meterage-jobs-test"
-PUSH_INTERVAL_S = 0.5
 
 
 def job_environment(
@@ -77,41 +78,17 @@ def job_environment(
     otlp: str | None = None,
     multiprocess: bool = False,
 ) -> dict[str, str]:
-    """The runners' environment: this one without OTEL_* and multiprocess settings, with
-    tests/workers_apps importable, then the export (``WORKERS_APP_EXPORT`` for Celery's
-    app; RQ's settings module always configures), a Prometheus endpoint on
-    ``metrics_port``, OTLP/HTTP pushes every 500 ms to ``otlp`` and, with
-    ``multiprocess``, ``METERAGE_MULTIPROCESS=1``."""
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("OTEL_", "METERAGE_MULTIPROCESS", "WORKERS_APP_"))
-    }
-    inherited = environ.get("PYTHONPATH")
-    environ.update(
-        PYTHONUNBUFFERED="1",
+    """The runners' environment (servers.worker_environment) with tests/workers_apps
+    importable; RQ's settings module always configures its export."""
+    inherited = os.environ.get("PYTHONPATH")
+    return worker_environment(
+        export=export,
+        service_name=SERVICE_NAME,
+        metrics_port=metrics_port,
+        otlp=otlp,
+        multiprocess=multiprocess,
         PYTHONPATH=os.pathsep.join([str(APPS), *([inherited] if inherited else [])]),
-        WORKERS_APP_EXPORT=export,
-        OTEL_SERVICE_NAME=SERVICE_NAME,
     )
-    exporters = []
-    if metrics_port is not None:
-        exporters.append("prometheus")
-        environ.update(
-            OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
-            OTEL_EXPORTER_PROMETHEUS_PORT=str(metrics_port),
-        )
-    if otlp is not None:
-        exporters.append("otlp")
-        environ.update(
-            OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="http/protobuf",
-            OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=otlp,
-            OTEL_METRIC_EXPORT_INTERVAL=str(int(PUSH_INTERVAL_S * 1000)),
-        )
-    environ["OTEL_METRICS_EXPORTER"] = ",".join(exporters) or "none"
-    if multiprocess:
-        environ["METERAGE_MULTIPROCESS"] = "1"
-    return environ
 
 
 @pytest.fixture

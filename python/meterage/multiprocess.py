@@ -56,31 +56,29 @@ class GroupInfo:
     slot: int
 
 
-def switch_is_on(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether ``METERAGE_MULTIPROCESS`` asks for multiprocess mode; a value that is
-    neither on nor off is a ValueError naming the variable."""
-    value = (os.environ if environ is None else environ).get(ENVIRONMENT_SWITCH, "")
+def _flag(variable: str, environ: Mapping[str, str] | None) -> bool:
+    """An on/off environment variable; a value that is neither is a ValueError naming it."""
+    value = (os.environ if environ is None else environ).get(variable, "")
     lowered = value.strip().lower()
     if lowered in _ON:
         return True
     if lowered in _OFF:
         return False
     raise ValueError(
-        f"{ENVIRONMENT_SWITCH}={value!r}: expected 1 (on) or 0 (off); "
+        f"{variable}={value!r}: expected 1 (on) or 0 (off); "
         f"also accepted: {', '.join(_ON[1:])} / {', '.join(_OFF[2:])}"
     )
 
 
+def switch_is_on(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``METERAGE_MULTIPROCESS`` asks for multiprocess mode."""
+    return _flag(ENVIRONMENT_SWITCH, environ)
+
+
 def exports_per_process(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``METERAGE_EXPORT_PER_PROCESS`` asks every process of a group to push its
-    own numbers; a value that is neither 1 nor 0 is a ValueError naming the variable."""
-    value = (os.environ if environ is None else environ).get(ENVIRONMENT_PER_PROCESS, "")
-    lowered = value.strip().lower()
-    if lowered in _ON:
-        return True
-    if lowered in _OFF:
-        return False
-    raise ValueError(f"{ENVIRONMENT_PER_PROCESS}={value!r}: expected 1 (on) or 0 (off)")
+    own numbers."""
+    return _flag(ENVIRONMENT_PER_PROCESS, environ)
 
 
 def _executable(pid: int | str) -> str | None:

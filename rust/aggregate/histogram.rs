@@ -620,6 +620,47 @@ fn nearest_rank(q: f64, n: u64) -> u64 {
 }
 
 impl HistogramSnapshot {
+    /// A snapshot from its fields (a pickle's state, a process group's folded totals),
+    /// or `None` if they do not describe one: counts that do not add up, a scale out of
+    /// range, cuts outside their buckets.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        scale: i32,
+        count: u64,
+        sum: f64,
+        min: f64,
+        max: f64,
+        zero_count: u64,
+        offset: i32,
+        bucket_counts: Vec<u64>,
+        weighted_extra: f64,
+        cuts: Vec<(i32, u64)>,
+    ) -> Option<HistogramSnapshot> {
+        let total = bucket_counts
+            .iter()
+            .try_fold(zero_count, |total, &bucket| total.checked_add(bucket));
+        let cuts_fit = cuts.iter().all(|&(index, below)| {
+            let position = i64::from(index) - i64::from(offset);
+            position >= 0
+                && (position as usize) < bucket_counts.len()
+                && below <= bucket_counts[position as usize]
+        });
+        (total == Some(count) && (-10..=20).contains(&scale) && cuts_fit).then_some(
+            HistogramSnapshot {
+                scale,
+                count,
+                sum,
+                min,
+                max,
+                zero_count,
+                offset,
+                bucket_counts,
+                weighted_extra,
+                cuts,
+            },
+        )
+    }
+
     pub fn empty(scale: i32) -> Self {
         HistogramSnapshot {
             scale,

@@ -381,21 +381,7 @@ type HistogramState = (
 fn histogram_from_state(state: HistogramState) -> PyResult<HistogramSnapshot> {
     let (scale, count, sum, min, max, zero_count, offset, bucket_counts, weighted_extra, cuts) =
         state;
-    let total = bucket_counts
-        .iter()
-        .try_fold(zero_count, |total, &bucket| total.checked_add(bucket));
-    let cuts_fit = cuts.iter().all(|&(index, below)| {
-        let position = i64::from(index) - i64::from(offset);
-        position >= 0
-            && (position as usize) < bucket_counts.len()
-            && below <= bucket_counts[position as usize]
-    });
-    if total != Some(count) || !(-10..=20).contains(&scale) || !cuts_fit {
-        return Err(PyValueError::new_err(
-            "not the state of a HistogramSnapshot: its counts do not add up",
-        ));
-    }
-    Ok(HistogramSnapshot {
+    HistogramSnapshot::from_parts(
         scale,
         count,
         sum,
@@ -406,6 +392,9 @@ fn histogram_from_state(state: HistogramState) -> PyResult<HistogramSnapshot> {
         bucket_counts,
         weighted_extra,
         cuts,
+    )
+    .ok_or_else(|| {
+        PyValueError::new_err("not the state of a HistogramSnapshot: its counts do not add up")
     })
 }
 

@@ -205,7 +205,8 @@ impl<'a> Reader<'a> {
         let cuts = (0..cut_count)
             .map(|_| Some((i32::try_from(self.i64()?).ok()?, self.u64()?)))
             .collect::<Option<Vec<_>>>()?;
-        Some(HistogramSnapshot {
+        // Checked as a pickle's state is: bytes that do not add up are no snapshot.
+        HistogramSnapshot::from_parts(
             scale,
             count,
             sum,
@@ -216,7 +217,7 @@ impl<'a> Reader<'a> {
             bucket_counts,
             weighted_extra,
             cuts,
-        })
+        )
     }
 
     pub fn series(&mut self) -> Option<SeriesSnapshot> {
