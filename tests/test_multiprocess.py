@@ -472,3 +472,34 @@ def test_a_reader_killed_while_it_holds_the_groups_lock_blocks_no_one() -> None:
         """
     )
     assert seen == {"calls": 51, "kills": 40, "members": 1}
+
+
+def test_a_live_members_traced_calls_carry_their_exemplars_to_the_group() -> None:
+    seen = run(
+        """
+        import meterage.otel
+        from opentelemetry.sdk.trace import TracerProvider
+        provider = TracerProvider()
+        assert meterage.otel.span_attributes(provider) is True
+        tracer = provider.get_tracer("mp")
+        work = meterage.meter("mp.traced", probes=())(lambda: None)
+        read, write = os.pipe()
+        hold_read, hold_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            with tracer.start_as_current_span("child") as span:
+                work()
+                context = span.get_span_context()
+            os.write(write, f"{context.trace_id} {context.span_id}".encode())
+            os.read(hold_read, 1)  # alive until the parent has read the group
+            os._exit(0)
+        trace_id, span_id = map(int, os.read(read, 100).split())
+        (series,) = series("mp.traced")
+        exemplars = [(e[2], e[3]) for e in series.exemplars]
+        os.write(hold_write, b"x")
+        os.waitpid(pid, 0)
+        done(exemplars=exemplars, expected=[trace_id, span_id], count=series.count)
+        """
+    )
+    assert seen["count"] == 1
+    assert seen["exemplars"] == [seen["expected"]]

@@ -314,6 +314,10 @@ unsafe fn read_series(
                 }
             }
             snapshot.active = active;
+            // Exemplars are atomics in the owner's arena too; a gone member's are not kept.
+            if current && live {
+                snapshot.exemplars = series.exemplars.snapshot();
+            }
             if snapshot.count == 0 && !in_flight {
                 return None;
             }
