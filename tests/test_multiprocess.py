@@ -503,3 +503,41 @@ def test_a_live_members_traced_calls_carry_their_exemplars_to_the_group() -> Non
     )
     assert seen["count"] == 1
     assert seen["exemplars"] == [seen["expected"]]
+
+
+def test_a_child_reads_and_folds_its_parents_numbers_as_they_are_not_as_they_were() -> None:
+    # A fork child holds a private copy of its parent's arena (the series it inherited);
+    # reading the group, it must still see the parent's numbers as they are in the shared
+    # memory, and folding the parent once it is gone must keep them all.
+    seen = run(
+        """
+        work = meterage.meter("mp.parent.work")(lambda: None)
+        go_read, go_write = os.pipe()
+        out_read, out_write = os.pipe()
+        done_read, done_write = os.pipe()
+        forked_read, forked_write = os.pipe()
+        worker = os.fork()
+        if worker == 0:
+            for _ in range(1000):
+                work()
+            if os.fork() == 0:  # a helper the worker starts, which outlives it
+                os.write(forked_write, b"h")  # forked (its copy of the worker's arena made)
+                os.read(go_read, 1)
+                os.write(out_write, f"{count('mp.parent.work')} {count('mp.parent.new')}".encode())
+                os._exit(0)
+            assert os.read(forked_read, 1) == b"h"
+            for _ in range(500):
+                work()  # after the fork: the child's copy does not have these
+            with meterage.meter("mp.parent.new"):
+                pass  # a series made after the fork
+            os.write(done_write, b"x")
+            os._exit(0)
+        os.read(done_read, 1)
+        alive = (count("mp.parent.work"), count("mp.parent.new"))
+        os.waitpid(worker, 0)
+        os.write(go_write, b"x")  # the helper reads (and folds) the gone worker
+        helper = tuple(map(int, os.read(out_read, 100).split()))
+        done(alive=alive, helper=helper, after=(count("mp.parent.work"), count("mp.parent.new")))
+        """
+    )
+    assert seen == {"alive": [1500, 1], "helper": [1500, 1], "after": [1500, 1]}

@@ -81,7 +81,17 @@ impl ExemplarSlots {
 
     /// The exemplars held, lowest range first (a slot being written is left out).
     pub fn snapshot(&self) -> Vec<Exemplar> {
-        let Some(slots) = self.slots() else {
+        // SAFETY: shift 0: this process's own slots.
+        unsafe { self.snapshot_shifted(0) }
+    }
+
+    /// As `snapshot`, read through another mapping (see `LazyBox::get_shifted`).
+    ///
+    /// # Safety
+    /// As `LazyBox::get_shifted`.
+    pub unsafe fn snapshot_shifted(&self, shift: isize) -> Vec<Exemplar> {
+        // SAFETY: the caller's contract.
+        let Some(slots) = (unsafe { self.slots.get_shifted(shift) }) else {
             return Vec::new();
         };
         slots

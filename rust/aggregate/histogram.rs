@@ -374,7 +374,17 @@ impl AtomicHistogram {
     }
 
     /// Calls `f(octave, chunk)` for every allocated chunk, in no particular order.
-    fn for_each_chunk(&self, mut f: impl FnMut(usize, &Chunk)) {
+    fn for_each_chunk(&self, f: impl FnMut(usize, &Chunk)) {
+        // SAFETY: shift 0: this process's own chunks.
+        unsafe { self.for_each_chunk_shifted(0, f) }
+    }
+
+    /// As `for_each_chunk`, the chunks read `shift` bytes from where their pointers say
+    /// (see [`LazyBox::get_shifted`]).
+    ///
+    /// # Safety
+    /// As `LazyBox::get_shifted`: every chunk is mapped `shift` bytes away.
+    unsafe fn for_each_chunk_shifted(&self, shift: isize, mut f: impl FnMut(usize, &Chunk)) {
         let occupied = self.occupied.load(Acquire);
         let mut entries = occupied & ((1 << TABLE) - 1);
         while entries != 0 {
@@ -382,24 +392,28 @@ impl AtomicHistogram {
             entries &= entries - 1;
             let entry = self.table[index].load(Acquire);
             if entry != 0 {
-                // SAFETY: as in `chunk`.
+                // SAFETY: as in `chunk`, `shift` bytes away (the caller's contract).
                 f((entry >> KEY_SHIFT) as usize - 1, unsafe {
-                    &*((entry & ADDRESS_MASK) as *const Chunk)
+                    &*(((entry & ADDRESS_MASK) as *const u8).offset(shift) as *const Chunk)
                 });
             }
         }
         if occupied & (1 << TABLE) == 0 {
             return;
         }
-        let Some(overflow) = self.overflow.get() else {
+        // SAFETY: the caller's contract (so too for the two below).
+        let overflow = unsafe { self.overflow.get_shifted(shift) };
+        let Some(overflow) = overflow else {
             return;
         };
         for (group_index, group) in overflow.groups.iter().enumerate() {
-            let Some(group) = group.get() else {
+            // SAFETY: as above.
+            let Some(group) = (unsafe { group.get_shifted(shift) }) else {
                 continue;
             };
             for (index, chunk) in group.iter().enumerate() {
-                if let Some(chunk) = chunk.get() {
+                // SAFETY: as above.
+                if let Some(chunk) = unsafe { chunk.get_shifted(shift) } {
                     f(group_index * OCTAVES_PER_GROUP + index, chunk);
                 }
             }
@@ -409,6 +423,17 @@ impl AtomicHistogram {
     /// Point-in-time copy. Under concurrent writers each counter is read once; `count` is the
     /// sum of what was read, and `sum`/`min`/`max` may be a few records ahead or behind.
     pub fn snapshot(&self) -> HistogramSnapshot {
+        // SAFETY: shift 0: this process's own histogram.
+        unsafe { self.snapshot_shifted(0) }
+    }
+
+    /// As `snapshot`, for a histogram read through another mapping of the memory it lives
+    /// in (see [`LazyBox::get_shifted`]).
+    ///
+    /// # Safety
+    /// As `LazyBox::get_shifted`: `self` and its chunks are mapped `shift` bytes away from
+    /// where their pointers say.
+    pub unsafe fn snapshot_shifted(&self, shift: isize) -> HistogramSnapshot {
         // The chunks with counts: on the stack for the usual few (uninitialised until
         // written; a Vec past TABLE).
         type Read = (usize, [u64; SUB], [u64; boundaries::CUTS_PER_OCTAVE]);
@@ -416,7 +441,7 @@ impl AtomicHistogram {
             [const { std::mem::MaybeUninit::uninit() }; TABLE];
         let mut spilled: Vec<Read> = Vec::new();
         let mut found = 0;
-        self.for_each_chunk(|octave, chunk| {
+        let read_chunk = |octave: usize, chunk: &Chunk| {
             let mut counts = [0u64; SUB];
             let mut any = 0;
             for (dst, src) in counts.iter_mut().zip(&chunk.counts) {
@@ -437,7 +462,9 @@ impl AtomicHistogram {
                 spilled.push((octave, counts, below));
             }
             found += 1;
-        });
+        };
+        // SAFETY: the caller's contract.
+        unsafe { self.for_each_chunk_shifted(shift, read_chunk) };
         let chunks: &mut [Read] = if found > TABLE {
             &mut spilled
         } else {
@@ -520,13 +547,25 @@ impl AtomicHistogram {
 
     /// Whether nothing has been recorded (since creation or the last `reset`).
     pub fn is_empty(&self) -> bool {
+        // SAFETY: shift 0: this process's own histogram.
+        unsafe { self.is_empty_shifted(0) }
+    }
+
+    /// As `is_empty`, read through another mapping (see `snapshot_shifted`).
+    ///
+    /// # Safety
+    /// As `snapshot_shifted`.
+    pub unsafe fn is_empty_shifted(&self, shift: isize) -> bool {
         if self.zero_count.load(Relaxed) != 0 {
             return false;
         }
         let mut empty = true;
-        self.for_each_chunk(|_, chunk| {
-            empty &= chunk.counts.iter().all(|c| c.load(Relaxed) == 0);
-        });
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.for_each_chunk_shifted(shift, |_, chunk| {
+                empty &= chunk.counts.iter().all(|c| c.load(Relaxed) == 0);
+            })
+        };
         empty
     }
 

@@ -31,6 +31,20 @@ impl<T> LazyBox<T> {
         (!value.is_null()).then(|| unsafe { &*value })
     }
 
+    /// The value, read through another mapping of the memory it lives in: `shift` bytes
+    /// from where its pointer says (a process group's reader of another member's series
+    /// reads them through its view of the shared segment, see `group::collect`).
+    ///
+    /// # Safety
+    /// `self` and its value are mapped, `shift` bytes away from their own addresses, for
+    /// as long as the result is used (0 is always right for a value of this process).
+    #[inline]
+    pub unsafe fn get_shifted(&self, shift: isize) -> Option<&T> {
+        let value = self.value.load(Ordering::Acquire);
+        // SAFETY: the caller's contract; the pointer was published as in `get`.
+        (!value.is_null()).then(|| unsafe { &*value.cast::<u8>().offset(shift).cast::<T>() })
+    }
+
     /// The value, made by `make` if it was not yet (a racer that loses frees its own and
     /// uses the winner's).
     #[inline]

@@ -125,6 +125,15 @@ impl CallSeries {
         self.probes.get()
     }
 
+    /// The probe histograms read through another mapping (see `LazyBox::get_shifted`).
+    ///
+    /// # Safety
+    /// As `LazyBox::get_shifted`.
+    pub unsafe fn probes_shifted(&self, shift: isize) -> Option<&ProbeHistograms> {
+        // SAFETY: the caller's contract.
+        unsafe { self.probes.get_shifted(shift) }
+    }
+
     /// One probe measure's histogram, if a call was ever probed here.
     pub fn probe(&self, index: usize) -> Option<&AtomicHistogram> {
         self.probes().map(|probes| &probes[index])

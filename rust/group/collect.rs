@@ -54,7 +54,7 @@ pub fn snapshot(segment: &Segment, me: usize) -> Result<Vec<SeriesSnapshot>, Str
         let member = &header.members[slot];
         if member.state.load(Ordering::Acquire) == LIVE {
             // SAFETY: the lock is held: no member is folded (its arena freed) meanwhile.
-            for series in unsafe { read_member(member, true) } {
+            for series in unsafe { read_member(member, true, segment.view_shift()) } {
                 merged.add(series);
             }
         }
@@ -111,7 +111,7 @@ pub(super) fn fold_gone(segment: &Segment, me: usize) -> Result<Graveyard, Strin
     for &slot in &gone {
         // SAFETY: the lock is held, and the member's process is gone: nothing writes its
         // arena, and nothing frees it before this fold commits.
-        for series in unsafe { read_member(&header.members[slot], false) } {
+        for series in unsafe { read_member(&header.members[slot], false, segment.view_shift()) } {
             merged.add(series);
         }
     }
@@ -239,32 +239,39 @@ fn write_blob(segment: &Segment, which: usize, graveyard: &Graveyard) -> Result<
     Ok(())
 }
 
-/// A member's series, from its directory. `live`: its calls in flight count.
+/// A member's series, from its directory, read through the segment's readers' view
+/// (`shift`): what the shared memory holds, whatever this process's own mapping of that
+/// member's arena shows (a fork child's is a private copy). `live`: its calls in flight
+/// count.
 ///
 /// # Safety
-/// The group's lock is held, and the member is live or gone but not yet freed.
-unsafe fn read_member(member: &Member, live: bool) -> Vec<SeriesSnapshot> {
+/// The group's lock is held, the member is live or gone but not yet freed, and `shift` is
+/// the segment's view shift.
+unsafe fn read_member(member: &Member, live: bool, shift: isize) -> Vec<SeriesSnapshot> {
     let epoch = member.epoch.load(Ordering::Acquire);
     // SAFETY: the caller's contract.
-    unsafe { entries(member) }
+    unsafe { entries(member, shift) }
         .filter_map(|entry| {
-            let identity = Reader::new(entry.identity_bytes()).identity()?;
+            // SAFETY: the caller's contract.
+            let identity = Reader::new(unsafe { entry.identity_bytes(shift) }).identity()?;
             // SAFETY: an entry names a series of its identity's kind, alive for good in the
             // member's arena (the member keeps it; the caller keeps the arena).
-            unsafe { read_series(entry, identity, epoch, live) }
+            unsafe { read_series(entry, identity, epoch, live, shift) }
         })
         .collect()
 }
 
 /// # Safety
-/// `entry.series` is a live series of `identity.kind`.
+/// `entry.series` is a live series of `identity.kind`, mapped `shift` bytes away.
 unsafe fn read_series(
     entry: &Entry,
     identity: Identity,
     epoch: u64,
     live: bool,
+    shift: isize,
 ) -> Option<SeriesSnapshot> {
     let names = measure_names();
+    let address = (entry.series as isize + shift) as usize;
     let mut snapshot = SeriesSnapshot {
         kind: identity.kind,
         name: identity.name,
@@ -279,8 +286,8 @@ unsafe fn read_series(
     };
     match snapshot.kind {
         SeriesKind::Call => {
-            // SAFETY: the caller's contract.
-            let series = unsafe { &*(entry.series as *const CallSeries) };
+            // SAFETY: the caller's contract; only loads of atomics (the view is read-only).
+            let series = unsafe { &*(address as *const CallSeries) };
             let current = series.liveness().epoch() == epoch;
             let active = if live { series.active.counted() } else { None };
             let in_flight = active.is_some_and(|calls| calls > 0);
@@ -289,7 +296,8 @@ unsafe fn read_series(
             }
             let read = |histogram: &AtomicHistogram| {
                 if current {
-                    histogram.snapshot()
+                    // SAFETY: as above.
+                    unsafe { histogram.snapshot_shifted(shift) }
                 } else {
                     HistogramSnapshot::empty(SCALE)
                 }
@@ -301,14 +309,16 @@ unsafe fn read_series(
                 unit: Arc::clone(&names.duration.1),
                 histogram: duration,
             });
-            if let Some(probes) = series.probes().filter(|_| current) {
+            // SAFETY: as above.
+            if let Some(probes) = unsafe { series.probes_shifted(shift) }.filter(|_| current) {
                 for (index, histogram) in probes.iter().enumerate() {
-                    if !histogram.is_empty() {
+                    // SAFETY: as above.
+                    if !unsafe { histogram.is_empty_shifted(shift) } {
                         let (name, unit) = &names.probes[index];
                         snapshot.measures.push(MeasureSnapshot {
                             name: Arc::clone(name),
                             unit: Arc::clone(unit),
-                            histogram: histogram.snapshot(),
+                            histogram: read(histogram),
                         });
                     }
                 }
@@ -316,19 +326,23 @@ unsafe fn read_series(
             snapshot.active = active;
             // Exemplars are atomics in the owner's arena too; a gone member's are not kept.
             if current && live {
-                snapshot.exemplars = series.exemplars.snapshot();
+                // SAFETY: as above.
+                snapshot.exemplars = unsafe { series.exemplars.snapshot_shifted(shift) };
             }
             if snapshot.count == 0 && !in_flight {
                 return None;
             }
         }
         SeriesKind::Histogram => {
-            // SAFETY: the caller's contract.
-            let series = unsafe { &*(entry.series as *const HistogramSeries) };
-            if series.liveness().epoch() != epoch || series.histogram.is_empty() {
+            // SAFETY: as above.
+            let series = unsafe { &*(address as *const HistogramSeries) };
+            // SAFETY: as above.
+            let empty = unsafe { series.histogram.is_empty_shifted(shift) };
+            if series.liveness().epoch() != epoch || empty {
                 return None;
             }
-            let histogram = series.histogram.snapshot();
+            // SAFETY: as above.
+            let histogram = unsafe { series.histogram.snapshot_shifted(shift) };
             snapshot.count = histogram.count;
             snapshot.measures.push(MeasureSnapshot {
                 name: Arc::clone(&snapshot.name),
@@ -337,8 +351,8 @@ unsafe fn read_series(
             });
         }
         SeriesKind::Counter => {
-            // SAFETY: the caller's contract.
-            let series = unsafe { &*(entry.series as *const CounterSeries) };
+            // SAFETY: as above.
+            let series = unsafe { &*(address as *const CounterSeries) };
             let (value, adds) = series.raw();
             if series.liveness().epoch() != epoch || adds == 0 {
                 return None;

@@ -282,31 +282,40 @@ pub fn members(group: &Joined) -> impl Iterator<Item = (usize, &Member)> {
     (0..MAX_MEMBERS).map(move |slot| (slot, group.member(slot)))
 }
 
-/// The entries of member `member`'s directory, newest first.
+/// The entries of member `member`'s directory, newest first, read `shift` bytes from where
+/// their pointers say (through the segment's readers' view, `Segment::view_shift`).
 ///
 /// # Safety
 /// The member's arena holds its entries for as long as it is not folded: call with the
-/// group's lock held (folding takes it).
-pub unsafe fn entries(member: &Member) -> impl Iterator<Item = &'static Entry> {
+/// group's lock held (folding takes it); `shift` is the segment's view shift.
+pub unsafe fn entries(member: &Member, shift: isize) -> impl Iterator<Item = &'static Entry> {
     let mut next = member.directory.load(Ordering::Acquire);
     std::iter::from_fn(move || {
         if next == 0 {
             return None;
         }
         // SAFETY: an entry's address, published with Release after it was written, in an
-        // arena mapped for good (the caller's contract keeps it from being reused).
-        let entry = unsafe { &*(next as *const Entry) };
+        // arena mapped for good (the caller's contract keeps it from being reused), read
+        // through the view.
+        let entry = unsafe { &*((next as isize + shift) as *const Entry) };
         next = entry.next;
         Some(entry)
     })
 }
 
 impl Entry {
-    pub fn identity_bytes(&self) -> &'static [u8] {
+    /// The identity's bytes, read `shift` bytes away (see `entries`).
+    ///
+    /// # Safety
+    /// As `entries`.
+    pub unsafe fn identity_bytes(&self, shift: isize) -> &'static [u8] {
         // SAFETY: written once before the entry was published; never freed while the
         // member is (see `entries`).
         unsafe {
-            std::slice::from_raw_parts(self.identity as *const u8, self.identity_len as usize)
+            std::slice::from_raw_parts(
+                (self.identity as isize + shift) as *const u8,
+                self.identity_len as usize,
+            )
         }
     }
 }

@@ -89,6 +89,10 @@ const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
 #[derive(Clone, Debug)]
 pub struct Segment {
     base: usize,
+    /// A second, read-only mapping of the whole file: what readers of other members read
+    /// through. A fork child's view of its parent's arena at `base` is a private copy (the
+    /// series it inherited); this one always shows the file.
+    view: usize,
     pub path: PathBuf,
 }
 
@@ -125,6 +129,25 @@ fn random_base(attempt: u64) -> usize {
     const LOW: u64 = 0x1000_0000_0000;
     const SPAN_GIB: u64 = (0x3000_0000_0000 - LOW) >> 30;
     (LOW + ((noise.wrapping_add(attempt) % SPAN_GIB) << 30)) as usize
+}
+
+/// Maps the whole of `fd` read-only wherever there is room (the readers' view).
+fn map_view(fd: i32, path: &Path) -> Result<usize, String> {
+    // SAFETY: a new read-only shared mapping of our file, placed by the kernel.
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SEGMENT_BYTES,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            fd,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(error("cannot map a view of the group's segment", path));
+    }
+    Ok(mapped as usize)
 }
 
 /// Maps `length` bytes of `fd` at exactly `base`; false if any of that range is in use.
@@ -229,6 +252,7 @@ impl Segment {
         }
         Ok(Segment {
             base,
+            view: map_view(fd, path)?,
             path: path.to_owned(),
         })
     }
@@ -308,6 +332,7 @@ impl Segment {
         }
         Ok(Segment {
             base,
+            view: map_view(fd, path)?,
             path: path.to_owned(),
         })
     }
@@ -315,6 +340,11 @@ impl Segment {
     pub fn header(&self) -> &Header {
         // SAFETY: the header is at the base of a mapping that is never unmapped.
         unsafe { &*(self.base as *const Header) }
+    }
+
+    /// How far the readers' view is from the mapping the members' pointers are into.
+    pub fn view_shift(&self) -> isize {
+        self.view as isize - self.base as isize
     }
 
     pub fn base(&self) -> usize {
