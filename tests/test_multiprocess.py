@@ -541,3 +541,81 @@ def test_a_child_reads_and_folds_its_parents_numbers_as_they_are_not_as_they_wer
         """
     )
     assert seen == {"alive": [1500, 1], "helper": [1500, 1], "after": [1500, 1]}
+
+
+def test_a_child_never_takes_a_slot_whose_arena_it_holds_a_copy_of() -> None:
+    # A forks W and exits; its slot is freed. W's fork child G holds a private copy of A's
+    # arena (inherited through W): it must take another slot, or its calls would stay in
+    # its copy and never reach the group.
+    seen = run(
+        """
+        work = meterage.meter("mp.shadow")(lambda: None)
+        out_read, out_write = os.pipe()
+        a = os.fork()
+        if a == 0:
+            for _ in range(3):
+                work()
+            w = os.fork()
+            if w == 0:
+                while os.getppid() == a:  # until A is gone
+                    time.sleep(0.01)
+                meterage.snapshot()  # folds A: its slot is free again
+                g = os.fork()
+                if g == 0:
+                    for _ in range(5):
+                        work()
+                    os._exit(0)
+                os.waitpid(g, 0)
+                os.write(out_write, str(count("mp.shadow")).encode())
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(a, 0)
+        seen_by_w = int(os.read(out_read, 100))
+        done(seen_by_w=seen_by_w, total=count("mp.shadow"))
+        """
+    )
+    assert seen == {"seen_by_w": 8, "total": 8}
+
+
+def test_a_group_whose_root_was_killed_lives_on_while_a_member_does() -> None:
+    # The root is killed -9 and a worker outlives it; a new service on the machine must not
+    # sweep the worker's group away, and does once the worker is gone (leases included).
+    orphaned = """
+import os, signal, sys
+import meterage, meterage.multiprocess as mp
+work = meterage.meter("mp.orphan")(lambda: None)
+read, write = os.pipe()
+if os.fork() == 0:
+    for _ in range(10):
+        work()
+    open(mp.group().path + ".prometheus-1", "w").close()  # as an exporter's lease
+    print(mp.group().path, flush=True)
+    sys.stdin.readline()  # the new service has started
+    for _ in range(10):
+        work()
+    print(sum(s.count for s in meterage.snapshot() if s.operation == "mp.orphan"), flush=True)
+    sys.stdin.readline()
+    os._exit(0)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", orphaned],
+        env=scenario.clean_environment(multiprocess=True),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout is not None and worker.stdin is not None
+    path = worker.stdout.readline().strip()
+    new_service = "import meterage.multiprocess as mp; done(path=mp.group().path)"
+    assert run(new_service)["path"] != path
+    assert os.path.exists(path) and os.path.exists(path + ".prometheus-1")
+    worker.stdin.write("\n")
+    worker.stdin.flush()
+    assert int(worker.stdout.readline()) == 20
+    worker.stdin.write("\n")
+    worker.stdin.close()
+    worker.wait(timeout=30)
+    worker.stdout.close()
+    run(new_service)
+    assert not os.path.exists(path) and not os.path.exists(path + ".prometheus-1")

@@ -122,6 +122,11 @@ fn in_segment(address: usize) -> bool {
         && address < SEGMENT_END.load(Ordering::Relaxed)
 }
 
+/// Where the segment starts in this process (0: none).
+pub fn segment_start() -> usize {
+    SEGMENT_START.load(Ordering::Relaxed)
+}
+
 /// Where the segment is (set once, when this process maps it).
 pub fn set_segment(start: usize, end: usize) {
     SEGMENT_START.store(start, Ordering::Relaxed);

@@ -15,7 +15,8 @@
 use super::arena;
 use super::liveness::ProcessId;
 use super::segment::{
-    back_from_allocator, Member, Segment, ARENA_BYTES, FREE, LIVE, MAX_MEMBERS, SEGMENT_BYTES,
+    back_from_allocator, Member, Segment, ARENA_BYTES, FREE, HEADER_BYTES, LIVE, MAX_MEMBERS,
+    SEGMENT_BYTES,
 };
 use super::wire::{Identity, Writer};
 use arc_swap::ArcSwapOption;
@@ -101,6 +102,8 @@ fn enter(
     root: ProcessId,
     me: ProcessId,
 ) -> Result<Arc<Joined>, String> {
+    // First what can fail without a trace: a slot is taken only once the rest is ready.
+    segment.open_backing()?;
     let slot = claim(&segment, me)?;
     let group = Arc::new(Joined {
         segment,
@@ -115,7 +118,6 @@ fn enter(
     if let Some(forget) = FORGET_SERIES.get() {
         forget();
     }
-    group.segment.open_backing()?;
     arena::set_own(Some(group.segment.arena(slot)), back_from_allocator);
     crate::aggregate::epoch::set_observer(epoch_advanced);
     // Meters check their series again on their next call (a new epoch): they find the
@@ -129,8 +131,12 @@ fn enter(
 fn claim(segment: &Segment, me: ProcessId) -> Result<usize, String> {
     let header = segment.header();
     let _guard = header.lock.lock()?;
+    // Not a slot whose arena this process holds a private copy of (an ancestor's): its
+    // own allocations there would never reach the shared memory.
     let free_slot = || {
-        (0..MAX_MEMBERS).find(|&slot| header.members[slot].state.load(Ordering::Acquire) == FREE)
+        (0..MAX_MEMBERS).find(|&slot| {
+            header.members[slot].state.load(Ordering::Acquire) == FREE && !is_shadowed(slot)
+        })
     };
     let slot = match free_slot() {
         Some(slot) => slot,
@@ -229,6 +235,24 @@ pub fn rejoin_after_fork() -> Result<Option<Arc<Joined>>, String> {
     enter(parent.segment.clone(), &parent.directory, parent.root, me).map(Some)
 }
 
+/// The slots whose arenas this process maps as private copies: its parent's, and what its
+/// parent had (a fork copies this with the rest of the memory).
+static SHADOWED: [AtomicU64; MAX_MEMBERS / 64] = [const { AtomicU64::new(0) }; MAX_MEMBERS / 64];
+
+fn shadow(arena_start: usize) {
+    let Some(offset) = arena_start.checked_sub(arena::segment_start() + HEADER_BYTES) else {
+        return;
+    };
+    let slot = offset / ARENA_BYTES;
+    if slot < MAX_MEMBERS {
+        SHADOWED[slot / 64].fetch_or(1 << (slot % 64), Ordering::Relaxed);
+    }
+}
+
+fn is_shadowed(slot: usize) -> bool {
+    SHADOWED[slot / 64].load(Ordering::Relaxed) & (1 << (slot % 64)) != 0
+}
+
 /// In a fork child, at once (its atfork handler: syscalls and copies only, no allocation,
 /// no lock): the parent's arena is replaced by a private copy of what the parent used of
 /// it, at the same address. The series the child inherited stay readable whatever becomes
@@ -238,6 +262,7 @@ pub fn after_fork_in_child() {
     let Some((start, end, used_end)) = arena::forget_own_after_fork() else {
         return;
     };
+    shadow(start);
     let used = used_end.clamp(start, end) - start;
     // SAFETY: plain syscalls on this process's own address space; in a just-forked child
     // no other thread runs. The arena's `used` bytes are mapped (shared) until replaced.

@@ -530,32 +530,102 @@ pub fn back_from_allocator(address: usize, bytes: usize) -> bool {
     unsafe { libc::fallocate(fd, 0, offset as libc::off_t, bytes as libc::off_t) == 0 }
 }
 
-/// Removes the segments of groups whose root process is gone (a crashed server's).
+/// Removes the files of groups that are gone (a crashed server's): whose root process is
+/// gone and, where the segment's header can be read, every member too (a worker that
+/// outlived its master still uses its group). A group's other files (its exporters'
+/// leases, `<segment>.<role>`) go with it.
 pub fn sweep(directory: &Path, keep: ProcessId) {
     // SAFETY: getuid has no preconditions.
     let prefix = format!("meterage-{}-", unsafe { libc::getuid() });
     let Ok(entries) = std::fs::read_dir(directory) else {
         return;
     };
+    let mut files: Vec<(ProcessId, PathBuf)> = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|name| name.strip_prefix(&prefix)) else {
             continue;
         };
-        let mut parts = rest.split('-');
+        let segment_name = rest.split('.').next().unwrap_or(rest);
+        let mut parts = segment_name.split('-');
         let (Some(pid), Some(start), None) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
-        // A group's other files (its exporters' leases) are named `<segment>.<role>`.
-        let start = start.split('.').next().unwrap_or(start);
         let (Ok(pid), Ok(start)) = (pid.parse(), start.parse()) else {
             continue;
         };
-        let root = ProcessId { pid, start };
-        if root != keep && !root.is_alive() {
-            let _ = std::fs::remove_file(entry.path());
+        files.push((ProcessId { pid, start }, entry.path()));
+    }
+    let mut gone: Vec<ProcessId> = Vec::new();
+    for (root, _) in &files {
+        if *root == keep || gone.contains(root) || root.is_alive() {
+            continue;
+        }
+        if !has_live_member(&path_of(directory, *root)) {
+            gone.push(*root);
         }
     }
+    for (root, path) in files {
+        if gone.contains(&root) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Whether the segment at `path` names a live member (false if it cannot be read as a
+/// segment of this build: then its root alone decides).
+fn has_live_member(path: &Path) -> bool {
+    let Ok(c) = c_path(path) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path, opened read-only.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    let length = std::mem::size_of::<Header>();
+    // SAFETY: a read-only look at the header of a file at least that long (a shorter one
+    // makes mmap or the first read fail: checked by its size first).
+    let live = unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        let long_enough = libc::fstat(fd, &mut stat) == 0 && stat.st_size as usize >= length;
+        let mapped = if long_enough {
+            libc::mmap(
+                std::ptr::null_mut(),
+                length,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        } else {
+            libc::MAP_FAILED
+        };
+        libc::close(fd);
+        if mapped == libc::MAP_FAILED {
+            false
+        } else {
+            let header = &*mapped.cast::<Header>();
+            let live = header.magic.load(Ordering::Acquire) == MAGIC
+                && header.layout == LAYOUT
+                && header.members.iter().any(|member| {
+                    member.state.load(Ordering::Acquire) == LIVE
+                        && ProcessId {
+                            pid: member.pid.load(Ordering::Relaxed),
+                            start: member.start.load(Ordering::Relaxed),
+                        }
+                        .is_alive()
+                });
+            libc::munmap(mapped, length);
+            live
+        }
+    };
+    live
 }
 
 #[cfg(test)]
