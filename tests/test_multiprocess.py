@@ -619,3 +619,31 @@ os.kill(os.getpid(), signal.SIGKILL)
     worker.stdout.close()
     run(new_service)
     assert not os.path.exists(path) and not os.path.exists(path + ".prometheus-1")
+
+
+def test_a_worker_that_outlived_its_root_starts_helpers_into_its_group() -> None:
+    # The root exits; its worker lives on and starts a helper with multiprocessing's spawn,
+    # which follows METERAGE_GROUP although the group's root is gone.
+    orphaned = """
+import multiprocessing, os, sys, time
+import meterage, mp_pool_work
+if __name__ == "__main__":
+    if os.fork() == 0:
+        while os.getppid() != 1 and os.path.exists(f"/proc/{os.getppid()}/stat") and \\
+                open(f"/proc/{os.getppid()}/stat").read().split(")")[-1].split()[0] != "Z":
+            time.sleep(0.01)  # until the root has exited
+        mp_pool_work.ten_calls()
+        helper = multiprocessing.get_context("spawn").Process(target=mp_pool_work.ten_calls)
+        helper.start()
+        helper.join()
+        print(sum(s.count for s in meterage.snapshot() if s.operation == "mp.pool.square"))
+        sys.stdout.flush()
+        os._exit(0)
+"""
+    environ = scenario.clean_environment(multiprocess=True)
+    environ["PYTHONPATH"] = str(pathlib.Path(__file__).parent / "multiprocess_apps")
+    root = subprocess.Popen(
+        [sys.executable, "-c", orphaned], env=environ, stdout=subprocess.PIPE, text=True
+    )
+    out, _ = root.communicate(timeout=60)
+    assert out.split() == ["20"]

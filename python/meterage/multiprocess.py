@@ -143,10 +143,17 @@ def _named_root() -> tuple[int, int] | None:
         pid, start = int(pid_text), int(start_text)
     except ValueError:
         return None
-    # A name that is stale (its root gone) or not ours (not an ancestor) is not followed.
-    if _native.process_start_time(pid) != start or not _is_ancestor(pid):
-        return None
-    return pid, start
+    # Followed when its root is a live ancestor, or is gone while its group lives on (a
+    # worker that outlived its master starts a helper); a stale name is not followed.
+    if _native.process_start_time(pid) == start and _is_ancestor(pid):
+        return pid, start
+    if not _is_ancestor(pid) and os.path.exists(_segment_path(pid, start)):
+        return pid, start  # its file goes when its last member does (the sweep)
+    return None
+
+
+def _segment_path(pid: int, start: int) -> str:
+    return os.path.join(_DIRECTORY, f"meterage-{os.getuid()}-{pid}-{start}")
 
 
 def _root() -> tuple[int, int]:
@@ -231,10 +238,10 @@ def members() -> list[int]:
 
 
 def unshared_series() -> int:
-    """How many series this process made that the rest of the group cannot see, because
-    its share of the shared memory (1 GiB of address space) or ``/dev/shm`` was full: their
-    values are in this process's own numbers only. 0 when all is well; a snapshot warns
-    once when it is not."""
+    """How many series (or parts of series: buckets a histogram grew) this process made
+    that the rest of the group cannot see, because its share of the shared memory (1 GiB
+    of address space) or ``/dev/shm`` was full: their values are in this process's own
+    numbers only. 0 when all is well; an export logs a warning when it is not."""
     return _native.group_unshared_series()
 
 

@@ -391,7 +391,9 @@ impl AtomicHistogram {
             let index = entries.trailing_zeros() as usize;
             entries &= entries - 1;
             let entry = self.table[index].load(Acquire);
-            if entry != 0 {
+            let chunk = (entry & ADDRESS_MASK) as usize;
+            // As in `LazyBox::get_shifted`: a chunk on the owner's heap is not readable here.
+            if entry != 0 && (shift == 0 || crate::group::arena::in_segment(chunk)) {
                 // SAFETY: as in `chunk`, `shift` bytes away (the caller's contract).
                 f((entry >> KEY_SHIFT) as usize - 1, unsafe {
                     &*(((entry & ADDRESS_MASK) as *const u8).offset(shift) as *const Chunk)

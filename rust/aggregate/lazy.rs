@@ -41,8 +41,13 @@ impl<T> LazyBox<T> {
     #[inline]
     pub unsafe fn get_shifted(&self, shift: isize) -> Option<&T> {
         let value = self.value.load(Ordering::Acquire);
+        // Read through another mapping, a value must be in the segment that mapping shows:
+        // one the owner had to make on its heap (its arena was full) is not readable here.
+        if value.is_null() || (shift != 0 && !crate::group::arena::in_segment(value as usize)) {
+            return None;
+        }
         // SAFETY: the caller's contract; the pointer was published as in `get`.
-        (!value.is_null()).then(|| unsafe { &*value.cast::<u8>().offset(shift).cast::<T>() })
+        Some(unsafe { &*value.cast::<u8>().offset(shift).cast::<T>() })
     }
 
     /// The value, made by `make` if it was not yet (a racer that loses frees its own and

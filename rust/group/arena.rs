@@ -117,7 +117,7 @@ pub fn is_foreign(address: usize) -> bool {
 
 /// Whether `address` lies anywhere in the segment.
 #[inline(always)]
-fn in_segment(address: usize) -> bool {
+pub fn in_segment(address: usize) -> bool {
     address >= SEGMENT_START.load(Ordering::Relaxed)
         && address < SEGMENT_END.load(Ordering::Relaxed)
 }
@@ -222,6 +222,21 @@ fn release(block: *mut u8, layout: Layout) {
     });
 }
 
+/// Blocks a shared scope asked for that the arena could not serve (full, or no room in
+/// `/dev/shm`): made on the heap, where the group's readers cannot see them.
+static UNSERVED: AtomicUsize = AtomicUsize::new(0);
+
+#[cold]
+fn unserved() {
+    if owns_any() {
+        UNSERVED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub fn unserved_blocks() -> usize {
+    UNSERVED.load(Ordering::Relaxed)
+}
+
 /// The crate's global allocator: the arena inside [`shared`] scopes, the system's elsewhere.
 pub struct SharedFirst;
 
@@ -234,6 +249,7 @@ unsafe impl GlobalAlloc for SharedFirst {
             if let Some(block) = allocate(layout) {
                 return block;
             }
+            unserved();
         }
         // SAFETY: the caller's layout, passed on.
         unsafe { System.alloc(layout) }
@@ -247,6 +263,7 @@ unsafe impl GlobalAlloc for SharedFirst {
                 unsafe { block.write_bytes(0, layout.size()) };
                 return block;
             }
+            unserved();
         }
         // SAFETY: the caller's layout, passed on.
         unsafe { System.alloc_zeroed(layout) }

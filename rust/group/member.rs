@@ -55,8 +55,9 @@ static FORGET_SERIES: OnceLock<fn()> = OnceLock::new();
 /// or `/dev/shm` had no room): their values are this process's only.
 static UNSHARED: AtomicU64 = AtomicU64::new(0);
 
+/// Series, and parts of shared series (new buckets), that the group cannot see.
 pub fn unshared_series() -> u64 {
-    UNSHARED.load(Ordering::Relaxed)
+    UNSHARED.load(Ordering::Relaxed) + arena::unserved_blocks() as u64
 }
 
 /// The group, if this process is a member of one.

@@ -366,6 +366,12 @@ impl Segment {
     /// Makes `bytes` at `address` (inside the segment) real memory, so that writing them
     /// can never fault for want of room in the file system; false when there is none.
     pub fn back(&self, address: usize, bytes: usize) -> bool {
+        // This process's segment: through the descriptor it holds (no descriptor to open
+        // when the application has used them all up).
+        if BACKING.base.load(Ordering::Relaxed) == self.base && back_from_allocator(address, bytes)
+        {
+            return true;
+        }
         let Ok(c) = c_path(&self.path) else {
             return false;
         };
