@@ -53,8 +53,11 @@ pub fn snapshot(segment: &Segment, me: usize) -> Result<Vec<SeriesSnapshot>, Str
     for slot in 0..MAX_MEMBERS {
         let member = &header.members[slot];
         if member.state.load(Ordering::Acquire) == LIVE {
+            // Gone but not folded (no room for the folded totals): its calls count, its
+            // calls in flight do not.
+            let live = slot == me || process_of(member).is_alive();
             // SAFETY: the lock is held: no member is folded (its arena freed) meanwhile.
-            for series in unsafe { read_member(member, true, segment.view_shift()) } {
+            for series in unsafe { read_member(member, live, segment.view_shift()) } {
                 merged.add(series);
             }
         }
@@ -124,7 +127,11 @@ pub(super) fn fold_gone(segment: &Segment, me: usize) -> Result<Graveyard, Strin
         series: Arc::new(merged.into_series()),
     };
     let old = header.graveyard.load(Ordering::Acquire) as usize & 1;
-    write_blob(segment, 1 - old, &folded)?;
+    if write_blob(segment, 1 - old, &folded).is_err() {
+        // No room to write the totals (a full /dev/shm): the gone stay unfolded, and are
+        // read where they are until there is.
+        return Ok(graveyard);
+    }
     // The commit.
     header.graveyard.store((1 - old) as u32, Ordering::Release);
     for &slot in &gone {

@@ -103,8 +103,10 @@ fn enter(
     root: ProcessId,
     me: ProcessId,
 ) -> Result<Arc<Joined>, String> {
-    // First what can fail without a trace: a slot is taken only once the rest is ready.
+    // First what can fail without a trace: a slot is taken only once the rest is ready
+    // (and the segment's range known: claiming may fold, which reads through it).
     segment.open_backing()?;
+    arena::set_segment(segment.base(), segment.base() + SEGMENT_BYTES);
     let slot = claim(&segment, me)?;
     let group = Arc::new(Joined {
         segment,
@@ -113,7 +115,6 @@ fn enter(
         slot,
         me,
     });
-    arena::set_segment(group.segment.base(), group.segment.base() + SEGMENT_BYTES);
     JOINED.store(Some(Arc::clone(&group)));
     // Series made before joining are not in the arena: the maps make new ones there.
     if let Some(forget) = FORGET_SERIES.get() {

@@ -225,7 +225,19 @@ impl Segment {
             return Err(error("cannot size the group's segment", path));
         }
         // SAFETY: the header's pages are written at once: make them real memory now.
-        if unsafe { libc::fallocate(fd, 0, 0, HEADER_BYTES as libc::off_t) } != 0 {
+        // The graveyards' first pages too: they are read before anything is written there,
+        // and reading a hole of a full tmpfs is a SIGBUS.
+        let graveyards = (HEADER_BYTES + MAX_MEMBERS * ARENA_BYTES) as libc::off_t;
+        let page = 4096;
+        // SAFETY: fallocate on our new file, inside its size.
+        let graveyards_backed = unsafe {
+            libc::fallocate(fd, 0, graveyards, page) == 0
+                && libc::fallocate(fd, 0, graveyards + GRAVEYARD_BYTES as libc::off_t, page) == 0
+        };
+        if !graveyards_backed
+            // SAFETY: as above.
+            || unsafe { libc::fallocate(fd, 0, 0, HEADER_BYTES as libc::off_t) } != 0
+        {
             return Err(error("no room for the group's segment in", path));
         }
         let base = (0..32)
@@ -459,7 +471,7 @@ fn open_stored_path() -> i32 {
         return -1;
     }
     // As high as the descriptor limit allows (a low limit refuses the higher floors).
-    let fd = [HIGH_FD, 256, 64, 16]
+    let fd = [HIGH_FD, 256, 64, 16, 3]
         .iter()
         // SAFETY: `low` is ours; the duplicate is too.
         .map(|&floor| unsafe { libc::fcntl(low, libc::F_DUPFD_CLOEXEC, floor) })
