@@ -6,6 +6,7 @@ process (``run``), which prints one JSON line with what it saw.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -13,7 +14,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-from typing import Any
 
 import scenario
 
@@ -35,15 +35,8 @@ def done(**seen):
 """
 
 
-def run(
-    script: str,
-    *,
-    multiprocess: bool = True,
-    env: dict[str, str] | None = None,
-    timeout: float = 90,
-) -> dict[str, Any]:
-    """Runs ``script`` after this file's PRELUDE in a fresh interpreter (scenario.run)."""
-    return scenario.run(PRELUDE, script, multiprocess=multiprocess, env=env, timeout=timeout)
+#: Runs a script after this file's PRELUDE in a fresh interpreter (scenario.run).
+run = functools.partial(scenario.run, PRELUDE)
 
 
 def test_forked_children_are_summed_and_every_member_sees_the_group() -> None:

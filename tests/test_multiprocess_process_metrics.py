@@ -7,6 +7,7 @@ fresh Python process (``run``), which prints one JSON line with what it saw.
 
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 from collections.abc import Iterator
@@ -59,15 +60,8 @@ def done(**seen):
 """
 
 
-def run(
-    script: str,
-    *,
-    multiprocess: bool = True,
-    env: dict[str, str] | None = None,
-    timeout: float = 90,
-) -> dict[str, Any]:
-    """Runs ``script`` after this file's PRELUDE in a fresh interpreter (scenario.run)."""
-    return scenario.run(PRELUDE, script, multiprocess=multiprocess, env=env, timeout=timeout)
+#: Runs a script after this file's PRELUDE in a fresh interpreter (scenario.run).
+run = functools.partial(scenario.run, PRELUDE)
 
 
 # Children that burn a known CPU time, then wait (alive) until told to exit.

@@ -660,23 +660,44 @@ fn nearest_rank(q: f64, n: u64) -> u64 {
     ((q * n as f64).ceil() as u64).clamp(1, n)
 }
 
+/// A snapshot's fields: scale, count, sum, min, max, zero count, offset, bucket counts,
+/// weighted extra, cuts (a pickle's state; the order the group's folded totals are read in).
+pub type HistogramParts = (
+    i32,
+    u64,
+    f64,
+    f64,
+    f64,
+    u64,
+    i32,
+    Vec<u64>,
+    f64,
+    Vec<(i32, u64)>,
+);
+
 impl HistogramSnapshot {
+    /// Its fields, in [`HistogramParts`] order.
+    pub fn parts(&self) -> HistogramParts {
+        (
+            self.scale,
+            self.count,
+            self.sum,
+            self.min,
+            self.max,
+            self.zero_count,
+            self.offset,
+            self.bucket_counts.clone(),
+            self.weighted_extra,
+            self.cuts.clone(),
+        )
+    }
+
     /// A snapshot from its fields (a pickle's state, a process group's folded totals),
     /// or `None` if they do not describe one: counts that do not add up, a scale out of
     /// range, cuts outside their buckets.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_parts(
-        scale: i32,
-        count: u64,
-        sum: f64,
-        min: f64,
-        max: f64,
-        zero_count: u64,
-        offset: i32,
-        bucket_counts: Vec<u64>,
-        weighted_extra: f64,
-        cuts: Vec<(i32, u64)>,
-    ) -> Option<HistogramSnapshot> {
+    pub fn from_parts(parts: HistogramParts) -> Option<HistogramSnapshot> {
+        let (scale, count, sum, min, max, zero_count, offset, bucket_counts, weighted_extra, cuts) =
+            parts;
         let total = bucket_counts
             .iter()
             .try_fold(zero_count, |total, &bucket| total.checked_add(bucket));

@@ -2,7 +2,7 @@
 
 use super::convert::{attribute_set, attributes_to_dict};
 use crate::aggregate::exemplars::Exemplar;
-use crate::aggregate::histogram::HistogramSnapshot;
+use crate::aggregate::histogram::{HistogramParts, HistogramSnapshot};
 use crate::aggregate::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
 use crate::bridge;
 use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -350,57 +350,18 @@ fn histogram_state<'py>(
     py: Python<'py>,
     histogram: &HistogramSnapshot,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    (
-        histogram.scale,
-        histogram.count,
-        histogram.sum,
-        histogram.min,
-        histogram.max,
-        histogram.zero_count,
-        histogram.offset,
-        histogram.bucket_counts.clone(),
-        histogram.weighted_extra,
-        histogram.cuts.clone(),
-    )
-        .into_pyobject(py)
+    histogram.parts().into_pyobject(py)
 }
 
-type HistogramState = (
-    i32,
-    u64,
-    f64,
-    f64,
-    f64,
-    u64,
-    i32,
-    Vec<u64>,
-    f64,
-    Vec<(i32, u64)>,
-);
-
-fn histogram_from_state(state: HistogramState) -> PyResult<HistogramSnapshot> {
-    let (scale, count, sum, min, max, zero_count, offset, bucket_counts, weighted_extra, cuts) =
-        state;
-    HistogramSnapshot::from_parts(
-        scale,
-        count,
-        sum,
-        min,
-        max,
-        zero_count,
-        offset,
-        bucket_counts,
-        weighted_extra,
-        cuts,
-    )
-    .ok_or_else(|| {
+fn histogram_from_state(state: HistogramParts) -> PyResult<HistogramSnapshot> {
+    HistogramSnapshot::from_parts(state).ok_or_else(|| {
         PyValueError::new_err("not the state of a HistogramSnapshot: its counts do not add up")
     })
 }
 
 /// Rebuilds a pickled `HistogramSnapshot`.
 #[pyfunction]
-pub fn _restore_histogram(state: HistogramState, unit: String) -> PyResult<PyHistogramSnapshot> {
+pub fn _restore_histogram(state: HistogramParts, unit: String) -> PyResult<PyHistogramSnapshot> {
     Ok(PyHistogramSnapshot::new(
         histogram_from_state(state)?,
         &unit,
@@ -414,7 +375,7 @@ type SeriesState = (
     String,
     Py<PyDict>,
     u64,
-    Vec<(String, String, HistogramState)>,
+    Vec<(String, String, HistogramParts)>,
     f64,
     Vec<(f64, u64, u128, u64)>,
     Option<i64>,

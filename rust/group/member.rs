@@ -304,11 +304,6 @@ pub fn after_fork_in_child() {
     }
 }
 
-/// Every member slot, with whether it is live.
-pub fn members(group: &Joined) -> impl Iterator<Item = (usize, &Member)> {
-    (0..MAX_MEMBERS).map(move |slot| (slot, group.member(slot)))
-}
-
 /// The entries of member `member`'s directory, newest first, read `shift` bytes from where
 /// their pointers say (through the segment's readers' view, `Segment::view_shift`).
 ///
@@ -344,18 +339,5 @@ impl Entry {
                 self.identity_len as usize,
             )
         }
-    }
-}
-
-/// For tests: the epoch a member slot shows.
-pub fn epoch_of(member: &Member) -> u64 {
-    member.epoch.load(Ordering::Acquire)
-}
-
-/// Not a member any more (tests; a process leaves its group by exiting).
-pub fn leave_for_tests() {
-    arena::set_own(None, back_from_allocator);
-    if let Some(group) = JOINED.swap(None) {
-        group.own().state.store(FREE, Ordering::Release);
     }
 }

@@ -206,7 +206,7 @@ impl<'a> Reader<'a> {
             .map(|_| Some((i32::try_from(self.i64()?).ok()?, self.u64()?)))
             .collect::<Option<Vec<_>>>()?;
         // Checked as a pickle's state is: bytes that do not add up are no snapshot.
-        HistogramSnapshot::from_parts(
+        HistogramSnapshot::from_parts((
             scale,
             count,
             sum,
@@ -217,7 +217,7 @@ impl<'a> Reader<'a> {
             bucket_counts,
             weighted_extra,
             cuts,
-        )
+        ))
     }
 
     pub fn series(&mut self) -> Option<SeriesSnapshot> {
