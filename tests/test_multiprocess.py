@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import scenario
+import servers
 
 PRELUDE = """
 import json, os, signal, sys, time
@@ -640,3 +641,55 @@ if __name__ == "__main__":
     )
     out, _ = root.communicate(timeout=60)
     assert out.split() == ["20"]
+
+
+def test_the_process_that_takes_the_port_serves_the_groups_numbers_from_its_first_page() -> None:
+    # A worker booting while the port is free (its holder was just killed) took the port
+    # before meterage was attached to its provider, and for that window served pages without
+    # the group's series: a scrape read the group's counters as gone (found in CI).
+    port = servers.free_port()
+    seen = run(
+        f"""
+        import threading, urllib.request
+        import meterage.otel
+        from prometheus_client.parser import text_string_to_metric_families
+
+        work = meterage.meter("mp.first.page")(lambda: None)
+        for _ in range(7):
+            work()
+
+        def counts():
+            try:
+                page = urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=2).read()
+            except OSError:
+                return None  # not served yet
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(page.decode())
+                for sample in family.samples
+                if sample.name == "meterage_call_duration_seconds_count"
+                and sample.labels.get("meterage_operation") == "mp.first.page"
+            )
+
+        attach = meterage.otel._attach_to
+        def slow_attach(*args, **kwargs):  # a worker still importing its application
+            time.sleep(1.0)
+            attach(*args, **kwargs)
+        meterage.otel._attach_to = slow_attach
+
+        pages, configured = [], threading.Event()
+        def scrape():
+            while not configured.is_set():
+                pages.append(counts())
+                time.sleep(0.02)
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        meterage.otel.configure(process=False)
+        configured.set()
+        scraper.join()
+        done(served=sorted({{page for page in pages if page is not None}}), last=counts())
+        """,
+        env={"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_PORT": str(port)},
+    )
+    assert seen["last"] == 7.0
+    assert set(seen["served"]) <= {7.0}, f"pages served before meterage was attached: {seen}"

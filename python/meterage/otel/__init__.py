@@ -331,7 +331,7 @@ def configure(
                 "lets it be set only once; attach meterage to an SDK provider of your own "
                 "with meterage.otel.attach(provider)"
             )
-        from meterage.otel._configure import build_provider, stop_endpoints
+        from meterage.otel._configure import build_provider, serve_endpoints, stop_endpoints
 
         provider = build_provider()
         try:
@@ -343,6 +343,7 @@ def configure(
                 raise RuntimeError(
                     "meterage.otel.configure: another MeterProvider was made global meanwhile"
                 )
+            serve_endpoints(provider)  # once attached: the first page has meterage's series
         except BaseException:
             detach_provider(provider)
             provider.shutdown(5_000)

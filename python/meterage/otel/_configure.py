@@ -302,15 +302,31 @@ _endpoints: weakref.WeakKeyDictionary[MeterProvider, list[Callable[[], None]]] =
 )
 
 
+# What starts serving once meterage is attached to the provider (see serve_endpoints).
+_pending: weakref.WeakKeyDictionary[MeterProvider, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def serve_endpoints(provider: MeterProvider) -> None:
+    """Starts the scrape servers of ``provider`` that wait for meterage to be attached to
+    it (multiprocess mode); errors raise as from ``build_provider``."""
+    for serve in _pending.pop(provider, []):
+        serve()
+
+
 def stop_endpoints(provider: MeterProvider) -> None:
     """Stops the Prometheus scrape servers ``build_provider`` started for ``provider``."""
+    _pending.pop(provider, None)
     for stop in _endpoints.pop(provider, []):
         stop()
 
 
-def _serve_prometheus(prometheus: _Prometheus) -> Callable[[], None]:
-    """Starts the scrape server (in multiprocess mode: in the one process of the group
-    that holds the port's lease, the others standing by); returns what stops it."""
+def _serve_prometheus(prometheus: _Prometheus) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What starts the scrape server and what stops it. Alone, it starts at once. In
+    multiprocess mode it starts in the one process of the group that holds the port's lease
+    (the others standing by), and not before ``serve`` is called: the port's holder serves
+    the group's series, so serving before meterage is attached would show them as gone."""
     start = functools.partial(
         start_endpoint,
         prometheus.start_server,
@@ -321,20 +337,24 @@ def _serve_prometheus(prometheus: _Prometheus) -> Callable[[], None]:
     )
     if not multiprocess.is_enabled():
         endpoint = start()
-        return (lambda: stop_endpoint(endpoint)) if endpoint is not None else (lambda: None)
+        stop = (lambda: stop_endpoint(endpoint)) if endpoint is not None else (lambda: None)
+        return (lambda: None), stop
     from meterage.otel._leader import Elected
 
     def forget(endpoint: Endpoint | None) -> None:
         if endpoint is not None:
             forget_endpoint(endpoint)
 
-    def stop(endpoint: Endpoint | None) -> None:
+    def stop_elected(endpoint: Endpoint | None) -> None:
         if endpoint is not None:
             stop_endpoint(endpoint)
 
-    elected = Elected(f"prometheus-{prometheus.port}", start, forget=forget, stop=stop)
-    elected.first_try()
-    return elected.close
+    elected = Elected(f"prometheus-{prometheus.port}", start, forget=forget, stop=stop_elected)
+
+    def serve() -> None:
+        elected.first_try()  # holding the port or standing by: both are serving's start
+
+    return serve, elected.close
 
 
 def _instance_attributes(environ: Mapping[str, str]) -> dict[str, str]:
@@ -386,9 +406,9 @@ def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
 
                 # One process pushes the group's aggregate (the others' would repeat it).
                 exporters[name] = leader_only(exporters[name])
-        stop_serving = None
+        serve, stop_serving = None, None
         if prometheus is not None:
-            stop_serving = _serve_prometheus(prometheus)
+            serve, stop_serving = _serve_prometheus(prometheus)
             undo.callback(stop_serving)
         readers: list[MetricReader] = []
         for name in names:
@@ -405,6 +425,7 @@ def build_provider(environ: Mapping[str, str] | None = None) -> MeterProvider:
             undo.callback(readers[-1].shutdown)
         provider = MeterProvider(metric_readers=readers, resource=resource)
         undo.pop_all()  # built: from here on the provider owns them
-    if stop_serving is not None:
+    if serve is not None and stop_serving is not None:
+        _pending[provider] = [serve]
         _endpoints[provider] = [stop_serving]
     return provider

@@ -85,11 +85,13 @@ class Elected(Generic[Started]):
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._trying = False  # from first_try on (a fork child of a process not yet trying waits)
         _elected.add(self)
 
     def first_try(self) -> bool:
         """Tries once, now, in the caller's thread (its errors raise); then keeps trying
         in the background. Whether this process holds the role."""
+        self._trying = True
         holds = self._try()
         self._run_in_background()
         return holds
@@ -138,7 +140,7 @@ class Elected(Generic[Started]):
             self._forget(self.started)
             self.started = None
         self._thread = None
-        if not self._closed.is_set():
+        if self._trying and not self._closed.is_set():
             self._run_in_background()
 
     def close(self) -> None:
