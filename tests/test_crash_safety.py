@@ -71,7 +71,7 @@ def test_metered_wrapper_types_cannot_be_built_from_python() -> None:
         "HistogramSnapshot",
         "BoundHistogram",
         "BoundCounter",
-        "StepCall",
+        "OpenCall",
     ],
 )
 def test_native_class_without_a_constructor_refuses(name: str) -> None:

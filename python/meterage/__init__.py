@@ -27,6 +27,7 @@ from meterage._native import (
     HistogramSnapshot,
     MeteredCallable,
     MeteredFunction,
+    OpenCall,
     Series,
 )
 from meterage._validate import check_fraction, check_positive_int
@@ -43,10 +44,12 @@ __all__ = [
     "Meter",
     "MeteredCallable",
     "MeteredFunction",
+    "OpenCall",
     "Series",
     "available_probes",
     "configure",
     "counter",
+    "current_call",
     "gpu_info",
     "histogram",
     "meter",
@@ -62,6 +65,24 @@ __version__ = "0.1.0"
 MAX_CARDINALITY_LIMIT: int = _native.MAX_CARDINALITY_LIMIT
 #: Smallest fixed probing rate a meter takes (``sample=``).
 MIN_SAMPLE: float = _native.MIN_SAMPLE
+
+
+def current_call() -> OpenCall | None:
+    """The open call (a request's, a job's) whose work is running here, or None.
+
+    Its attributes can be set until it ends, from the handler or anything it calls, in
+    the tasks it creates and the threads it hands work to:
+
+    >>> import meterage
+    >>> call = meterage.meter("example.request").open()
+    >>> def handler():
+    ...     meterage.current_call().set_attribute("tenant", "acme")
+    >>> call.run(handler)
+    >>> call.finish()
+    >>> [s.attributes for s in meterage.snapshot() if s.operation == "example.request"]
+    [{'tenant': 'acme'}]
+    """
+    return _native.current_call()
 
 
 def snapshot() -> list[Series]:

@@ -42,7 +42,7 @@ def _drive_iterable_coroutine(steps: Any) -> Generator[Any, Any, Any]:
     return (yield from steps)
 
 
-async def _drive_async_generator(call: _native.StepCall, inner: Any) -> AsyncGenerator[Any, Any]:
+async def _drive_async_generator(call: _native.OpenCall, inner: Any) -> AsyncGenerator[Any, Any]:
     # An async generator cannot delegate with `yield from`, so this forwards asend,
     # athrow and aclose by hand, metering each awaitable's steps as part of one call.
     try:

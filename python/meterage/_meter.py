@@ -81,6 +81,26 @@ class Meter(_native.MeterCore):
         """Decorates ``function``: every call is metered; its behaviour is unchanged."""
         return decorate(self, function)
 
+    def open(self, *, probe: bool = False) -> _native.OpenCall:
+        """Opens a call that you end yourself (``finish``), started now: a request or a job
+        whose work runs in steps (``steps`` of coroutines, ``run`` of functions, in any task
+        or thread). ``probe=True`` runs its probes whatever the sampler says.
+
+        >>> import meterage
+        >>> call = meterage.meter("example.job").open()
+        >>> call.run(sum, [1, 2, 3])
+        6
+        >>> call.set_attribute("queue", "email")
+        >>> call.finish()
+        >>> [s.count for s in meterage.snapshot() if s.operation == "example.job"]
+        [1]
+        """
+        if not isinstance(probe, bool):
+            raise TypeError(f"probe must be True or False, not {type(probe).__name__}")
+        call = self.call()
+        call.start(probe=probe)
+        return call
+
     def __repr__(self) -> str:
         return (
             f"meterage.meter({self.name!r}, attributes={self.attributes!r}, probes={self.probes!r})"

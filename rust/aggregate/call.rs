@@ -114,12 +114,22 @@ pub struct SteppedCall {
     /// Set when a step's readings could not be compared (a fork in between).
     broken: bool,
     probe_cost_ns: u64,
+    /// Steps in progress now: more than one at a time are steps in several threads.
+    running: u32,
+    /// Whether steps ever overlapped: then the threads' CPU times add up to more than the
+    /// wall time, truthfully, and the total is not capped by it.
+    parallel: bool,
 }
 
 impl SteppedCall {
-    /// Whether the call has taken its first step.
+    /// Whether the call has taken its first step (or was started).
     pub fn is_started(&self) -> bool {
         self.started_ns.is_some()
+    }
+
+    /// Whether the call runs its probes (known once it started).
+    pub fn is_probed(&self) -> bool {
+        self.weight.is_some()
     }
 }
 
@@ -449,7 +459,8 @@ impl MeterCore {
     /// the wall clock.
     #[inline]
     pub fn step_begin(&self, call: &mut SteppedCall) -> StepStart {
-        if call.started_ns.is_none() {
+        let first = call.started_ns.is_none();
+        if first {
             call.weight = self.decide();
         }
         let mut step = StepStart {
@@ -460,19 +471,43 @@ impl MeterCore {
             let began = self.probe_clock();
             step.reading = Some(Reading::take_before(self.probes));
             step.reading_cost_ns = self.probe_clock().saturating_sub(began);
+            call.running += 1;
+            call.parallel |= call.running > 1;
         }
-        if call.started_ns.is_none() {
-            call.generation = fork::generation();
-            call.counted = self.enter_active(call.generation);
-            call.started_ns = Some(monotonic_ns());
+        if first {
+            self.start_clock(call);
         }
         step
+    }
+
+    /// Starts a stepped call before its first step (a request or job opened by Python):
+    /// decides sampling (`probe`: run the probes whatever the sampler says, for a call that
+    /// is traced) and starts the wall clock. Nothing if it already started.
+    pub fn start_stepped(&self, call: &mut SteppedCall, probe: bool) {
+        if call.started_ns.is_some() {
+            return;
+        }
+        // A call probed because it is traced stands for itself alone (weight 1); the
+        // others are sampled as usual, so estimated totals stay unbiased.
+        call.weight = if probe && !self.probes.is_empty() {
+            Some(1.0)
+        } else {
+            self.decide()
+        };
+        self.start_clock(call);
+    }
+
+    fn start_clock(&self, call: &mut SteppedCall) {
+        call.generation = fork::generation();
+        call.counted = self.enter_active(call.generation);
+        call.started_ns = Some(monotonic_ns());
     }
 
     /// After one step: add its probe deltas to the call's.
     #[inline]
     pub fn step_end(&self, call: &mut SteppedCall, step: StepStart) {
         if let Some(before) = step.reading {
+            call.running = call.running.saturating_sub(1);
             let read_at = self.probe_clock();
             match Reading::take_after(&before).since(&before) {
                 Some(delta) => call.total.accumulate(&delta),
@@ -497,7 +532,12 @@ impl MeterCore {
                     self.sampler
                         .observe(duration_ns, call.probe_cost_ns + call.total.in_call_ns);
                 }
-                Some((cap_cpu(call.total, duration_ns), weight))
+                let total = if call.parallel {
+                    call.total
+                } else {
+                    cap_cpu(call.total, duration_ns)
+                };
+                Some((total, weight))
             }
             _ => None,
         };

@@ -9,7 +9,7 @@
 //! awaitable a call returns is only created by the call: that gets a warning, once per
 //! meter, since the number recorded is not the awaited work.
 
-use super::meter::StepCall;
+use super::open_call::OpenCall;
 use super::steps::Steps;
 use crate::aggregate::call::MeterCore;
 use pyo3::exceptions::PyRuntimeWarning;
@@ -238,7 +238,7 @@ pub unsafe fn drive_with(
         };
         match kind {
             Kind::AsyncGenerator => {
-                let call = Py::new(py, StepCall::new(core))?;
+                let call = Py::new(py, OpenCall::new(core))?;
                 driver.call1((call, result))
             }
             _ => {

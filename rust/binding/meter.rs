@@ -1,11 +1,11 @@
-//! `MeterCore` (the native side of `meterage.meter(...)`) and `StepCall` (a call made of
-//! steps that Python ends: an async generator's). A `with` block's call is in `block`.
+//! `MeterCore`: the native side of `meterage.meter(...)`. A `with` block's call is in
+//! `block`, a call Python opens and ends (async generators, requests, jobs) in `open_call`.
 
 use super::convert::{attribute_set, attributes_to_dict, checked_str, probe_set};
 use super::metered_function;
-use super::spans;
+use super::open_call::OpenCall;
 use super::steps::Steps;
-use crate::aggregate::call::{MeterCore, SteppedCall};
+use crate::aggregate::call::MeterCore;
 use crate::aggregate::sampling::{SamplingMode, MIN_SAMPLE};
 use crate::probe::{self, ProbeSet};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -189,58 +189,8 @@ impl PyMeterCore {
         Steps::owning(Arc::clone(&self.core), awaitable)
     }
 
-    /// A stepped call that Python finishes itself (async generators).
-    fn call(&self) -> StepCall {
-        StepCall::new(Arc::clone(&self.core))
-    }
-}
-
-/// A call made of steps that Python ends (an async generator's: each of its awaitables is
-/// stepped as a part of it).
-#[pyclass(module = "meterage._native", name = "StepCall")]
-pub struct StepCall {
-    pub core: Arc<MeterCore>,
-    pub stepped: SteppedCall,
-    pub finished: bool,
-}
-
-impl StepCall {
-    pub fn new(core: Arc<MeterCore>) -> StepCall {
-        StepCall {
-            core,
-            stepped: SteppedCall::default(),
-            finished: false,
-        }
-    }
-
-    /// Records the call once.
-    pub fn finish_stepped(&mut self, error_type: Option<&str>) {
-        let measured = self
-            .core
-            .finish_stepped(&self.stepped, &mut self.finished, &[], error_type);
-        if let Some((measured, series)) = measured {
-            spans::note(&measured, &series);
-        }
-    }
-}
-
-#[pymethods]
-impl StepCall {
-    #[getter]
-    fn operation(&self) -> &str {
-        self.core.operation_name()
-    }
-
-    /// Meters the steps of `awaitable` as part of this call (not finishing it).
-    fn steps(slf: Py<Self>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
-        Steps::sharing(slf, awaitable)
-    }
-
-    /// Ends the call: `exception_type` is the class of the exception that ended it.
-    #[pyo3(signature = (exception_type = None))]
-    fn finish(&mut self, exception_type: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let name = error_type_name(exception_type)?;
-        self.finish_stepped(name.as_deref());
-        Ok(())
+    /// A call that Python starts and ends itself (async generators, requests, jobs).
+    fn call(&self) -> OpenCall {
+        OpenCall::new(Arc::clone(&self.core))
     }
 }

@@ -13,6 +13,7 @@ mod host;
 mod instruments;
 mod meter;
 mod metered_function;
+mod open_call;
 mod process;
 mod snapshots;
 mod spans;
@@ -131,7 +132,9 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // A block's methods are descriptors that make its call (see block.rs).
     let meter_type = py.get_type::<meter::PyMeterCore>();
     module.add("Call", block::install(py, meter_type.as_any())?)?;
-    module.add_class::<meter::StepCall>()?;
+    module.add_class::<open_call::OpenCall>()?;
+    module.add_function(wrap_pyfunction!(open_call::current_call, module)?)?;
+    module.add_function(wrap_pyfunction!(open_call::current_call_var, module)?)?;
     module.add_class::<steps::Steps>()?;
     module.add_class::<instruments::PyHistogram>()?;
     module.add_class::<instruments::PyCounter>()?;
@@ -165,6 +168,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(spans::set_span_attributes, module)?)?;
     module.add_function(wrap_pyfunction!(spans::take_span_attributes, module)?)?;
     module.add_function(wrap_pyfunction!(spans::pending_span_count, module)?)?;
+    module.add_function(wrap_pyfunction!(spans::traced_now, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_wrap, module)?)?;
     module.add_function(wrap_pyfunction!(floor::floor_calls, module)?)?;
     module.add_function(wrap_pyfunction!(process::process_metrics, module)?)?;

@@ -421,13 +421,12 @@ fn add_call(entry: &mut Pending, measured: &Measured, series: &CallSeries) {
 }
 
 #[inline(never)]
-fn note_current(measured: &Measured, series: &CallSeries) {
-    let Some(hook) = HOOK.get() else {
-        return;
-    };
-    // SAFETY: metered calls end attached to the interpreter (`assume_attached` holds);
-    // every pointer below is checked, and each reference taken is owned by a `Bound`.
-    let span = unsafe {
+/// The current SDK span (None: no tracing, no current span, or a non-recording one).
+fn current_span(py: Python<'_>) -> Option<Bound<'_, PyAny>> {
+    let hook = HOOK.get()?;
+    // SAFETY: called attached to the interpreter; every pointer below is checked, and each
+    // reference taken is owned by a `Bound`.
+    unsafe {
         let mut context: *mut ffi::PyObject = std::ptr::null_mut();
         if ffi::PyContextVar_Get(
             hook.context_var.as_ptr(),
@@ -436,31 +435,46 @@ fn note_current(measured: &Measured, series: &CallSeries) {
         ) < 0
         {
             ffi::PyErr_Clear();
-            return;
+            return None;
         }
         if context.is_null() {
-            return;
+            return None;
         }
-        let py = Python::assume_attached();
         let context = Bound::from_owned_ptr(py, context);
         if ffi::PyDict_Check(context.as_ptr()) == 0 {
-            return;
+            return None;
         }
         let mut span: *mut ffi::PyObject = std::ptr::null_mut();
         match ffi::compat::PyDict_GetItemRef(context.as_ptr(), hook.span_key.as_ptr(), &mut span) {
             1 => {}
-            0 => return, // no current span
+            0 => return None, // no current span
             _ => {
                 ffi::PyErr_Clear();
-                return;
+                return None;
             }
         }
-        // Strong: the span outlives the Python code run below for its first call.
+        // Strong: the span outlives the Python code its caller may run for it.
         let span = Bound::from_owned_ptr(py, span);
         if ffi::PyObject_TypeCheck(span.as_ptr(), hook.span_type.as_ptr().cast()) == 0 {
-            return; // not an SDK span (no tracing, or a non-recording span)
+            return None; // not an SDK span (no tracing, or a non-recording span)
         }
-        span
+        Some(span)
+    }
+}
+
+/// Whether a sampled SDK span is current (span attributes on): a request traced in full
+/// runs its probes.
+#[pyfunction]
+pub fn traced_now(py: Python<'_>) -> bool {
+    ENABLED.load(Ordering::Relaxed)
+        && current_span(py).is_some_and(|span| sampled_ids(&span).is_some())
+}
+
+fn note_current(measured: &Measured, series: &CallSeries) {
+    // SAFETY: metered calls end attached to the interpreter.
+    let py = unsafe { Python::assume_attached() };
+    let Some(span) = current_span(py) else {
+        return;
     };
     let key = span.as_ptr() as usize;
     match table().find(key, &span) {

@@ -4,7 +4,8 @@
 //! between, so the probes are read around each step and summed: a call is charged only
 //! for its own steps. Wall time runs from the first step to the end.
 
-use super::meter::{error_type_name, StepCall};
+use super::meter::error_type_name;
+use super::open_call::OpenCall;
 use crate::aggregate::call::{MeterCore, SteppedCall};
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
@@ -24,7 +25,7 @@ enum Owner {
         finished: bool,
     },
     /// One awaitable of an async generator: a part of the shared call, which Python ends.
-    Shared(Py<StepCall>),
+    Shared(Py<OpenCall>),
 }
 
 #[pyclass(module = "meterage._native")]
@@ -39,7 +40,7 @@ fn cleared() -> PyErr {
 }
 
 /// The call's state, or a RuntimeError (never a panic) if it is already in use.
-pub fn borrow_call<'py>(call: &'py Bound<'py, StepCall>) -> PyResult<PyRefMut<'py, StepCall>> {
+pub fn borrow_call<'py>(call: &'py Bound<'py, OpenCall>) -> PyResult<PyRefMut<'py, OpenCall>> {
     call.try_borrow_mut()
         .map_err(|_| PyRuntimeError::new_err("this metered call is already being updated"))
 }
@@ -109,7 +110,7 @@ impl Steps {
     }
 
     /// Steps that are part of `call` (an async generator's awaitables).
-    pub fn sharing(call: Py<StepCall>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
+    pub fn sharing(call: Py<OpenCall>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
         Ok(Steps {
             inner: Some(step_target(awaitable)?),
             owner: Owner::Shared(call),

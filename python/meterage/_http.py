@@ -1,0 +1,149 @@
+"""What the ASGI and WSGI middlewares share: the request's meter, its attributes under
+OpenTelemetry's HTTP semantic conventions, and its body-size histograms.
+
+A request is a call of operation ``http.server.request`` (an ``OpenCall``) whose series
+carries ``http.request.method``, ``url.scheme``, ``network.protocol.version``,
+``http.route``, ``http.response.status_code`` and, for failures, ``error.type``. Its meter
+is one per method and scheme (its static attributes), so the in-flight count is per
+method and scheme as ``http.server.active_requests`` wants it; the rest are set on the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import meterage
+from meterage import _native
+
+OPERATION = "http.server.request"
+#: A websocket session's operation: its duration is the session's, not a request's.
+WEBSOCKET_OPERATION = "websocket.server.session"
+#: Methods the conventions name; any other is reported as ``_OTHER``.
+KNOWN_METHODS = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE")
+)
+OTHER_METHOD = "_OTHER"
+
+#: A function of the request (an ASGI scope, a WSGI environ) giving attributes of its own
+#: (a tenant, a plan), or None.
+AttributesOf = Callable[[Any], "Mapping[str, Any] | None"]
+
+
+def method_of(raw: object) -> str:
+    """The ``http.request.method`` value: the method as sent if the conventions know it."""
+    if isinstance(raw, str):
+        if raw in KNOWN_METHODS:
+            return raw
+        upper = raw.upper()
+        if upper in KNOWN_METHODS and upper == raw:
+            return upper
+    return OTHER_METHOD
+
+
+class Middleware:
+    """What both middlewares hold: the application, the user's attribute function and
+    the request meters. Checks its arguments, each named in its error."""
+
+    def __init__(
+        self,
+        app: Any,
+        kind: str,
+        attributes: AttributesOf | None,
+        probes: tuple[str, ...] | None,
+        sample: float | None,
+        budget: float | None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"app must be a {kind} application (a callable), not {type(app).__name__}"
+            )
+        if attributes is not None and not callable(attributes):
+            raise TypeError(
+                "attributes must be a function of the request returning a mapping of "
+                f"attributes (or None), not {type(attributes).__name__}"
+            )
+        self.app = app
+        self._attributes_of = attributes
+        self._meters = RequestMeters(probes=probes, sample=sample, budget=budget)
+        from meterage import _handoff
+
+        _handoff.install()
+
+    def _extra_attributes(self, call: _native.OpenCall, request: Any) -> None:
+        """Sets what the user's function gives for this request; its errors propagate (it
+        is application code, and must not fail silently)."""
+        if self._attributes_of is not None:
+            extra = self._attributes_of(request)
+            if extra:
+                call.set_attributes(extra)
+
+
+class RequestMeters:
+    """The meters of one middleware, by (method, scheme), and its body-size histograms."""
+
+    def __init__(
+        self,
+        *,
+        probes: tuple[str, ...] | None,
+        sample: float | None,
+        budget: float | None,
+        operation: str = OPERATION,
+    ) -> None:
+        # Checked now (a bad value raises at the middleware's construction, naming it).
+        meterage.meter(operation, probes=probes, sample=sample, budget=budget)
+        self.operation = operation
+        self._settings: dict[str, Any] = {"probes": probes, "sample": sample, "budget": budget}
+        self._cores: dict[tuple[str, str], _native.MeterCore] = {}
+        self.request_size = meterage.histogram(
+            "http.server.request.body.size", unit="By", description="Size of HTTP request bodies."
+        )
+        self.response_size = meterage.histogram(
+            "http.server.response.body.size",
+            unit="By",
+            description="Size of HTTP response bodies.",
+        )
+        self.websocket_messages = meterage.counter(
+            "websocket.server.messages",
+            unit="{message}",
+            description="Websocket messages received and sent, by direction.",
+        )
+
+    def open(self, method: str, scheme: str) -> _native.OpenCall:
+        """A new call of a request with this (already normalized) method and scheme."""
+        core = self._cores.get((method, scheme))
+        if core is None:
+            core = meterage.meter(
+                self.operation,
+                attributes={"http.request.method": method, "url.scheme": scheme},
+                **self._settings,
+            )
+            self._cores[(method, scheme)] = core
+        return core.call()
+
+    def finish(
+        self,
+        call: _native.OpenCall,
+        *,
+        status: int | None,
+        error: BaseException | str | None,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        """Ends a request's call with its outcome and records its body sizes in the series
+        of the same attributes."""
+        if status is not None:
+            call.set_attribute("http.response.status_code", status)
+            if error is None and status >= 500:
+                error = str(status)
+        call.finish(error)
+        attributes = call.attributes
+        if error is not None:
+            attributes["error.type"] = error if isinstance(error, str) else error_type(error)
+        self.request_size.record(request_bytes, attributes)
+        self.response_size.record(response_bytes, attributes)
+
+
+def error_type(error: BaseException) -> str:
+    """The ``error.type`` of an exception, as meterage records it for calls."""
+    return type(error).__qualname__

@@ -1,0 +1,90 @@
+"""Route templates of ASGI requests, from what the framework left in the scope.
+
+Starlette (and FastAPI, which routes with it) puts the route it matched in
+``scope["route"]``; a mounted sub-application's router overwrites it with its own match, so
+the template is the mounts' prefixes leading to that route plus its own path. They are
+found once per route by a search of the application's routes (mounts included) and kept.
+A request no route matched has no ``http.route``, so all of them share one series.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: Routes whose template is known, by id; bounded (an application has few routes, but
+#: routes made per request must not grow this without end).
+_MAX_KNOWN = 10_000
+_known: dict[int, tuple[Any, str | None]] = {}
+_lock = threading.Lock()
+
+
+def _own_path(route: Any) -> str | None:
+    path = getattr(route, "path_format", None)
+    if not isinstance(path, str):
+        path = getattr(route, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def _mount_prefix(mount: Any) -> str | None:
+    path = getattr(mount, "path", None)
+    if not isinstance(path, str):
+        return None
+    # A mount's own path may hold parameters ("/tenants/{tenant:int}"): its path_format
+    # (parameters without converters) less the "/{path:path}" Starlette adds for the rest.
+    formatted = getattr(mount, "path_format", None)
+    if isinstance(formatted, str) and formatted.endswith("/{path}"):
+        return formatted[: -len("/{path}")]
+    return path
+
+
+def _search(routes: Iterable[Any], wanted: Any, prefix: str, depth: int) -> str | None:
+    if depth > 16:  # mounts of mounts of ...: no real application nests deeper
+        return None
+    for route in routes:
+        if route is wanted:
+            own = _own_path(route)
+            return None if own is None else prefix + own
+        inner = getattr(route, "routes", None)
+        if inner:
+            mount_prefix = _mount_prefix(route)
+            if mount_prefix is None:
+                continue
+            try:
+                found = _search(list(inner), wanted, prefix + mount_prefix, depth + 1)
+            except Exception:  # a framework's routes property that fails: not ours to raise
+                continue
+            if found is not None:
+                return found
+    return None
+
+
+def _routes_of(application: Any) -> list[Any] | None:
+    for owner in (application, getattr(application, "router", None)):
+        routes = getattr(owner, "routes", None)
+        if isinstance(routes, list):
+            return routes
+    return None
+
+
+def template(scope: Mapping[str, Any], application: Any) -> str | None:
+    """The route template of a finished request, or None (no route matched, or an
+    application this does not know)."""
+    route = scope.get("route")
+    if route is None:
+        return None
+    key = id(route)
+    known = _known.get(key)
+    if known is not None and known[0] is route:
+        return known[1]
+    routes = _routes_of(application)
+    found = _search(routes, route, "", 0) if routes is not None else None
+    if found is None:
+        # Not in the application's tree (a route object of its own making): its own path.
+        found = _own_path(route)
+    with _lock:
+        if len(_known) >= _MAX_KNOWN:
+            _known.clear()
+        _known[key] = (route, found)
+    return found

@@ -1,0 +1,247 @@
+//! `OpenCall`: a call that Python opens and ends itself, made of steps that may run in
+//! any task and thread: an async generator's call, a request's, a job's.
+//!
+//! Its steps are coroutine steps (`steps`, each awaitable's send/throw between two probe
+//! readings) and plain calls (`run`, a function between two readings in the thread that
+//! runs it), summed: so a request is charged for its own coroutine's steps, for the tasks
+//! it creates and for the work it hands to thread pools, and not for what other requests
+//! do on the same threads meanwhile. While `run` runs its function, the call is the
+//! current one (`meterage.current_call()`) in that thread.
+
+use super::convert::{attribute_key, attribute_pairs, attribute_value, attributes_to_dict, Pairs};
+use super::meter::error_type_name;
+use super::spans;
+use super::steps::{borrow_call, Steps};
+use crate::aggregate::call::{MeterCore, SteppedCall};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{IntoPyDict, PyDict, PyString, PyTuple};
+use pyo3::{ffi, PyTypeInfo};
+use std::sync::Arc;
+
+/// The ContextVar holding the current open call (None outside one).
+static CURRENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The ContextVar `meterage.current_call()` reads, made on first use.
+pub fn current_var(py: Python<'_>) -> PyResult<&Py<PyAny>> {
+    CURRENT.get_or_try_init(py, || {
+        let var = py.import("contextvars")?.getattr("ContextVar")?.call(
+            ("meterage.current_call",),
+            Some(&[("default", py.None())].into_py_dict(py)?),
+        )?;
+        Ok(var.unbind())
+    })
+}
+
+#[pyclass(module = "meterage._native", name = "OpenCall")]
+pub struct OpenCall {
+    pub core: Arc<MeterCore>,
+    pub stepped: SteppedCall,
+    pub finished: bool,
+    dynamic: Pairs,
+}
+
+impl OpenCall {
+    pub fn new(core: Arc<MeterCore>) -> OpenCall {
+        OpenCall {
+            core,
+            stepped: SteppedCall::default(),
+            finished: false,
+            dynamic: Pairs::new(),
+        }
+    }
+
+    /// Records the call once, in the series of its dynamic attributes and outcome.
+    pub fn finish_stepped(&mut self, error_type: Option<&str>) {
+        let measured =
+            self.core
+                .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
+        if let Some((measured, series)) = measured {
+            spans::note(&measured, &series);
+        }
+    }
+
+    fn add_attributes(&mut self, pairs: Pairs) -> PyResult<()> {
+        if self.finished {
+            return Err(PyRuntimeError::new_err(format!(
+                "this call of \"{}\" has ended: set its attributes before it ends",
+                self.core.operation_name()
+            )));
+        }
+        self.dynamic.extend(pairs);
+        Ok(())
+    }
+}
+
+/// The `error.type` an end names: an exception class, an exception, or a str as it is.
+fn ending_error_type(error: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String>> {
+    let Some(error) = error else {
+        return Ok(None);
+    };
+    if let Ok(name) = error.cast::<PyString>() {
+        let name = name.to_str()?;
+        if name.is_empty() {
+            return Err(PyTypeError::new_err(
+                "error must be an exception, an exception class or a non-empty str",
+            ));
+        }
+        return Ok(Some(name.to_owned()));
+    }
+    // SAFETY: a type check of a live object.
+    if unsafe { ffi::PyExceptionInstance_Check(error.as_ptr()) } != 0 {
+        return error_type_name(Some(error.get_type().as_any()));
+    }
+    // SAFETY: a type check of a live object.
+    if unsafe { ffi::PyExceptionClass_Check(error.as_ptr()) } != 0 {
+        return error_type_name(Some(error));
+    }
+    Err(PyTypeError::new_err(format!(
+        "error must be an exception, an exception class or a non-empty str, not {}",
+        error.get_type().name()?
+    )))
+}
+
+#[pymethods]
+impl OpenCall {
+    #[getter]
+    fn operation(&self) -> &str {
+        self.core.operation_name()
+    }
+
+    /// The meter's and this call's attributes so far (a new dict each time).
+    #[getter]
+    fn attributes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let merged = self.core.attributes().merged(self.dynamic.iter().cloned());
+        attributes_to_dict(py, merged.iter())
+    }
+
+    /// Whether the call runs its probes (decided when it starts).
+    #[getter]
+    fn probed(&self) -> bool {
+        self.stepped.is_probed()
+    }
+
+    #[getter]
+    fn started(&self) -> bool {
+        self.stepped.is_started()
+    }
+
+    #[getter]
+    fn ended(&self) -> bool {
+        self.finished
+    }
+
+    fn set_attribute(
+        slf: &Bound<'_, Self>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        // Converted before the borrow: a str subclass's methods are Python code.
+        let key = attribute_key(key)?;
+        let value = attribute_value(&key, value)?;
+        borrow_call(slf)?.add_attributes(vec![(key, value)])
+    }
+
+    fn set_attributes(slf: &Bound<'_, Self>, attributes: &Bound<'_, PyAny>) -> PyResult<()> {
+        let pairs = attribute_pairs(Some(attributes))?;
+        borrow_call(slf)?.add_attributes(pairs)
+    }
+
+    /// Starts the clock now and decides sampling (`probe=True`: probe it whatever the
+    /// sampler says); its first step does it otherwise.
+    #[pyo3(signature = (*, probe = false))]
+    fn start(&mut self, probe: bool) {
+        self.core.start_stepped(&mut self.stepped, probe);
+    }
+
+    /// Meters the steps of `awaitable` as part of this call (not ending it).
+    fn steps(slf: Py<Self>, awaitable: &Bound<'_, PyAny>) -> PyResult<Steps> {
+        Steps::sharing(slf, awaitable)
+    }
+
+    /// Calls `function(*args, **kwargs)` as a step of this call in this thread, the call
+    /// being the current one meanwhile; returns its result or raises its exception. After
+    /// the call ended it just calls the function.
+    #[pyo3(signature = (function, /, *args, **kwargs))]
+    fn run<'py>(
+        slf: &Bound<'py, Self>,
+        function: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        if !super::guard::stack_has_room() {
+            return Err(PyErr::fetch(py));
+        }
+        let (core, step) = {
+            let mut state = borrow_call(slf)?;
+            if state.finished {
+                drop(state);
+                return function.call(args, kwargs);
+            }
+            let core = Arc::clone(&state.core);
+            let step = core.step_begin(&mut state.stepped);
+            (core, step)
+        };
+        let var = current_var(py)?.bind(py);
+        // SAFETY: a live ContextVar and a live value; a new token reference or NULL.
+        let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), slf.as_ptr()) };
+        let result = function.call(args, kwargs);
+        if !token.is_null() {
+            // SAFETY: the token this thread's Set gave, reset once and released.
+            unsafe {
+                if ffi::PyContextVar_Reset(var.as_ptr(), token) != 0 {
+                    ffi::PyErr_Clear(); // reset in another context: nothing to undo here
+                }
+                ffi::Py_DECREF(token);
+            }
+        } else {
+            // SAFETY: the Set's error is this thread's to clear (the call went ahead).
+            unsafe { ffi::PyErr_Clear() };
+        }
+        core.step_end(&mut borrow_call(slf)?.stepped, step);
+        result
+    }
+
+    /// Ends the call once: `error` is what it failed with (an exception, its class, or an
+    /// `error.type` str such as a status code); None, a success. A second end is nothing.
+    #[pyo3(signature = (error = None))]
+    fn finish(&mut self, error: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let name = ending_error_type(error)?;
+        self.finish_stepped(name.as_deref());
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        let state = if self.finished {
+            "ended"
+        } else if self.stepped.is_started() {
+            "open"
+        } else {
+            "not started"
+        };
+        format!(
+            "<meterage.OpenCall \"{}\" {state}>",
+            self.core.operation_name()
+        )
+    }
+}
+
+/// The current open call in this context (None outside one).
+#[pyfunction]
+pub fn current_call(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    let var = current_var(py)?.bind(py);
+    let value = var.call_method0(pyo3::intern!(py, "get"))?;
+    if value.is_none() || OpenCall::is_type_of(&value) {
+        Ok(value.unbind())
+    } else {
+        Ok(py.None())
+    }
+}
+
+/// The ContextVar behind `current_call()`, for integrations that open calls.
+#[pyfunction]
+pub fn current_call_var(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    Ok(current_var(py)?.clone_ref(py))
+}

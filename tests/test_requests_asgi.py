@@ -1,0 +1,169 @@
+"""meterage.asgi under a real uvicorn serving a real FastAPI application, with real HTTP
+requests: each request is charged its own work exactly, under concurrency, wherever the
+work runs (its coroutine, created tasks, to_thread, run_in_executor, anyio's thread pool),
+and its series carries the HTTP attributes with the route template."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+import pytest
+import servers
+
+servers.require_modules("fastapi", "uvicorn")
+
+#: What each /burn request spends (the app's BURN_NS, set through its environment).
+BURN_NS = 20_000_000
+REQUESTS = 32
+CONCURRENCY = 16
+
+
+def request(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, headers={"Connection": "close"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def charged(port: int) -> list[dict[str, Any]]:
+    status, body = request(port, "/charged")
+    assert status == 200
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def series_of(rows: list[dict[str, Any]], **attributes: Any) -> list[dict[str, Any]]:
+    return [
+        row
+        for row in rows
+        if all(row["attributes"].get(key) == value for key, value in attributes.items())
+    ]
+
+
+@pytest.fixture(scope="module")
+def service():
+    env = servers._environment(None, REQUESTS_APP_BURN_NS=str(BURN_NS))
+    with servers.uvicorn("requests_fastapi:app", env=env) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/burn/direct",
+        "/burn/task",
+        "/burn/gather",
+        "/burn/taskgroup",
+        "/burn/to_thread",
+        "/burn/executor",
+        "/burn/sync",
+    ],
+)
+def test_each_request_is_charged_the_cpu_it_spent_wherever_it_ran(service, path: str) -> None:
+    result = servers.load(service.url(path), REQUESTS, concurrency=CONCURRENCY, timeout=60)
+    assert result.ok == REQUESTS, result.failures
+    (row,) = series_of(charged(service.port), **{"http.route": path})
+    assert row["count"] == row["sampled"] == REQUESTS
+    mean = row["cpu_ns"] / REQUESTS
+    # Each request spent BURN_NS of its own (plus the framework's few tens of µs); others
+    # ran on the same threads meanwhile, and none of theirs may be charged to it.
+    assert BURN_NS <= mean <= 1.1 * BURN_NS, f"{path}: {mean / 1e6:.2f} ms per request"
+    # The median request too (a garbage collection that ran in one request's thread is
+    # that thread's work, and may make one request dearer than the rest).
+    median = row["cpu_median_ns"]
+    assert 0.97 * BURN_NS <= median <= 1.1 * BURN_NS, f"{path}: median {median / 1e6:.2f} ms"
+
+
+def test_a_request_that_sleeps_is_charged_almost_nothing(service) -> None:
+    # Run while other requests burn CPU on the same event loop.
+    busy = servers.load(service.url("/burn/direct"), 8, concurrency=4, timeout=60)
+    assert busy.ok == 8
+    result = servers.load(service.url("/sleep"), REQUESTS, concurrency=CONCURRENCY)
+    assert result.ok == REQUESTS, result.failures
+    (row,) = series_of(charged(service.port), **{"http.route": "/sleep"})
+    assert row["count"] == REQUESTS
+    assert row["cpu_ns"] / REQUESTS < 0.05 * BURN_NS  # ~10 µs real, against 1 ms allowed
+
+
+def test_a_write_through_to_thread_is_charged_its_bytes(service) -> None:
+    result = servers.load(service.url("/write"), REQUESTS, concurrency=CONCURRENCY)
+    assert result.ok == REQUESTS, result.failures
+    (row,) = series_of(charged(service.port), **{"http.route": "/write"})
+    assert row["count"] == REQUESTS
+    # Exactly its 64 KiB, plus at most a few bytes of the worker thread waking the event
+    # loop up (asyncio's self-pipe), which that thread wrote on the request's behalf.
+    assert REQUESTS * 64 * 1024 <= row["io_write"] <= REQUESTS * (64 * 1024 + 8)
+
+
+def test_routes_are_templates_and_unmatched_paths_share_one_series(service) -> None:
+    for path in ("/api/items/1", "/api/items/2", "/api/items/3"):
+        assert request(service.port, path)[0] == 200
+    for path in ("/sub/things/a", "/sub/things/b"):
+        assert request(service.port, path)[0] == 200
+    for path in ("/nope/1", "/nope/2", "/other"):
+        assert request(service.port, path)[0] == 404
+    rows = charged(service.port)
+    (items,) = series_of(rows, **{"http.route": "/api/items/{item_id}"})
+    assert items["count"] == 3
+    assert items["attributes"] == {
+        "http.request.method": "GET",
+        "url.scheme": "http",
+        "network.protocol.version": "1.1",
+        "http.route": "/api/items/{item_id}",
+        "http.response.status_code": 200,
+    }
+    (things,) = series_of(rows, **{"http.route": "/sub/things/{thing_id}"})
+    assert things["count"] == 2
+    unmatched = [row for row in series_of(rows, **{"http.response.status_code": 404})]
+    assert len(unmatched) == 1 and "http.route" not in unmatched[0]["attributes"]
+    assert unmatched[0]["count"] == 3
+
+
+def test_failures_carry_error_type_and_status(service) -> None:
+    assert request(service.port, "/api/fail")[0] == 500
+    assert request(service.port, "/api/status/503")[0] == 503
+    assert request(service.port, "/api/status/404")[0] == 404
+    assert request(service.port, "/api/items/1", method="BREW")[0] in (405, 400)
+    rows = charged(service.port)
+    (failed,) = series_of(rows, **{"http.route": "/api/fail"})
+    assert failed["attributes"]["error.type"] == "RuntimeError"
+    assert failed["attributes"]["http.response.status_code"] == 500
+    (unavailable,) = series_of(
+        rows, **{"http.route": "/api/status/{code}", "http.response.status_code": 503}
+    )
+    assert unavailable["attributes"]["error.type"] == "503"
+    (not_found,) = series_of(
+        rows, **{"http.route": "/api/status/{code}", "http.response.status_code": 404}
+    )
+    assert "error.type" not in not_found["attributes"]  # a 4xx is the client's error
+    (other,) = series_of(rows, **{"http.request.method": "_OTHER"})
+    assert other["count"] == 1
+
+
+def test_handlers_set_attributes_on_the_current_call(service) -> None:
+    for name in ("acme", "acme", "globex"):
+        assert request(service.port, f"/tenant/{name}") == (200, name.encode())
+    rows = charged(service.port)
+    assert [row["count"] for row in series_of(rows, tenant="acme")] == [2]
+    assert [row["count"] for row in series_of(rows, tenant="globex")] == [1]
+
+
+def test_a_background_task_is_charged_to_its_request(service) -> None:
+    result = servers.load(service.url("/background"), 8, concurrency=4, timeout=60)
+    assert result.ok == 8
+    # The tasks run after their responses: each request ends once its task has.
+    rows = servers.wait_for(
+        lambda: [
+            row
+            for row in series_of(charged(service.port), **{"http.route": "/background"})
+            if row["count"] == 8
+        ],
+        what="8 requests with their background tasks done",
+        timeout=30,
+    )
+    (row,) = rows
+    assert BURN_NS <= row["cpu_ns"] / 8 <= 1.1 * BURN_NS

@@ -1,0 +1,132 @@
+"""meterage.wsgi under a real gunicorn serving real Flask and Django applications, with
+real HTTP requests: exact cost per request (the view, a thread pool it submits to, a
+streamed body), the HTTP attributes with Flask's URL rules and Django's resolved routes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+import pytest
+import servers
+
+servers.require_modules("flask", "django", "gunicorn")
+
+BURN_NS = 20_000_000
+REQUESTS = 16
+
+
+def request(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, headers={"Connection": "close"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def series_of(rows: list[dict[str, Any]], **attributes: Any) -> list[dict[str, Any]]:
+    return [
+        row
+        for row in rows
+        if all(row["attributes"].get(key) == value for key, value in attributes.items())
+    ]
+
+
+@pytest.fixture(scope="module")
+def flask_service():
+    env = servers._environment(None, REQUESTS_APP_BURN_NS=str(BURN_NS))
+    # One sync worker with 4 threads: concurrent requests share its process.
+    with servers.gunicorn(
+        "requests_flask:app", env=env, args=["--threads", "4", "--worker-class", "gthread"]
+    ) as running:
+        yield running
+
+
+def flask_charged(port: int) -> dict[str, Any]:
+    status, body = request(port, "/charged")
+    assert status == 200
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path", ["/burn", "/burn/pool", "/stream"])
+def test_each_request_is_charged_its_own_cpu(flask_service, path: str) -> None:
+    result = servers.load(flask_service.url(path), REQUESTS, concurrency=4, timeout=60)
+    assert result.ok == REQUESTS, result.failures
+    (row,) = series_of(flask_charged(flask_service.port)["rows"], **{"http.route": path})
+    assert row["count"] == row["sampled"] == REQUESTS
+    mean = row["cpu_ns"] / REQUESTS
+    assert BURN_NS <= mean <= 1.1 * BURN_NS, f"{path}: {mean / 1e6:.2f} ms per request"
+    assert 0.97 * BURN_NS <= row["cpu_median_ns"] <= 1.1 * BURN_NS
+
+
+def test_a_streamed_body_is_counted_in_full(flask_service) -> None:
+    assert request(flask_service.port, "/stream") == (200, b"x" * 4000)
+    charged = flask_charged(flask_service.port)
+    (row,) = series_of(charged["rows"], **{"http.route": "/stream"})
+    assert charged["stream_bytes"] == 4000 * row["count"]
+
+
+def test_a_write_is_charged_its_bytes(flask_service) -> None:
+    for _ in range(4):
+        assert request(flask_service.port, "/write")[0] == 200
+    (row,) = series_of(flask_charged(flask_service.port)["rows"], **{"http.route": "/write"})
+    assert row["io_write"] == row["count"] * 65536
+
+
+def test_flask_routes_statuses_and_failures(flask_service) -> None:
+    for path in ("/items/1", "/items/2"):
+        assert request(flask_service.port, path)[0] == 200
+    assert request(flask_service.port, "/nowhere/1")[0] == 404
+    assert request(flask_service.port, "/nowhere/2")[0] == 404
+    assert request(flask_service.port, "/fail")[0] == 500
+    assert request(flask_service.port, "/status/503")[0] == 503
+    assert request(flask_service.port, "/tenant/acme")[0] == 200
+    rows = flask_charged(flask_service.port)["rows"]
+    (items,) = series_of(rows, **{"http.route": "/items/<int:item_id>"})
+    assert items["count"] == 2
+    assert items["attributes"] == {
+        "http.request.method": "GET",
+        "url.scheme": "http",
+        "network.protocol.version": "1.1",
+        "http.route": "/items/<int:item_id>",
+        "http.response.status_code": 200,
+    }
+    (unmatched,) = series_of(rows, **{"http.response.status_code": 404})
+    assert "http.route" not in unmatched["attributes"] and unmatched["count"] == 2
+    # Flask turns the exception into its 500 page: the status says it failed.
+    (failed,) = series_of(rows, **{"http.route": "/fail"})
+    assert failed["attributes"]["http.response.status_code"] == 500
+    assert failed["attributes"]["error.type"] == "500"
+    (unavailable,) = series_of(rows, **{"http.route": "/status/<int:code>"})
+    assert unavailable["attributes"]["error.type"] == "503"
+    assert series_of(rows, tenant="acme")[0]["count"] == 1
+
+
+@pytest.fixture(scope="module")
+def django_service():
+    env = servers._environment(None, DJANGO_SETTINGS_MODULE="django_site.settings")
+    with servers.gunicorn("django_site.wsgi:application", env=env) as running:
+        yield running
+
+
+def test_django_routes_are_the_resolved_patterns(django_service) -> None:
+    port = django_service.port
+    assert request(port, "/items/7") == (200, b"7")
+    assert request(port, "/items/8") == (200, b"8")
+    assert request(port, "/articles/2026/hello/") == (200, b"2026/hello")
+    assert request(port, "/articles/2025/other/") == (200, b"2025/other")
+    assert request(port, "/missing/1")[0] == 404
+    assert request(port, "/fail")[0] == 500
+    status, body = request(port, "/charged")
+    assert status == 200
+    rows = json.loads(body)
+    assert series_of(rows, **{"http.route": "/items/<int:item_id>"})[0]["count"] == 2
+    (articles,) = series_of(rows, **{"http.route": "/articles/<int:year>/<slug:slug>/"})
+    assert articles["count"] == 2
+    (missing,) = series_of(rows, **{"http.response.status_code": 404})
+    assert "http.route" not in missing["attributes"]
+    (failed,) = series_of(rows, **{"http.route": "/fail"})
+    assert failed["attributes"]["http.response.status_code"] == 500

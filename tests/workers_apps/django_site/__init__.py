@@ -1,0 +1,1 @@
+"""A minimal Django project metered by meterage (WSGI middleware + RouteMiddleware)."""
