@@ -94,7 +94,7 @@ class RequestMeters:
         meterage.meter(operation, probes=probes, sample=sample, budget=budget)
         self.operation = operation
         self._settings: dict[str, Any] = {"probes": probes, "sample": sample, "budget": budget}
-        self._cores: dict[tuple[str, str], _native.MeterCore] = {}
+        self._cores: dict[tuple[str, str, str | None], _native.MeterCore] = {}
         self.request_size = meterage.histogram(
             "http.server.request.body.size", unit="By", description="Size of HTTP request bodies."
         )
@@ -109,39 +109,46 @@ class RequestMeters:
             description="Websocket messages received and sent, by direction.",
         )
 
-    def open(self, method: str, scheme: str) -> _native.OpenCall:
-        """A new call of a request with this (already normalized) method and scheme."""
-        core = self._cores.get((method, scheme))
+    def open(self, method: str, scheme: str, version: str | None) -> _native.OpenCall:
+        """A new call of a request with this (already normalized) method, scheme and
+        protocol version, started now; a traced request runs its probes in full."""
+        key = (method, scheme, version)
+        core = self._cores.get(key)
         if core is None:
-            core = meterage.meter(
-                self.operation,
-                attributes={"http.request.method": method, "url.scheme": scheme},
-                **self._settings,
+            static: dict[str, str] = {"http.request.method": method, "url.scheme": scheme}
+            if version is not None:
+                static["network.protocol.version"] = version
+            core = self._cores[key] = meterage.meter(
+                self.operation, attributes=static, **self._settings
             )
-            self._cores[(method, scheme)] = core
-        return core.call()
+        call = core.call()
+        call.start(probe=_native.traced_now())
+        return call
 
     def finish(
         self,
         call: _native.OpenCall,
-        *,
         status: int | None,
         error: BaseException | str | None,
         request_bytes: int,
         response_bytes: int,
     ) -> None:
-        """Ends a request's call with its outcome and records its body sizes in the series
+        """Ends a request's call with its outcome, and records its body sizes in the series
         of the same attributes."""
-        if status is not None:
-            call.set_attribute("http.response.status_code", status)
-            if error is None and status >= 500:
-                error = str(status)
-        call.finish(error)
-        attributes = call.attributes
-        if error is not None:
-            attributes["error.type"] = error if isinstance(error, str) else error_type(error)
-        self.request_size.record(request_bytes, attributes)
-        self.response_size.record(response_bytes, attributes)
+        if status is None:
+            call.finish(
+                error,
+                None,
+                ((self.request_size, request_bytes), (self.response_size, response_bytes)),
+            )
+            return
+        if error is None and status >= 500:
+            error = str(status)
+        call.finish(
+            error,
+            {"http.response.status_code": status},
+            ((self.request_size, request_bytes), (self.response_size, response_bytes)),
+        )
 
 
 def error_type(error: BaseException) -> str:

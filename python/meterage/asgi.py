@@ -25,7 +25,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meterage import _handoff, _http, _native, _routes
+from meterage import _handoff, _http, _routes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -100,46 +100,14 @@ class MeterageMiddleware(_http.Middleware):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope.get("type")
-        if kind == "http":
-            await self._request(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
-        else:  # lifespan, and anything a server may add: not requests
-            await self.app(scope, receive, send)
-
-    def _open(self, scope: Scope, method: str, meters: _http.RequestMeters) -> Any:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            _handoff.watch_loop(loop)
-            self._loop = loop
-        call = meters.open(method, str(scope.get("scheme") or "http"))
-        call.start(probe=_native.traced_now())  # a traced request is probed in full
-        version = scope.get("http_version")
-        if version is not None:
-            call.set_attribute("network.protocol.version", str(version))
-        self._extra_attributes(call, scope)
-        return call
-
-    async def _run(self, call: Any, scope: Scope, receive: Receive, send: Send) -> None:
-        """The application's coroutine, its steps metered as the call's, which is current
-        in the request's context meanwhile (and so in the tasks and threads it starts)."""
-        token = _CURRENT.set(call)
-        try:
-            await call.steps(self.app(scope, receive, send))
-        finally:
-            _CURRENT.reset(token)
-
-    @staticmethod
-    def _name_route(call: Any, scope: Scope, application: Any) -> None:
-        try:
-            route = _routes.template(scope, application)
-            if route is not None and "http.route" not in call.attributes:
-                call.set_attribute("http.route", route)
-        except Exception:  # a framework's routes we cannot read: the request still counts
-            pass
-
-    async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            if scope.get("type") == "websocket":
+                await self._websocket(scope, receive, send)
+            else:  # lifespan, and anything a server may add: not requests
+                await self.app(scope, receive, send)
+            return
+        # One request: kept in this one frame, since every call and closure here is paid
+        # by every request.
         application = scope.get("app", self.app)
         call = self._open(scope, _http.method_of(scope.get("method")), self._meters)
         status: int | None = None
@@ -154,46 +122,57 @@ class MeterageMiddleware(_http.Middleware):
                 received += len(body)
             return message
 
-        async def watching_send(message: Message) -> None:
+        def watching_send(message: Message) -> Awaitable[None]:
+            # A plain function handing back the server's awaitable: no frame of its own.
             nonlocal status, sent
             kind = message.get("type")
-            if kind == "http.response.start":
-                status = message.get("status")
-            elif kind == "http.response.body":
+            if kind == "http.response.body":
                 body = message.get("body")
                 if body:
                     sent += len(body)
-            await send(message)
+            elif kind == "http.response.start":
+                status = message.get("status")
+            return send(message)
 
         error: BaseException | None = None
+        token = _CURRENT.set(call)
         try:
-            await self._run(call, scope, counting_receive, watching_send)
+            await call.steps(self.app(scope, counting_receive, watching_send))
         except BaseException as raised:
             error = raised
             if status is None and not isinstance(raised, asyncio.CancelledError):
                 status = 500  # the server answers 500 to an application that raised
             raise
         finally:
-            self._end(call, scope, application, status, error, received, sent)
+            _CURRENT.reset(token)
+            self._name_route(call, scope, application)
+            self._meters.finish(
+                call, status if isinstance(status, int) else None, error, received, sent
+            )
 
-    def _end(
-        self,
-        call: Any,
-        scope: Scope,
-        application: Any,
-        status: int | None,
-        error: BaseException | None,
-        received: int,
-        sent: int,
-    ) -> None:
-        self._name_route(call, scope, application)
-        self._meters.finish(
-            call,
-            status=status if isinstance(status, int) else None,
-            error=error,
-            request_bytes=received,
-            response_bytes=sent,
+    def _open(self, scope: Scope, method: str, meters: _http.RequestMeters) -> Any:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            _handoff.watch_loop(loop)
+            self._loop = loop
+        version = scope.get("http_version")
+        call = meters.open(
+            method, scope.get("scheme") or "http", None if version is None else str(version)
         )
+        if self._attributes_of is not None:
+            self._extra_attributes(call, scope)
+        return call
+
+    @staticmethod
+    def _name_route(call: Any, scope: Scope, application: Any) -> None:
+        if "route" not in scope:
+            return
+        try:
+            route = _routes.template(scope, application)
+            if route is not None and not call.has_attribute("http.route"):
+                call.set_attribute("http.route", route)
+        except Exception:  # a framework's routes we cannot read: the request still counts
+            pass
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         application = scope.get("app", self.app)
@@ -208,19 +187,21 @@ class MeterageMiddleware(_http.Middleware):
                 received += 1
             return message
 
-        async def counting_send(message: Message) -> None:
+        def counting_send(message: Message) -> Awaitable[None]:
             nonlocal sent
             if message.get("type") == "websocket.send":
                 sent += 1
-            await send(message)
+            return send(message)
 
         error: BaseException | None = None
+        token = _CURRENT.set(call)
         try:
-            await self._run(call, scope, counting_receive, counting_send)
+            await call.steps(self.app(scope, counting_receive, counting_send))
         except BaseException as raised:
             error = raised
             raise
         finally:
+            _CURRENT.reset(token)
             self._end_session(call, scope, application, error, received, sent)
 
     def _end_session(

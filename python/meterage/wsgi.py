@@ -90,13 +90,7 @@ class _Response:
     def _end(self, error: BaseException | None) -> None:
         if self._call.ended:
             return
-        self._meters.finish(
-            self._call,
-            status=self._state[0],
-            error=error,
-            request_bytes=self._request_bytes,
-            response_bytes=self._sent,
-        )
+        self._meters.finish(self._call, self._state[0], error, self._request_bytes, self._sent)
 
 
 class MeterageMiddleware(_http.Middleware):
@@ -141,14 +135,12 @@ class MeterageMiddleware(_http.Middleware):
         _flask.name_routes_of(app)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        protocol = environ.get("SERVER_PROTOCOL")
         call = self._meters.open(
             _http.method_of(environ.get("REQUEST_METHOD")),
-            str(environ.get("wsgi.url_scheme") or "http"),
+            environ.get("wsgi.url_scheme") or "http",
+            protocol[5:] if isinstance(protocol, str) and protocol.startswith("HTTP/") else None,
         )
-        call.start(probe=_native.traced_now())
-        protocol = environ.get("SERVER_PROTOCOL")
-        if isinstance(protocol, str) and protocol.startswith("HTTP/"):
-            call.set_attribute("network.protocol.version", protocol[5:])
         state: list[Any] = [None]
 
         def watching_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
@@ -160,15 +152,12 @@ class MeterageMiddleware(_http.Middleware):
 
         request_bytes = _content_length(environ)
         try:
-            self._extra_attributes(call, environ)
+            if self._attributes_of is not None:
+                self._extra_attributes(call, environ)
             body = call.run(self.app, environ, watching_start_response)
         except BaseException as error:
             self._meters.finish(
-                call,
-                status=state[0] if state[0] is not None else 500,
-                error=error,
-                request_bytes=request_bytes,
-                response_bytes=0,
+                call, state[0] if state[0] is not None else 500, error, request_bytes, 0
             )
             raise
         return _Response(body, call, self._meters, state, request_bytes)

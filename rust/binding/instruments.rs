@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 /// A measurement: an int or float that is finite and not negative.
 #[inline]
-fn measurement(what: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
+pub fn measurement(what: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
     let number = if let Ok(float) = value.cast_exact::<PyFloat>() {
         float.value()
     } else if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
@@ -189,6 +189,18 @@ fn histogram_snapshot(series: Option<&HistogramSeries>, unit: &str) -> PyHistogr
 
 #[pyclass(module = "meterage._native", name = "Histogram", frozen)]
 pub struct PyHistogram(Handle<HistogramSeries>);
+
+impl PyHistogram {
+    /// Records a checked value into the series of an attribute set made natively (a
+    /// finished call's, for values measured alongside it).
+    pub fn record_in(&self, attributes: &AttributeSet, value: f64) {
+        self.0
+            .instrument
+            .series
+            .get_or_create(attributes)
+            .record(value);
+    }
+}
 
 #[pymethods]
 impl PyHistogram {

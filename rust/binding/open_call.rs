@@ -9,9 +9,11 @@
 //! current one (`meterage.current_call()`) in that thread.
 
 use super::convert::{attribute_key, attribute_pairs, attribute_value, attributes_to_dict, Pairs};
+use super::instruments::{measurement, PyHistogram};
 use super::meter::error_type_name;
 use super::spans;
 use super::steps::{borrow_call, Steps};
+use crate::aggregate::attributes::ERROR_TYPE_KEY;
 use crate::aggregate::call::{MeterCore, SteppedCall};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
@@ -204,12 +206,52 @@ impl OpenCall {
         result
     }
 
+    /// Whether the call's own attributes (not the meter's) have `key` already.
+    fn has_attribute(&self, key: &str) -> bool {
+        self.dynamic.iter().any(|(name, _)| &**name == key)
+    }
+
     /// Ends the call once: `error` is what it failed with (an exception, its class, or an
-    /// `error.type` str such as a status code); None, a success. A second end is nothing.
-    #[pyo3(signature = (error = None))]
-    fn finish(&mut self, error: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    /// `error.type` str such as a status code); None, a success. `attributes` are set
+    /// first (as `set_attributes`). `values`, pairs of a `Histogram` and a number, are
+    /// recorded in the series of the call's final attributes (`error.type` included): sizes
+    /// measured alongside the call. A second end is nothing, and records nothing.
+    #[pyo3(signature = (error = None, attributes = None, values = None))]
+    fn finish(
+        &mut self,
+        error: Option<&Bound<'_, PyAny>>,
+        attributes: Option<&Bound<'_, PyAny>>,
+        values: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        if self.finished {
+            return Ok(());
+        }
         let name = ending_error_type(error)?;
+        let pairs = attribute_pairs(attributes)?;
+        // Checked before anything is recorded: a bad pair records nothing.
+        let mut measured_values = Vec::new();
+        if let Some(values) = values.filter(|values| !values.is_none()) {
+            for pair in values.try_iter()? {
+                let (histogram, value): (PyRef<'_, PyHistogram>, Bound<'_, PyAny>) =
+                    pair?.extract().map_err(|_| {
+                        PyTypeError::new_err(
+                            "values must be pairs of a meterage histogram and a number",
+                        )
+                    })?;
+                measured_values.push((histogram, measurement("histogram values", &value)?));
+            }
+        }
+        self.dynamic.extend(pairs);
         self.finish_stepped(name.as_deref());
+        if !measured_values.is_empty() {
+            let mut set = self.core.attributes().merged(self.dynamic.iter().cloned());
+            if let Some(name) = &name {
+                set = set.with(ERROR_TYPE_KEY, name.as_str().into());
+            }
+            for (histogram, value) in &measured_values {
+                histogram.record_in(&set, *value);
+            }
+        }
         Ok(())
     }
 
