@@ -15,6 +15,7 @@ use super::spans;
 use super::steps::{borrow_call, Steps};
 use crate::aggregate::attributes::ERROR_TYPE_KEY;
 use crate::aggregate::call::{MeterCore, SteppedCall};
+use crate::aggregate::call_key::CallKey;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -74,6 +75,25 @@ impl OpenCall {
         self.dynamic.extend(pairs);
         Ok(())
     }
+}
+
+/// The pairs with each key once, its last value kept (a borrowed copy when none repeats).
+fn unique_pairs(pairs: &Pairs) -> std::borrow::Cow<'_, Pairs> {
+    let repeats = pairs
+        .iter()
+        .enumerate()
+        .any(|(index, (key, _))| pairs[..index].iter().any(|(earlier, _)| earlier == key));
+    if !repeats {
+        return std::borrow::Cow::Borrowed(pairs);
+    }
+    let mut unique: Pairs = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        match unique.iter_mut().find(|(kept, _)| kept == key) {
+            Some(kept) => kept.1 = value.clone(),
+            None => unique.push((key.clone(), value.clone())),
+        }
+    }
+    std::borrow::Cow::Owned(unique)
 }
 
 /// The `error.type` an end names: an exception class, an exception, or a str as it is.
@@ -244,12 +264,25 @@ impl OpenCall {
         self.dynamic.extend(pairs);
         self.finish_stepped(name.as_deref());
         if !measured_values.is_empty() {
-            let mut set = self.core.attributes().merged(self.dynamic.iter().cloned());
-            if let Some(name) = &name {
-                set = set.with(ERROR_TYPE_KEY, name.as_str().into());
-            }
+            // The call's own attributes, its later values winning, as its series has them.
+            let unique = unique_pairs(&self.dynamic);
+            let meter = self.core.attributes();
+            let merged;
+            let key = match CallKey::new(meter, &unique, name.as_deref()) {
+                Some(key) => key,
+                None => {
+                    // A call attribute that is also the meter's: the merge decides.
+                    merged = match &name {
+                        Some(name) => meter
+                            .merged(unique.iter().cloned())
+                            .with(ERROR_TYPE_KEY, name.as_str().into()),
+                        None => meter.merged(unique.iter().cloned()),
+                    };
+                    CallKey::whole(&merged)
+                }
+            };
             for (histogram, value) in &measured_values {
-                histogram.record_in(&set, *value);
+                histogram.record_in(&key, *value);
             }
         }
         Ok(())
