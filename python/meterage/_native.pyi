@@ -248,6 +248,8 @@ class ExportState:
         point_classes: Mapping[str, Any],
         attached_ns: int | None = None,
         process_only: bool = False,
+        estimated_metrics: Mapping[str, tuple[str, str, str, list[tuple[str, str]]]] | None = None,
+        aliases: Mapping[str, list[tuple[str, str, str, str, list[float]]]] | None = None,
     ) -> Self: ...
     @property
     def series_count(self) -> int: ...
