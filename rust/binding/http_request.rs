@@ -24,9 +24,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use pyo3::{ffi, intern, PyTraverseError, PyTypeInfo, PyVisit};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Methods the HTTP conventions name; any other is `_OTHER`.
 const KNOWN_METHODS: [&str; 10] = [
@@ -37,7 +36,20 @@ const OTHER_METHOD: &str = "_OTHER";
 /// sending made-up schemes or versions gets there) Python makes the meter each time.
 const MAX_METERS: usize = 256;
 
-type MeterKey = (&'static str, String, Option<String>);
+/// A meter of requests with one method, scheme and protocol version.
+struct KeptMeter {
+    method: &'static str,
+    scheme: String,
+    version: Option<String>,
+    core: Arc<MeterCore>,
+}
+
+/// The attribute keys every request sets, made once.
+fn key(cell: &'static OnceLock<Arc<str>>, name: &str) -> Arc<str> {
+    Arc::clone(cell.get_or_init(|| Arc::from(name)))
+}
+static ROUTE_KEY: OnceLock<Arc<str>> = OnceLock::new();
+static STATUS_KEY: OnceLock<Arc<str>> = OnceLock::new();
 
 /// What a request's `send` and `receive` saw.
 #[derive(Default)]
@@ -55,7 +67,7 @@ pub struct HttpMeter {
     other: Py<PyAny>,
     /// `meter_for(method, scheme, version) -> MeterCore`: Python makes (and checks) meters.
     meter_for: Py<PyAny>,
-    meters: Mutex<HashMap<MeterKey, Arc<MeterCore>>>,
+    meters: Mutex<Vec<KeptMeter>>,
     request_size: Py<PyHistogram>,
     response_size: Py<PyHistogram>,
     /// The user's function of the scope giving more attributes, if any.
@@ -92,10 +104,9 @@ fn item<'py>(
     }
 }
 
-fn text(value: Option<Bound<'_, PyAny>>) -> Option<String> {
-    let value = value?;
-    let text = value.cast::<PyString>().ok()?;
-    text.to_str().ok().map(str::to_owned)
+fn text<'a>(value: &'a Option<Bound<'_, PyAny>>) -> Option<&'a str> {
+    let text = value.as_ref()?.cast::<PyString>().ok()?;
+    text.to_str().ok()
 }
 
 /// The length of a message's `body` (bytes, or anything with a length), 0 if none.
@@ -114,26 +125,28 @@ impl HttpMeter {
         &self,
         py: Python<'_>,
         method: &'static str,
-        scheme: String,
-        version: Option<String>,
+        scheme: &str,
+        version: Option<&str>,
     ) -> PyResult<Arc<MeterCore>> {
-        let key = (method, scheme, version);
-        if let Some(core) = self
-            .meters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
         {
-            return Ok(Arc::clone(core));
+            let meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+            let kept = meters.iter().find(|kept| {
+                kept.method == method && kept.scheme == scheme && kept.version.as_deref() == version
+            });
+            if let Some(kept) = kept {
+                return Ok(Arc::clone(&kept.core));
+            }
         }
-        let made = self
-            .meter_for
-            .bind(py)
-            .call1((key.0, key.1.as_str(), key.2.as_deref()))?;
+        let made = self.meter_for.bind(py).call1((method, scheme, version))?;
         let core = Arc::clone(&made.cast::<PyMeterCore>()?.get().core);
         let mut meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
         if meters.len() < MAX_METERS {
-            meters.insert(key, Arc::clone(&core));
+            meters.push(KeptMeter {
+                method,
+                scheme: scheme.to_owned(),
+                version: version.map(str::to_owned),
+                core: Arc::clone(&core),
+            });
         }
         Ok(core)
     }
@@ -158,7 +171,7 @@ impl HttpMeter {
             app,
             other,
             meter_for,
-            meters: Mutex::new(HashMap::new()),
+            meters: Mutex::new(Vec::new()),
             request_size,
             response_size,
             attributes_of,
@@ -184,11 +197,11 @@ impl HttpMeter {
         if !is_http {
             return this.other.bind(py).call1((scope, receive, send));
         }
-        let method = text(item(scope, intern!(py, "method"))?)
-            .map_or(OTHER_METHOD, |method| known_method(&method));
-        let scheme = text(item(scope, intern!(py, "scheme"))?).unwrap_or_else(|| "http".to_owned());
-        let version = text(item(scope, intern!(py, "http_version"))?);
-        let core = this.meter(py, method, scheme, version)?;
+        let method = item(scope, intern!(py, "method"))?;
+        let method = text(&method).map_or(OTHER_METHOD, known_method);
+        let scheme = item(scope, intern!(py, "scheme"))?;
+        let version = item(scope, intern!(py, "http_version"))?;
+        let core = this.meter(py, method, text(&scheme).unwrap_or("http"), text(&version))?;
         let mut open = OpenCall::new(core);
         open.start_now(super::spans::traced_now(py));
         let probed = open.is_probed();
@@ -518,7 +531,7 @@ impl RequestSteps {
                     if let Ok(route) = route.cast::<PyString>() {
                         if let Ok(route) = route.to_str() {
                             pairs.push((
-                                Arc::from("http.route"),
+                                key(&ROUTE_KEY, "http.route"),
                                 AttributeValue::Str(Arc::from(route)),
                             ));
                         }
@@ -528,7 +541,7 @@ impl RequestSteps {
         }
         if status >= 0 {
             pairs.push((
-                Arc::from("http.response.status_code"),
+                key(&STATUS_KEY, "http.response.status_code"),
                 AttributeValue::Int(status),
             ));
             if error_type.is_none() && status >= 500 {
