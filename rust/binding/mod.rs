@@ -10,6 +10,7 @@ mod gpu;
 mod group;
 mod guard;
 mod host;
+mod http_meters;
 mod http_request;
 mod instruments;
 mod meter;
