@@ -302,10 +302,10 @@ impl OpenCall {
 
 /// Runs `work` as a step of `call` in this thread, the call current meanwhile; after the
 /// call ended, just runs it.
-pub fn run_step<'py>(
+pub fn run_step<'py, T>(
     call: &Bound<'py, OpenCall>,
-    work: impl FnOnce() -> PyResult<Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
+    work: impl FnOnce() -> PyResult<T>,
+) -> PyResult<T> {
     let py = call.py();
     if !super::guard::stack_has_room() {
         return Err(PyErr::fetch(py));
