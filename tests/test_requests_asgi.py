@@ -258,3 +258,27 @@ def test_a_client_that_goes_away_leaves_no_request_in_flight(service) -> None:
             1,
         )
     ]
+
+
+def test_websocket_sessions_are_timed_with_their_messages_each_way(service) -> None:
+    servers.require_modules("websockets")
+    from websockets.sync.client import connect
+
+    for room, count in (("a", 3), ("b", 5)):
+        with connect(f"ws://127.0.0.1:{service.port}/ws/{room}") as socket:
+            for index in range(count):
+                socket.send(f"hello {index}")
+                assert socket.recv(timeout=10) == socket.recv(timeout=10) == f"hello {index}"
+
+    def both_ended() -> dict[str, Any] | None:
+        found = everything(service.port)
+        return found if sum(s["count"] for s in found["sessions"]) == 2 else None
+
+    state = servers.wait_for(both_ended, what="both websocket sessions to end")
+    (session,) = state["sessions"]
+    assert session["attributes"]["http.route"] == "/ws/{room}"
+    assert session["attributes"]["url.scheme"] == "ws"
+    by_direction = {m["attributes"]["io.direction"]: m["value"] for m in state["messages"]}
+    assert by_direction == {"receive": 8, "send": 16}
+    # Sessions are not requests: http.server.request has none of them.
+    assert not series_of(state["rows"], **{"http.route": "/ws/{room}"})
