@@ -293,6 +293,33 @@ def test_disabled_instrumentations_turn_it_off(disabled: str) -> None:
         assert not [name for name in names if name.startswith("meterage_")], sorted(names)
 
 
+def test_fastapi_request_metrics_are_not_exported_twice() -> None:
+    """FastAPI >= 0.165 records ``http.server.request.duration`` itself whenever a global
+    SDK meter provider is set (opentelemetry-instrument sets one). Where meterage exports
+    the same metric (its alias of the request series), the applications it meters leave
+    FastAPI's off, so that each request is in ``http.server.request.duration`` once;
+    otherwise FastAPI's stays, next to meterage's own ``meterage.call.duration``."""
+    from meterage.integrations import instrumentor
+
+    metrics_port = free_port()
+    with instrumented_uvicorn("plain_fastapi:app", environment(metrics_port=metrics_port)) as app:
+        serving(metrics_port, app)
+        result = load(app.url("/items/7"), N)
+        assert result.ok == N, result.failures
+        expected = {("/items/{item_id}", "200"): N}
+        assert scraped_counts(app, metrics_port, expected) == expected
+        page = page_of(metrics_port)
+        assert page is not None
+        by_scope: collections.Counter[str] = collections.Counter()
+        for sample in samples(page, "http_server_request_duration_seconds_count"):
+            if sample.labels.get("http_route") == "/items/{item_id}":
+                by_scope[sample.labels.get("otel_scope_name", "")] += int(sample.value)
+        if instrumentor._exports_request_duration():
+            assert by_scope == {"meterage": N}
+        else:
+            assert by_scope == {"fastapi": N}
+
+
 def test_an_application_that_meters_itself_is_metered_once() -> None:
     """requests_fastapi.py adds ``MeterageMiddleware(sample=1.0)`` itself and mounts a
     FastAPI application without it: its middleware meters each request (every one probed,

@@ -36,11 +36,12 @@ import functools
 import importlib
 import importlib.abc
 import importlib.machinery
+import inspect
 import logging
 import sys
 import threading
 import types
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 # The module's own "type: ignore" hides its contents from mypy.
@@ -56,6 +57,8 @@ __all__ = ["MeterageInstrumentor"]
 
 _log = logging.getLogger("meterage.instrumentor")
 
+#: The semantic conventions' request duration histogram.
+REQUEST_DURATION = "http.server.request.duration"
 #: The Django middleware naming each request's route.
 ROUTE_MIDDLEWARE = "meterage.integrations.django.RouteMiddleware"
 #: What a Django handler keeps its meterage middleware under.
@@ -225,8 +228,8 @@ def _is_opentelemetry(entry: Any) -> bool:
 
 def _with_meterage(middleware: list[Any]) -> list[Any]:
     """The application's middleware list with meterage's outermost, but inside
-    OpenTelemetry's own ASGI middleware (so that its server span holds the request's
-    call)."""
+    OpenTelemetry's own ASGI middleware (so that the request's call runs in its server
+    span)."""
     from starlette.middleware import Middleware
 
     position = 0
@@ -265,8 +268,60 @@ def _starlette(module: types.ModuleType) -> None:
 
 
 def _fastapi(module: types.ModuleType) -> None:
+    fastapi = module.FastAPI
     # FastAPI builds its stack itself (it does not call Starlette's).
-    _hook_builder(module.FastAPI)
+    _hook_builder(fastapi)
+    if _exports_request_duration() and _has_telemetry_setting(fastapi):
+        _no_fastapi_request_metrics(fastapi)
+
+
+def _exports_request_duration() -> bool:
+    """Whether meterage exports its request series also as ``http.server.request.duration``
+    (a semantic-convention alias of the bridge, ``meterage.otel._names.ALIASES``)."""
+    try:
+        from meterage.otel import _names
+    except ImportError:  # no SDK: nothing is exported
+        return False
+    aliases = getattr(_names, "ALIASES", None)
+    if not isinstance(aliases, Mapping):
+        return False
+    return any(
+        getattr(alias, "name", None) == REQUEST_DURATION
+        for alias in aliases.get(_http.OPERATION, ())
+    )
+
+
+def _has_telemetry_setting(fastapi: Any) -> bool:
+    try:
+        return "telemetry" in inspect.signature(fastapi.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _no_fastapi_request_metrics(fastapi: Any) -> None:
+    """FastAPI >= 0.165 records ``http.server.request.duration`` and
+    ``http.server.active_requests`` of its own whenever a global SDK meter provider is set;
+    meterage exports both for the same requests, with the same attributes. Two instruments
+    of one name from two scopes count every request twice in any query that does not tell
+    the scopes apart, and the OpenTelemetry Prometheus exporter puts them in one family
+    whose label names are the first one's (see docs/zero-code.md). So an application made
+    while instrumented gets ``telemetry={"metrics": False}`` (FastAPI's traces and logs stay
+    on), unless it chose ``metrics`` or a ``meter_provider`` for FastAPI itself."""
+    original = fastapi.__dict__["__init__"]
+
+    @_wrapping(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        telemetry = kwargs.get("telemetry")
+        if _state.active:
+            if telemetry is None:
+                kwargs["telemetry"] = {"metrics": False}
+            elif isinstance(telemetry, Mapping) and not {"metrics", "meter_provider"} & set(
+                telemetry
+            ):
+                kwargs["telemetry"] = {**telemetry, "metrics": False}
+        original(self, *args, **kwargs)
+
+    _state.replace(fastapi, "__init__", __init__)
 
 
 # --- Flask -----------------------------------------------------------------------------
