@@ -16,6 +16,7 @@ import collections
 import contextlib
 import functools
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -51,6 +52,8 @@ COUNT = "meterage_call_duration_seconds_count"
 SERVICE_NAME = "meterage-instrumentor-test"
 #: Requests per route.
 N = 6
+#: FastAPI >= 0.165 has telemetry of its own, on whenever a global SDK provider is set.
+FASTAPI_TELEMETRY = importlib.util.find_spec("fastapi.telemetry") is not None
 
 #: Route -> (the paths sent, the expected (http.route, status) of each): plain_fastapi.py.
 FASTAPI_ROUTES = {
@@ -282,7 +285,9 @@ def test_disabled_instrumentations_turn_it_off(disabled: str) -> None:
 
         def fastapi_counted() -> str | None:
             page = page_of(metrics_port)
-            counted = page is not None and any(
+            if page is None or not FASTAPI_TELEMETRY:
+                return page
+            counted = any(
                 s.labels.get("http_route") == "/items/{item_id}" and s.value == N
                 for s in samples(page, "http_server_request_duration_seconds_count")
             )
@@ -317,7 +322,7 @@ def test_fastapi_request_metrics_are_not_exported_twice() -> None:
         if instrumentor._exports_request_duration():
             assert by_scope == {"meterage": N}
         else:
-            assert by_scope == {"fastapi": N}
+            assert by_scope == ({"fastapi": N} if FASTAPI_TELEMETRY else {})
 
 
 def test_an_application_that_meters_itself_is_metered_once() -> None:
@@ -382,13 +387,13 @@ def test_gunicorn_flask_workers_push_their_requests_over_otlp() -> None:
             with contextlib.suppress(pytest.fail.Exception):
                 wait_for(arrived, what="the pushed requests", timeout=15, servers=[app.server])
             assert seen == expected
-            # Each worker pushed its own: both served some (sync workers, 2 of them).
+            # Each process pushes with its own service.instance.id: the master's, each worker's.
             instances = {
                 resource.get("service.instance.id")
                 for request in receiver.requests
                 for resource in resources(request)
             }
-            assert len(instances) >= 2, instances
+            assert len(instances) == 3, instances
 
 
 @pytest.mark.parametrize(
