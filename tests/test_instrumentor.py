@@ -339,7 +339,7 @@ def test_an_application_that_meters_itself_is_metered_once() -> None:
             assert result.ok == N, result.failures
         expected = {("/api/items/{item_id}", "200"): N, ("/sub/things/{thing_id}", "200"): N}
         assert scraped_counts(app, metrics_port, expected) == expected
-        charged = json.loads(servers.http_get(app.url("/charged"), timeout=10))
+        charged = json.loads(servers.http_get(app.url("/charged"), timeout=10))["rows"]
         rows = {row["attributes"].get("http.route"): row for row in charged}
         assert rows["/api/items/{item_id}"]["sampled"] == N  # the app's own sample=1.0
 
@@ -379,21 +379,24 @@ def test_gunicorn_flask_workers_push_their_requests_over_otlp() -> None:
 
             seen: dict[tuple[str, str], int] = {}
 
+            def instances() -> set[Any]:
+                return {
+                    resource.get("service.instance.id")
+                    for request in receiver.requests
+                    for resource in resources(request)
+                }
+
             def arrived() -> bool:
                 nonlocal seen
                 seen = pushed()
-                return seen == expected
+                # The master pushes too (on its own interval): wait for its first push.
+                return seen == expected and len(instances()) == 3
 
             with contextlib.suppress(pytest.fail.Exception):
                 wait_for(arrived, what="the pushed requests", timeout=15, servers=[app.server])
             assert seen == expected
             # Each process pushes with its own service.instance.id: the master's, each worker's.
-            instances = {
-                resource.get("service.instance.id")
-                for request in receiver.requests
-                for resource in resources(request)
-            }
-            assert len(instances) == 3, instances
+            assert len(instances()) == 3, instances()
 
 
 @pytest.mark.parametrize(

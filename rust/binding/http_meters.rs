@@ -5,10 +5,11 @@
 
 use super::instruments::PyHistogram;
 use super::meter::PyMeterCore;
-use super::open_call::OpenCall;
+use super::open_call::{current_var, OpenCall};
 use super::steps::borrow_call;
 use crate::aggregate::attributes::AttributeValue;
 use crate::aggregate::call::{MeterCore, StepStart};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3::{PyTraverseError, PyVisit};
@@ -163,9 +164,20 @@ impl RequestMeters {
         call.start_now(py, super::spans::traced_now(py));
         let call = Bound::new(py, call)?;
         if let Some(attributes_of) = &self.attributes_of {
-            let extra = attributes_of.bind(py).call1((request,))?;
-            if !extra.is_none() {
-                call.call_method1(pyo3::intern!(py, "set_attributes"), (extra,))?;
+            let set = attributes_of.bind(py).call1((request,)).and_then(|extra| {
+                if !extra.is_none() {
+                    call.call_method1(pyo3::intern!(py, "set_attributes"), (extra,))?;
+                }
+                Ok(())
+            });
+            if let Err(error) = set {
+                // The request fails with the error of the user's function: its call ends
+                // with it (it must not stay in flight).
+                let error_type = super::steps::ending_error(py, &error).ok().flatten();
+                if let Ok(mut open) = borrow_call(&call) {
+                    open.end(error_type.as_deref(), Vec::new(), &[]);
+                }
+                return Err(error);
             }
         }
         Ok(call)
@@ -223,4 +235,25 @@ impl RequestMeters {
         }
         Ok(())
     }
+}
+
+/// Whether a meterage request or websocket call is open here: a request that an outer
+/// meterage middleware meters (an application mounted in another, or wrapped twice).
+pub fn metered_already(py: Python<'_>) -> bool {
+    let Ok(var) = current_var(py) else {
+        return false;
+    };
+    let Ok(current) = var.bind(py).call_method0(intern!(py, "get")) else {
+        return false;
+    };
+    let Ok(call) = current.cast::<OpenCall>() else {
+        return false;
+    };
+    call.try_borrow().is_ok_and(|call| {
+        !call.finished
+            && matches!(
+                call.core.operation_name(),
+                "http.server.request" | "websocket.server.session"
+            )
+    })
 }

@@ -9,7 +9,9 @@
 //! `CONTENT_LENGTH`. The call ends when the body is closed (WSGI servers must close it;
 //! one dropped unclosed ends then), or when the application or its body raises.
 
-use super::http_meters::{item, known_method, text, RequestMeters, Seen, OTHER_METHOD};
+use super::http_meters::{
+    item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
+};
 use super::instruments::PyHistogram;
 use super::open_call::{run_step, OpenCall};
 use super::steps::ending_error;
@@ -82,6 +84,10 @@ impl WsgiMeter {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let this = slf.get();
+        if metered_already(py) {
+            // An outer meterage middleware meters this request: it is one call.
+            return this.app.bind(py).call1((environ, start_response));
+        }
         let method = item(environ, intern!(py, "REQUEST_METHOD"))?;
         let method = text(&method).map_or(OTHER_METHOD, known_method);
         let scheme = item(environ, intern!(py, "wsgi.url_scheme"))?;
