@@ -693,3 +693,76 @@ def test_the_process_that_takes_the_port_serves_the_groups_numbers_from_its_firs
     )
     assert seen["last"] == 7.0
     assert set(seen["served"]) <= {7.0}, f"pages served before meterage was attached: {seen}"
+
+
+def test_a_pushing_reader_of_an_attached_provider_pushes_the_group_once() -> None:
+    # opentelemetry-instrument's configurator (or an application's own provider) pushes
+    # OTLP from every process: the group's series must go out from one of them only.
+    seen = run(
+        """
+        import meterage.otel
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import (
+            MetricExporter, MetricExportResult, PeriodicExportingMetricReader,
+        )
+
+        class Counting(MetricExporter):
+            def __init__(self, write):
+                super().__init__()
+                self.write = write
+            def export(self, data, timeout_millis=10_000, **kwargs):
+                calls = sum(
+                    point.count
+                    for resource in data.resource_metrics
+                    for scope in resource.scope_metrics
+                    for metric in scope.metrics
+                    if metric.name == "meterage.call.duration"
+                    for point in metric.data.data_points
+                    if point.attributes.get("meterage.operation") == "mp.push"
+                )
+                os.write(self.write, f"{os.getpid()} {calls}\\n".encode())
+                return MetricExportResult.SUCCESS
+            def force_flush(self, timeout_millis=10_000):
+                return True
+            def shutdown(self, timeout_millis=30_000, **kwargs):
+                pass
+
+        work = meterage.meter("mp.push")(lambda: None)
+        pushes_read, pushes_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        go_read, go_write = os.pipe()
+
+        def push_from_here():
+            reader = PeriodicExportingMetricReader(
+                Counting(pushes_write), export_interval_millis=10**9
+            )
+            provider = MeterProvider(metric_readers=[reader])
+            meterage.otel.attach(provider, process=False, spans=False)
+            return provider
+
+        child = os.fork()
+        if child == 0:
+            for _ in range(5):
+                work()
+            os.write(ready_write, b"x")
+            os.read(go_read, 1)  # after the parent has pushed
+            provider = push_from_here()
+            provider.force_flush()
+            os._exit(0)
+        os.read(ready_read, 1)
+        for _ in range(5):
+            work()
+        provider = push_from_here()
+        provider.force_flush()  # the first to push holds the lease
+        os.write(go_write, b"x")
+        os.waitpid(child, 0)
+        os.close(pushes_write)
+        lines = b""
+        while chunk := os.read(pushes_read, 4096):
+            lines += chunk
+        pushes = {int(pid): int(calls) for pid, calls in (l.split() for l in lines.splitlines())}
+        done(parent=pushes.get(os.getpid()), child=pushes.get(child), processes=len(pushes))
+        """
+    )
+    # Both processes pushed; only the lease holder carried the group's 10 calls.
+    assert seen == {"parent": 10, "child": 0, "processes": 2}
