@@ -9,7 +9,6 @@ use super::open_call::{current_var, OpenCall};
 use super::steps::borrow_call;
 use crate::aggregate::attributes::AttributeValue;
 use crate::aggregate::call::{MeterCore, StepStart};
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3::{PyTraverseError, PyVisit};
@@ -243,8 +242,18 @@ pub fn metered_already(py: Python<'_>) -> bool {
     let Ok(var) = current_var(py) else {
         return false;
     };
-    let Ok(current) = var.bind(py).call_method0(intern!(py, "get")) else {
-        return false;
+    let mut value: *mut pyo3::ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: a live ContextVar; on success `value` is a new reference or NULL (unset: the
+    // default is None, so NULL does not happen), on failure an error is set and cleared.
+    let current = unsafe {
+        if pyo3::ffi::PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &mut value) < 0 {
+            pyo3::ffi::PyErr_Clear();
+            return false;
+        }
+        if value.is_null() {
+            return false;
+        }
+        Bound::from_owned_ptr(py, value)
     };
     let Ok(call) = current.cast::<OpenCall>() else {
         return false;
