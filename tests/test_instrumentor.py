@@ -21,15 +21,14 @@ import json
 import os
 import re
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import scenario
 import servers
-from servers import APPS, PYTHON, Service, free_port, load, running, wait_for
+from servers import APPS, Service, free_port, load, wait_for
 
 servers.require_modules(
     "opentelemetry.instrumentation",
@@ -121,59 +120,16 @@ def environment(
     return environ
 
 
-@contextlib.contextmanager
-def instrumented_uvicorn(app: str, env: Mapping[str, str]) -> Iterator[Service]:
+def instrumented_uvicorn(app: str, env: Mapping[str, str]) -> Any:
     """``opentelemetry-instrument python -m uvicorn app`` (one process) on a free port."""
-    port = free_port()
-    argv = [
-        instrument_command(),
-        PYTHON,  # a path: opentelemetry-instrument looks a bare name up on PATH
-        "-m",
-        "uvicorn",
-        app,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--app-dir",
-        str(APPS),
-        "--no-access-log",
-        "--timeout-graceful-shutdown",
-        "2",
-    ]
-    with running("uvicorn", argv, env=env, ready_url=f"http://127.0.0.1:{port}/") as server:
-        yield Service(server, port)
+    return servers.uvicorn(app, env=env, launcher=[instrument_command()])
 
 
-@contextlib.contextmanager
-def instrumented_gunicorn(app: str, env: Mapping[str, str], *, workers: int) -> Iterator[Service]:
+def instrumented_gunicorn(app: str, env: Mapping[str, str], *, workers: int) -> Any:
     """``opentelemetry-instrument python -m gunicorn app`` with ``workers`` sync workers:
     OpenTelemetry's initialization (its configurator, then the instrumentors) runs in the
     master, which forks the workers."""
-    port = free_port()
-    argv = [
-        instrument_command(),
-        PYTHON,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        str(workers),
-        "--worker-class",
-        "sync",
-        "--pythonpath",
-        str(APPS),
-        "--graceful-timeout",
-        "2",
-        app,
-    ]
-    with tempfile.TemporaryDirectory(prefix="meterage-gunicorn-run-") as runtime:
-        environ = {**env, "XDG_RUNTIME_DIR": runtime}  # gunicorn's control socket: its own
-        with running(
-            "gunicorn", argv, env=environ, ready_url=f"http://127.0.0.1:{port}/"
-        ) as server:
-            yield Service(server, port)
+    return servers.gunicorn(app, workers=workers, env=env, launcher=[instrument_command()])
 
 
 # --- what was sent, what came back -----------------------------------------------------
