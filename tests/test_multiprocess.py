@@ -260,6 +260,74 @@ def test_custom_instruments_and_dynamic_attributes_are_summed() -> None:
     assert seen["blocks"] == [[0, 10], [1, 10], [2, 10]]
 
 
+def test_a_histograms_boundaries_reach_a_process_that_never_made_it() -> None:
+    # The reading process never makes the histogram: it learns its boundaries from the
+    # live members' directories and from the folded totals of one that exited, as it does
+    # its unit. A member that made it without boundaries is summed in and exported with
+    # the group's.
+    seen = run(
+        """
+        import bisect
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        import meterage.otel
+
+        waits = meterage.BOUNDARIES["queue.wait"]
+        values = [0.005, 0.0051, 0.0049, 60.0, 60.01, 3600.0, 3600.5]
+
+        def child(boundaries, queue, hold):
+            ready_read, ready_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                waited = meterage.histogram("mp.wait", unit="s", boundaries=boundaries)
+                for value in values:
+                    waited.record(value, {"queue": queue})
+                os.write(ready_write, b"x")
+                if hold is not None:
+                    os.read(hold, 1)  # alive until the parent has read the group
+                os._exit(0)
+            os.read(ready_read, 1)
+            return pid
+
+        hold_read, hold_write = os.pipe()
+        gone = child(waits, "gone", None)
+        os.waitpid(gone, 0)
+        live = [child(waits, "live", hold_read), child(None, "plain", hold_read)]
+
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        meterage.otel.attach(provider, process=False, spans=False, host=False)
+
+        def exported():
+            data = reader.get_metrics_data()
+            return {
+                point.attributes["queue"]: (list(point.explicit_bounds), list(point.bucket_counts))
+                for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                if m.name == "mp.wait" for point in m.data.data_points
+            }
+
+        while_live = exported()
+        os.write(hold_write, b"xx")
+        for pid in live:
+            os.waitpid(pid, 0)
+        all_gone = exported()
+        expected = [0] * (len(waits) + 1)
+        for value in values:
+            expected[bisect.bisect_left(waits, value)] += 1
+        units = {s.unit for s in meterage.snapshot() if s.operation == "mp.wait"}
+        meterage.otel.detach(provider)
+        done(while_live=while_live, all_gone=all_gone, waits=list(waits), expected=expected,
+             units=sorted(units))
+        """
+    )
+    for exported in (seen["while_live"], seen["all_gone"]):
+        assert sorted(exported) == ["gone", "live", "plain"]
+        for bounds, counts in exported.values():
+            assert bounds == seen["waits"]
+            assert counts == seen["expected"]
+    assert seen["units"] == ["s"]
+
+
 def test_multiprocessing_pool_fork_and_spawn() -> None:
     seen = run(
         """
