@@ -198,8 +198,8 @@ if hasattr(inspect, "markcoroutinefunction"):
     inspect.markcoroutinefunction(MeterageMiddleware.__call__)
 else:
 
-    async def _call(self: MeterageMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._requests(scope, receive, send)
+    async def _call(self: MeterageMiddleware, scope: Scope, receive: Receive, send: Send) -> Any:
+        return await self._requests(scope, receive, send)  # the application's own outcome
 
     _call.__doc__ = MeterageMiddleware.__call__.__doc__
     _call.__qualname__ = MeterageMiddleware.__call__.__qualname__
