@@ -81,13 +81,18 @@ def test_a_request_that_sleeps_is_charged_almost_nothing(service) -> None:
 
 
 def test_a_write_through_to_thread_is_charged_its_bytes(service) -> None:
+    # A first request may write more of its own: the first use of a module writes its
+    # .pyc in a fresh environment, in that request's thread. Counted from after it.
+    assert request(service.port, "/write")[0] == 200
+    before = settled(service.port, 1, **{"http.route": "/write"})["io_write"]
     result = servers.load(service.url("/write"), REQUESTS, concurrency=CONCURRENCY)
     assert result.ok == REQUESTS, result.failures
-    row = settled(service.port, REQUESTS, **{"http.route": "/write"})
-    assert row["count"] == REQUESTS
+    row = settled(service.port, 1 + REQUESTS, **{"http.route": "/write"})
+    assert row["count"] == 1 + REQUESTS
     # Exactly its 64 KiB, plus at most a few bytes of the worker thread waking the event
     # loop up (asyncio's self-pipe), which that thread wrote on the request's behalf.
-    assert REQUESTS * 64 * 1024 <= row["io_write"] <= REQUESTS * (64 * 1024 + 8)
+    written = row["io_write"] - before
+    assert REQUESTS * 64 * 1024 <= written <= REQUESTS * (64 * 1024 + 8), written
 
 
 def test_routes_are_templates_and_unmatched_paths_share_one_series(service) -> None:
