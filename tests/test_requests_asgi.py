@@ -89,10 +89,12 @@ def test_a_write_through_to_thread_is_charged_its_bytes(service) -> None:
     assert result.ok == REQUESTS, result.failures
     row = settled(service.port, 1 + REQUESTS, **{"http.route": "/write"})
     assert row["count"] == 1 + REQUESTS
-    # Exactly its 64 KiB, plus at most a few bytes of the worker thread waking the event
-    # loop up (asyncio's self-pipe), which that thread wrote on the request's behalf.
+    # Its 64 KiB, plus what its own threads wrote on its behalf: a few bytes waking the
+    # event loop up (asyncio's self-pipe), and, under uvloop (uvicorn's loop when it is
+    # installed), the response itself, which uvloop writes to the socket with write(2) in
+    # the request's step (its ~150 bytes of status line, headers and body).
     written = row["io_write"] - before
-    assert REQUESTS * 64 * 1024 <= written <= REQUESTS * (64 * 1024 + 8), written
+    assert REQUESTS * 64 * 1024 <= written <= REQUESTS * (64 * 1024 + 512), written
 
 
 def test_routes_are_templates_and_unmatched_paths_share_one_series(service) -> None:
