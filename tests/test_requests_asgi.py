@@ -195,10 +195,14 @@ def test_body_sizes_are_recorded_in_the_requests_series(service) -> None:
 
 
 def test_a_streamed_response_is_charged_the_work_of_its_chunks(service) -> None:
-    result = servers.load(service.url("/stream"), 8, concurrency=4, timeout=60)
-    assert result.ok == 8
-    row = settled(service.port, 8, **{"http.route": "/stream"})
-    assert BURN_NS <= row["cpu_ns"] / row["count"] <= 1.1 * BURN_NS
+    result = servers.load(service.url("/stream"), 16, concurrency=4, timeout=60)
+    assert result.ok == 16
+    row = settled(service.port, 16, **{"http.route": "/stream"})
+    # Every request burned BURN_NS in its chunks (some in a task Starlette creates to
+    # stream them): charged at least that, the median request within 10% (a garbage
+    # collection in one request's thread is that thread's work, hence the median).
+    assert row["cpu_ns"] / row["count"] >= BURN_NS
+    assert 0.97 * BURN_NS <= row["cpu_median_ns"] <= 1.1 * BURN_NS
 
 
 def test_a_timeout_is_a_failure_and_nothing_stays_in_flight(service) -> None:
