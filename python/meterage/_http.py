@@ -4,8 +4,9 @@ OpenTelemetry's HTTP semantic conventions, and its body-size histograms.
 A request is a call of operation ``http.server.request`` (an ``OpenCall``) whose series
 carries ``http.request.method``, ``url.scheme``, ``network.protocol.version``,
 ``http.route``, ``http.response.status_code`` and, for failures, ``error.type``. Its meter
-is one per method and scheme (its static attributes), so the in-flight count is per
-method and scheme as ``http.server.active_requests`` wants it; the rest are set on the call.
+is one per method, scheme and protocol version (its static attributes), so the in-flight
+count is per method and scheme as ``http.server.active_requests`` wants it; the rest are
+set on the call.
 """
 
 from __future__ import annotations
@@ -19,26 +20,9 @@ from meterage import _native
 OPERATION = "http.server.request"
 #: A websocket session's operation: its duration is the session's, not a request's.
 WEBSOCKET_OPERATION = "websocket.server.session"
-#: Methods the conventions name; any other is reported as ``_OTHER``.
-KNOWN_METHODS = frozenset(
-    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE")
-)
-OTHER_METHOD = "_OTHER"
-
 #: A function of the request (an ASGI scope, a WSGI environ) giving attributes of its own
 #: (a tenant, a plan), or None.
 AttributesOf = Callable[[Any], "Mapping[str, Any] | None"]
-
-
-def method_of(raw: object) -> str:
-    """The ``http.request.method`` value: the method as sent if the conventions know it."""
-    if isinstance(raw, str):
-        if raw in KNOWN_METHODS:
-            return raw
-        upper = raw.upper()
-        if upper in KNOWN_METHODS and upper == raw:
-            return upper
-    return OTHER_METHOD
 
 
 class Middleware:
@@ -133,31 +117,6 @@ class RequestMeters:
         call = self.meter_for(method, scheme, version).call()
         call.start(probe=_native.traced_now())
         return call
-
-    def finish(
-        self,
-        call: _native.OpenCall,
-        status: int | None,
-        error: BaseException | str | None,
-        request_bytes: int,
-        response_bytes: int,
-    ) -> None:
-        """Ends a request's call with its outcome, and records its body sizes in the series
-        of the same attributes."""
-        if status is None:
-            call.finish(
-                error,
-                None,
-                ((self.request_size, request_bytes), (self.response_size, response_bytes)),
-            )
-            return
-        if error is None and status >= 500:
-            error = str(status)
-        call.finish(
-            error,
-            {"http.response.status_code": status},
-            ((self.request_size, request_bytes), (self.response_size, response_bytes)),
-        )
 
 
 def error_type(error: BaseException) -> str:
