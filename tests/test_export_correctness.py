@@ -151,12 +151,18 @@ def test_every_exported_name_is_refused() -> None:
 
         for n in range(20):
             work(n)
-        names = set(metrics(reader)) - {custom_h.name, custom_c.name}
+        # The operations with semantic-convention aliases (one request in flight).
+        with meterage.meter("messaging.process", probes=()):
+            pass
+        with meterage.meter("http.server.request", probes=()):
+            names = set(metrics(reader)) - {custom_h.name, custom_c.name}
     finally:
         meterage.otel.detach(provider)
         provider.shutdown()
         meterage._native.set_active_tracking(False)
     assert {"meterage.call.duration", "meterage.series", "process.cpu.time"} <= names
+    assert {"meterage.call.cpu.time.estimated", "http.server.request.duration"} <= names
+    assert {"http.server.active_requests", "messaging.process.duration"} <= names
     assert any(name.startswith("system.") for name in names)
     accepted = []
     for name in sorted(names):

@@ -20,10 +20,12 @@ REQUESTS = 32
 CONCURRENCY = 16
 
 
-def request(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+def request(
+    port: int, path: str, method: str = "GET", body: bytes | None = None
+) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        connection.request(method, path, headers={"Connection": "close"})
+        connection.request(method, path, body=body, headers={"Connection": "close"})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -31,6 +33,10 @@ def request(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
 
 
 def charged(port: int) -> list[dict[str, Any]]:
+    return everything(port)["rows"]  # type: ignore[no-any-return]
+
+
+def everything(port: int) -> dict[str, Any]:
     status, body = request(port, "/charged")
     assert status == 200
     return json.loads(body)  # type: ignore[no-any-return]
@@ -167,3 +173,68 @@ def test_a_background_task_is_charged_to_its_request(service) -> None:
     )
     (row,) = rows
     assert BURN_NS <= row["cpu_ns"] / 8 <= 1.1 * BURN_NS
+
+
+def test_body_sizes_are_recorded_in_the_requests_series(service) -> None:
+    for size in (0, 1000, 100_000):
+        assert request(service.port, "/upload", "POST", b"z" * size) == (200, str(size).encode())
+    assert request(service.port, "/stream") == (200, b"y" * 4000)
+    sizes = everything(service.port)["sizes"]
+    (uploads,) = [
+        row
+        for row in sizes["http.server.request.body.size"]
+        if row["attributes"].get("http.route") == "/upload"
+    ]
+    assert uploads["count"] == 3 and uploads["sum"] == 101_000
+    assert uploads["attributes"]["http.request.method"] == "POST"
+    (streamed,) = [
+        row
+        for row in sizes["http.server.response.body.size"]
+        if row["attributes"].get("http.route") == "/stream"
+    ]
+    assert streamed["sum"] == 4000 * streamed["count"]
+
+
+def test_a_streamed_response_is_charged_the_work_of_its_chunks(service) -> None:
+    result = servers.load(service.url("/stream"), 8, concurrency=4, timeout=60)
+    assert result.ok == 8
+    (row,) = series_of(charged(service.port), **{"http.route": "/stream"})
+    assert BURN_NS <= row["cpu_ns"] / row["count"] <= 1.1 * BURN_NS
+
+
+def test_a_timeout_is_a_failure_and_nothing_stays_in_flight(service) -> None:
+    assert request(service.port, "/timeout")[0] == 500
+    rows = charged(service.port)
+    (timed_out,) = series_of(rows, **{"http.route": "/timeout"})
+    assert timed_out["attributes"]["error.type"] == "TimeoutError"
+    assert timed_out["attributes"]["http.response.status_code"] == 500
+
+
+def test_a_client_that_goes_away_leaves_no_request_in_flight(service) -> None:
+    import socket
+
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", service.port), timeout=5) as client:
+            client.sendall(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        # closed before the answer: the route goes on, its answer goes nowhere
+    servers.wait_for(
+        lambda: (
+            sum(row["count"] for row in series_of(charged(service.port), **{"http.route": "/slow"}))
+            == 4
+        ),
+        what="the 4 abandoned requests to end",
+        timeout=10,
+    )
+    # In flight: only the /charged request asking, counted on its meter's own series (the
+    # one without a route or status; the finished requests' series count none).
+    active = [(row["attributes"], row["active"]) for row in charged(service.port) if row["active"]]
+    assert active == [
+        (
+            {
+                "http.request.method": "GET",
+                "url.scheme": "http",
+                "network.protocol.version": "1.1",
+            },
+            1,
+        )
+    ]

@@ -109,9 +109,9 @@ class RequestMeters:
             description="Websocket messages received and sent, by direction.",
         )
 
-    def open(self, method: str, scheme: str, version: str | None) -> _native.OpenCall:
-        """A new call of a request with this (already normalized) method, scheme and
-        protocol version, started now; a traced request runs its probes in full."""
+    def meter_for(self, method: str, scheme: str, version: str | None) -> _native.MeterCore:
+        """The meter of requests with this (already normalized) method, scheme and
+        protocol version."""
         key = (method, scheme, version)
         core = self._cores.get(key)
         if core is None:
@@ -121,7 +121,12 @@ class RequestMeters:
             core = self._cores[key] = meterage.meter(
                 self.operation, attributes=static, **self._settings
             )
-        call = core.call()
+        return core
+
+    def open(self, method: str, scheme: str, version: str | None) -> _native.OpenCall:
+        """A new call of a request with this (already normalized) method, scheme and
+        protocol version, started now; a traced request runs its probes in full."""
+        call = self.meter_for(method, scheme, version).call()
         call.start(probe=_native.traced_now())
         return call
 

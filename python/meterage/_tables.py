@@ -67,8 +67,22 @@ def _what_is_measured() -> list[list[str]]:
     return rows
 
 
+#: What meterage.otel adds to a probe measure's metric name for the counter of its
+#: estimated total (``meterage.otel._names.ESTIMATED_SUFFIX``; a test holds them equal).
+_ESTIMATED_SUFFIX = ".estimated"
+
+
 def _exported_metrics() -> list[list[str]]:
-    rows = [["snapshot keys", "OpenTelemetry metric", "unit", "extra attribute", "boundaries"]]
+    rows = [
+        [
+            "snapshot keys",
+            "OpenTelemetry metric",
+            "unit",
+            "extra attribute",
+            "boundaries",
+            "estimated total (counter)",
+        ]
+    ]
     for group in _groups(lambda m: m["metric"]):
         first = group[0]
         attributes = "—"
@@ -83,6 +97,7 @@ def _exported_metrics() -> list[list[str]]:
                 first["unit"],
                 attributes,
                 ", ".join(_number(b, first["unit"]) for b in first["boundaries"]),
+                "—" if first["probe"] == "" else f"`{first['metric']}{_ESTIMATED_SUFFIX}`",
             ]
         )
     return rows

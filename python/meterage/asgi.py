@@ -22,10 +22,11 @@ Starlette and FastAPI (mounts and routers included) and for Django with
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meterage import _handoff, _http, _routes
+from meterage import _handoff, _http, _native, _routes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -98,63 +99,39 @@ class MeterageMiddleware(_http.Middleware):
             probes=probes, sample=sample, budget=budget, operation=_http.WEBSOCKET_OPERATION
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Each HTTP request is handled natively (one awaitable, no Python frame of its
+        # own); every other scope comes back to _other.
+        self._requests = _native.HttpMeter(
+            app,
+            other=self._other,
+            meter_for=self._meters.meter_for,
+            request_size=self._meters.request_size,
+            response_size=self._meters.response_size,
+            attributes_of=self._attributes_of,
+            route_of=_routes.template,
+            on_probed=self._watch_loop,
+        )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") != "http":
-            if scope.get("type") == "websocket":
-                await self._websocket(scope, receive, send)
-            else:  # lifespan, and anything a server may add: not requests
-                await self.app(scope, receive, send)
-            return
-        # One request: kept in this one frame, since every call and closure here is paid
-        # by every request.
-        application = scope.get("app", self.app)
-        call = self._open(scope, _http.method_of(scope.get("method")), self._meters)
-        status: int | None = None
-        received = 0
-        sent = 0
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        awaitable: Awaitable[None] = self._requests(scope, receive, send)
+        return awaitable
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            body = message.get("body")
-            if body:
-                received += len(body)
-            return message
+    def _other(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope.get("type") == "websocket":
+            return self._websocket(scope, receive, send)
+        application: ASGIApp = self.app
+        return application(scope, receive, send)  # lifespan, and anything else: not requests
 
-        def watching_send(message: Message) -> Awaitable[None]:
-            # A plain function handing back the server's awaitable: no frame of its own.
-            nonlocal status, sent
-            kind = message.get("type")
-            if kind == "http.response.body":
-                body = message.get("body")
-                if body:
-                    sent += len(body)
-            elif kind == "http.response.start":
-                status = message.get("status")
-            return send(message)
-
-        error: BaseException | None = None
-        token = _CURRENT.set(call)
-        try:
-            await call.steps(self.app(scope, counting_receive, watching_send))
-        except BaseException as raised:
-            error = raised
-            if status is None and not isinstance(raised, asyncio.CancelledError):
-                status = 500  # the server answers 500 to an application that raised
-            raise
-        finally:
-            _CURRENT.reset(token)
-            self._name_route(call, scope, application)
-            self._meters.finish(
-                call, status if isinstance(status, int) else None, error, received, sent
-            )
-
-    def _open(self, scope: Scope, method: str, meters: _http.RequestMeters) -> Any:
+    def _watch_loop(self) -> None:
+        """Before a probed request's first step: the tasks it creates on this loop are
+        charged to it."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             _handoff.watch_loop(loop)
             self._loop = loop
+
+    def _open(self, scope: Scope, method: str, meters: _http.RequestMeters) -> Any:
+        self._watch_loop()
         version = scope.get("http_version")
         call = meters.open(
             method, scope.get("scheme") or "http", None if version is None else str(version)
@@ -220,3 +197,12 @@ class MeterageMiddleware(_http.Middleware):
             attributes["error.type"] = _http.error_type(error)
         self._sessions.websocket_messages.add(received, {**attributes, "io.direction": "receive"})
         self._sessions.websocket_messages.add(sent, {**attributes, "io.direction": "send"})
+
+
+# Servers and frameworks ask whether an ASGI application is a coroutine function (uvicorn
+# treats one that is not as ASGI 2); __call__ returns an awaitable, as one would.
+if hasattr(inspect, "markcoroutinefunction"):
+    inspect.markcoroutinefunction(MeterageMiddleware.__call__)
+_ASYNCIO_MARK = getattr(asyncio.coroutines, "_is_coroutine", None)  # asyncio < 3.14 asks for it
+if _ASYNCIO_MARK is not None:
+    MeterageMiddleware.__call__._is_coroutine = _ASYNCIO_MARK  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@
 
 use super::attributes::OVERFLOW_KEY;
 use super::attributes::{AttributeSet, AttributeValue, ERROR_TYPE_KEY};
+use super::call_key::CallKey;
 use super::registry::{registry, Operation};
 use super::sampling::{Sampler, SamplingMode};
 use super::series::CallSeries;
@@ -576,6 +577,9 @@ impl MeterCore {
             (true, None) => SeriesRef::Own(self.series()),
             (true, Some(error_type)) => SeriesRef::Found(self.error_series(error_type)),
             (false, error_type) => {
+                if let Some(key) = CallKey::new(&self.attributes, dynamic, error_type) {
+                    return SeriesRef::Found(key.series_in(&self.operation.series));
+                }
                 let mut attributes = self.attributes.merged(dynamic.iter().cloned());
                 if let Some(error_type) = error_type {
                     attributes = attributes.with(ERROR_TYPE_KEY, error_type.into());

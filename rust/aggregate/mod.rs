@@ -4,6 +4,7 @@
 pub mod attributes;
 pub mod boundaries;
 pub mod call;
+pub mod call_key;
 pub mod epoch;
 pub mod exemplars;
 pub mod histogram;

@@ -15,8 +15,8 @@ use crate::aggregate::exemplars::Exemplar;
 use crate::aggregate::histogram::HistogramSnapshot;
 use crate::aggregate::registry::registry;
 use crate::bridge::export::{
-    ExportOptions, ExportState, ExtraAttributes, HistogramLayout, MetricKind, MetricSpec, Point,
-    PointData,
+    Alias, AliasSource, CallMetric, ExportOptions, ExportState, ExtraAttributes, HistogramLayout,
+    MetricKind, MetricSpec, Point, PointData,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
@@ -117,6 +117,18 @@ fn boundaries_of(values: Vec<f64>, what: &str) -> PyResult<Arc<[f64]>> {
 }
 
 type SpecTuple = (String, String, String, Vec<(String, String)>, Vec<f64>);
+/// (name, unit, description, extra attribute pairs): a counter's spec.
+type CounterTuple = (String, String, String, Vec<(String, String)>);
+/// (name, unit, description, source, boundaries): an alias of an operation's call series.
+type AliasTuple = (String, String, String, String, Vec<f64>);
+
+fn extra_attributes(attributes: Vec<(String, String)>) -> ExtraAttributes {
+    attributes
+        .into_iter()
+        .map(|(key, value)| (Arc::from(key), AttributeValue::Str(value.into())))
+        .collect::<Vec<_>>()
+        .into()
+}
 
 fn spec_of(measure: &str, spec: SpecTuple) -> PyResult<MetricSpec> {
     let (name, unit, description, attributes, boundaries) = spec;
@@ -124,13 +136,95 @@ fn spec_of(measure: &str, spec: SpecTuple) -> PyResult<MetricSpec> {
         name: name.into(),
         unit: unit.into(),
         description: description.into(),
-        attributes: attributes
-            .into_iter()
-            .map(|(key, value)| (Arc::from(key), AttributeValue::Str(value.into())))
-            .collect::<Vec<_>>()
-            .into(),
+        attributes: extra_attributes(attributes),
         boundaries: boundaries_of(boundaries, &format!("boundaries of {measure:?}"))?,
     })
+}
+
+/// Each call measure with its histogram and, where `estimated` names one, its
+/// estimated-total counter.
+fn call_metrics_of(
+    histograms: HashMap<String, SpecTuple>,
+    mut estimated: HashMap<String, CounterTuple>,
+) -> PyResult<HashMap<String, CallMetric>> {
+    let metrics = histograms
+        .into_iter()
+        .map(|(measure, spec)| {
+            let histogram = Arc::new(spec_of(&measure, spec)?);
+            let estimated = estimated.remove(&measure).map(|counter| {
+                let (name, unit, description, attributes) = counter;
+                let mut attributes = extra_attributes(attributes);
+                if attributes[..] == histogram.attributes[..] {
+                    // One set: the histogram's and the counter's points share their dict.
+                    attributes = Arc::clone(&histogram.attributes);
+                }
+                Arc::new(MetricSpec {
+                    name: name.into(),
+                    unit: unit.into(),
+                    description: description.into(),
+                    attributes,
+                    boundaries: Arc::from([]),
+                })
+            });
+            Ok((
+                measure,
+                CallMetric {
+                    histogram,
+                    estimated,
+                },
+            ))
+        })
+        .collect::<PyResult<HashMap<_, _>>>()?;
+    if let Some(measure) = estimated.keys().next() {
+        return Err(PyValueError::new_err(format!(
+            "estimated_metrics has {measure:?}, which is not in call_metrics"
+        )));
+    }
+    Ok(metrics)
+}
+
+/// Operation -> its aliases; a source is "active" (the calls in flight) or a measure of
+/// `call_metrics` (its histogram).
+fn aliases_of(
+    aliases: HashMap<String, Vec<AliasTuple>>,
+    call_metrics: &HashMap<String, CallMetric>,
+) -> PyResult<HashMap<String, Arc<[Alias]>>> {
+    aliases
+        .into_iter()
+        .map(|(operation, specs)| {
+            let specs = specs
+                .into_iter()
+                .map(|(name, unit, description, source, boundaries)| {
+                    let source = match &*source {
+                        "active" => AliasSource::Active,
+                        measure if call_metrics.contains_key(measure) => {
+                            AliasSource::Measure(Arc::from(measure))
+                        }
+                        other => {
+                            return Err(PyValueError::new_err(format!(
+                                "alias {name:?} of {operation:?}: source {other:?} is neither \
+                                 \"active\" nor a measure of call_metrics"
+                            )))
+                        }
+                    };
+                    let boundaries =
+                        boundaries_of(boundaries, &format!("boundaries of alias {name:?}"))?;
+                    let spec = MetricSpec {
+                        name: name.into(),
+                        unit: unit.into(),
+                        description: description.into(),
+                        attributes: Arc::from([]),
+                        boundaries,
+                    };
+                    Ok(Alias {
+                        spec: Arc::new(spec),
+                        source,
+                    })
+                })
+                .collect::<PyResult<Vec<_>>>()?;
+            Ok((operation, specs.into()))
+        })
+        .collect()
 }
 
 fn now_unix_ns() -> u64 {
@@ -145,12 +239,17 @@ impl PyExportState {
     /// `call_metrics`: measure name -> (metric name, unit, description, extra attribute
     /// pairs, default boundaries); `active_calls`: (name, unit, description);
     /// `point_classes`: "histogram", "exponential", "number", "buckets" -> (class,
-    /// fill_dict), "exemplar" -> class.
+    /// fill_dict), "exemplar" -> class; `estimated_metrics`: measure name -> (counter
+    /// name, unit, description, extra attribute pairs) of its estimated total;
+    /// `aliases`: operation -> [(name, unit, description, source, boundaries)], source
+    /// "active" (an up-down counter of the calls in flight) or a measure name (its
+    /// histogram).
     #[new]
     #[pyo3(signature = (
         *, delta_histograms, delta_counters, exponential, max_buckets, max_scale,
         boundaries, call_metrics, active_calls, operation_key, default_boundaries,
-        point_classes, attached_ns = None, process_only = false,
+        point_classes, attached_ns = None, process_only = false, estimated_metrics = None,
+        aliases = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -167,6 +266,8 @@ impl PyExportState {
         point_classes: &Bound<'_, PyDict>,
         attached_ns: Option<u64>,
         process_only: bool,
+        estimated_metrics: Option<HashMap<String, CounterTuple>>,
+        aliases: Option<HashMap<String, Vec<AliasTuple>>>,
     ) -> PyResult<Self> {
         let layout = if exponential {
             if max_buckets < 2 {
@@ -185,10 +286,8 @@ impl PyExportState {
                     .transpose()?,
             }
         };
-        let call_metrics = call_metrics
-            .into_iter()
-            .map(|(measure, spec)| Ok((measure.clone(), Arc::new(spec_of(&measure, spec)?))))
-            .collect::<PyResult<HashMap<_, _>>>()?;
+        let call_metrics = call_metrics_of(call_metrics, estimated_metrics.unwrap_or_default())?;
+        let aliases = aliases_of(aliases.unwrap_or_default(), &call_metrics)?;
         let (name, unit, description) = active_calls;
         let active_calls = Arc::new(MetricSpec {
             name: name.into(),
@@ -203,6 +302,7 @@ impl PyExportState {
             layout,
             call_metrics,
             active_calls,
+            aliases,
             operation_key: operation_key.into(),
             default_boundaries: boundaries_of(default_boundaries, "default_boundaries")?,
         };
@@ -317,6 +417,12 @@ struct Builder<'a, 'py> {
     attributes: HashMap<usize, Bound<'py, PyDict>>,
     /// A metric's own attributes as Python (key, value) pairs, by the pairs' address.
     extra_attributes: HashMap<usize, PythonPairs<'py>>,
+    /// A series' dict with a metric's own attributes added, by the addresses of both (the
+    /// points of metrics with the same own attributes share it: a probe measure's
+    /// histogram and its estimated total).
+    merged: HashMap<(usize, usize), Bound<'py, PyDict>>,
+    /// The latest start time made, as Python (the points of a collection mostly share it).
+    start: Option<(u64, Bound<'py, PyAny>)>,
     boundaries: HashMap<usize, Bound<'py, PyTuple>>,
     empty_buckets: Option<Bound<'py, PyAny>>,
 }
@@ -329,6 +435,8 @@ impl<'a, 'py> Builder<'a, 'py> {
             now: now_ns.into_pyobject(py).unwrap().into_any(),
             attributes: HashMap::new(),
             extra_attributes: HashMap::new(),
+            merged: HashMap::new(),
+            start: None,
             boundaries: HashMap::new(),
             empty_buckets: None,
         }
@@ -353,6 +461,9 @@ impl<'a, 'py> Builder<'a, 'py> {
             return Ok(base);
         }
         let address = extra.as_ptr() as usize;
+        if let Some(dict) = self.merged.get(&(set.address(), address)) {
+            return Ok(dict.clone());
+        }
         if !self.extra_attributes.contains_key(&address) {
             let pairs = extra
                 .iter()
@@ -369,7 +480,19 @@ impl<'a, 'py> Builder<'a, 'py> {
         for (key, value) in &self.extra_attributes[&address] {
             dict.set_item(key, value)?;
         }
+        self.merged.insert((set.address(), address), dict.clone());
         Ok(dict)
+    }
+
+    fn start(&mut self, start_ns: u64) -> PyResult<Bound<'py, PyAny>> {
+        if let Some((cached, start)) = &self.start {
+            if *cached == start_ns {
+                return Ok(start.clone());
+            }
+        }
+        let start = start_ns.into_pyobject(self.py)?.into_any();
+        self.start = Some((start_ns, start.clone()));
+        Ok(start)
     }
 
     fn boundaries(&mut self, bounds: &Arc<[f64]>) -> PyResult<Bound<'py, PyTuple>> {
@@ -420,7 +543,7 @@ impl<'a, 'py> Builder<'a, 'py> {
         let attributes = self
             .attributes(&point.attributes, &point.extra_attributes)?
             .into_any();
-        let start = point.start_ns.into_pyobject(py)?.into_any();
+        let start = self.start(point.start_ns)?;
         let exemplars = self.exemplars(&point.exemplars)?.into_any();
         let common = [
             (intern!(py, "attributes"), attributes),

@@ -10,6 +10,7 @@
 use super::convert::{attribute_set, checked_str, BorrowedPairs};
 use super::snapshots::PyHistogramSnapshot;
 use crate::aggregate::attributes::AttributeSet;
+use crate::aggregate::call_key::CallKey;
 use crate::aggregate::histogram::HistogramSnapshot;
 use crate::aggregate::histogram::SCALE;
 use crate::aggregate::registry::{registry, Instrument};
@@ -193,11 +194,9 @@ pub struct PyHistogram(Handle<HistogramSeries>);
 impl PyHistogram {
     /// Records a checked value into the series of an attribute set made natively (a
     /// finished call's, for values measured alongside it).
-    pub fn record_in(&self, attributes: &AttributeSet, value: f64) {
-        self.0
-            .instrument
-            .series
-            .get_or_create(attributes)
+    pub fn record_in(&self, attributes: &CallKey<'_>, value: f64) {
+        attributes
+            .series_in(&self.0.instrument.series)
             .record(value);
     }
 }

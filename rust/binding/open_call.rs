@@ -15,6 +15,7 @@ use super::spans;
 use super::steps::{borrow_call, Steps};
 use crate::aggregate::attributes::ERROR_TYPE_KEY;
 use crate::aggregate::call::{MeterCore, SteppedCall};
+use crate::aggregate::call_key::CallKey;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -64,6 +65,53 @@ impl OpenCall {
         }
     }
 
+    /// Ends the call once with these last attributes, and records `values` in the series
+    /// of its final attributes (its error type included).
+    pub fn end(&mut self, error_type: Option<&str>, pairs: Pairs, values: &[(&PyHistogram, f64)]) {
+        if self.finished {
+            return;
+        }
+        self.dynamic.extend(pairs);
+        self.finish_stepped(error_type);
+        if values.is_empty() {
+            return;
+        }
+        // The call's own attributes, its later values winning, as its series has them.
+        let unique = unique_pairs(&self.dynamic);
+        let meter = self.core.attributes();
+        let merged;
+        let key = match CallKey::new(meter, &unique, error_type) {
+            Some(key) => key,
+            None => {
+                // A call attribute that is also the meter's: the merge decides.
+                merged = match error_type {
+                    Some(name) => meter
+                        .merged(unique.iter().cloned())
+                        .with(ERROR_TYPE_KEY, name.into()),
+                    None => meter.merged(unique.iter().cloned()),
+                };
+                CallKey::whole(&merged)
+            }
+        };
+        for (histogram, value) in values {
+            histogram.record_in(&key, *value);
+        }
+    }
+
+    /// Starts the clock and decides sampling (`probe`: run the probes in any case).
+    pub fn start_now(&mut self, probe: bool) {
+        self.core.start_stepped(&mut self.stepped, probe);
+    }
+
+    pub fn is_probed(&self) -> bool {
+        self.stepped.is_probed()
+    }
+
+    /// Whether the call's own attributes (not the meter's) have `key` already.
+    pub fn has_own(&self, key: &str) -> bool {
+        self.dynamic.iter().any(|(name, _)| &**name == key)
+    }
+
     fn add_attributes(&mut self, pairs: Pairs) -> PyResult<()> {
         if self.finished {
             return Err(PyRuntimeError::new_err(format!(
@@ -74,6 +122,25 @@ impl OpenCall {
         self.dynamic.extend(pairs);
         Ok(())
     }
+}
+
+/// The pairs with each key once, its last value kept (a borrowed copy when none repeats).
+fn unique_pairs(pairs: &Pairs) -> std::borrow::Cow<'_, Pairs> {
+    let repeats = pairs
+        .iter()
+        .enumerate()
+        .any(|(index, (key, _))| pairs[..index].iter().any(|(earlier, _)| earlier == key));
+    if !repeats {
+        return std::borrow::Cow::Borrowed(pairs);
+    }
+    let mut unique: Pairs = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        match unique.iter_mut().find(|(kept, _)| kept == key) {
+            Some(kept) => kept.1 = value.clone(),
+            None => unique.push((key.clone(), value.clone())),
+        }
+    }
+    std::borrow::Cow::Owned(unique)
 }
 
 /// The `error.type` an end names: an exception class, an exception, or a str as it is.
@@ -208,7 +275,7 @@ impl OpenCall {
 
     /// Whether the call's own attributes (not the meter's) have `key` already.
     fn has_attribute(&self, key: &str) -> bool {
-        self.dynamic.iter().any(|(name, _)| &**name == key)
+        self.has_own(key)
     }
 
     /// Ends the call once: `error` is what it failed with (an exception, its class, or an
@@ -241,17 +308,11 @@ impl OpenCall {
                 measured_values.push((histogram, measurement("histogram values", &value)?));
             }
         }
-        self.dynamic.extend(pairs);
-        self.finish_stepped(name.as_deref());
-        if !measured_values.is_empty() {
-            let mut set = self.core.attributes().merged(self.dynamic.iter().cloned());
-            if let Some(name) = &name {
-                set = set.with(ERROR_TYPE_KEY, name.as_str().into());
-            }
-            for (histogram, value) in &measured_values {
-                histogram.record_in(&set, *value);
-            }
-        }
+        let values: Vec<(&PyHistogram, f64)> = measured_values
+            .iter()
+            .map(|(histogram, value)| (&**histogram, *value))
+            .collect();
+        self.end(name.as_deref(), pairs, &values);
         Ok(())
     }
 

@@ -46,14 +46,14 @@ pub fn borrow_call<'py>(call: &'py Bound<'py, OpenCall>) -> PyResult<PyRefMut<'p
 }
 
 /// What one step of the inner iterator gave.
-enum Outcome<'py> {
+pub(super) enum Outcome<'py> {
     Yielded(Bound<'py, PyAny>),
     Returned(Bound<'py, PyAny>),
 }
 
 /// Coroutines, generators and asend/athrow objects step with send(); other awaitables
 /// (futures) give their iterator through __await__.
-fn step_target<'py>(awaitable: &Bound<'py, PyAny>) -> PyResult<Py<PyAny>> {
+pub(super) fn step_target<'py>(awaitable: &Bound<'py, PyAny>) -> PyResult<Py<PyAny>> {
     let py = awaitable.py();
     // SAFETY: type checks on a live object.
     let native = unsafe {
@@ -69,7 +69,10 @@ fn step_target<'py>(awaitable: &Bound<'py, PyAny>) -> PyResult<Py<PyAny>> {
 
 /// `inner.send(value)` through `PyIter_Send`: no method lookup, and a return comes back as
 /// a value rather than a StopIteration to catch.
-fn send_into<'py>(inner: &Bound<'py, PyAny>, value: &Bound<'py, PyAny>) -> PyResult<Outcome<'py>> {
+pub(super) fn send_into<'py>(
+    inner: &Bound<'py, PyAny>,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<Outcome<'py>> {
     let py = inner.py();
     let mut result: *mut ffi::PyObject = std::ptr::null_mut();
     // SAFETY: both objects are alive; PyIter_Send stores a new reference in `result` for
@@ -89,7 +92,7 @@ fn send_into<'py>(inner: &Bound<'py, PyAny>, value: &Bound<'py, PyAny>) -> PyRes
 }
 
 /// The `error.type` of an exception that ended a call (None: StopIteration, a normal end).
-fn ending_error(py: Python<'_>, error: &PyErr) -> PyResult<Option<String>> {
+pub(super) fn ending_error(py: Python<'_>, error: &PyErr) -> PyResult<Option<String>> {
     if error.is_instance_of::<PyStopIteration>(py) {
         return Ok(None);
     }

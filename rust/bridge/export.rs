@@ -29,6 +29,36 @@ pub struct MetricSpec {
     pub boundaries: Arc<[f64]>,
 }
 
+/// How one call measure is exported: as a histogram and, for a probe measure, also as a
+/// monotonic counter of its estimated total over all calls.
+#[derive(Clone, Debug)]
+pub struct CallMetric {
+    pub histogram: Arc<MetricSpec>,
+    /// The counter of the measure's Horvitz–Thompson total (each probed value weighted by
+    /// 1/p, so it sums over every call, probed or not). None for the duration: every call
+    /// is timed, so its histogram's sum is already the total.
+    pub estimated: Option<Arc<MetricSpec>>,
+}
+
+/// What an alias metric reports of a call series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AliasSource {
+    /// The histogram of this measure (`duration`): the same counts as the measure's own
+    /// metric, in the alias's boundaries.
+    Measure(Arc<str>),
+    /// The calls in flight, as an up-down counter.
+    Active,
+}
+
+/// One more name a call series of an operation is exported under (a semantic-convention
+/// metric such as `http.server.request.duration`), with the series' own attributes: the
+/// operation is the metric's name, so no operation attribute.
+#[derive(Clone, Debug)]
+pub struct Alias {
+    pub spec: Arc<MetricSpec>,
+    pub source: AliasSource,
+}
+
 /// The histogram shape a reader asked for.
 #[derive(Clone, Debug)]
 pub enum HistogramLayout {
@@ -46,9 +76,11 @@ pub struct ExportOptions {
     pub layout: HistogramLayout,
     /// Call measures by snapshot measure name (`duration`, `cpu.time`, ...); a measure
     /// not in here is not exported.
-    pub call_metrics: HashMap<String, Arc<MetricSpec>>,
+    pub call_metrics: HashMap<String, CallMetric>,
     /// The in-flight gauge of call series (an up-down counter).
     pub active_calls: Arc<MetricSpec>,
+    /// Operation name -> the metrics its call series are also exported as.
+    pub aliases: HashMap<String, Arc<[Alias]>>,
     /// The attribute key naming a call's operation.
     pub operation_key: Arc<str>,
     /// Boundaries of custom histogram instruments.
@@ -133,32 +165,55 @@ struct MeasureMemory {
     /// Start of the cumulative window.
     start_ns: u64,
     previous: Previous,
+    /// The measure's estimated-total counter, in the reader's counter temporality (which
+    /// may differ from its histogram temporality).
+    estimate: EstimateMemory,
+}
+
+/// What the previous collection reported of an estimated total.
+#[derive(Debug)]
+struct EstimateMemory {
+    /// Start of the cumulative window.
+    start_ns: u64,
+    /// The probed calls and the estimated total then.
+    previous: Option<(u64, f64)>,
 }
 
 /// What this reader keeps of one series between collections.
 #[derive(Debug)]
 struct SeriesMemory {
-    /// The attributes of every point of the series, made once.
+    /// The attributes of every point of the series, made once (for calls, with the
+    /// operation).
     attributes: AttributeSet,
+    /// The series' own attributes (for calls, without the operation): the aliases'.
+    own_attributes: AttributeSet,
+    /// The aliases of the series' operation, looked up once.
+    aliases: Option<Arc<[Alias]>>,
     measures: Vec<MeasureMemory>,
 }
 
-impl SeriesMemory {
-    fn measure(&mut self, name: &Arc<str>, origin_ns: u64) -> &mut MeasureMemory {
-        let found = self
-            .measures
-            .iter()
-            .position(|m| Arc::ptr_eq(&m.name, name) || m.name == *name);
-        let index = found.unwrap_or_else(|| {
-            self.measures.push(MeasureMemory {
-                name: Arc::clone(name),
+/// The memory of measure `name` (a short list: a series has at most a few dozen).
+fn measure_memory<'a>(
+    measures: &'a mut Vec<MeasureMemory>,
+    name: &Arc<str>,
+    origin_ns: u64,
+) -> &'a mut MeasureMemory {
+    let found = measures
+        .iter()
+        .position(|m| Arc::ptr_eq(&m.name, name) || m.name == *name);
+    let index = found.unwrap_or_else(|| {
+        measures.push(MeasureMemory {
+            name: Arc::clone(name),
+            start_ns: origin_ns,
+            previous: Previous::Nothing,
+            estimate: EstimateMemory {
                 start_ns: origin_ns,
-                previous: Previous::Nothing,
-            });
-            self.measures.len() - 1
+                previous: None,
+            },
         });
-        &mut self.measures[index]
-    }
+        measures.len() - 1
+    });
+    &mut measures[index]
 }
 
 /// The value to report for one measure and the start of its window.
@@ -226,6 +281,32 @@ impl Clock {
             _ => Window::Report(Cow::Owned(current), since), // first seen, or reset in between
         }
     }
+
+    /// The estimated total of a measure's histogram, as a monotonic counter. Cumulative: the
+    /// total since the window's start, which starts again when the probed calls or the
+    /// total dropped (a reset). Delta: the change since this reader's previous collection
+    /// (nothing when the total did not change).
+    fn estimate(
+        self,
+        memory: &mut EstimateMemory,
+        current: &HistogramSnapshot,
+    ) -> Window<'static, f64> {
+        let total = current.estimated_sum();
+        let previous = memory.previous.replace((current.count, total));
+        let reset = previous.is_some_and(|(count, before)| current.count < count || total < before);
+        if !self.delta {
+            if reset {
+                memory.start_ns = self.now_ns;
+            }
+            return Window::Report(Cow::Owned(total), memory.start_ns);
+        }
+        let since = self.last_collection_ns;
+        match previous {
+            Some((_, before)) if !reset && total == before => Window::Skip,
+            Some((_, before)) if !reset => Window::Report(Cow::Owned(total - before), since),
+            _ => Window::Report(Cow::Owned(total), since), // first seen, or reset in between
+        }
+    }
 }
 
 pub struct ExportState {
@@ -272,19 +353,25 @@ impl ExportState {
     /// The metrics of every series, as of `now_ns`.
     pub fn collect(&mut self, series: &[SeriesSnapshot], now_ns: u64) -> Vec<Metric> {
         let mut metrics = Metrics::default();
+        let options = &self.options;
         for one in series {
             let key = SeriesKey {
                 kind: one.kind,
                 name: Arc::clone(&one.name),
                 attributes: one.attributes.clone(),
             };
-            let operation_key = &self.options.operation_key;
             let memory = self.memory.entry(key).or_insert_with(|| SeriesMemory {
                 attributes: match one.kind {
-                    SeriesKind::Call => one
-                        .attributes
-                        .with(operation_key, AttributeValue::Str(Arc::clone(&one.name))),
+                    SeriesKind::Call => one.attributes.with(
+                        &options.operation_key,
+                        AttributeValue::Str(Arc::clone(&one.name)),
+                    ),
                     _ => one.attributes.clone(),
+                },
+                own_attributes: one.attributes.clone(),
+                aliases: match one.kind {
+                    SeriesKind::Call => options.aliases.get(&*one.name).cloned(),
+                    _ => None,
                 },
                 measures: Vec::new(),
             });
@@ -294,77 +381,115 @@ impl ExportState {
                 last_collection_ns: self.last_collection_ns,
                 now_ns,
             };
+            let SeriesMemory {
+                attributes,
+                own_attributes,
+                aliases,
+                measures,
+            } = memory;
+            let aliases: &[Alias] = aliases.as_deref().unwrap_or(&[]);
             match one.kind {
                 SeriesKind::Counter => {
-                    let clock = clock(self.options.delta_counters);
-                    let measure = memory.measure(&self.counter_measure, clock.origin_ns);
+                    let clock = clock(options.delta_counters);
+                    let measure = measure_memory(measures, &self.counter_measure, clock.origin_ns);
                     if let Window::Report(value, start_ns) = clock.value(measure, one.value) {
-                        let spec = instrument_spec(one, &self.options.default_boundaries);
+                        let spec = instrument_spec(one, &options.default_boundaries);
                         metrics.push(
                             &spec,
                             MetricKind::Counter,
-                            Point {
-                                attributes: memory.attributes.clone(),
-                                extra_attributes: spec.attributes.clone(),
-                                start_ns,
-                                data: PointData::Number(*value),
-                                exemplars: Vec::new(),
-                            },
+                            number_point(attributes, &spec, start_ns, PointData::Number(*value)),
                         );
                     }
                 }
                 SeriesKind::Histogram => {
-                    let spec = instrument_spec(one, &self.options.default_boundaries);
-                    let clock = clock(self.options.delta_histograms);
+                    let spec = instrument_spec(one, &options.default_boundaries);
+                    let clock = clock(options.delta_histograms);
                     for measure in &one.measures {
                         let window = clock.histogram(
-                            memory.measure(&measure.name, clock.origin_ns),
+                            measure_memory(measures, &measure.name, clock.origin_ns),
                             &measure.histogram,
                         );
-                        let point = histogram_point(
-                            &self.options.layout,
-                            window,
-                            &memory.attributes,
-                            &spec,
-                            &[],
-                        );
-                        metrics.push_some(&spec, histogram_kind(&self.options.layout), point);
+                        if let Window::Report(data, start_ns) = window {
+                            let point = histogram_point(
+                                &options.layout,
+                                &data,
+                                start_ns,
+                                attributes,
+                                &spec,
+                                &[],
+                            );
+                            metrics.push(&spec, histogram_kind(&options.layout), point);
+                        }
                     }
                 }
                 SeriesKind::Call => {
                     if let Some(active) = one.active {
-                        let spec = &self.options.active_calls;
-                        metrics.push(
-                            spec,
-                            MetricKind::UpDownCounter,
-                            Point {
-                                attributes: memory.attributes.clone(),
-                                extra_attributes: spec.attributes.clone(),
-                                start_ns: self.origin_ns,
-                                data: PointData::Integer(active),
-                                exemplars: Vec::new(),
-                            },
-                        );
+                        let spec = &options.active_calls;
+                        let data = PointData::Integer(active);
+                        let point = number_point(attributes, spec, self.origin_ns, data.clone());
+                        metrics.push(spec, MetricKind::UpDownCounter, point);
+                        for alias in aliases.iter().filter(|a| a.source == AliasSource::Active) {
+                            let point = number_point(
+                                own_attributes,
+                                &alias.spec,
+                                self.origin_ns,
+                                data.clone(),
+                            );
+                            metrics.push(&alias.spec, MetricKind::UpDownCounter, point);
+                        }
                     }
-                    let clock = clock(self.options.delta_histograms);
+                    let histograms = clock(options.delta_histograms);
+                    let counters = clock(options.delta_counters);
                     for (index, measure) in one.measures.iter().enumerate() {
-                        let Some(spec) = self.options.call_metrics.get(&*measure.name) else {
+                        let Some(exported) = options.call_metrics.get(&*measure.name) else {
                             continue; // a measure this version does not export
                         };
-                        let window = clock.histogram(
-                            memory.measure(&measure.name, clock.origin_ns),
-                            &measure.histogram,
-                        );
-                        // Traced calls link to the duration buckets only.
-                        let exemplars: &[Exemplar] = if index == 0 { &one.exemplars } else { &[] };
-                        let point = histogram_point(
-                            &self.options.layout,
-                            window,
-                            &memory.attributes,
-                            spec,
-                            exemplars,
-                        );
-                        metrics.push_some(spec, histogram_kind(&self.options.layout), point);
+                        let memory = measure_memory(measures, &measure.name, histograms.origin_ns);
+                        let window = histograms.histogram(memory, &measure.histogram);
+                        if let Window::Report(data, start_ns) = window {
+                            // Traced calls link to the duration buckets only.
+                            let exemplars: &[Exemplar] =
+                                if index == 0 { &one.exemplars } else { &[] };
+                            let spec = &exported.histogram;
+                            let layout = &options.layout;
+                            let point = histogram_point(
+                                layout, &data, start_ns, attributes, spec, exemplars,
+                            );
+                            let of_measure = aliases.iter().filter(|alias| {
+                                matches!(&alias.source, AliasSource::Measure(m) if *m == measure.name)
+                            });
+                            let again: Vec<(&Alias, Point)> = of_measure
+                                .map(|alias| {
+                                    let made = alias_point(
+                                        &point,
+                                        layout,
+                                        &data,
+                                        own_attributes,
+                                        spec,
+                                        &alias.spec,
+                                        exemplars,
+                                    );
+                                    (alias, made)
+                                })
+                                .collect();
+                            metrics.push(spec, histogram_kind(layout), point);
+                            for (alias, made) in again {
+                                metrics.push(&alias.spec, histogram_kind(layout), made);
+                            }
+                        }
+                        if let Some(spec) = &exported.estimated {
+                            let window =
+                                counters.estimate(&mut memory.estimate, &measure.histogram);
+                            if let Window::Report(total, start_ns) = window {
+                                let point = number_point(
+                                    attributes,
+                                    spec,
+                                    start_ns,
+                                    PointData::Number(*total),
+                                );
+                                metrics.push(spec, MetricKind::Counter, point);
+                            }
+                        }
                     }
                 }
             }
@@ -382,44 +507,122 @@ fn histogram_kind(layout: &HistogramLayout) -> MetricKind {
     }
 }
 
+/// A point of a sum (a counter or an up-down counter).
+fn number_point(
+    attributes: &AttributeSet,
+    spec: &MetricSpec,
+    start_ns: u64,
+    data: PointData,
+) -> Point {
+    Point {
+        attributes: attributes.clone(),
+        extra_attributes: spec.attributes.clone(),
+        start_ns,
+        data,
+        exemplars: Vec::new(),
+    }
+}
+
+/// The buckets a histogram of `spec` gets from a reader with `layout`.
+#[derive(Clone, Copy)]
+enum Buckets<'a> {
+    Explicit(&'a Arc<[f64]>),
+    Exponential { max_buckets: usize, max_scale: i32 },
+}
+
+impl<'a> Buckets<'a> {
+    fn of(layout: &'a HistogramLayout, spec: &'a MetricSpec) -> Self {
+        match layout {
+            HistogramLayout::Explicit { boundaries } => {
+                Buckets::Explicit(boundaries.as_ref().unwrap_or(&spec.boundaries))
+            }
+            HistogramLayout::Exponential {
+                max_buckets,
+                max_scale,
+            } => Buckets::Exponential {
+                max_buckets: *max_buckets,
+                max_scale: *max_scale,
+            },
+        }
+    }
+
+    fn same_as(self, other: Buckets<'_>) -> bool {
+        match (self, other) {
+            (Buckets::Explicit(ours), Buckets::Explicit(theirs)) => {
+                Arc::ptr_eq(ours, theirs) || ours[..] == theirs[..]
+            }
+            (Buckets::Exponential { .. }, Buckets::Exponential { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
 fn histogram_point(
     layout: &HistogramLayout,
-    window: Window<'_, HistogramSnapshot>,
+    data: &HistogramSnapshot,
+    start_ns: u64,
     attributes: &AttributeSet,
     spec: &MetricSpec,
     exemplars: &[Exemplar],
-) -> Option<Point> {
-    let Window::Report(data, start_ns) = window else {
-        return None;
-    };
-    let (data, boundaries) = match layout {
-        HistogramLayout::Exponential {
-            max_buckets,
-            max_scale,
-        } => (
-            PointData::Exponential(fit_buckets(&data, *max_buckets, *max_scale)),
-            None,
-        ),
-        HistogramLayout::Explicit { boundaries } => {
-            let boundaries = boundaries.as_ref().unwrap_or(&spec.boundaries);
+) -> Point {
+    let (data, boundaries) = match Buckets::of(layout, spec) {
+        Buckets::Explicit(boundaries) => {
             let data = PointData::Explicit {
                 count: data.count,
                 sum: data.sum,
                 min: data.min,
                 max: data.max,
-                bucket_counts: explicit_counts(&data, boundaries),
+                bucket_counts: explicit_counts(data, boundaries),
                 boundaries: Arc::clone(boundaries),
             };
             (data, Some(&**boundaries))
         }
+        Buckets::Exponential {
+            max_buckets,
+            max_scale,
+        } => (
+            PointData::Exponential(fit_buckets(data, max_buckets, max_scale)),
+            None,
+        ),
     };
-    Some(Point {
+    Point {
         attributes: attributes.clone(),
         extra_attributes: spec.attributes.clone(),
         start_ns,
         exemplars: exemplars_in_window(exemplars, start_ns, boundaries),
         data,
-    })
+    }
+}
+
+/// `point` (a histogram of `spec`) again as a point of `alias`, with the series' own
+/// attributes: its data and exemplars reused where the buckets are the same (always for
+/// exponential buckets), made afresh from `data` where the alias has boundaries of its own.
+fn alias_point(
+    point: &Point,
+    layout: &HistogramLayout,
+    data: &HistogramSnapshot,
+    own_attributes: &AttributeSet,
+    spec: &MetricSpec,
+    alias: &MetricSpec,
+    exemplars: &[Exemplar],
+) -> Point {
+    if !Buckets::of(layout, spec).same_as(Buckets::of(layout, alias)) {
+        return histogram_point(
+            layout,
+            data,
+            point.start_ns,
+            own_attributes,
+            alias,
+            exemplars,
+        );
+    }
+    Point {
+        attributes: own_attributes.clone(),
+        extra_attributes: alias.attributes.clone(),
+        start_ns: point.start_ns,
+        data: point.data.clone(),
+        exemplars: point.exemplars.clone(),
+    }
 }
 
 fn instrument_spec(series: &SeriesSnapshot, default_boundaries: &Arc<[f64]>) -> MetricSpec {
@@ -481,12 +684,6 @@ impl Metrics {
         };
         self.list[position].points.push(point);
     }
-
-    fn push_some(&mut self, spec: &MetricSpec, kind: MetricKind, point: Option<Point>) {
-        if let Some(point) = point {
-            self.push(spec, kind, point);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -512,20 +709,107 @@ mod tests {
         })
     }
 
+    fn exported(histogram: Arc<MetricSpec>, estimated: Option<Arc<MetricSpec>>) -> CallMetric {
+        CallMetric {
+            histogram,
+            estimated,
+        }
+    }
+
     fn options(delta: bool, layout: HistogramLayout) -> ExportOptions {
         ExportOptions {
             delta_histograms: delta,
             delta_counters: delta,
             layout,
             call_metrics: HashMap::from([
-                ("duration".to_string(), spec("call.duration", &[])),
-                ("io.read".to_string(), spec("call.io", &[("dir", "read")])),
-                ("io.write".to_string(), spec("call.io", &[("dir", "write")])),
+                (
+                    "duration".to_string(),
+                    exported(spec("call.duration", &[]), None),
+                ),
+                (
+                    "io.read".to_string(),
+                    exported(spec("call.io", &[("dir", "read")]), None),
+                ),
+                (
+                    "io.write".to_string(),
+                    exported(spec("call.io", &[("dir", "write")]), None),
+                ),
             ]),
             active_calls: spec("calls.active", &[]),
+            aliases: HashMap::new(),
             operation_key: "op".into(),
             default_boundaries: Arc::from([10.0, 100.0]),
         }
+    }
+
+    /// `options` with estimated-total counters of the io measures and the aliases of
+    /// operation "request" (duration and calls in flight) and "job" (duration).
+    fn options_with_extras(
+        delta_histograms: bool,
+        delta_counters: bool,
+        layout: HistogramLayout,
+    ) -> ExportOptions {
+        let mut options = options(delta_histograms, layout);
+        options.delta_counters = delta_counters;
+        for (measure, direction) in [("io.read", "read"), ("io.write", "write")] {
+            let estimated = spec("call.io.estimated", &[("dir", direction)]);
+            options.call_metrics.get_mut(measure).unwrap().estimated = Some(estimated);
+        }
+        let alias = |name: &str, source: AliasSource, boundaries: &[f64]| {
+            let mut made = spec(name, &[]);
+            Arc::make_mut(&mut made).boundaries = boundaries.into();
+            Alias { spec: made, source }
+        };
+        let duration = || AliasSource::Measure(Arc::from("duration"));
+        options.aliases = HashMap::from([
+            (
+                "request".to_string(),
+                Arc::from([
+                    alias("request.duration", duration(), &BOUNDS),
+                    alias("request.active", AliasSource::Active, &[]),
+                ]),
+            ),
+            (
+                "job".to_string(),
+                Arc::from([alias("job.duration", duration(), &[0.1])]),
+            ),
+        ]);
+        options
+    }
+
+    /// A call series whose `measure` histogram holds `values`, each recorded with its weight.
+    fn sampled_call(
+        name: &str,
+        calls: &[f64],
+        measure: &str,
+        values: &[(f64, f64)],
+    ) -> SeriesSnapshot {
+        let mut series = call(name, &[("duration", calls)]);
+        let histogram = AtomicHistogram::new();
+        values
+            .iter()
+            .for_each(|&(value, weight)| histogram.record_weighted(value, weight));
+        series.measures.push(MeasureSnapshot {
+            name: Arc::from(measure),
+            unit: "By".into(),
+            histogram: histogram.snapshot(),
+        });
+        series
+    }
+
+    /// (value, start) of each point of metric `name`, in order.
+    fn numbers(metrics: &[Metric], name: &str) -> Vec<(f64, u64)> {
+        let Some(found) = metrics.iter().find(|m| &*m.name == name) else {
+            return Vec::new();
+        };
+        found
+            .points
+            .iter()
+            .map(|point| match point.data {
+                PointData::Number(value) => (value, point.start_ns),
+                ref other => panic!("not a number: {other:?}"),
+            })
+            .collect()
     }
 
     fn explicit() -> HistogramLayout {
@@ -801,5 +1085,220 @@ mod tests {
             panic!("explicit buckets")
         };
         assert_eq!(bucket_counts, &[1, 2]);
+    }
+
+    #[test]
+    fn estimated_totals_are_counters_of_the_weighted_sums() {
+        // Delta counters with cumulative histograms and the other way round: each metric
+        // follows its own kind's temporality.
+        let mut delta = ExportState::new(options_with_extras(false, true, explicit()), ATTACHED);
+        let mut cumulative =
+            ExportState::new(options_with_extras(true, false, explicit()), ATTACHED);
+        // Probed at p = 1/4 and 1/2: the estimate is 100 * 4 + 10 * 2.
+        let first = [sampled_call(
+            "op",
+            &[0.5; 5],
+            "io.read",
+            &[(100.0, 4.0), (10.0, 2.0)],
+        )];
+        let second = [sampled_call(
+            "op",
+            &[0.5; 6],
+            "io.read",
+            &[(100.0, 4.0), (10.0, 2.0), (1.0, 1.0)],
+        )];
+        // A new probed call of value 0: the total does not change.
+        let third = [sampled_call(
+            "op",
+            &[0.5; 7],
+            "io.read",
+            &[(100.0, 4.0), (10.0, 2.0), (1.0, 1.0), (0.0, 4.0)],
+        )];
+        // Fewer probed calls than before: a reset.
+        let fourth = [sampled_call("op", &[0.5], "io.read", &[(5.0, 2.0)])];
+        let mut seen = Vec::new();
+        for (now, series) in [
+            (2_000, &first),
+            (3_000, &second),
+            (4_000, &third),
+            (5_000, &fourth),
+        ] {
+            seen.push((
+                numbers(&delta.collect(series, now), "call.io.estimated"),
+                numbers(&cumulative.collect(series, now), "call.io.estimated"),
+            ));
+        }
+        assert_eq!(
+            seen,
+            [
+                (vec![(420.0, ATTACHED)], vec![(420.0, ATTACHED)]),
+                (vec![(1.0, 2_000)], vec![(421.0, ATTACHED)]),
+                (vec![], vec![(421.0, ATTACHED)]),
+                (vec![(10.0, 4_000)], vec![(10.0, 5_000)]),
+            ]
+        );
+
+        let mut fresh = ExportState::new(options_with_extras(false, false, explicit()), ATTACHED);
+        let metrics = fresh.collect(&fourth, 6_000);
+        let estimated = metric(&metrics, "call.io.estimated");
+        assert_eq!(
+            (estimated.kind, &*estimated.unit),
+            (MetricKind::Counter, "s")
+        );
+        let attributes = estimated.points[0].all_attributes();
+        assert_eq!(attributes.get("op"), Some(&"op".into()));
+        assert_eq!(attributes.get("dir"), Some(&"read".into()));
+        assert_eq!(attributes.get("tier"), Some(&"gold".into()));
+        assert_eq!(attributes.len(), 3);
+        // The histogram is as it was: the probed calls, unweighted.
+        let PointData::Explicit { count, sum, .. } = metric(&metrics, "call.io").points[0].data
+        else {
+            panic!("explicit buckets")
+        };
+        assert_eq!((count, sum), (1, 5.0));
+        // Nothing for the duration (every call is timed).
+        let names: Vec<&str> = metrics.iter().map(|m| &*m.name).collect();
+        assert_eq!(names, ["call.duration", "call.io", "call.io.estimated"]);
+
+        // A registry reset restarts the cumulative window; delta subtracts nothing before it.
+        cumulative.restart(6_500);
+        delta.restart(6_500);
+        let more = [sampled_call(
+            "op",
+            &[0.5; 3],
+            "io.read",
+            &[(5.0, 2.0), (7.0, 1.0), (1.0, 1.0)],
+        )];
+        assert_eq!(
+            numbers(&cumulative.collect(&more, 7_000), "call.io.estimated"),
+            [(18.0, 6_500)]
+        );
+        assert_eq!(
+            numbers(&delta.collect(&more, 7_000), "call.io.estimated"),
+            [(18.0, 5_000)]
+        );
+    }
+
+    #[test]
+    fn aliases_repeat_an_operations_duration_and_calls_in_flight_without_the_operation() {
+        let mut state = ExportState::new(options_with_extras(false, false, explicit()), ATTACHED);
+        let mut request = call(
+            "request",
+            &[("duration", &[0.005, 0.05, 2.0]), ("io.read", &[1.0])],
+        );
+        request.active = Some(3);
+        let exemplar = Exemplar {
+            value: 0.05,
+            time_unix_ns: 1_500,
+            trace_id: 7,
+            span_id: 8,
+        };
+        request.exemplars = vec![exemplar];
+        let job = call("job", &[("duration", &[0.05, 0.5])]);
+        let mut other = call("other", &[("duration", &[0.05])]);
+        other.active = Some(1);
+        let metrics = state.collect(&[request, job, other], 2_000);
+
+        let own = |point: &Point| {
+            let attributes = point.all_attributes();
+            assert_eq!(attributes.get("op"), None);
+            assert_eq!(attributes.get("tier"), Some(&"gold".into()));
+            attributes.len()
+        };
+        let duration = metric(&metrics, "call.duration");
+        let of = |op: &str| {
+            duration
+                .points
+                .iter()
+                .find(|p| p.all_attributes().get("op") == Some(&op.into()))
+                .unwrap()
+        };
+        let alias = metric(&metrics, "request.duration");
+        assert_eq!((alias.kind, &*alias.unit), (MetricKind::Histogram, "s"));
+        let [point] = &alias.points[..] else {
+            panic!("one request.duration point")
+        };
+        assert_eq!(own(point), 1);
+        assert_eq!(point.data, of("request").data);
+        assert_eq!(point.start_ns, of("request").start_ns);
+        assert_eq!(point.exemplars, [exemplar]);
+        assert_eq!(of("request").exemplars, [exemplar]);
+
+        let active = metric(&metrics, "request.active");
+        assert_eq!(active.kind, MetricKind::UpDownCounter);
+        let [point] = &active.points[..] else {
+            panic!("one request.active point")
+        };
+        assert_eq!((own(point), &point.data), (1, &PointData::Integer(3)));
+        // meterage's own metrics are unchanged: the in-flight count of both operations.
+        assert_eq!(metric(&metrics, "calls.active").points.len(), 2);
+
+        // An alias with boundaries of its own gets its own buckets, from the same window.
+        let [point] = &metric(&metrics, "job.duration").points[..] else {
+            panic!("one job.duration point")
+        };
+        assert_eq!(own(point), 1);
+        let PointData::Explicit {
+            count,
+            bucket_counts,
+            boundaries,
+            ..
+        } = &point.data
+        else {
+            panic!("explicit buckets")
+        };
+        assert_eq!(
+            (*count, &bucket_counts[..], &boundaries[..]),
+            (2, &[1, 1][..], &[0.1][..])
+        );
+        // No alias for other operations, no alias of measures other than the source.
+        let names: Vec<&str> = metrics.iter().map(|m| &*m.name).collect();
+        assert_eq!(
+            names,
+            [
+                "calls.active",
+                "request.active",
+                "call.duration",
+                "request.duration",
+                "call.io",
+                "call.io.estimated",
+                "job.duration"
+            ]
+        );
+    }
+
+    #[test]
+    fn alias_windows_follow_the_readers_temporality_and_layout() {
+        let layout = HistogramLayout::Exponential {
+            max_buckets: 8,
+            max_scale: 20,
+        };
+        let mut state = ExportState::new(options_with_extras(true, true, layout), ATTACHED);
+        let first = state.collect(&[call("request", &[("duration", &[0.5])])], 2_000);
+        let second = state.collect(
+            &[call("request", &[("duration", &[0.5, 0.05, 0.05])])],
+            3_000,
+        );
+        for metrics in [&first, &second] {
+            let own = &metric(metrics, "call.duration").points[0];
+            let alias = &metric(metrics, "request.duration");
+            assert_eq!(alias.kind, MetricKind::ExponentialHistogram);
+            assert_eq!(alias.points[0].data, own.data);
+            assert_eq!(alias.points[0].start_ns, own.start_ns);
+        }
+        assert_eq!(count_of(&metric(&second, "request.duration").points[0]), 2);
+        // Nothing new: neither has a point.
+        assert!(state
+            .collect(
+                &[call("request", &[("duration", &[0.5, 0.05, 0.05])])],
+                4_000
+            )
+            .is_empty());
+        // An alias of a job with other boundaries: exponential buckets need none.
+        let job = state.collect(&[call("job", &[("duration", &[0.5])])], 5_000);
+        assert_eq!(
+            metric(&job, "job.duration").points[0].data,
+            metric(&job, "call.duration").points[0].data
+        );
     }
 }

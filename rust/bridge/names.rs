@@ -40,6 +40,10 @@ pub const EXPORTED: &[&str] = &[
     "hw.power",
     "hw.energy",
     "hw.temperature",
+    // Semantic-convention aliases of call series (python/meterage/otel/_names.py ALIASES).
+    "http.server.request.duration",
+    "http.server.active_requests",
+    "messaging.process.duration",
 ];
 
 /// Every name in meterage's own namespace is its own.
@@ -115,6 +119,10 @@ mod tests {
             "process_cpu_time_seconds_total",
             "hw.power",
             "system.network.io",
+            "http.server.request.duration",
+            "http_server_request_duration_seconds",
+            "http_server_active_requests",
+            "messaging.process.duration",
         ] {
             assert!(reserved_by(name).is_some(), "{name}");
         }
@@ -123,6 +131,8 @@ mod tests {
             "process.queue.depth",
             "my.meterage.thing",
             "hw",
+            "http.server.request.size",
+            "messaging.process.count",
         ] {
             assert!(reserved_by(name).is_none(), "{name}");
         }

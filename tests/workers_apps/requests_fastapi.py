@@ -19,10 +19,13 @@ import tempfile
 import time
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException
-from fastapi.responses import PlainTextResponse, Response
+from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import meterage
+import meterage.otel
 from meterage.asgi import MeterageMiddleware
 
 BURN_NS = int(os.environ.get("REQUESTS_APP_BURN_NS", "20000000"))
@@ -133,6 +136,35 @@ async def background(tasks: BackgroundTasks) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
+@app.post("/upload")
+async def upload(request: Request) -> PlainTextResponse:
+    body = await request.body()
+    return PlainTextResponse(str(len(body)))
+
+
+@app.get("/stream")
+async def stream() -> StreamingResponse:
+    async def chunks() -> Any:
+        for _ in range(4):
+            burn(BURN_NS // 4)  # each chunk's work is the request's
+            yield b"y" * 1000
+            await asyncio.sleep(0)
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+@app.get("/timeout")
+async def timeout() -> PlainTextResponse:
+    await asyncio.wait_for(asyncio.sleep(10), timeout=0.01)  # raises TimeoutError
+    return PlainTextResponse("never")
+
+
+@app.get("/slow")
+async def slow() -> PlainTextResponse:
+    await asyncio.sleep(0.3)
+    return PlainTextResponse("late")
+
+
 @router.get("/items/{item_id}")
 async def item(item_id: int) -> PlainTextResponse:
     return PlainTextResponse(str(item_id))
@@ -177,9 +209,21 @@ async def charged() -> Response:
                 if "cpu.time" in histograms
                 else None,
                 "io_write": histograms["io.write"].sum if "io.write" in histograms else None,
+                "active": series.active,
             }
         )
-    return Response(json.dumps(rows), media_type="application/json")
+    sizes = {
+        name: [
+            {"attributes": s.attributes, "count": s.count, "sum": s.histograms[name].sum}
+            for s in meterage.snapshot()
+            if s.name == name
+        ]
+        for name in ("http.server.request.body.size", "http.server.response.body.size")
+    }
+    return Response(json.dumps({"rows": rows, "sizes": sizes}), media_type="application/json")
 
 
 app.add_middleware(MeterageMiddleware, sample=1.0)
+# Attached as a service would be: calls in flight are counted (Series.active).
+READER = InMemoryMetricReader()
+meterage.otel.attach(MeterProvider(metric_readers=[READER]))

@@ -79,7 +79,7 @@ class _Attachment:
         def collect() -> Iterator[Family]:
             families = list(original())  # runs the collection, which updates `state`
             try:
-                found = _openmetrics.exemplars_by_bucket(state.duration_points)
+                found = _openmetrics.exemplars_by_family(state.exemplar_points)
                 enriched = list(_openmetrics.with_exemplars(families, found))
             except Exception:
                 # The scrape goes out without exemplars rather than failing.

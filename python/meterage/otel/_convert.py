@@ -34,7 +34,15 @@ from opentelemetry.sdk.metrics.view import (
 )
 
 from meterage import _native, multiprocess
-from meterage.otel._names import ACTIVE_CALLS, CALL_METRICS, DEFAULT_BOUNDARIES, OPERATION_KEY
+from meterage.otel._names import (
+    ACTIVE_CALLS,
+    ALIASES,
+    CALL_METRICS,
+    DEFAULT_BOUNDARIES,
+    ESTIMATED_METRICS,
+    EXEMPLAR_METRICS,
+    OPERATION_KEY,
+)
 
 _Instrument = TypeVar("_Instrument")
 _Value = TypeVar("_Value")
@@ -82,6 +90,17 @@ _POINT_CLASSES = _point_classes()
 _CALL_SPECS = {
     measure: (spec.name, spec.unit, spec.description, list(spec.attributes), list(spec.boundaries))
     for measure, spec in CALL_METRICS.items()
+}
+_ESTIMATED_SPECS = {
+    measure: (spec.name, spec.unit, spec.description, list(spec.attributes))
+    for measure, spec in ESTIMATED_METRICS.items()
+}
+_ALIAS_SPECS = {
+    operation: [
+        (alias.name, alias.unit, alias.description, alias.source, list(alias.boundaries))
+        for alias in aliases
+    ]
+    for operation, aliases in ALIASES.items()
 }
 
 
@@ -134,6 +153,8 @@ class ReaderState:
                 max_scale=max_scale,
                 boundaries=[float(b) for b in boundaries] if boundaries is not None else None,
                 call_metrics=_CALL_SPECS,
+                estimated_metrics=_ESTIMATED_SPECS,
+                aliases=_ALIAS_SPECS,
                 active_calls=(ACTIVE_CALLS, "{call}", "Metered calls in flight."),
                 operation_key=OPERATION_KEY,
                 default_boundaries=list(DEFAULT_BOUNDARIES),
@@ -152,9 +173,11 @@ class ReaderState:
                 f"{type(reader).__name__} prefers {wanted} for histograms, which meterage "
                 f"cannot export: {error}"
             ) from None
-        #: The `meterage.call.duration` points of the latest collection (for exemplars
-        #: in the OpenMetrics exposition).
-        self.duration_points: list[HistogramDataPoint | ExponentialHistogramDataPoint] = []
+        #: The points of the latest collection that carry exemplars, by metric name
+        #: (`meterage.call.duration` and its aliases; for the OpenMetrics exposition).
+        self.exemplar_points: dict[
+            str, list[HistogramDataPoint | ExponentialHistogramDataPoint]
+        ] = {}
 
     @property
     def series_count(self) -> int:
@@ -201,6 +224,5 @@ def collect_metrics(state: ReaderState) -> list[Metric]:
     finally:
         if collecting:
             gc.enable()
-    duration = CALL_METRICS["duration"].name
-    state.duration_points = next((m[4] for m in collected if m[0] == duration), [])
+    state.exemplar_points = {m[0]: m[4] for m in collected if m[0] in EXEMPLAR_METRICS}
     return [_metric(state, *metric) for metric in collected]

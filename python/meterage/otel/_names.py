@@ -65,3 +65,83 @@ ENERGY_BOUNDARIES: tuple[float, ...] = CALL_METRICS["gpu.energy"].boundaries
 GPU_MEMORY_BOUNDARIES: tuple[float, ...] = CALL_METRICS["gpu.memory"].boundaries
 #: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
 DEFAULT_BOUNDARIES: tuple[float, ...] = _native.DEFAULT_BOUNDARIES
+
+#: Added to a probe measure's metric name for the counter of its estimated total.
+ESTIMATED_SUFFIX = ".estimated"
+
+
+def _estimated(metric: CallMetric) -> CallMetric:
+    return metric._replace(
+        name=metric.name + ESTIMATED_SUFFIX,
+        description=(
+            f"{metric.description.removesuffix('.')}: the total over all calls, estimated "
+            "from the probed ones (each weighted by 1/p, p its chance of being probed)."
+        ),
+        boundaries=(),
+    )
+
+
+#: The monotonic counter of each probe measure's estimated total over all calls (the
+#: probed values weighted by 1/p: unbiased under any sampling), with the same unit and
+#: attributes as the measure's histogram. The duration has none: every call is timed.
+ESTIMATED_METRICS: dict[str, CallMetric] = {
+    key: _estimated(metric) for key, metric in CALL_METRICS.items() if key != "duration"
+}
+
+#: An alias's source: the calls in flight (an up-down counter, as meterage.calls.active).
+ACTIVE_SOURCE = "active"
+
+
+class Alias(NamedTuple):
+    """A semantic-convention metric that the call series of an operation are also exported
+    as, with the series' own attributes (no ``meterage.operation``: the name says it)."""
+
+    name: str
+    unit: str
+    description: str
+    #: A measure key (``"duration"``): that measure's histogram; ``ACTIVE_SOURCE``: the
+    #: calls in flight.
+    source: str
+    boundaries: tuple[float, ...] = ()
+
+
+#: Operation -> the aliases of its call series. One line per alias; each name is reserved
+#: (rust/bridge/names.rs EXPORTED) so that no custom instrument can take it.
+ALIASES: dict[str, tuple[Alias, ...]] = {
+    "http.server.request": (
+        Alias(
+            "http.server.request.duration",
+            "s",
+            "Duration of HTTP server requests.",
+            "duration",
+            DURATION_BOUNDARIES,
+        ),
+        Alias(
+            "http.server.active_requests",
+            "{request}",
+            "Number of active HTTP server requests.",
+            ACTIVE_SOURCE,
+        ),
+    ),
+    "messaging.process": (
+        Alias(
+            "messaging.process.duration",
+            "s",
+            "Duration of processing operation.",
+            "duration",
+            DURATION_BOUNDARIES,
+        ),
+    ),
+}
+
+#: The metrics whose points carry exemplars of traced calls: the duration, and the aliases
+#: of it.
+EXEMPLAR_METRICS: tuple[str, ...] = (
+    CALL_METRICS["duration"].name,
+    *(
+        alias.name
+        for aliases in ALIASES.values()
+        for alias in aliases
+        if alias.source == "duration"
+    ),
+)

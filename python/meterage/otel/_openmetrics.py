@@ -2,8 +2,9 @@
 
 The reader translates OTel points into prometheus_client metric families but drops their
 exemplars. meterage wraps the reader's collector and puts each exemplar of
-`meterage.call.duration` back on the bucket sample it belongs to, as trace and span ids;
-prometheus_client writes them in the OpenMetrics format (a scrape that asks for it).
+`meterage.call.duration` (and of its aliases, such as `http.server.request.duration`) back
+on the bucket sample it belongs to, as trace and span ids; prometheus_client writes them in
+the OpenMetrics format (a scrape that asks for it).
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from opentelemetry.sdk.metrics.export import ExponentialHistogramDataPoint, HistogramDataPoint
 from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.samples import Exemplar
-
-from meterage.otel._names import CALL_METRICS
 
 try:  # the exporter's own rule, so that labels match whatever its version does
     from opentelemetry.exporter.prometheus._mapping import sanitize_attribute as _label
@@ -28,8 +27,6 @@ except ImportError:  # exporter versions without that module
         return re.sub(r"[^a-zA-Z0-9]+", "_", key)
 
 
-# The Prometheus family of `meterage.call.duration` (name + unit suffix).
-_DURATION_FAMILY = CALL_METRICS["duration"].name.replace(".", "_") + "_seconds"
 _OWN_LABELS = {"le", "otel_scope_name", "otel_scope_version", "otel_scope_schema_url"}
 
 
@@ -52,7 +49,7 @@ Found = dict[tuple[Labels, float], Exemplar]
 def exemplars_by_bucket(
     points: Iterable[HistogramDataPoint | ExponentialHistogramDataPoint],
 ) -> Found:
-    """(series labels, bucket upper bound) -> exemplar, from explicit duration points."""
+    """(series labels, bucket upper bound) -> exemplar, from explicit histogram points."""
     found: Found = {}
     for point in points:
         if not point.exemplars or not isinstance(point, HistogramDataPoint):
@@ -70,17 +67,32 @@ def exemplars_by_bucket(
     return found
 
 
-def with_exemplars(families: Iterable[Family], found: Found) -> Iterator[Family]:
-    """The families, with exemplars on the duration bucket samples they belong to."""
+def family_of(metric: str) -> str:
+    """The Prometheus family of a metric in seconds (the exporter's name + unit suffix)."""
+    return re.sub(r"[^a-zA-Z0-9_:]", "_", metric) + "_seconds"
+
+
+def exemplars_by_family(
+    points: Mapping[str, Iterable[HistogramDataPoint | ExponentialHistogramDataPoint]],
+) -> dict[str, Found]:
+    """Prometheus family -> its exemplars by bucket, from the points of metrics in seconds
+    (metric name -> points)."""
+    return {family_of(metric): exemplars_by_bucket(found) for metric, found in points.items()}
+
+
+def with_exemplars(families: Iterable[Family], found: Mapping[str, Found]) -> Iterator[Family]:
+    """The families, with exemplars on the bucket samples they belong to (``found``: family
+    name -> its exemplars by bucket)."""
     for family in families:
-        if found and family.name == _DURATION_FAMILY:
+        exemplars = found.get(family.name)
+        if exemplars:
             samples = []
             for sample in family.samples:
                 if sample.name.endswith("_bucket") and sample.exemplar is None:
                     labels = _identity(
                         {k: v for k, v in sample.labels.items() if k not in _OWN_LABELS}
                     )
-                    exemplar = found.get((labels, float(sample.labels["le"])))
+                    exemplar = exemplars.get((labels, float(sample.labels["le"])))
                     if exemplar is not None:
                         sample = sample._replace(exemplar=exemplar)
                 samples.append(sample)
