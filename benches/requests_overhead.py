@@ -110,12 +110,17 @@ NEEDS = {
 #: The issue's absolute targets (µs per request over the bare application) ...
 TIMER_TARGET_US = 1.5
 DEFAULT_TARGET_US = 3.0
-#: ... and the bare raw applications' own time per request in this script on the 2-core
-#: development machine (CPython 3.11, 2026-12), which turns them into ratios that hold on
-#: a faster or slower machine: timer-only <= 1.5 / 4.6 of the bare ASGI request, etc.
-REFERENCE_BARE_US = {"asgi": 4.6, "wsgi": 2.2}
+#: ... and each bare application's own time per request in this script on the 2-core
+#: development machine (CPython 3.11, 2026-12), which turn them into ratios that hold on
+#: a faster or slower machine: timer-only within 1.5 / 0.43 bare raw ASGI requests, etc.
+REFERENCE_BARE_US = {"asgi": 0.43, "wsgi": 0.21, "fastapi": 35.8, "flask": 49.5}
 OTEL_FACTOR = 30.0
 PROMETHEUS_FACTOR = 5.0
+#: Goals the middlewares do not meet yet (docs/benchmarks.md, "Requests"), each with the
+#: bound the gate holds it to meanwhile: about 1.3 times its value when it was measured
+#: (a third less, for the factors), so that a regression still fails the gate while the
+#: known gap does not. Remove an entry once its goal is met; ``--strict`` ignores them.
+KNOWN_MISSES: dict[str, float] = {}
 
 BODY = b"ok"
 SCOPE: dict[str, Any] = {
@@ -541,8 +546,9 @@ class Goal:
     at_most: bool
     percent: bool = False
 
-    def passes(self, value: float) -> bool:
-        return value <= self.limit if self.at_most else value >= self.limit
+    def passes(self, value: float, limit: float | None = None) -> bool:
+        limit = self.limit if limit is None else limit
+        return value <= limit if self.at_most else value >= limit
 
     def format(self, value: float) -> str:
         if self.percent:
@@ -551,6 +557,22 @@ class Goal:
             return "inf"
         return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
 
+    def limit_text(self, limit: float | None = None) -> str:
+        return ("≤ " if self.at_most else "≥ ") + self.format(
+            self.limit if limit is None else limit
+        )
+
+    def verdict(self, value: float, strict: bool) -> tuple[str, bool]:
+        """The verdict's words, and whether the gate passes it."""
+        if self.passes(value):
+            return "pass", True
+        bound = None if strict else KNOWN_MISSES.get(self.key)
+        if bound is None:
+            return "FAIL", False
+        if self.passes(value, bound):
+            return f"missed (known; within its bound {self.limit_text(bound)})", True
+        return f"FAIL (known miss, now past its bound {self.limit_text(bound)})", False
+
     def interval(self, results: Results, draws: int = 200) -> tuple[float, float]:
         """A 90% bootstrap interval over rounds: how much the rounds' noise moves it."""
         rng = random.Random(0)
@@ -558,31 +580,43 @@ class Goal:
         return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
 
 
+def _share(key: str) -> Callable[[Results], float]:
+    return lambda results: results.share(key)
+
+
+def _factor(peer: str, mine: str) -> Callable[[Results], float]:
+    return lambda results: results.factor(peer, mine)
+
+
 def all_goals() -> list[Goal]:
+    """Every goal: each meterage variant against the bare application, in its own
+    requests (the issue's µs over the reference bare request); the peers' overheads in
+    meterage defaults' overheads."""
     found = []
-    for app in ("asgi", "wsgi"):
+    for app in APPS:
         reference = REFERENCE_BARE_US[app]
+        raw = app in ("asgi", "wsgi")
         for variant, target in (("timer", TIMER_TARGET_US), ("default", DEFAULT_TARGET_US)):
             key = f"{app}.{variant}"
             found.append(
                 Goal(
                     f"{app}-{variant}",
                     f"{APP_LABELS[app]}: meterage {variant} overhead, of the bare request "
-                    f"({target:g} µs of {reference:g})",
+                    f"({target:g} µs of {reference:g} µs)",
                     (f"{app}.bare", key),
-                    lambda r, key=key: r.share(key),  # type: ignore[misc]
+                    _share(key),
                     target / reference,
                     at_most=True,
-                    percent=True,
+                    percent=not raw,
                 )
             )
-    for app in ("asgi", "wsgi", "fastapi", "flask"):
+    for app in APPS:
         found.append(
             Goal(
                 f"{app}-otel",
                 f"{APP_LABELS[app]}: OpenTelemetry's overhead, in meterage defaults'",
                 (f"{app}.bare", f"{app}.default", f"{app}.otel"),
-                lambda r, app=app: r.factor(f"{app}.otel", f"{app}.default"),  # type: ignore[misc]
+                _factor(f"{app}.otel", f"{app}.default"),
                 OTEL_FACTOR,
                 at_most=False,
             )
@@ -592,7 +626,7 @@ def all_goals() -> list[Goal]:
             "fastapi-prometheus",
             "FastAPI route: prometheus-fastapi-instrumentator's overhead, in meterage defaults'",
             ("fastapi.bare", "fastapi.default", "fastapi.prometheus"),
-            lambda r: r.factor("fastapi.prometheus", "fastapi.default"),
+            _factor("fastapi.prometheus", "fastapi.default"),
             PROMETHEUS_FACTOR,
             at_most=False,
         )
@@ -601,17 +635,6 @@ def all_goals() -> list[Goal]:
 
 
 GOAL_KEYS = tuple(goal.key for goal in all_goals())
-#: What ``--check`` (the CI gate) measures: the raw applications against their bare selves
-#: and against OpenTelemetry, and the FastAPI route against prometheus-fastapi-instrumentator.
-CHECK_GOALS = (
-    "asgi-timer",
-    "asgi-default",
-    "wsgi-timer",
-    "wsgi-default",
-    "asgi-otel",
-    "wsgi-otel",
-    "fastapi-prometheus",
-)
 
 
 # --- output -----------------------------------------------------------------------------
@@ -655,7 +678,7 @@ def versions_line() -> str:
 def table(results: Results, subjects: Sequence[Subject]) -> list[str]:
     lines = [
         "| application | variant | µs/request | overhead | of the bare request "
-        "| × meterage defaults' |",
+        "| x meterage defaults' |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for subject in subjects:
@@ -668,7 +691,7 @@ def table(results: Results, subjects: Sequence[Subject]) -> list[str]:
         times = ""
         default = f"{subject.app}.default"
         if subject.variant not in METERAGE_VARIANTS and default in results.samples:
-            times = f"{results.factor(key, default):.1f}×"
+            times = f"{results.factor(key, default):.1f}x"
         lines.append(
             f"| {APP_LABELS[subject.app]} | {LABELS[subject.variant]} | {per:.2f} "
             f"| +{overhead:.2f} µs | {results.share(key) * 100:.1f}% | {times} |"
@@ -676,16 +699,15 @@ def table(results: Results, subjects: Sequence[Subject]) -> list[str]:
     return lines
 
 
-def goal_lines(results: Results, goals: Sequence[Goal]) -> list[str]:
-    lines = ["| goal | measured | 90% interval | limit | verdict |", "|---|---:|---:|---:|---|"]
+def goal_lines(results: Results, goals: Sequence[Goal], strict: bool) -> list[str]:
+    lines = ["| goal | measured | 90% interval | goal | verdict |", "|---|---:|---:|---:|---|"]
     for goal in goals:
         value = goal.value(results)
         low, high = goal.interval(results)
-        limit = ("≤ " if goal.at_most else "≥ ") + goal.format(goal.limit)
-        verdict = "pass" if goal.passes(value) else "FAIL"
+        verdict, _ = goal.verdict(value, strict)
         lines.append(
-            f"| {goal.text} | {goal.format(value)} | {goal.format(low)}–{goal.format(high)} "
-            f"| {limit} | {verdict} |"
+            f"| {goal.text} | {goal.format(value)} | {goal.format(low)}-{goal.format(high)} "
+            f"| {goal.limit_text()} | {verdict} |"
         )
     return lines
 
@@ -695,8 +717,11 @@ def goal_lines(results: Results, goals: Sequence[Goal]) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="the CI gate: the gate's goals")
-    parser.add_argument("--goals", default=None, help="comma-separated goals to check")
+    parser.add_argument("--check", action="store_true", help="the CI gate: exit 1 on a miss")
+    parser.add_argument("--goals", default=None, help="comma-separated goals (implies --check)")
+    parser.add_argument(
+        "--strict", action="store_true", help="a known miss (KNOWN_MISSES) fails as well"
+    )
     parser.add_argument("--apps", default=",".join(APPS), help="applications to measure")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants to measure")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (200; --check: 150)")
@@ -707,45 +732,55 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _chosen(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[str], list[str], list[str]]:
+    """The goals to check (none: only the table), and the applications and variants."""
     goals_by_key = {goal.key: goal for goal in all_goals()}
     if args.goals is not None:
         goal_keys = [key.strip() for key in args.goals.split(",") if key.strip()]
-    elif args.check:
-        goal_keys = list(CHECK_GOALS)
     else:
-        goal_keys = []
+        goal_keys = list(GOAL_KEYS) if args.check else []
     unknown = sorted(set(goal_keys) - set(goals_by_key))
     if unknown:
         parser.error(f"unknown goals {unknown}; choose from {', '.join(GOAL_KEYS)}")
-    rounds = args.rounds or (150 if goal_keys else 200)
-    if rounds < 1 or args.attempts < 1 or args.batch_ms <= 0:
-        parser.error("--rounds, --attempts and --batch-ms must be positive")
-    started = time.monotonic()
-
     if goal_keys:  # only what the goals need
         needed = {key for goal in goal_keys for key in goals_by_key[goal].subjects}
         apps = [app for app in APPS if any(key.startswith(f"{app}.") for key in needed)]
         variants = sorted({key.split(".", 1)[1] for key in needed})
-    else:
-        apps = [app.strip() for app in args.apps.split(",") if app.strip()]
-        variants = [variant.strip() for variant in args.variants.split(",") if variant.strip()]
-        bad = sorted(set(apps) - set(APPS)) + sorted(set(variants) - set(VARIANTS))
-        if bad:
-            parser.error(f"unknown applications or variants {bad}")
+        return goal_keys, apps, variants
+    apps = [app.strip() for app in args.apps.split(",") if app.strip()]
+    variants = [variant.strip() for variant in args.variants.split(",") if variant.strip()]
+    bad = sorted(set(apps) - set(APPS)) + sorted(set(variants) - set(VARIANTS))
+    if bad:
+        parser.error(f"unknown applications or variants {bad}")
+    return goal_keys, apps, variants
+
+
+def main(argv: Sequence[str]) -> int:
+    """Measures, prints the table (and the goals); with goals to check, 0 if the gate
+    passes them all, 1 if one fails in every attempt."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    goal_keys, apps, variants = _chosen(parser, args)
+    gate = bool(goal_keys)
+    rounds = args.rounds or (150 if gate else 200)
+    if rounds < 1 or args.attempts < 1 or args.batch_ms <= 0:
+        parser.error("--rounds, --attempts and --batch-ms must be positive")
+    started = time.monotonic()
+
     subjects, skipped = build_subjects(apps, variants)
-    if goal_keys:
-        keys = {subject.key for subject in subjects}
-        measurable = [goals_by_key[key] for key in goal_keys if keys >= set(goals_by_key[key].subjects)]
-        subjects = [
-            s for s in subjects if any(s.key in goal.subjects for goal in measurable)
-        ]
-    else:
-        measurable = [goal for goal in all_goals() if {s.key for s in subjects} >= set(goal.subjects)]
     for line in skipped:
         print(line)
+    keys = {subject.key for subject in subjects}
+    goals = [
+        goal
+        for goal in all_goals()
+        if (goal.key in goal_keys or not gate) and keys >= set(goal.subjects)
+    ]
+    if gate:  # the subjects the measurable goals need, no more
+        needed = {key for goal in goals for key in goal.subjects}
+        subjects = [subject for subject in subjects if subject.key in needed]
     if not subjects:
         print("nothing left to measure")
         return 0
@@ -754,47 +789,58 @@ def main(argv: Sequence[str]) -> int:
     finally:
         for subject in subjects:
             subject.run.close()
-    failed = [goal.key for goal in measurable if not goal.passes(goal.value(results))]
+    verdicts = {goal.key: goal.verdict(goal.value(results), args.strict) for goal in goals}
+    failed = [key for key, (_, passed) in verdicts.items() if not passed]
 
     if args.json:
+        subjects_json = {
+            s.key: {
+                "us_per_request": results.per_request(s.key) / 1e3,
+                "overhead_us": results.overhead(s.key) / 1e3,
+                "of_bare": results.share(s.key),
+                "batch": s.loops,
+            }
+            for s in subjects
+        }
+        goals_json = {
+            goal.key: {
+                "value": goal.value(results),
+                "goal": goal.limit,
+                "verdict": verdicts[goal.key][0],
+            }
+            for goal in goals
+        }
         print(
             json.dumps(
                 {
                     "attempt": args.attempt,
                     "rounds": rounds,
                     "machine": machine_line(),
-                    "subjects": {
-                        s.key: {
-                            "us_per_request": results.per_request(s.key) / 1e3,
-                            "overhead_us": results.overhead(s.key) / 1e3,
-                            "batch": s.loops,
-                        }
-                        for s in subjects
-                    },
-                    "goals": {goal.key: goal.value(results) for goal in measurable},
-                    "missed": failed,
+                    "subjects": subjects_json,
+                    "goals": goals_json,
+                    "failed": failed,
                 }
             )
         )
     else:
-        title = "requests overhead gate" if goal_keys else "requests overhead"
+        title = "requests overhead gate" if gate else "requests overhead"
         print(f"\nmeterage {title}, attempt {args.attempt} of {args.attempts}")
         print(machine_line())
         print(versions_line())
         print(f"{rounds} rounds of ~{args.batch_ms:g} ms batches, medians of per-round differences")
         print("\n".join(table(results, subjects)))
-        if measurable:
+        if goals:
             print()
-            print("\n".join(goal_lines(results, measurable)))
+            print("\n".join(goal_lines(results, goals, args.strict)))
         print(f"({time.monotonic() - started:.0f} s)")
     sys.stdout.flush()
-    if not goal_keys:
+    if not gate:
         return 0
     if not failed:
-        print("\nall requests overhead goals met")
+        print("\nthe requests overhead gate passes")
         return 0
     if args.attempt < args.attempts:
-        print(f"\nmissed {', '.join(failed)}: measuring again in a fresh process", flush=True)
+        print(f"\nfailed {', '.join(failed)}: measuring again in a fresh process", flush=True)
         command = [
             sys.executable,
             __file__,
@@ -803,10 +849,11 @@ def main(argv: Sequence[str]) -> int:
             f"--batch-ms={args.batch_ms}",
             f"--attempts={args.attempts}",
             f"--attempt={args.attempt + 1}",
+            *(["--strict"] if args.strict else []),
             *(["--json"] if args.json else []),
         ]
         return subprocess.run(command, check=False).returncode
-    print(f"\nFAILED: {', '.join(failed)} missed in every attempt", file=sys.stderr)
+    print(f"\nFAILED: {', '.join(failed)} in every attempt", file=sys.stderr)
     return 1
 
 

@@ -98,17 +98,26 @@ class Running:
         return total
 
 
+def _base(variant: str) -> str:
+    """The variant a server key names (``bare#2``: a second server without instrumentation)."""
+    return variant.split("#", 1)[0]
+
+
+def _label(variant: str) -> str:
+    return LABELS[_base(variant)] + (" (a second server)" if "#" in variant else "")
+
+
 def _environment(variant: str) -> dict[str, str]:
     environ = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("OTEL_", "METERAGE_", "PROMETHEUS_MULTIPROC"))
     }
-    environ.update(PYTHONUNBUFFERED="1", REQUESTS_BENCH_VARIANT=variant)
+    environ.update(PYTHONUNBUFFERED="1", REQUESTS_BENCH_VARIANT=_base(variant))
     return environ
 
 
-def _argv(server: str, port: int, threads: int) -> list[str]:
+def _argv(server: str, port: int, threads: int, worker: str) -> list[str]:
     if server == "uvicorn":
         return [
             sys.executable,
@@ -129,6 +138,7 @@ def _argv(server: str, port: int, threads: int) -> list[str]:
             "--timeout-graceful-shutdown",
             "2",
         ]
+    threading = ["--threads", str(threads), "--keep-alive", "30"] if worker == "gthread" else []
     return [
         sys.executable,
         "-m",
@@ -138,11 +148,8 @@ def _argv(server: str, port: int, threads: int) -> list[str]:
         "--workers",
         "1",
         "--worker-class",
-        "gthread",
-        "--threads",
-        str(threads),
-        "--keep-alive",
-        "30",
+        worker,
+        *threading,
         "--pythonpath",
         str(BENCHES),
         "--log-level",
@@ -152,7 +159,9 @@ def _argv(server: str, port: int, threads: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def started(server: str, variants: Sequence[str], threads: int) -> Iterator[list[Running]]:
+def started(
+    server: str, variants: Sequence[str], threads: int, worker: str
+) -> Iterator[list[Running]]:
     """Every variant's server, all at once; each stopped (with all it started) on leaving."""
     with contextlib.ExitStack() as stack:
         found = []
@@ -161,7 +170,7 @@ def started(server: str, variants: Sequence[str], threads: int) -> Iterator[list
             process = stack.enter_context(
                 servers.running(
                     f"{server}-{variant}",
-                    _argv(server, port, threads),
+                    _argv(server, port, threads, worker),
                     env=_environment(variant),
                     ready_url=f"http://127.0.0.1:{port}/",
                     timeout=60.0,
@@ -251,7 +260,9 @@ class Round:
     busy: float
 
 
-def run_load(loop: asyncio.AbstractEventLoop, target: Running, requests: int, concurrency: int) -> Round:
+def run_load(
+    loop: asyncio.AbstractEventLoop, target: Running, requests: int, concurrency: int
+) -> Round:
     cpu_before = target.cpu_ns()
     load = loop.run_until_complete(_load(target, requests, concurrency))
     cpu = target.cpu_ns() - cpu_before
@@ -276,13 +287,14 @@ def measure(
     concurrency: int,
     warmup: int,
     threads: int,
+    worker: str,
     seed: int,
 ) -> dict[str, list[Round]]:
     """Every variant's rounds on ``server`` (see the module doc)."""
     results: dict[str, list[Round]] = {variant: [] for variant in variants}
     loop = asyncio.new_event_loop()
     try:
-        with started(server, variants, threads) as running:
+        with started(server, variants, threads, worker) as running:
             for target in running:
                 run_load(loop, target, warmup, concurrency)
             order = list(running)
@@ -310,7 +322,9 @@ def summary(results: dict[str, list[Round]]) -> dict[str, dict[str, float]]:
         }
         if bare is not None and variant != "bare":
             pairs = list(zip(rounds, bare, strict=True))
-            row["throughput_vs_bare"] = statistics.median(m.throughput / b.throughput for m, b in pairs)
+            row["throughput_vs_bare"] = statistics.median(
+                m.throughput / b.throughput for m, b in pairs
+            )
             row["p50_vs_bare"] = statistics.median(m.p50_us / b.p50_us for m, b in pairs)
             row["p99_vs_bare"] = statistics.median(m.p99_us / b.p99_us for m, b in pairs)
             row["cpu_us_over_bare"] = statistics.median(m.cpu_us - b.cpu_us for m, b in pairs)
@@ -332,7 +346,7 @@ def table(figures: dict[str, dict[str, dict[str, float]]]) -> list[str]:
                 versus = f"{(row['throughput_vs_bare'] - 1) * 100:+.1f}%"
                 over = f"+{row['cpu_us_over_bare']:.1f} µs"
             lines.append(
-                f"| {route} | {LABELS[variant]} | {row['throughput']:,.0f} | {versus} "
+                f"| {route} | {_label(variant)} | {row['throughput']:,.0f} | {versus} "
                 f"| {row['p50_us']:,.0f} µs | {row['p99_us']:,.0f} µs | {row['cpu_us']:.1f} µs "
                 f"| {over} | {row['busy'] * 100:.0f}% |"
             )
@@ -363,6 +377,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="keep-alive connections")
     parser.add_argument("--warmup", type=int, default=1000, help="requests per server first")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn gthread threads")
+    parser.add_argument(
+        "--gunicorn-worker", choices=("gthread", "sync"), default="gthread", help="worker class"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 300 requests")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -371,7 +388,7 @@ def main(argv: Sequence[str]) -> int:
     chosen = [s.strip() for s in args.servers.split(",") if s.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = sorted(set(chosen) - set(SERVERS)) + sorted(
-        set(variants) - set(requests_overhead.VARIANTS)
+        {_base(v) for v in variants} - set(requests_overhead.VARIANTS)
     )
     if bad:
         parser.error(f"unknown servers or variants {bad}")
@@ -386,7 +403,8 @@ def main(argv: Sequence[str]) -> int:
         for variant in variants:
             why = requests_overhead.available(app, variant)
             if why is None:
-                here.append(variant)
+                copies = sum(1 for v in here if _base(v) == variant)
+                here.append(variant if not copies else f"{variant}#{copies + 1}")
             elif why != "FastAPI only":
                 print(f"{server}, {LABELS[variant]}: skipped ({why})", file=sys.stderr)
         results = measure(
@@ -397,6 +415,7 @@ def main(argv: Sequence[str]) -> int:
             concurrency=args.concurrency,
             warmup=args.warmup,
             threads=args.threads,
+            worker=args.gunicorn_worker,
             seed=index,
         )
         figures[server] = summary(results)

@@ -38,9 +38,7 @@ CASES = [
 
 def _requests_recorded() -> int:
     return sum(
-        series.count
-        for series in meterage.snapshot()
-        if series.operation == "http.server.request"
+        series.count for series in meterage.snapshot() if series.operation == "http.server.request"
     )
 
 
