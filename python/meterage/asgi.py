@@ -47,42 +47,26 @@ class MeterageMiddleware(_http.Middleware):
       cardinality limit (see docs/integrations.md).
     * ``probes``, ``sample``, ``budget`` — as for ``meterage.meter``.
 
-    ```python
-    import asyncio
-
-    import meterage
-    from meterage.asgi import MeterageMiddleware
-
-
-    async def app(scope, receive, send):
-        meterage.current_call().set_attribute("tenant", "acme")
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"hello"})
-
-
-    metered = MeterageMiddleware(app)
-
-
-    async def one_request():
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "GET", "scheme": "http", "http_version": "1.1",
-                 "path": "/", "headers": []}
-        await metered(scope, receive, send)
-        return sent
-
-
-    assert asyncio.run(one_request())[1]["body"] == b"hello"
-    (series,) = [s for s in meterage.snapshot()
-                 if s.operation == "http.server.request" and s.attributes.get("tenant") == "acme"]
-    assert series.attributes["http.response.status_code"] == 200
-    ```
+    >>> import asyncio, meterage
+    >>> async def app(scope, receive, send):
+    ...     meterage.current_call().set_attribute("tenant", "acme")
+    ...     await send({"type": "http.response.start", "status": 200, "headers": []})
+    ...     await send({"type": "http.response.body", "body": b"hello"})
+    >>> async def one_request(application):
+    ...     sent = []
+    ...     async def receive():
+    ...         return {"type": "http.request", "body": b"", "more_body": False}
+    ...     async def send(message):
+    ...         sent.append(message)
+    ...     scope = {"type": "http", "method": "GET", "scheme": "http", "http_version": "1.1",
+    ...              "path": "/", "headers": []}
+    ...     await application(scope, receive, send)
+    ...     return sent
+    >>> asyncio.run(one_request(MeterageMiddleware(app)))[1]["body"]
+    b'hello'
+    >>> [(s.count, s.attributes["http.response.status_code"]) for s in meterage.snapshot()
+    ...  if s.operation == "http.server.request" and s.attributes.get("tenant") == "acme"]
+    [(1, 200)]
     """
 
     def __init__(

@@ -13,89 +13,29 @@
 //! nanoseconds more than the application, instead of the microseconds of the same in
 //! Python.
 
+use super::http_meters::{item, known_method, text, RequestMeters, Seen, OTHER_METHOD};
 use super::instruments::PyHistogram;
-use super::meter::PyMeterCore;
 use super::open_call::{current_var, OpenCall};
 use super::steps::{borrow_call, ending_error, send_into, step_target, Outcome};
-use crate::aggregate::attributes::AttributeValue;
-use crate::aggregate::call::MeterCore;
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyString, PyTuple};
 use pyo3::{ffi, intern, PyTraverseError, PyTypeInfo, PyVisit};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
-/// Methods the HTTP conventions name; any other is `_OTHER`.
-const KNOWN_METHODS: [&str; 10] = [
-    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE", "QUERY",
-];
-const OTHER_METHOD: &str = "_OTHER";
-/// Meters kept per middleware, by method, scheme and version; past this (only a server
-/// sending made-up schemes or versions gets there) Python makes the meter each time.
-const MAX_METERS: usize = 256;
-
-type MeterKey = (&'static str, String, Option<String>);
-
-/// What a request's `send` and `receive` saw.
-#[derive(Default)]
-struct Seen {
-    /// The response's status; -1 until it starts.
-    status: AtomicI64,
-    response_bytes: AtomicU64,
-    request_bytes: AtomicU64,
-}
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 #[pyclass(module = "meterage._native", name = "HttpMeter", frozen)]
 pub struct HttpMeter {
     app: Py<PyAny>,
     /// What handles every other scope (websocket sessions, lifespan).
     other: Py<PyAny>,
-    /// `meter_for(method, scheme, version) -> MeterCore`: Python makes (and checks) meters.
-    meter_for: Py<PyAny>,
-    meters: Mutex<HashMap<MeterKey, Arc<MeterCore>>>,
-    request_size: Py<PyHistogram>,
-    response_size: Py<PyHistogram>,
-    /// The user's function of the scope giving more attributes, if any.
-    attributes_of: Option<Py<PyAny>>,
+    meters: RequestMeters,
     /// `route_of(scope, application) -> str | None`, called when the scope names a route.
     route_of: Py<PyAny>,
     /// Called once a request is probed (before its first step): readies the event loop's
     /// hand-off charging.
     on_probed: Py<PyAny>,
-}
-
-fn known_method(raw: &str) -> &'static str {
-    KNOWN_METHODS
-        .iter()
-        .find(|known| **known == raw)
-        .copied()
-        .unwrap_or(OTHER_METHOD)
-}
-
-/// `mapping.get(key)` for a dict (no Python code run) or any other mapping.
-fn item<'py>(
-    mapping: &Bound<'py, PyAny>,
-    key: &Bound<'py, PyString>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    if let Ok(dict) = mapping.cast_exact::<PyDict>() {
-        return dict.get_item(key);
-    }
-    match mapping.get_item(key) {
-        Ok(value) => Ok(Some(value)),
-        Err(error) if error.is_instance_of::<pyo3::exceptions::PyKeyError>(mapping.py()) => {
-            Ok(None)
-        }
-        Err(error) => Err(error),
-    }
-}
-
-fn text(value: Option<Bound<'_, PyAny>>) -> Option<String> {
-    let value = value?;
-    let text = value.cast::<PyString>().ok()?;
-    text.to_str().ok().map(str::to_owned)
 }
 
 /// The length of a message's `body` (bytes, or anything with a length), 0 if none.
@@ -107,36 +47,6 @@ fn body_length(message: &Bound<'_, PyAny>, body_key: &Bound<'_, PyString>) -> u6
         return bytes.as_bytes().len() as u64;
     }
     body.len().map_or(0, |length| length as u64)
-}
-
-impl HttpMeter {
-    fn meter(
-        &self,
-        py: Python<'_>,
-        method: &'static str,
-        scheme: String,
-        version: Option<String>,
-    ) -> PyResult<Arc<MeterCore>> {
-        let key = (method, scheme, version);
-        if let Some(core) = self
-            .meters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(Arc::clone(core));
-        }
-        let made = self
-            .meter_for
-            .bind(py)
-            .call1((key.0, key.1.as_str(), key.2.as_deref()))?;
-        let core = Arc::clone(&made.cast::<PyMeterCore>()?.get().core);
-        let mut meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
-        if meters.len() < MAX_METERS {
-            meters.insert(key, Arc::clone(&core));
-        }
-        Ok(core)
-    }
 }
 
 #[pymethods]
@@ -157,11 +67,7 @@ impl HttpMeter {
         HttpMeter {
             app,
             other,
-            meter_for,
-            meters: Mutex::new(HashMap::new()),
-            request_size,
-            response_size,
-            attributes_of,
+            meters: RequestMeters::new(meter_for, request_size, response_size, attributes_of),
             route_of,
             on_probed,
         }
@@ -184,21 +90,18 @@ impl HttpMeter {
         if !is_http {
             return this.other.bind(py).call1((scope, receive, send));
         }
-        let method = text(item(scope, intern!(py, "method"))?)
-            .map_or(OTHER_METHOD, |method| known_method(&method));
-        let scheme = text(item(scope, intern!(py, "scheme"))?).unwrap_or_else(|| "http".to_owned());
-        let version = text(item(scope, intern!(py, "http_version"))?);
-        let core = this.meter(py, method, scheme, version)?;
-        let mut open = OpenCall::new(core);
-        open.start_now(super::spans::traced_now(py));
-        let probed = open.is_probed();
-        let call = Bound::new(py, open)?;
-        if let Some(attributes_of) = &this.attributes_of {
-            let extra = attributes_of.bind(py).call1((scope,))?;
-            if !extra.is_none() {
-                call.call_method1(intern!(py, "set_attributes"), (extra,))?;
-            }
-        }
+        let method = item(scope, intern!(py, "method"))?;
+        let method = text(&method).map_or(OTHER_METHOD, known_method);
+        let scheme = item(scope, intern!(py, "scheme"))?;
+        let version = item(scope, intern!(py, "http_version"))?;
+        let call = this.meters.open(
+            py,
+            method,
+            text(&scheme).unwrap_or("http"),
+            text(&version),
+            scope,
+        )?;
+        let probed = call.borrow().is_probed();
         if probed {
             this.on_probed.bind(py).call0()?;
         }
@@ -206,10 +109,7 @@ impl HttpMeter {
             Some(application) => application.unbind(),
             None => this.app.clone_ref(py),
         };
-        let seen = Arc::new(Seen {
-            status: AtomicI64::new(-1),
-            ..Seen::default()
-        });
+        let seen = Seen::new();
         let watched_send = Bound::new(
             py,
             WatchedSend {
@@ -258,21 +158,10 @@ impl HttpMeter {
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        for object in [
-            &self.app,
-            &self.other,
-            &self.meter_for,
-            &self.route_of,
-            &self.on_probed,
-        ] {
+        for object in [&self.app, &self.other, &self.route_of, &self.on_probed] {
             visit.call(object)?;
         }
-        visit.call(&self.request_size)?;
-        visit.call(&self.response_size)?;
-        if let Some(attributes_of) = &self.attributes_of {
-            visit.call(attributes_of)?;
-        }
-        Ok(())
+        self.meters.traverse(&visit)
     }
 }
 
@@ -490,66 +379,45 @@ impl RequestSteps {
         self.reset_current(py);
         self.inner = None;
         let meter = self.meter.bind(py).get();
-        let mut status = self.seen.status.load(Ordering::Relaxed);
-        let mut error_type = match error {
-            Some(error) => ending_error(py, error).ok().flatten(),
-            None => None,
-        };
+        let error_type = error.and_then(|error| ending_error(py, error).ok().flatten());
         if let Some(error) = error {
-            if status < 0 && !is_cancellation(py, error) {
-                status = 500; // the server answers 500 to an application that raised
+            if self.seen.status.load(Ordering::Relaxed) < 0 && !is_cancellation(py, error) {
+                // The server answers 500 to an application that raised.
+                self.seen.status.store(500, Ordering::Relaxed);
             }
         }
-        let mut pairs = Vec::with_capacity(2);
-        let scope = self.scope.bind(py);
         let call = self.call.bind(py);
-        let names_route = item(scope, intern!(py, "route")).is_ok_and(|route| route.is_some());
-        if names_route {
-            let named_already = call
-                .try_borrow()
-                .is_ok_and(|call| call.has_own("http.route"));
-            if !named_already {
-                // A framework's routes that cannot be read: the request counts all the same.
-                if let Ok(route) = meter
-                    .route_of
-                    .bind(py)
-                    .call1((scope, self.application.bind(py)))
-                {
-                    if let Ok(route) = route.cast::<PyString>() {
-                        if let Ok(route) = route.to_str() {
-                            pairs.push((
-                                Arc::from("http.route"),
-                                AttributeValue::Str(Arc::from(route)),
-                            ));
-                        }
-                    }
-                }
-            }
+        let route = self.route(py, meter, call);
+        meter
+            .meters
+            .end(py, call, &self.seen, error_type, route.as_deref());
+    }
+
+    /// The route template the framework's match in the scope names, unless the request
+    /// named its own; a framework's routes that cannot be read leave it without one.
+    fn route(
+        &self,
+        py: Python<'_>,
+        meter: &HttpMeter,
+        call: &Bound<'_, OpenCall>,
+    ) -> Option<String> {
+        let scope = self.scope.bind(py);
+        if !item(scope, intern!(py, "route")).is_ok_and(|route| route.is_some()) {
+            return None;
         }
-        if status >= 0 {
-            pairs.push((
-                Arc::from("http.response.status_code"),
-                AttributeValue::Int(status),
-            ));
-            if error_type.is_none() && status >= 500 {
-                error_type = Some(status.to_string());
-            }
+        if call
+            .try_borrow()
+            .is_ok_and(|call| call.has_own("http.route"))
+        {
+            return None;
         }
-        let request_size = meter.request_size.bind(py).get();
-        let response_size = meter.response_size.bind(py).get();
-        let values = [
-            (
-                request_size,
-                self.seen.request_bytes.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                response_size,
-                self.seen.response_bytes.load(Ordering::Relaxed) as f64,
-            ),
-        ];
-        if let Ok(mut call) = borrow_call(call) {
-            call.end(error_type.as_deref(), pairs, &values);
-        }
+        let route = meter
+            .route_of
+            .bind(py)
+            .call1((scope, self.application.bind(py)))
+            .ok()?;
+        let route = route.cast::<PyString>().ok()?.to_str().ok()?.to_owned();
+        Some(route)
     }
 
     fn step<'py>(

@@ -10,6 +10,7 @@ mod gpu;
 mod group;
 mod guard;
 mod host;
+mod http_meters;
 mod http_request;
 mod instruments;
 mod meter;
@@ -19,6 +20,7 @@ mod process;
 mod snapshots;
 mod spans;
 mod steps;
+mod wsgi_request;
 
 use crate::aggregate::registry::registry;
 use crate::aggregate::{sampling, series_map};
@@ -142,6 +144,9 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<http_request::CountedReceive>()?;
     module.add_class::<http_request::Received>()?;
     module.add_class::<http_request::RequestSteps>()?;
+    module.add_class::<wsgi_request::WsgiMeter>()?;
+    module.add_class::<wsgi_request::WatchedStartResponse>()?;
+    module.add_class::<wsgi_request::WsgiBody>()?;
     module.add_class::<instruments::PyHistogram>()?;
     module.add_class::<instruments::PyCounter>()?;
     module.add_class::<instruments::BoundHistogram>()?;

@@ -239,38 +239,7 @@ impl OpenCall {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        if !super::guard::stack_has_room() {
-            return Err(PyErr::fetch(py));
-        }
-        let (core, step) = {
-            let mut state = borrow_call(slf)?;
-            if state.finished {
-                drop(state);
-                return function.call(args, kwargs);
-            }
-            let core = Arc::clone(&state.core);
-            let step = core.step_begin(&mut state.stepped);
-            (core, step)
-        };
-        let var = current_var(py)?.bind(py);
-        // SAFETY: a live ContextVar and a live value; a new token reference or NULL.
-        let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), slf.as_ptr()) };
-        let result = function.call(args, kwargs);
-        if !token.is_null() {
-            // SAFETY: the token this thread's Set gave, reset once and released.
-            unsafe {
-                if ffi::PyContextVar_Reset(var.as_ptr(), token) != 0 {
-                    ffi::PyErr_Clear(); // reset in another context: nothing to undo here
-                }
-                ffi::Py_DECREF(token);
-            }
-        } else {
-            // SAFETY: the Set's error is this thread's to clear (the call went ahead).
-            unsafe { ffi::PyErr_Clear() };
-        }
-        core.step_end(&mut borrow_call(slf)?.stepped, step);
-        result
+        run_step(slf, || function.call(args, kwargs))
     }
 
     /// Whether the call's own attributes (not the meter's) have `key` already.
@@ -329,6 +298,48 @@ impl OpenCall {
             self.core.operation_name()
         )
     }
+}
+
+/// Runs `work` as a step of `call` in this thread, the call current meanwhile; after the
+/// call ended, just runs it.
+pub fn run_step<'py, T>(
+    call: &Bound<'py, OpenCall>,
+    work: impl FnOnce() -> PyResult<T>,
+) -> PyResult<T> {
+    let py = call.py();
+    if !super::guard::stack_has_room() {
+        return Err(PyErr::fetch(py));
+    }
+    let (core, step) = {
+        let mut state = borrow_call(call)?;
+        if state.finished {
+            drop(state);
+            return work();
+        }
+        let core = Arc::clone(&state.core);
+        let step = core.step_begin(&mut state.stepped);
+        (core, step)
+    };
+    let var = current_var(py)?.bind(py);
+    // SAFETY: a live ContextVar and a live value; a new token reference or NULL.
+    let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), call.as_ptr()) };
+    if token.is_null() {
+        // SAFETY: the Set's error is this thread's to clear (the work goes ahead).
+        unsafe { ffi::PyErr_Clear() };
+    }
+    let result = work();
+    if !token.is_null() {
+        // SAFETY: the token this thread's Set gave, reset once and released; a failed
+        // reset (another context) has nothing to undo here.
+        unsafe {
+            if ffi::PyContextVar_Reset(var.as_ptr(), token) != 0 {
+                ffi::PyErr_Clear();
+            }
+            ffi::Py_DECREF(token);
+        }
+    }
+    core.step_end(&mut borrow_call(call)?.stepped, step);
+    result
 }
 
 /// The current open call in this context (None outside one).

@@ -1,0 +1,289 @@
+//! `WsgiMeter`: the native core of `meterage.wsgi.MeterageMiddleware`, one WSGI request at
+//! a time.
+//!
+//! A request is a call from the application's call to the end of its response body: the
+//! application runs as a step of the call, and so does the making of each chunk of its
+//! body and its `close()`, with the call current meanwhile (so a framework hook can name
+//! the route on `meterage.current_call()`, and work handed to thread pools is charged to
+//! it). `start_response` is watched for the status; the request body's size is its
+//! `CONTENT_LENGTH`. The call ends when the body is closed (WSGI servers must close it;
+//! one dropped unclosed ends then), or when the application or its body raises.
+
+use super::http_meters::{item, known_method, text, RequestMeters, Seen, OTHER_METHOD};
+use super::instruments::PyHistogram;
+use super::open_call::{run_step, OpenCall};
+use super::steps::ending_error;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString, PyTuple};
+use pyo3::{intern, PyTraverseError, PyVisit};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+#[pyclass(module = "meterage._native", name = "WsgiMeter", frozen)]
+pub struct WsgiMeter {
+    app: Py<PyAny>,
+    meters: RequestMeters,
+}
+
+/// The protocol version of `SERVER_PROTOCOL` ("HTTP/1.1" gives "1.1").
+fn protocol_version(protocol: Option<&str>) -> Option<&str> {
+    protocol?.strip_prefix("HTTP/")
+}
+
+/// `CONTENT_LENGTH` as a number of bytes (0 when absent or not a number).
+fn content_length(environ: &Bound<'_, PyAny>) -> u64 {
+    let py = environ.py();
+    let Ok(length) = item(environ, intern!(py, "CONTENT_LENGTH")) else {
+        return 0;
+    };
+    text(&length)
+        .and_then(|length| length.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Ends a request's call with the exception that ended it, if any.
+fn end_request(
+    py: Python<'_>,
+    meter: &WsgiMeter,
+    call: &Bound<'_, OpenCall>,
+    seen: &Seen,
+    error: Option<&PyErr>,
+) {
+    let error_type = error.and_then(|error| ending_error(py, error).ok().flatten());
+    if error.is_some() && seen.status.load(Ordering::Relaxed) < 0 {
+        seen.status.store(500, Ordering::Relaxed); // the server answers 500
+    }
+    meter.meters.end(py, call, seen, error_type, None);
+}
+
+#[pymethods]
+impl WsgiMeter {
+    #[new]
+    #[pyo3(signature = (app, *, meter_for, request_size, response_size, attributes_of))]
+    fn new(
+        app: Py<PyAny>,
+        meter_for: Py<PyAny>,
+        request_size: Py<PyHistogram>,
+        response_size: Py<PyHistogram>,
+        attributes_of: Option<Py<PyAny>>,
+    ) -> WsgiMeter {
+        WsgiMeter {
+            app,
+            meters: RequestMeters::new(meter_for, request_size, response_size, attributes_of),
+        }
+    }
+
+    /// The response body of the request, made by the application as a step of its call.
+    fn __call__<'py>(
+        slf: &Bound<'py, Self>,
+        environ: &Bound<'py, PyAny>,
+        start_response: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let method = item(environ, intern!(py, "REQUEST_METHOD"))?;
+        let method = text(&method).map_or(OTHER_METHOD, known_method);
+        let scheme = item(environ, intern!(py, "wsgi.url_scheme"))?;
+        let protocol = item(environ, intern!(py, "SERVER_PROTOCOL"))?;
+        let call = this.meters.open(
+            py,
+            method,
+            text(&scheme).unwrap_or("http"),
+            protocol_version(text(&protocol)),
+            environ,
+        )?;
+        let seen = Seen::new();
+        seen.request_bytes
+            .store(content_length(environ), Ordering::Relaxed);
+        let watched = Bound::new(
+            py,
+            WatchedStartResponse {
+                start_response: start_response.clone().unbind(),
+                seen: Arc::clone(&seen),
+            },
+        )?;
+        let body = match run_step(&call, || this.app.bind(py).call1((environ, watched))) {
+            Ok(body) => body,
+            Err(error) => {
+                end_request(py, this, &call, &seen, Some(&error));
+                return Err(error);
+            }
+        };
+        let response = WsgiBody {
+            body: Some(body.unbind()),
+            iterator: None,
+            call: call.unbind(),
+            meter: slf.clone().unbind(),
+            seen,
+            ended: false,
+        };
+        Ok(Bound::new(py, response)?.into_any())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.app)?;
+        self.meters.traverse(&visit)
+    }
+}
+
+/// The `start_response` the application gets: notes the status, then calls the server's.
+#[pyclass(module = "meterage._native", name = "WatchedStartResponse", frozen)]
+pub struct WatchedStartResponse {
+    start_response: Py<PyAny>,
+    seen: Arc<Seen>,
+}
+
+#[pymethods]
+impl WatchedStartResponse {
+    #[pyo3(signature = (*args, **kwargs))]
+    fn __call__<'py>(
+        &self,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, pyo3::types::PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Ok(status) = args.get_item(0) {
+            let code = status
+                .cast::<PyString>()
+                .ok()
+                .and_then(|status| status.to_str().ok())
+                .and_then(|status| status.get(..3))
+                .and_then(|code| code.parse::<i64>().ok());
+            if let Some(code) = code {
+                self.seen.status.store(code, Ordering::Relaxed);
+            }
+        }
+        self.start_response.bind(args.py()).call(args, kwargs)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.start_response)
+    }
+}
+
+/// The application's response body: each chunk made as a step of the request's call; its
+/// end (exhausted, closed, or failed) ends the call.
+#[pyclass(module = "meterage._native", name = "WsgiBody")]
+pub struct WsgiBody {
+    /// The application's iterable (None once the garbage collector cleared it).
+    body: Option<Py<PyAny>>,
+    iterator: Option<Py<PyAny>>,
+    call: Py<OpenCall>,
+    meter: Py<WsgiMeter>,
+    seen: Arc<Seen>,
+    ended: bool,
+}
+
+impl WsgiBody {
+    fn end(&mut self, py: Python<'_>, error: Option<&PyErr>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        end_request(
+            py,
+            self.meter.bind(py).get(),
+            self.call.bind(py),
+            &self.seen,
+            error,
+        );
+    }
+}
+
+impl Drop for WsgiBody {
+    /// A body never closed (a server that breaks the WSGI rule) still ends its call.
+    fn drop(&mut self) {
+        if !self.ended {
+            Python::attach(|py| self.end(py, None));
+        }
+    }
+}
+
+#[pymethods]
+impl WsgiBody {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let call = self.call.bind(py).clone();
+        let chunk = run_step(&call, || {
+            let iterator = match &self.iterator {
+                Some(iterator) => iterator.bind(py).clone(),
+                None => {
+                    let body = self.body.as_ref().ok_or_else(|| {
+                        PyRuntimeError::new_err(
+                            "this response was cleared by the garbage collector",
+                        )
+                    })?;
+                    let iterator = body.bind(py).try_iter()?.into_any();
+                    self.iterator = Some(iterator.clone().unbind());
+                    iterator
+                }
+            };
+            // SAFETY: a live iterator; PyIter_Next gives a new reference, or NULL at the
+            // end (no error set) or on an error (set).
+            let next = unsafe { pyo3::ffi::PyIter_Next(iterator.as_ptr()) };
+            if next.is_null() {
+                return match PyErr::take(py) {
+                    Some(error) => Err(error),
+                    None => Ok(None),
+                };
+            }
+            // SAFETY: the new reference just given.
+            Ok(Some(unsafe { Bound::from_owned_ptr(py, next) }))
+        });
+        match chunk {
+            Ok(Some(chunk)) => {
+                let length = match chunk.cast::<PyBytes>() {
+                    Ok(bytes) => bytes.as_bytes().len(),
+                    Err(_) => chunk.len().unwrap_or(0),
+                };
+                self.seen
+                    .response_bytes
+                    .fetch_add(length as u64, Ordering::Relaxed);
+                Ok(Some(chunk))
+            }
+            // Exhausted: the call ends at close(), which runs the framework's teardown.
+            Ok(None) => Ok(None),
+            Err(error) => {
+                self.end(py, Some(&error));
+                Err(error)
+            }
+        }
+    }
+
+    /// Closes the application's body (as a step of the call), then ends the call.
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        let result = match self.body.as_ref().map(|body| body.clone_ref(py)) {
+            Some(body) if body.bind(py).hasattr(intern!(py, "close"))? => {
+                let call = self.call.bind(py).clone();
+                run_step(&call, || body.bind(py).call_method0(intern!(py, "close"))).map(|_| ())
+            }
+            _ => Ok(()),
+        };
+        match &result {
+            Ok(()) => self.end(py, None),
+            Err(error) => self.end(py, Some(error)),
+        }
+        result
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(body) = &self.body {
+            visit.call(body)?;
+        }
+        if let Some(iterator) = &self.iterator {
+            visit.call(iterator)?;
+        }
+        visit.call(&self.call)?;
+        visit.call(&self.meter)
+    }
+
+    fn __clear__(&mut self) {
+        self.body = None;
+        self.iterator = None;
+    }
+}
