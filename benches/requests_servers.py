@@ -376,7 +376,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="per round and variant")
     parser.add_argument("--concurrency", type=int, default=8, help="keep-alive connections")
     parser.add_argument("--warmup", type=int, default=1000, help="requests per server first")
-    parser.add_argument("--threads", type=int, default=8, help="gunicorn gthread threads")
+    parser.add_argument("--threads", type=int, default=1, help="gunicorn gthread threads")
     parser.add_argument(
         "--gunicorn-worker", choices=("gthread", "sync"), default="gthread", help="worker class"
     )
