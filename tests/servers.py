@@ -1103,3 +1103,30 @@ def worker_environment(
     if multiprocess:
         environ["METERAGE_MULTIPROCESS"] = "1"
     return environ
+
+
+# --- metrics pages ---------------------------------------------------------------------
+
+
+def scrape(port: int, timeout: float = 5.0) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of the Prometheus page served on 127.0.0.1:``port``/metrics, as
+    (name, labels, value), parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = http_get(f"http://127.0.0.1:{port}/metrics", timeout=timeout).decode()
+    return [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    ]
+
+
+def sample_total(
+    samples: Iterable[tuple[str, dict[str, str], float]], name: str, **labels: str
+) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels``."""
+    return sum(
+        value
+        for sample_name, sample_labels, value in samples
+        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items())
+    )

@@ -280,6 +280,18 @@ def test_demo_serve_exposes_the_calls_on_a_prometheus_endpoint(tmp_path) -> None
         ]
         assert counts and counts[0] >= 1, text[:2000]
         assert "process_cpu_time_seconds_total" in text
+        # The demo shop's requests, metered by route on a real server under its own load.
+        deadline = time.monotonic() + 30
+        while 'http_route="/products/{id}"' not in text and time.monotonic() < deadline:
+            time.sleep(0.2)
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        shop = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("http_server_request_duration_seconds_count")
+            and 'http_route="/products/{id}"' in line
+        ]
+        assert shop and shop[0] >= 1, text[-3000:]
         # SIGTERM stops it as Ctrl-C does (exit 130, mid-workload or serving): its scratch
         # directories go with it.
         server.terminate()

@@ -172,6 +172,31 @@ def test_requests_are_also_http_server_request_duration(unique, reader_of):
     assert not points(metrics, "messaging.process.duration", **{"http.route": route})
 
 
+def test_an_alias_another_instrumentation_records_itself_is_left_out(unique):
+    # FastAPI's own telemetry and OpenTelemetry's HTTP instrumentations record
+    # http.server.request.duration themselves: one name must not count requests twice.
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meterage.otel.attach(provider, process=False, spans=False)
+    try:
+        route = f"/{unique()}/{{id}}"
+        requests(route, [200, 200])
+        assert "http.server.request.duration" in collect(reader)  # meterage's, alone
+        theirs = provider.get_meter("another.instrumentation").create_histogram(
+            "http.server.request.duration", unit="s"
+        )
+        theirs.record(0.5, {"http.route": route})
+        metrics = collect(reader)  # asserts each name comes once
+        (point,) = metrics["http.server.request.duration"].data.data_points
+        assert point.count == 1 and dict(point.attributes) == {"http.route": route}  # theirs
+        own = points(metrics, "meterage.call.duration", **{"http.route": route})
+        assert sum(p.count for p in own) == 2  # meterage's requests are all still there
+    finally:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+        meterage._native.set_active_tracking(False)
+
+
 def test_requests_in_flight_are_http_server_active_requests(unique, reader_of):
     reader = reader_of(preferred_temporality={Histogram: AggregationTemporality.DELTA})
     scheme = unique("scheme")  # the in-flight count is per method and scheme

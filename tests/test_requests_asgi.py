@@ -50,6 +50,18 @@ def series_of(rows: list[dict[str, Any]], **attributes: Any) -> list[dict[str, A
     ]
 
 
+def settled(port: int, count: int, **attributes: Any) -> dict[str, Any]:
+    """The one series with ``attributes`` once it has ``count`` calls: a request's call
+    ends just after its response is sent (the client can ask before that)."""
+    rows = servers.wait_for(
+        lambda: [row for row in series_of(charged(port), **attributes) if row["count"] >= count],
+        what=f"{count} requests with {attributes}",
+        timeout=20,
+    )
+    (row,) = rows
+    return row  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="module")
 def service():
     env = servers._environment(None, REQUESTS_APP_BURN_NS=str(BURN_NS))
@@ -72,7 +84,7 @@ def service():
 def test_each_request_is_charged_the_cpu_it_spent_wherever_it_ran(service, path: str) -> None:
     result = servers.load(service.url(path), REQUESTS, concurrency=CONCURRENCY, timeout=60)
     assert result.ok == REQUESTS, result.failures
-    (row,) = series_of(charged(service.port), **{"http.route": path})
+    row = settled(service.port, REQUESTS, **{"http.route": path})
     assert row["count"] == row["sampled"] == REQUESTS
     mean = row["cpu_ns"] / REQUESTS
     # Each request spent BURN_NS of its own (plus the framework's few tens of µs); others
@@ -90,7 +102,7 @@ def test_a_request_that_sleeps_is_charged_almost_nothing(service) -> None:
     assert busy.ok == 8
     result = servers.load(service.url("/sleep"), REQUESTS, concurrency=CONCURRENCY)
     assert result.ok == REQUESTS, result.failures
-    (row,) = series_of(charged(service.port), **{"http.route": "/sleep"})
+    row = settled(service.port, REQUESTS, **{"http.route": "/sleep"})
     assert row["count"] == REQUESTS
     assert row["cpu_ns"] / REQUESTS < 0.05 * BURN_NS  # ~10 µs real, against 1 ms allowed
 
@@ -98,7 +110,7 @@ def test_a_request_that_sleeps_is_charged_almost_nothing(service) -> None:
 def test_a_write_through_to_thread_is_charged_its_bytes(service) -> None:
     result = servers.load(service.url("/write"), REQUESTS, concurrency=CONCURRENCY)
     assert result.ok == REQUESTS, result.failures
-    (row,) = series_of(charged(service.port), **{"http.route": "/write"})
+    row = settled(service.port, REQUESTS, **{"http.route": "/write"})
     assert row["count"] == REQUESTS
     # Exactly its 64 KiB, plus at most a few bytes of the worker thread waking the event
     # loop up (asyncio's self-pipe), which that thread wrote on the request's behalf.
@@ -112,6 +124,7 @@ def test_routes_are_templates_and_unmatched_paths_share_one_series(service) -> N
         assert request(service.port, path)[0] == 200
     for path in ("/nope/1", "/nope/2", "/other"):
         assert request(service.port, path)[0] == 404
+    settled(service.port, 3, **{"http.response.status_code": 404})  # the last has ended
     rows = charged(service.port)
     (items,) = series_of(rows, **{"http.route": "/api/items/{item_id}"})
     assert items["count"] == 3
@@ -133,7 +146,11 @@ def test_failures_carry_error_type_and_status(service) -> None:
     assert request(service.port, "/api/fail")[0] == 500
     assert request(service.port, "/api/status/503")[0] == 503
     assert request(service.port, "/api/status/404")[0] == 404
+    settled(
+        service.port, 1, **{"http.route": "/api/status/{code}", "http.response.status_code": 404}
+    )
     assert request(service.port, "/api/items/1", method="BREW")[0] in (405, 400)
+    settled(service.port, 1, **{"http.request.method": "_OTHER"})  # the last has ended
     rows = charged(service.port)
     (failed,) = series_of(rows, **{"http.route": "/api/fail"})
     assert failed["attributes"]["error.type"] == "RuntimeError"
@@ -153,6 +170,7 @@ def test_failures_carry_error_type_and_status(service) -> None:
 def test_handlers_set_attributes_on_the_current_call(service) -> None:
     for name in ("acme", "acme", "globex"):
         assert request(service.port, f"/tenant/{name}") == (200, name.encode())
+    settled(service.port, 1, tenant="globex")  # the last has ended
     rows = charged(service.port)
     assert [row["count"] for row in series_of(rows, tenant="acme")] == [2]
     assert [row["count"] for row in series_of(rows, tenant="globex")] == [1]
@@ -179,6 +197,7 @@ def test_body_sizes_are_recorded_in_the_requests_series(service) -> None:
     for size in (0, 1000, 100_000):
         assert request(service.port, "/upload", "POST", b"z" * size) == (200, str(size).encode())
     assert request(service.port, "/stream") == (200, b"y" * 4000)
+    settled(service.port, 1, **{"http.route": "/stream"})
     sizes = everything(service.port)["sizes"]
     (uploads,) = [
         row
@@ -198,12 +217,13 @@ def test_body_sizes_are_recorded_in_the_requests_series(service) -> None:
 def test_a_streamed_response_is_charged_the_work_of_its_chunks(service) -> None:
     result = servers.load(service.url("/stream"), 8, concurrency=4, timeout=60)
     assert result.ok == 8
-    (row,) = series_of(charged(service.port), **{"http.route": "/stream"})
+    row = settled(service.port, 8, **{"http.route": "/stream"})
     assert BURN_NS <= row["cpu_ns"] / row["count"] <= 1.1 * BURN_NS
 
 
 def test_a_timeout_is_a_failure_and_nothing_stays_in_flight(service) -> None:
     assert request(service.port, "/timeout")[0] == 500
+    settled(service.port, 1, **{"http.route": "/timeout"})
     rows = charged(service.port)
     (timed_out,) = series_of(rows, **{"http.route": "/timeout"})
     assert timed_out["attributes"]["error.type"] == "TimeoutError"

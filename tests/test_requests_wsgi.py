@@ -35,6 +35,22 @@ def series_of(rows: list[dict[str, Any]], **attributes: Any) -> list[dict[str, A
     ]
 
 
+def settled(port: int, count: int, **attributes: Any) -> dict[str, Any]:
+    """The one series with ``attributes`` once it has ``count`` calls: a request's call
+    ends just after its response is sent (the client can ask before that)."""
+    rows = servers.wait_for(
+        lambda: [
+            row
+            for row in series_of(flask_charged(port)["rows"], **attributes)
+            if row["count"] >= count
+        ],
+        what=f"{count} requests with {attributes}",
+        timeout=20,
+    )
+    (row,) = rows
+    return row  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="module")
 def flask_service():
     env = servers._environment(None, REQUESTS_APP_BURN_NS=str(BURN_NS))
@@ -55,7 +71,7 @@ def flask_charged(port: int) -> dict[str, Any]:
 def test_each_request_is_charged_its_own_cpu(flask_service, path: str) -> None:
     result = servers.load(flask_service.url(path), REQUESTS, concurrency=4, timeout=60)
     assert result.ok == REQUESTS, result.failures
-    (row,) = series_of(flask_charged(flask_service.port)["rows"], **{"http.route": path})
+    row = settled(flask_service.port, REQUESTS, **{"http.route": path})
     assert row["count"] == row["sampled"] == REQUESTS
     mean = row["cpu_ns"] / REQUESTS
     assert BURN_NS <= mean <= 1.1 * BURN_NS, f"{path}: {mean / 1e6:.2f} ms per request"
@@ -64,6 +80,7 @@ def test_each_request_is_charged_its_own_cpu(flask_service, path: str) -> None:
 
 def test_a_streamed_body_is_counted_in_full(flask_service) -> None:
     assert request(flask_service.port, "/stream") == (200, b"x" * 4000)
+    settled(flask_service.port, 1, **{"http.route": "/stream"})
     charged = flask_charged(flask_service.port)
     (row,) = series_of(charged["rows"], **{"http.route": "/stream"})
     assert charged["stream_bytes"] == 4000 * row["count"]
@@ -72,7 +89,7 @@ def test_a_streamed_body_is_counted_in_full(flask_service) -> None:
 def test_a_write_is_charged_its_bytes(flask_service) -> None:
     for _ in range(4):
         assert request(flask_service.port, "/write")[0] == 200
-    (row,) = series_of(flask_charged(flask_service.port)["rows"], **{"http.route": "/write"})
+    row = settled(flask_service.port, 4, **{"http.route": "/write"})
     assert row["io_write"] == row["count"] * 65536
 
 
@@ -84,6 +101,7 @@ def test_flask_routes_statuses_and_failures(flask_service) -> None:
     assert request(flask_service.port, "/fail")[0] == 500
     assert request(flask_service.port, "/status/503")[0] == 503
     assert request(flask_service.port, "/tenant/acme")[0] == 200
+    settled(flask_service.port, 1, tenant="acme")  # the last request has ended
     rows = flask_charged(flask_service.port)["rows"]
     (items,) = series_of(rows, **{"http.route": "/items/<int:item_id>"})
     assert items["count"] == 2
@@ -120,6 +138,13 @@ def test_django_routes_are_the_resolved_patterns(django_service) -> None:
     assert request(port, "/articles/2025/other/") == (200, b"2025/other")
     assert request(port, "/missing/1")[0] == 404
     assert request(port, "/fail")[0] == 500
+    servers.wait_for(
+        lambda: any(
+            row["attributes"].get("http.route") == "/fail"
+            for row in json.loads(request(port, "/charged")[1])
+        ),
+        what="the last request to end",
+    )
     status, body = request(port, "/charged")
     assert status == 200
     rows = json.loads(body)

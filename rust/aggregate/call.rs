@@ -518,6 +518,42 @@ impl MeterCore {
         }
     }
 
+    /// What a stepped call measured so far, its step in progress on this thread (`open`)
+    /// included: for a tracing span that ends before the call does (a framework's server
+    /// span, ended once the response is sent). Nothing is recorded or counted.
+    pub fn measured_so_far(
+        &self,
+        call: &SteppedCall,
+        open: Option<&StepStart>,
+    ) -> Option<Measured> {
+        let started = call.started_ns?;
+        if call.generation != fork::generation() {
+            return None;
+        }
+        let duration_ns = monotonic_ns().saturating_sub(started);
+        let sample = match call.weight {
+            Some(weight) if !call.broken => {
+                let mut total = call.total;
+                if let Some(before) = open.and_then(|step| step.reading.as_ref()) {
+                    if let Some(delta) = Reading::peek_since(before) {
+                        total.accumulate(&delta);
+                    }
+                }
+                let total = if call.parallel {
+                    total
+                } else {
+                    cap_cpu(total, duration_ns)
+                };
+                Some((total, weight))
+            }
+            _ => None,
+        };
+        Some(Measured {
+            duration_ns,
+            sample,
+        })
+    }
+
     /// Stops the clock of a finished stepped call; `None` if it never took a step, or
     /// started before this process was forked (then there is nothing to record).
     pub fn stop_stepped(&self, call: &SteppedCall) -> Option<Measured> {

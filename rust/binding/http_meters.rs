@@ -8,7 +8,7 @@ use super::meter::PyMeterCore;
 use super::open_call::OpenCall;
 use super::steps::borrow_call;
 use crate::aggregate::attributes::AttributeValue;
-use crate::aggregate::call::MeterCore;
+use crate::aggregate::call::{MeterCore, StepStart};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3::{PyTraverseError, PyVisit};
@@ -69,6 +69,8 @@ pub struct Seen {
     pub status: AtomicI64,
     pub response_bytes: AtomicU64,
     pub request_bytes: AtomicU64,
+    /// The request's own step in progress (for its span's cost so far, at the response).
+    pub open_step: Mutex<Option<StepStart>>,
 }
 
 impl Seen {
@@ -77,6 +79,7 @@ impl Seen {
             status: AtomicI64::new(-1),
             response_bytes: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
+            open_step: Mutex::new(None),
         })
     }
 }
@@ -157,7 +160,7 @@ impl RequestMeters {
         request: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, OpenCall>> {
         let mut call = OpenCall::new(self.meter(py, method, scheme, version)?);
-        call.start_now(super::spans::traced_now(py));
+        call.start_now(py, super::spans::traced_now(py));
         let call = Bound::new(py, call)?;
         if let Some(attributes_of) = &self.attributes_of {
             let extra = attributes_of.bind(py).call1((request,))?;

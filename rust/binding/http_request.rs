@@ -115,6 +115,7 @@ impl HttpMeter {
             WatchedSend {
                 send: send.clone().unbind(),
                 seen: Arc::clone(&seen),
+                call: call.clone().unbind(),
             },
         )?;
         let counted_receive = Bound::new(
@@ -171,6 +172,34 @@ impl HttpMeter {
 pub struct WatchedSend {
     send: Py<PyAny>,
     seen: Arc<Seen>,
+    call: Py<OpenCall>,
+}
+
+impl WatchedSend {
+    /// The response's last body message: a server span that ends now (FastAPI's own) gets
+    /// the request's cost so far first.
+    fn response_sent(&self, message: &Bound<'_, PyAny>) {
+        let py = message.py();
+        let call = self.call.bind(py);
+        if !call.try_borrow().is_ok_and(|call| call.has_span()) {
+            return;
+        }
+        let more = item(message, intern!(py, "more_body"))
+            .ok()
+            .flatten()
+            .is_some_and(|more| more.is_truthy().unwrap_or(false));
+        if more {
+            return;
+        }
+        let open = *self
+            .seen
+            .open_step
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Ok(mut call) = call.try_borrow_mut() {
+            call.note_span_so_far(py, open.as_ref());
+        }
+    }
 }
 
 #[pymethods]
@@ -185,6 +214,7 @@ impl WatchedSend {
                         self.seen
                             .response_bytes
                             .fetch_add(length, Ordering::Relaxed);
+                        self.response_sent(message);
                     }
                     Ok("http.response.start") => {
                         if let Ok(Some(status)) = item(message, intern!(py, "status")) {
@@ -201,7 +231,8 @@ impl WatchedSend {
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.send)
+        visit.call(&self.send)?;
+        visit.call(&self.call)
     }
 }
 
@@ -442,7 +473,17 @@ impl RequestSteps {
             let step = core.step_begin(&mut state.stepped);
             (core, step)
         };
+        *self
+            .seen
+            .open_step
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(step);
         let result = run(&inner);
+        *self
+            .seen
+            .open_step
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         core.step_end(&mut borrow_call(call)?.stepped, step);
         match result {
             Ok(Outcome::Yielded(value)) => Ok(value),

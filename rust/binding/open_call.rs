@@ -14,13 +14,13 @@ use super::meter::error_type_name;
 use super::spans;
 use super::steps::{borrow_call, Steps};
 use crate::aggregate::attributes::ERROR_TYPE_KEY;
-use crate::aggregate::call::{MeterCore, SteppedCall};
+use crate::aggregate::call::{MeterCore, StepStart, SteppedCall};
 use crate::aggregate::call_key::CallKey;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{IntoPyDict, PyDict, PyString, PyTuple};
-use pyo3::{ffi, PyTypeInfo};
+use pyo3::{ffi, PyTraverseError, PyTypeInfo, PyVisit};
 use std::sync::Arc;
 
 /// The ContextVar holding the current open call (None outside one).
@@ -43,6 +43,11 @@ pub struct OpenCall {
     pub stepped: SteppedCall,
     pub finished: bool,
     dynamic: Pairs,
+    /// The sampled tracing span current when the call started (span attributes on): its
+    /// cost goes there, wherever the call ends.
+    span: Option<Py<PyAny>>,
+    /// Whether the cost so far went onto `span` already (it was about to end first).
+    span_noted: bool,
 }
 
 impl OpenCall {
@@ -52,6 +57,8 @@ impl OpenCall {
             stepped: SteppedCall::default(),
             finished: false,
             dynamic: Pairs::new(),
+            span: None,
+            span_noted: false,
         }
     }
 
@@ -60,9 +67,40 @@ impl OpenCall {
         let measured =
             self.core
                 .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
-        if let Some((measured, series)) = measured {
-            spans::note(&measured, &series);
+        let span = self.span.take();
+        let Some((measured, series)) = measured else {
+            return;
+        };
+        match span {
+            None => spans::note(&measured, &series),
+            Some(span) => Python::attach(|py| {
+                let span = span.bind(py);
+                if self.span_noted {
+                    spans::offer_exemplar(span, &measured, &series);
+                } else if !spans::note_on(span, &measured, Some(&series)) {
+                    // Its span ended first: the span current now (an enclosing one) has it.
+                    spans::note(&measured, &series);
+                }
+            }),
         }
+    }
+
+    /// Puts the cost so far onto the call's span, once, before that span ends (a server
+    /// span that ends as the response is sent); `open` is the step in progress here.
+    pub fn note_span_so_far(&mut self, py: Python<'_>, open: Option<&StepStart>) {
+        if self.span_noted || self.finished {
+            return;
+        }
+        let Some(span) = &self.span else {
+            return;
+        };
+        if let Some(measured) = self.core.measured_so_far(&self.stepped, open) {
+            self.span_noted = spans::note_on(span.bind(py), &measured, None);
+        }
+    }
+
+    pub fn has_span(&self) -> bool {
+        self.span.is_some()
     }
 
     /// Ends the call once with these last attributes, and records `values` in the series
@@ -99,7 +137,12 @@ impl OpenCall {
     }
 
     /// Starts the clock and decides sampling (`probe`: run the probes in any case).
-    pub fn start_now(&mut self, probe: bool) {
+    /// Starts the clock and decides sampling (`probe`: run the probes in any case); a
+    /// sampled tracing span current now gets the call's cost.
+    pub fn start_now(&mut self, py: Python<'_>, probe: bool) {
+        if !self.stepped.is_started() {
+            self.span = spans::recording_span(py);
+        }
         self.core.start_stepped(&mut self.stepped, probe);
     }
 
@@ -220,8 +263,8 @@ impl OpenCall {
     /// Starts the clock now and decides sampling (`probe=True`: probe it whatever the
     /// sampler says); its first step does it otherwise.
     #[pyo3(signature = (*, probe = false))]
-    fn start(&mut self, probe: bool) {
-        self.core.start_stepped(&mut self.stepped, probe);
+    fn start(&mut self, py: Python<'_>, probe: bool) {
+        self.start_now(py, probe);
     }
 
     /// Meters the steps of `awaitable` as part of this call (not ending it).
@@ -283,6 +326,17 @@ impl OpenCall {
             .collect();
         self.end(name.as_deref(), pairs, &values);
         Ok(())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(span) = &self.span {
+            visit.call(span)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.span = None;
     }
 
     fn __repr__(&self) -> String {

@@ -408,16 +408,55 @@ pub fn note_duration(duration_ns: u64, series: &CallSeries) {
     }
 }
 
-fn add_call(entry: &mut Pending, measured: &Measured, series: &CallSeries) {
-    if let Some((trace_id, span_id)) = entry.ids {
-        series.exemplars.offer(Exemplar {
-            value: measured.duration_ns as f64 * DURATION.factor,
-            time_unix_ns: unix_now_ns(),
-            trace_id,
-            span_id,
-        });
+fn add_call(entry: &mut Pending, measured: &Measured, series: Option<&CallSeries>) {
+    if let (Some((trace_id, span_id)), Some(series)) = (entry.ids, series) {
+        offer(series, measured, trace_id, span_id);
     }
     entry.totals.add(measured);
+}
+
+fn offer(series: &CallSeries, measured: &Measured, trace_id: u128, span_id: u64) {
+    series.exemplars.offer(Exemplar {
+        value: measured.duration_ns as f64 * DURATION.factor,
+        time_unix_ns: unix_now_ns(),
+        trace_id,
+        span_id,
+    });
+}
+
+/// The current SDK span if it is sampled and has not ended (span attributes on): where a
+/// request or job that starts now will put its cost.
+pub fn recording_span(py: Python<'_>) -> Option<Py<PyAny>> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let span = current_span(py)?;
+    sampled_ids(&span)?;
+    is_recording(&span).then(|| span.unbind())
+}
+
+fn is_recording(span: &Bound<'_, PyAny>) -> bool {
+    span.call_method0(pyo3::intern!(span.py(), "is_recording"))
+        .and_then(|recording| recording.is_truthy())
+        .unwrap_or(false)
+}
+
+/// Adds a call's cost to `span`'s totals if it is still recording (the call's series gets
+/// its exemplar: None for a part of a call whose series is not known yet); false if it
+/// ended (nothing added).
+pub fn note_on(span: &Bound<'_, PyAny>, measured: &Measured, series: Option<&CallSeries>) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) || !is_recording(span) {
+        return false;
+    }
+    note_span(span.clone(), measured, series);
+    true
+}
+
+/// The exemplar of a call whose cost went onto `span` earlier, in the call's series.
+pub fn offer_exemplar(span: &Bound<'_, PyAny>, measured: &Measured, series: &CallSeries) {
+    if let Some((trace_id, span_id)) = sampled_ids(span) {
+        offer(series, measured, trace_id, span_id);
+    }
 }
 
 #[inline(never)]
@@ -473,9 +512,12 @@ pub fn traced_now(py: Python<'_>) -> bool {
 fn note_current(measured: &Measured, series: &CallSeries) {
     // SAFETY: metered calls end attached to the interpreter.
     let py = unsafe { Python::assume_attached() };
-    let Some(span) = current_span(py) else {
-        return;
-    };
+    if let Some(span) = current_span(py) {
+        note_span(span, measured, Some(series));
+    }
+}
+
+fn note_span(span: Bound<'_, PyAny>, measured: &Measured, series: Option<&CallSeries>) {
     let key = span.as_ptr() as usize;
     match table().find(key, &span) {
         Known::Pending(entry) => return add_call(entry, measured, series),

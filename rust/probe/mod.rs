@@ -364,6 +364,15 @@ impl Reading {
         reading
     }
 
+    /// The change since `start` so far, mid-call, from the probes whose reading after has
+    /// no side effect (the clock and the counters: not the allocation or GPU probes, whose
+    /// reading after ends their scope); `None` as for [`since`](Self::since).
+    pub fn peek_since(start: &Reading) -> Option<Delta> {
+        let mut pure = *start;
+        pure.probes = start.probes.without(ProbeSet::ALLOC.union(ProbeSet::GPU));
+        Reading::take_after(&pure).since(&pure)
+    }
+
     /// A reading before a call that will not be read after it.
     pub fn abandon(&self) {
         abandon_all(self);

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,6 +22,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 import meterage
 from meterage.otel._convert import ReaderState, collect_metrics
+from meterage.otel._names import ALIAS_NAMES
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric as Family
@@ -115,9 +116,10 @@ class _Attachment:
             with state.lock:
                 metrics = collect_metrics(state)
                 self.series_count = state.series_count
+            first, *rest = metrics_data.resource_metrics
+            metrics = _without_taken_aliases(metrics, first.scope_metrics)
             if not metrics:
                 return metrics_data
-            first, *rest = metrics_data.resource_metrics
             # meterage's own SDK instruments (process metrics, the series gauge) already
             # have a ScopeMetrics with this scope: join it, since the OTLP encoder keeps
             # only one ScopeMetrics per scope.
@@ -149,6 +151,23 @@ _attachments: weakref.WeakKeyDictionary[MeterProvider, _Attachment] = weakref.We
 # a cumulative one keeps its start times). Weak, so that a dropped reader frees its state.
 _reader_states: weakref.WeakKeyDictionary[MetricReader, ReaderState] = weakref.WeakKeyDictionary()
 _attach_lock = threading.Lock()
+
+
+def _without_taken_aliases(metrics: list[Any], scopes: Sequence[ScopeMetrics]) -> list[Any]:
+    """meterage's metrics less the semantic-convention aliases that another instrumentation
+    records itself in this collection (FastAPI's own telemetry, OpenTelemetry's HTTP
+    instrumentations): the same requests must not be counted twice under one name. The
+    requests stay in meterage.call.* all the same."""
+    taken = {
+        metric.name
+        for scope_metrics in scopes
+        if scope_metrics.scope != SCOPE
+        for metric in scope_metrics.metrics
+        if metric.name in ALIAS_NAMES
+    }
+    if not taken:
+        return metrics
+    return [metric for metric in metrics if metric.name not in taken]
 
 
 def attach_provider(provider: MeterProvider) -> _Attachment:

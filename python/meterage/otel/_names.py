@@ -145,3 +145,9 @@ EXEMPLAR_METRICS: tuple[str, ...] = (
         if alias.source == "duration"
     ),
 )
+
+#: Every alias name: one that another instrumentation may record itself (then meterage's
+#: is left out of that collection).
+ALIAS_NAMES: frozenset[str] = frozenset(
+    alias.name for aliases in ALIASES.values() for alias in aliases
+)
