@@ -122,10 +122,19 @@ REFERENCE_BARE_US = {"asgi": 0.43, "wsgi": 0.21, "fastapi": 35.8, "flask": 49.5}
 OTEL_FACTOR = 30.0
 PROMETHEUS_FACTOR = 5.0
 #: Goals the middlewares do not meet yet (docs/benchmarks.md, "Requests"), each with the
-#: bound the gate holds it to meanwhile: about 1.3 times its value when it was measured
-#: (a third less, for the factors), so that a regression still fails the gate while the
-#: known gap does not. Remove an entry once its goal is met; ``--strict`` ignores them.
-KNOWN_MISSES: dict[str, float] = {}
+#: bound the gate holds it to meanwhile: about 1.4 times what it measured on the
+#: development machine on 2026-12-01 (in brackets; for the factor, 1.4 times less), so
+#: that a regression still fails the gate while the known gap does not. Remove an entry
+#: once its goal is met; ``--strict`` ignores them.
+KNOWN_MISSES: dict[str, float] = {
+    "asgi-timer": 5.0,  # (3.54-3.65x) 1.54-1.60 µs, goal 1.5 µs
+    "wsgi-timer": 13.0,  # (8.9-9.4x) 1.89-1.97 µs
+    "fastapi-timer": 0.18,  # (12.1-13.3%) 4.5 µs
+    "fastapi-default": 0.19,  # (12.9-13.8%) 4.7 µs, goal 3 µs
+    "flask-timer": 0.25,  # (16.9-18.1%) 8.6 µs
+    "flask-default": 0.26,  # (17.7-20.0%) 9.0 µs
+    "flask-otel": 10.0,  # (13.8-16.4x) OpenTelemetry's WSGI middleware on Flask
+}
 
 BODY = b"ok"
 SCOPE: dict[str, Any] = {
@@ -773,7 +782,7 @@ def table(results: Results, subjects: Sequence[Subject]) -> list[str]:
             times = f"{results.factor(key, default):.1f}x"
         lines.append(
             f"| {APP_LABELS[subject.app]} | {LABELS[subject.variant]} | {per:.2f} "
-            f"| +{overhead:.2f} µs | {results.share(key) * 100:.1f}% | {times} |"
+            f"| {overhead:+.2f} µs | {results.share(key) * 100:.1f}% | {times} |"
         )
     return lines
 

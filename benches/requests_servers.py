@@ -344,7 +344,7 @@ def table(figures: dict[str, dict[str, dict[str, float]]]) -> list[str]:
             versus = over = ""
             if "throughput_vs_bare" in row:
                 versus = f"{(row['throughput_vs_bare'] - 1) * 100:+.1f}%"
-                over = f"+{row['cpu_us_over_bare']:.1f} µs"
+                over = f"{row['cpu_us_over_bare']:+.1f} µs"
             lines.append(
                 f"| {route} | {_label(variant)} | {row['throughput']:,.0f} | {versus} "
                 f"| {row['p50_us']:,.0f} µs | {row['p99_us']:,.0f} µs | {row['cpu_us']:.1f} µs "
