@@ -135,3 +135,28 @@ def fake_nvml(fake_nvml_library: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     _native._reload_nvml()
     fake.reset()
     _meter._checked_probes.clear()
+
+
+@pytest.fixture
+def reader_of() -> Iterator[Callable[..., object]]:
+    """``reader_of(**reader_options)`` -> an InMemoryMetricReader of a provider meterage is
+    attached to (process metrics and span attributes off); detached and shut down after."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    import meterage.otel
+
+    made: list[MeterProvider] = []
+
+    def make(**options: object) -> InMemoryMetricReader:
+        reader = InMemoryMetricReader(**options)  # type: ignore[arg-type]
+        provider = MeterProvider(metric_readers=[reader])
+        meterage.otel.attach(provider, process=False, spans=False)
+        made.append(provider)
+        return reader
+
+    yield make
+    for provider in made:
+        meterage.otel.detach(provider)
+        provider.shutdown()
+    meterage._native.set_active_tracking(False)

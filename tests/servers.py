@@ -702,6 +702,7 @@ def gunicorn(
     timeout: float = 30.0,
     port: int | None = None,
     workdir: Path | None = None,
+    launcher: Sequence[str] = (),
 ) -> Iterator[Service]:
     """``python -m gunicorn`` with ``workers`` sync workers serving ``app``
     ("module:callable", imported from tests/workers_apps) on a free loopback port.
@@ -714,10 +715,11 @@ def gunicorn(
     ``["--env", "NAME=value"]``, which the master puts in its os.environ before it imports a
     preloaded app or forks). Ready when ``ready_path`` answers 2xx (None: when the master
     has started). ``port``: the port to serve (default: a free one); ``workdir``: see
-    ``running``."""
+    ``running``; ``launcher``: a command it runs under (``opentelemetry-instrument``)."""
     if port is None:
         port = free_port()
     argv = [
+        *launcher,
         PYTHON,
         "-m",
         "gunicorn",
@@ -769,13 +771,16 @@ def uvicorn(
     env: Mapping[str, str] | None = None,
     ready_path: str = "/",
     timeout: float = 30.0,
+    launcher: Sequence[str] = (),
 ) -> Iterator[Service]:
     """``python -m uvicorn --workers N`` serving the ASGI ``app`` ("module:callable", from
     tests/workers_apps) on a free loopback port. With ``workers`` > 1 its supervisor spawns
     the workers (multiprocessing's spawn: fresh interpreters that import the app); with 1 it
-    serves in its own process. Ready when ``ready_path`` answers 2xx."""
+    serves in its own process. Ready when ``ready_path`` answers 2xx. ``launcher``: a
+    command it runs under (``opentelemetry-instrument``)."""
     port = free_port()
     argv = [
+        *launcher,
         PYTHON,
         "-m",
         "uvicorn",

@@ -179,8 +179,10 @@ def test_demo_with_a_gpu_shows_energy_and_memory_per_call(fake_nvml_library: str
             # the time they wait between steps.
             assert 0 < energy < low, row["operation"]
         else:
-            # The GPU readings enclose the call (and the fake answers in microseconds).
-            assert low <= energy <= low + power_w * 0.001, row["operation"]
+            # The GPU readings enclose the call (the fake answers in microseconds, but on a
+            # loaded machine the thread can be preempted between a reading and the call:
+            # a few ms of slack, per the mean call).
+            assert low <= energy <= low + power_w * 0.005, row["operation"]
     text = demo.format_report(report)
     assert "GPU per call (counted GPUs: 0 NVIDIA Fake Live 0):" in text
     assert "GPU columns: none" not in text

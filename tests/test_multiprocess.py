@@ -260,6 +260,74 @@ def test_custom_instruments_and_dynamic_attributes_are_summed() -> None:
     assert seen["blocks"] == [[0, 10], [1, 10], [2, 10]]
 
 
+def test_a_histograms_boundaries_reach_a_process_that_never_made_it() -> None:
+    # The reading process never makes the histogram: it learns its boundaries from the
+    # live members' directories and from the folded totals of one that exited, as it does
+    # its unit. A member that made it without boundaries is summed in and exported with
+    # the group's.
+    seen = run(
+        """
+        import bisect
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        import meterage.otel
+
+        waits = meterage.BOUNDARIES["queue.wait"]
+        values = [0.005, 0.0051, 0.0049, 60.0, 60.01, 3600.0, 3600.5]
+
+        def child(boundaries, queue, hold):
+            ready_read, ready_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                waited = meterage.histogram("mp.wait", unit="s", boundaries=boundaries)
+                for value in values:
+                    waited.record(value, {"queue": queue})
+                os.write(ready_write, b"x")
+                if hold is not None:
+                    os.read(hold, 1)  # alive until the parent has read the group
+                os._exit(0)
+            os.read(ready_read, 1)
+            return pid
+
+        hold_read, hold_write = os.pipe()
+        gone = child(waits, "gone", None)
+        os.waitpid(gone, 0)
+        live = [child(waits, "live", hold_read), child(None, "plain", hold_read)]
+
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        meterage.otel.attach(provider, process=False, spans=False, host=False)
+
+        def exported():
+            data = reader.get_metrics_data()
+            return {
+                point.attributes["queue"]: (list(point.explicit_bounds), list(point.bucket_counts))
+                for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                if m.name == "mp.wait" for point in m.data.data_points
+            }
+
+        while_live = exported()
+        os.write(hold_write, b"xx")
+        for pid in live:
+            os.waitpid(pid, 0)
+        all_gone = exported()
+        expected = [0] * (len(waits) + 1)
+        for value in values:
+            expected[bisect.bisect_left(waits, value)] += 1
+        units = {s.unit for s in meterage.snapshot() if s.operation == "mp.wait"}
+        meterage.otel.detach(provider)
+        done(while_live=while_live, all_gone=all_gone, waits=list(waits), expected=expected,
+             units=sorted(units))
+        """
+    )
+    for exported in (seen["while_live"], seen["all_gone"]):
+        assert sorted(exported) == ["gone", "live", "plain"]
+        for bounds, counts in exported.values():
+            assert bounds == seen["waits"]
+            assert counts == seen["expected"]
+    assert seen["units"] == ["s"]
+
+
 def test_multiprocessing_pool_fork_and_spawn() -> None:
     seen = run(
         """
@@ -693,3 +761,76 @@ def test_the_process_that_takes_the_port_serves_the_groups_numbers_from_its_firs
     )
     assert seen["last"] == 7.0
     assert set(seen["served"]) <= {7.0}, f"pages served before meterage was attached: {seen}"
+
+
+def test_a_pushing_reader_of_an_attached_provider_pushes_the_group_once() -> None:
+    # opentelemetry-instrument's configurator (or an application's own provider) pushes
+    # OTLP from every process: the group's series must go out from one of them only.
+    seen = run(
+        """
+        import meterage.otel
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import (
+            MetricExporter, MetricExportResult, PeriodicExportingMetricReader,
+        )
+
+        class Counting(MetricExporter):
+            def __init__(self, write):
+                super().__init__()
+                self.write = write
+            def export(self, data, timeout_millis=10_000, **kwargs):
+                calls = sum(
+                    point.count
+                    for resource in data.resource_metrics
+                    for scope in resource.scope_metrics
+                    for metric in scope.metrics
+                    if metric.name == "meterage.call.duration"
+                    for point in metric.data.data_points
+                    if point.attributes.get("meterage.operation") == "mp.push"
+                )
+                os.write(self.write, f"{os.getpid()} {calls}\\n".encode())
+                return MetricExportResult.SUCCESS
+            def force_flush(self, timeout_millis=10_000):
+                return True
+            def shutdown(self, timeout_millis=30_000, **kwargs):
+                pass
+
+        work = meterage.meter("mp.push")(lambda: None)
+        pushes_read, pushes_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        go_read, go_write = os.pipe()
+
+        def push_from_here():
+            reader = PeriodicExportingMetricReader(
+                Counting(pushes_write), export_interval_millis=10**9
+            )
+            provider = MeterProvider(metric_readers=[reader])
+            meterage.otel.attach(provider, process=False, spans=False)
+            return provider
+
+        child = os.fork()
+        if child == 0:
+            for _ in range(5):
+                work()
+            os.write(ready_write, b"x")
+            os.read(go_read, 1)  # after the parent has pushed
+            provider = push_from_here()
+            provider.force_flush()
+            os._exit(0)
+        os.read(ready_read, 1)
+        for _ in range(5):
+            work()
+        provider = push_from_here()
+        provider.force_flush()  # the first to push holds the lease
+        os.write(go_write, b"x")
+        os.waitpid(child, 0)
+        os.close(pushes_write)
+        lines = b""
+        while chunk := os.read(pushes_read, 4096):
+            lines += chunk
+        pushes = {int(pid): int(calls) for pid, calls in (l.split() for l in lines.splitlines())}
+        done(parent=pushes.get(os.getpid()), child=pushes.get(child), processes=len(pushes))
+        """
+    )
+    # Both processes pushed; only the lease holder carried the group's 10 calls.
+    assert seen == {"parent": 10, "child": 0, "processes": 2}

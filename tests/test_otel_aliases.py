@@ -32,25 +32,6 @@ JOB = "messaging.process"
 STATIC = {"http.request.method": "GET", "url.scheme": "https"}
 
 
-@pytest.fixture
-def reader_of():
-    """``reader_of(**reader_options)`` -> an in-memory reader of an attached provider."""
-    made: list[MeterProvider] = []
-
-    def make(**options: object) -> InMemoryMetricReader:
-        reader = InMemoryMetricReader(**options)
-        provider = MeterProvider(metric_readers=[reader])
-        meterage.otel.attach(provider, process=False, spans=False)
-        made.append(provider)
-        return reader
-
-    yield make
-    for provider in made:
-        meterage.otel.detach(provider)
-        provider.shutdown()
-    meterage._native.set_active_tracking(False)
-
-
 def collect(reader: InMemoryMetricReader) -> dict[str, object]:
     data = reader.get_metrics_data()
     found = {}

@@ -39,24 +39,6 @@ needs_io = pytest.mark.skipif(
 
 
 @pytest.fixture
-def reader_of():
-    """``reader_of(**reader_options)`` -> an in-memory reader of an attached provider."""
-    made: list[MeterProvider] = []
-
-    def make(**options: object) -> InMemoryMetricReader:
-        reader = InMemoryMetricReader(**options)
-        provider = MeterProvider(metric_readers=[reader])
-        meterage.otel.attach(provider, process=False, spans=False)
-        made.append(provider)
-        return reader
-
-    yield make
-    for provider in made:
-        meterage.otel.detach(provider)
-        provider.shutdown()
-
-
-@pytest.fixture
 def devnull():
     fd = os.open(os.devnull, os.O_WRONLY)
     yield fd

@@ -5,12 +5,13 @@ and its series carries the HTTP attributes with the route template."""
 
 from __future__ import annotations
 
-import http.client
 import json
 from typing import Any
 
 import pytest
+import requests_helpers
 import servers
+from requests_helpers import request, series_of
 
 servers.require_modules("fastapi", "uvicorn")
 
@@ -18,18 +19,6 @@ servers.require_modules("fastapi", "uvicorn")
 BURN_NS = 20_000_000
 REQUESTS = 32
 CONCURRENCY = 16
-
-
-def request(
-    port: int, path: str, method: str = "GET", body: bytes | None = None
-) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request(method, path, body=body, headers={"Connection": "close"})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def charged(port: int) -> list[dict[str, Any]]:
@@ -42,24 +31,8 @@ def everything(port: int) -> dict[str, Any]:
     return json.loads(body)  # type: ignore[no-any-return]
 
 
-def series_of(rows: list[dict[str, Any]], **attributes: Any) -> list[dict[str, Any]]:
-    return [
-        row
-        for row in rows
-        if all(row["attributes"].get(key) == value for key, value in attributes.items())
-    ]
-
-
 def settled(port: int, count: int, **attributes: Any) -> dict[str, Any]:
-    """The one series with ``attributes`` once it has ``count`` calls: a request's call
-    ends just after its response is sent (the client can ask before that)."""
-    rows = servers.wait_for(
-        lambda: [row for row in series_of(charged(port), **attributes) if row["count"] >= count],
-        what=f"{count} requests with {attributes}",
-        timeout=20,
-    )
-    (row,) = rows
-    return row  # type: ignore[no-any-return]
+    return requests_helpers.settled(lambda: charged(port), count, **attributes)
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +231,27 @@ def test_a_client_that_goes_away_leaves_no_request_in_flight(service) -> None:
             1,
         )
     ]
+
+
+def test_websocket_sessions_are_timed_with_their_messages_each_way(service) -> None:
+    servers.require_modules("websockets")
+    from websockets.sync.client import connect
+
+    for room, count in (("a", 3), ("b", 5)):
+        with connect(f"ws://127.0.0.1:{service.port}/ws/{room}") as socket:
+            for index in range(count):
+                socket.send(f"hello {index}")
+                assert socket.recv(timeout=10) == socket.recv(timeout=10) == f"hello {index}"
+
+    def both_ended() -> dict[str, Any] | None:
+        found = everything(service.port)
+        return found if sum(s["count"] for s in found["sessions"]) == 2 else None
+
+    state = servers.wait_for(both_ended, what="both websocket sessions to end")
+    (session,) = state["sessions"]
+    assert session["attributes"]["http.route"] == "/ws/{room}"
+    assert session["attributes"]["url.scheme"] == "ws"
+    by_direction = {m["attributes"]["io.direction"]: m["value"] for m in state["messages"]}
+    assert by_direction == {"receive": 8, "send": 16}
+    # Sessions are not requests: http.server.request has none of them.
+    assert not series_of(state["rows"], **{"http.route": "/ws/{room}"})

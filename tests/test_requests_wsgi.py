@@ -4,12 +4,13 @@ streamed body), the HTTP attributes with Flask's URL rules and Django's resolved
 
 from __future__ import annotations
 
-import http.client
 import json
 from typing import Any
 
 import pytest
+import requests_helpers
 import servers
+from requests_helpers import request, series_of
 
 servers.require_modules("flask", "django", "gunicorn")
 
@@ -17,38 +18,8 @@ BURN_NS = 20_000_000
 REQUESTS = 16
 
 
-def request(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request(method, path, headers={"Connection": "close"})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def series_of(rows: list[dict[str, Any]], **attributes: Any) -> list[dict[str, Any]]:
-    return [
-        row
-        for row in rows
-        if all(row["attributes"].get(key) == value for key, value in attributes.items())
-    ]
-
-
 def settled(port: int, count: int, **attributes: Any) -> dict[str, Any]:
-    """The one series with ``attributes`` once it has ``count`` calls: a request's call
-    ends just after its response is sent (the client can ask before that)."""
-    rows = servers.wait_for(
-        lambda: [
-            row
-            for row in series_of(flask_charged(port)["rows"], **attributes)
-            if row["count"] >= count
-        ],
-        what=f"{count} requests with {attributes}",
-        timeout=20,
-    )
-    (row,) = rows
-    return row  # type: ignore[no-any-return]
+    return requests_helpers.settled(lambda: flask_charged(port)["rows"], count, **attributes)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal
 
 from meterage import _native
@@ -33,6 +34,7 @@ from meterage._native import (
 from meterage._validate import check_fraction, check_positive_int
 
 __all__ = [
+    "BOUNDARIES",
     "MAX_CARDINALITY_LIMIT",
     "MIN_SAMPLE",
     "BoundCounter",
@@ -65,6 +67,9 @@ __version__ = "0.1.0"
 MAX_CARDINALITY_LIMIT: int = _native.MAX_CARDINALITY_LIMIT
 #: Smallest fixed probing rate a meter takes (``sample=``).
 MIN_SAMPLE: float = _native.MIN_SAMPLE
+#: meterage's explicit bucket boundary sets by name, for ``histogram(boundaries=...)``:
+#: every histogram counts these exactly (values on a boundary included).
+BOUNDARIES: Mapping[str, tuple[float, ...]] = MappingProxyType(_native.BOUNDARIES)
 
 
 def current_call() -> OpenCall | None:

@@ -96,12 +96,16 @@ class RequestMeters:
         self._settings: dict[str, Any] = {"probes": probes, "sample": sample, "budget": budget}
         self._cores: dict[tuple[str, str, str | None], _native.MeterCore] = {}
         self.request_size = meterage.histogram(
-            "http.server.request.body.size", unit="By", description="Size of HTTP request bodies."
+            "http.server.request.body.size",
+            unit="By",
+            description="Size of HTTP request bodies.",
+            boundaries=meterage.BOUNDARIES["bytes"],
         )
         self.response_size = meterage.histogram(
             "http.server.response.body.size",
             unit="By",
             description="Size of HTTP response bodies.",
+            boundaries=meterage.BOUNDARIES["bytes"],
         )
         self.websocket_messages = meterage.counter(
             "websocket.server.messages",

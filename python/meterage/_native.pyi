@@ -1,7 +1,7 @@
 """Type stubs for the native core (``meterage._native``), built from Rust by maturin."""
 
 import contextvars
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypedDict, TypeVar, final
 
@@ -45,6 +45,8 @@ PROBES: tuple[ProbeInfo, ...]
 DURATION_MEASURE: MeasureInfo
 #: The OpenTelemetry SDK's default explicit boundaries, for custom histograms.
 DEFAULT_BOUNDARIES: tuple[float, ...]
+#: Every boundary set the histograms count exactly, by name (``meterage.BOUNDARIES``).
+BOUNDARIES: dict[str, tuple[float, ...]]
 
 @final
 class MeteredFunction:
@@ -264,7 +266,11 @@ class ExportState:
 @final
 class Histogram:
     def __new__(
-        cls, name: str, unit: str | None = None, description: str | None = None
+        cls,
+        name: str,
+        unit: str | None = None,
+        description: str | None = None,
+        boundaries: Sequence[float] | None = None,
     ) -> Self: ...
     @property
     def name(self) -> str: ...
@@ -272,6 +278,8 @@ class Histogram:
     def unit(self) -> str: ...
     @property
     def description(self) -> str: ...
+    @property
+    def boundaries(self) -> tuple[float, ...] | None: ...
     def record(self, value: int | float, attributes: _AttributeMapping | None = None) -> None: ...
     def bind(self, attributes: _AttributeMapping) -> BoundHistogram: ...
     def snapshot(self, attributes: _AttributeMapping | None = None) -> HistogramSnapshot: ...

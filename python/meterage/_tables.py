@@ -1,6 +1,7 @@
-"""The docs' tables of measures, made from the probes' declarations (``_native.PROBES``).
+"""The docs' tables of measures, made from the probes' declarations (``_native.PROBES``),
+and of meterage's boundary sets (``_native.BOUNDARIES``).
 
-README.md and docs/otel.md hold them between ``<!-- measures: NAME -->`` and
+README.md, docs/otel.md and docs/api.md hold them between ``<!-- measures: NAME -->`` and
 ``<!-- end measures -->``; a test fails when they differ from what this makes, and
 ``python -m meterage._tables --write`` rewrites them.
 
@@ -103,12 +104,41 @@ def _exported_metrics() -> list[list[str]]:
     return rows
 
 
+#: The unit of each boundary set of ``_native.BOUNDARIES`` and what it is for (a new set
+#: needs a line here: the docs' table is made from these).
+BOUNDARY_SETS: dict[str, tuple[str, str]] = {
+    "duration": ("s", "durations: the HTTP semantic conventions' (`meterage.call.duration`)"),
+    "cpu.time": ("s", "CPU time, from a microsecond (`meterage.call.cpu.time`)"),
+    "queue.wait": ("s", "waits, from a millisecond to an hour (`job.queue.wait`)"),
+    "bytes": ("By", "sizes (`meterage.call.io`, request, response and job output sizes)"),
+    "events": ("{event}", "events per call (`meterage.call.paging.faults`, context switches)"),
+    "allocations": ("{allocation}", "large counts (`meterage.call.memory.allocations`)"),
+    "energy": ("J", "energy (`meterage.call.gpu.energy`)"),
+    "gpu.memory": ("By", "large sizes (`meterage.call.gpu.memory`)"),
+    "default": ("", "the OpenTelemetry SDK's default, which `boundaries=None` exports"),
+}
+
+
+def _boundary_sets() -> list[list[str]]:
+    rows = [["name", "unit", "boundaries", "for"]]
+    for name, values in _native.BOUNDARIES.items():
+        unit, use = BOUNDARY_SETS[name]
+        numbers = ", ".join(_number(value, unit) for value in values)
+        rows.append([f'`"{name}"`', unit or "any", numbers, use])
+    return rows
+
+
 TABLES: dict[str, Callable[[], list[list[str]]]] = {
     "what is measured": _what_is_measured,
     "exported metrics": _exported_metrics,
+    "boundary sets": _boundary_sets,
 }
 #: Which file holds which table.
-PLACES = {"README.md": "what is measured", "docs/otel.md": "exported metrics"}
+PLACES = {
+    "README.md": "what is measured",
+    "docs/otel.md": "exported metrics",
+    "docs/api.md": "boundary sets",
+}
 
 
 def table(name: str) -> str:

@@ -136,6 +136,10 @@ class MeterageMiddleware(_http.Middleware):
             pass
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outer = _CURRENT.get()
+        if outer is not None and not outer.ended and outer.operation == _http.WEBSOCKET_OPERATION:
+            await self.app(scope, receive, send)  # an outer meterage middleware meters it
+            return
         application = scope.get("app", self.app)
         call = self._open(scope, "GET", self._sessions)
         received = 0

@@ -141,6 +141,7 @@ def queue_wait() -> meterage.Histogram:
             QUEUE_WAIT,
             unit="s",
             description="Time jobs waited in their queue: start less enqueue (or due) time.",
+            boundaries=meterage.BOUNDARIES["queue.wait"],
         )
     return _wait_histogram
 
@@ -151,7 +152,10 @@ def output_size() -> meterage.Histogram:
     global _output_histogram
     if _output_histogram is None:
         _output_histogram = meterage.histogram(
-            OUTPUT_SIZE, unit="By", description="Size of the output jobs reported."
+            OUTPUT_SIZE,
+            unit="By",
+            description="Size of the output jobs reported.",
+            boundaries=meterage.BOUNDARIES["bytes"],
         )
     return _output_histogram
 

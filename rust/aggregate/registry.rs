@@ -6,6 +6,7 @@
 //! decorated functions stay valid, and a forked child writes to no series it does not use.
 
 use super::attributes::AttributeSet;
+use super::boundaries::Boundaries;
 use super::call::MeterCore;
 use super::epoch;
 use super::histogram::{HistogramSnapshot, SCALE};
@@ -94,11 +95,14 @@ impl Operation {
     }
 }
 
-/// A custom instrument: a histogram or a counter with its own name, unit and description.
+/// A custom instrument: a histogram or a counter with its own name, unit and description
+/// (and, for a histogram, the explicit bucket boundaries it asked to be exported with).
 pub struct Instrument<T> {
     pub name: Arc<str>,
     pub unit: Arc<str>,
     pub description: Arc<str>,
+    /// None: the exporter's default boundaries (always None for a counter).
+    pub boundaries: Option<Boundaries>,
     pub series: SeriesMap<T>,
 }
 
@@ -215,16 +219,19 @@ fn instrument<T: SeriesData>(
     name: &str,
     unit: &str,
     description: &str,
+    boundaries: Option<Boundaries>,
 ) -> Instrument<T> {
     Instrument {
         name: Arc::from(name),
         unit: Arc::from(unit),
         description: Arc::from(description),
+        boundaries: boundaries.clone(),
         series: SeriesMap::labelled(Label {
             kind,
             name: Arc::from(name),
             unit: Arc::from(unit),
             description: Arc::from(description),
+            boundaries,
         }),
     }
 }
@@ -271,6 +278,7 @@ impl Registry {
                 name: Arc::from(name),
                 unit: Arc::from(DURATION.unit),
                 description: Arc::from(""),
+                boundaries: None,
             }),
             probes_requested: AtomicU8::new(0),
             meters: ArcSwap::from_pointee(Vec::new()),
@@ -278,12 +286,14 @@ impl Registry {
         })
     }
 
-    /// The histogram instrument `name`; an existing one keeps its first unit and description.
+    /// The histogram instrument `name`; an existing one keeps its first unit, description
+    /// and boundaries.
     pub fn histogram(
         &self,
         name: &str,
         unit: &str,
         description: &str,
+        boundaries: Option<Boundaries>,
     ) -> Result<Arc<Instrument<HistogramSeries>>, String> {
         if let Some(found) = self.histograms.load().get(name) {
             return Ok(Arc::clone(found));
@@ -292,7 +302,7 @@ impl Registry {
             return Err(why);
         }
         Ok(get_or_insert(&self.histograms, name, || {
-            instrument(SeriesKind::Histogram, name, unit, description)
+            instrument(SeriesKind::Histogram, name, unit, description, boundaries)
         }))
     }
 
@@ -310,7 +320,7 @@ impl Registry {
             return Err(why);
         }
         Ok(get_or_insert(&self.counters, name, || {
-            instrument(SeriesKind::Counter, name, unit, description)
+            instrument(SeriesKind::Counter, name, unit, description, None)
         }))
     }
 
@@ -383,6 +393,7 @@ impl Registry {
                     name: Arc::clone(&operation.name),
                     unit: Arc::clone(&names.duration.1),
                     description: Arc::clone(&names.empty),
+                    boundaries: None,
                     attributes: series.attributes().clone(),
                     count: measures[0].histogram.count,
                     measures,
@@ -407,6 +418,7 @@ impl Registry {
                     name: Arc::clone(&histogram.name),
                     unit: Arc::clone(&histogram.unit),
                     description: Arc::clone(&histogram.description),
+                    boundaries: histogram.boundaries.clone(),
                     attributes: series.attributes().clone(),
                     count: snapshot.count,
                     measures: vec![MeasureSnapshot {
@@ -430,6 +442,7 @@ impl Registry {
                     name: Arc::clone(&counter.name),
                     unit: Arc::clone(&counter.unit),
                     description: Arc::clone(&counter.description),
+                    boundaries: None,
                     attributes: series.attributes().clone(),
                     count: series.adds(),
                     measures: Vec::new(),

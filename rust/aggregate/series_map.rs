@@ -101,6 +101,8 @@ pub struct Label {
     pub name: Arc<str>,
     pub unit: Arc<str>,
     pub description: Arc<str>,
+    /// A custom histogram's explicit bucket boundaries, for members that never made it.
+    pub boundaries: Option<super::boundaries::Boundaries>,
 }
 
 impl<T: SeriesData> Default for SeriesMap<T> {
@@ -245,6 +247,7 @@ impl<T: SeriesData> SeriesMap<T> {
                 name: Arc::clone(&label.name),
                 unit: Arc::clone(&label.unit),
                 description: Arc::clone(&label.description),
+                boundaries: label.boundaries.clone(),
                 attributes: attributes.clone(),
             });
             let fresh = arena::shared(|| Arc::new(T::new(attributes, liveness)));

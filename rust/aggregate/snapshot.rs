@@ -1,6 +1,7 @@
 //! Plain-data copies of the aggregates, taken at collection time.
 
 use super::attributes::AttributeSet;
+use super::boundaries::Boundaries;
 use super::exemplars::Exemplar;
 use super::histogram::HistogramSnapshot;
 use std::sync::Arc;
@@ -39,6 +40,9 @@ pub struct SeriesSnapshot {
     pub name: Arc<str>,
     pub unit: Arc<str>,
     pub description: Arc<str>,
+    /// For a custom histogram: the explicit bucket boundaries it asked for (None: the
+    /// exporter's default ones).
+    pub boundaries: Option<Boundaries>,
     pub attributes: AttributeSet,
     /// Calls, recorded values, or `add` calls.
     pub count: u64,

@@ -1,7 +1,7 @@
 //! The probe declarations as Python data: what the OpenTelemetry bridge exports, the docs
 //! tables and the command line's columns are built from.
 
-use crate::aggregate::boundaries::SDK_DEFAULT;
+use crate::aggregate::boundaries::{NAMED, SDK_DEFAULT};
 use crate::probe::{Measure, ProbeSet, DURATION};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -24,8 +24,9 @@ fn measure_dict<'py>(
     Ok(dict)
 }
 
-/// Adds `PROBES` (a tuple of dicts: name, default, measures), `DURATION_MEASURE` and
-/// `DEFAULT_BOUNDARIES` to the module.
+/// Adds `PROBES` (a tuple of dicts: name, default, measures), `DURATION_MEASURE`,
+/// `DEFAULT_BOUNDARIES` and `BOUNDARIES` (every boundary set the histograms count exactly,
+/// by name) to the module.
 pub fn add_to(module: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = module.py();
     let mut probes = Vec::new();
@@ -44,5 +45,10 @@ pub fn add_to(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("PROBES", PyTuple::new(py, probes)?)?;
     module.add("DURATION_MEASURE", measure_dict(py, &DURATION, "")?)?;
     module.add("DEFAULT_BOUNDARIES", PyTuple::new(py, SDK_DEFAULT)?)?;
+    let named = PyDict::new(py);
+    for (name, values) in NAMED {
+        named.set_item(name, PyTuple::new(py, values)?)?;
+    }
+    module.add("BOUNDARIES", named)?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use super::instruments::PyHistogram;
 use super::meter::PyMeterCore;
-use super::open_call::OpenCall;
+use super::open_call::{current_var, OpenCall};
 use super::steps::borrow_call;
 use crate::aggregate::attributes::AttributeValue;
 use crate::aggregate::call::{MeterCore, StepStart};
@@ -163,9 +163,20 @@ impl RequestMeters {
         call.start_now(py, super::spans::traced_now(py));
         let call = Bound::new(py, call)?;
         if let Some(attributes_of) = &self.attributes_of {
-            let extra = attributes_of.bind(py).call1((request,))?;
-            if !extra.is_none() {
-                call.call_method1(pyo3::intern!(py, "set_attributes"), (extra,))?;
+            let set = attributes_of.bind(py).call1((request,)).and_then(|extra| {
+                if !extra.is_none() {
+                    call.call_method1(pyo3::intern!(py, "set_attributes"), (extra,))?;
+                }
+                Ok(())
+            });
+            if let Err(error) = set {
+                // The request fails with the error of the user's function: its call ends
+                // with it (it must not stay in flight).
+                let error_type = super::steps::ending_error(py, &error).ok().flatten();
+                if let Ok(mut open) = borrow_call(&call) {
+                    open.end(error_type.as_deref(), Vec::new(), &[]);
+                }
+                return Err(error);
             }
         }
         Ok(call)
@@ -223,4 +234,35 @@ impl RequestMeters {
         }
         Ok(())
     }
+}
+
+/// Whether a meterage request or websocket call is open here: a request that an outer
+/// meterage middleware meters (an application mounted in another, or wrapped twice).
+pub fn metered_already(py: Python<'_>) -> bool {
+    let Ok(var) = current_var(py) else {
+        return false;
+    };
+    let mut value: *mut pyo3::ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: a live ContextVar; on success `value` is a new reference or NULL (unset: the
+    // default is None, so NULL does not happen), on failure an error is set and cleared.
+    let current = unsafe {
+        if pyo3::ffi::PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &mut value) < 0 {
+            pyo3::ffi::PyErr_Clear();
+            return false;
+        }
+        if value.is_null() {
+            return false;
+        }
+        Bound::from_owned_ptr(py, value)
+    };
+    let Ok(call) = current.cast::<OpenCall>() else {
+        return false;
+    };
+    call.try_borrow().is_ok_and(|call| {
+        !call.finished
+            && matches!(
+                call.core.operation_name(),
+                "http.server.request" | "websocket.server.session"
+            )
+    })
 }

@@ -13,7 +13,9 @@
 //! nanoseconds more than the application, instead of the microseconds of the same in
 //! Python.
 
-use super::http_meters::{item, known_method, text, RequestMeters, Seen, OTHER_METHOD};
+use super::http_meters::{
+    item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
+};
 use super::instruments::PyHistogram;
 use super::open_call::{current_var, OpenCall};
 use super::steps::{borrow_call, ending_error, send_into, step_target, Outcome};
@@ -90,69 +92,17 @@ impl HttpMeter {
         if !is_http {
             return this.other.bind(py).call1((scope, receive, send));
         }
-        let method = item(scope, intern!(py, "method"))?;
-        let method = text(&method).map_or(OTHER_METHOD, known_method);
-        let scheme = item(scope, intern!(py, "scheme"))?;
-        let version = item(scope, intern!(py, "http_version"))?;
-        let call = this.meters.open(
-            py,
-            method,
-            text(&scheme).unwrap_or("http"),
-            text(&version),
-            scope,
-        )?;
-        let probed = call.borrow().is_probed();
-        if probed {
-            this.on_probed.bind(py).call0()?;
-        }
-        let application = match item(scope, intern!(py, "app"))? {
-            Some(application) => application.unbind(),
-            None => this.app.clone_ref(py),
-        };
-        let seen = Seen::new();
-        let watched_send = Bound::new(
-            py,
-            WatchedSend {
-                send: send.clone().unbind(),
-                seen: Arc::clone(&seen),
-                call: call.clone().unbind(),
-            },
-        )?;
-        let counted_receive = Bound::new(
-            py,
-            CountedReceive {
-                receive: receive.clone().unbind(),
-                seen: Arc::clone(&seen),
-            },
-        )?;
-        let awaitable = this
-            .app
-            .bind(py)
-            .call1((scope, counted_receive, watched_send));
-        let awaitable = match awaitable.and_then(|awaitable| step_target(&awaitable)) {
-            Ok(awaitable) => awaitable,
-            Err(error) => {
-                // The application failed before it made its coroutine: the request ends so.
-                let mut request = RequestSteps {
-                    inner: None,
-                    call: call.unbind(),
-                    meter: slf.clone().unbind(),
-                    scope: scope.clone().unbind(),
-                    application,
-                    seen,
-                    token: None,
-                };
-                request.complete(py, Some(&error));
-                return Err(error);
-            }
-        };
+        // Opened at its first step, in the event loop (an application called outside one,
+        // `asyncio.run(app(scope, receive, send))`, is awaited inside it), as the call of an
+        // `async def` application does nothing before it is awaited.
         let request = RequestSteps {
-            inner: Some(awaitable),
-            call: call.unbind(),
+            pending: Some((receive.clone().unbind(), send.clone().unbind())),
+            inner: None,
+            call: None,
             meter: slf.clone().unbind(),
             scope: scope.clone().unbind(),
-            application,
-            seen,
+            application: None,
+            seen: Seen::new(),
             token: None,
         };
         Ok(Bound::new(py, request)?.into_any())
@@ -362,12 +312,18 @@ fn is_cancellation(py: Python<'_>, error: &PyErr) -> bool {
 /// The application's coroutine for one request, stepped as the request's call.
 #[pyclass(module = "meterage._native", name = "RequestSteps")]
 pub struct RequestSteps {
-    /// `None` once ended, or after the garbage collector cleared a cycle through it.
+    /// The server's `receive` and `send` until the first step opens the request.
+    pending: Option<(Py<PyAny>, Py<PyAny>)>,
+    /// The application's awaitable; `None` before the first step, once ended, or after the
+    /// garbage collector cleared a cycle through it.
     inner: Option<Py<PyAny>>,
-    call: Py<OpenCall>,
+    /// The request's call; `None` when an outer meterage middleware meters it already
+    /// (these steps then pass through).
+    call: Option<Py<OpenCall>>,
     meter: Py<HttpMeter>,
     scope: Py<PyAny>,
-    application: Py<PyAny>,
+    /// The application whose routes name the request's (the scope's `app`, or ours).
+    application: Option<Py<PyAny>>,
     seen: Arc<Seen>,
     /// The token of the current-call variable, set in the request's context at its first
     /// step and reset at its end.
@@ -379,9 +335,12 @@ impl RequestSteps {
         if self.token.is_some() {
             return Ok(());
         }
+        let Some(call) = &self.call else {
+            return Ok(());
+        };
         let var = current_var(py)?;
         // SAFETY: a live ContextVar and value; a new token reference, or NULL and an error.
-        let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), self.call.as_ptr()) };
+        let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), call.as_ptr()) };
         if token.is_null() {
             return Err(PyErr::fetch(py));
         }
@@ -405,10 +364,80 @@ impl RequestSteps {
         }
     }
 
+    /// Opens the request at its first step: its call (unless an outer meterage middleware
+    /// meters it), the server's callables watched, the application's awaitable made.
+    fn begin(&mut self, py: Python<'_>) -> PyResult<()> {
+        let Some((receive, send)) = self.pending.take() else {
+            return Ok(());
+        };
+        let meter = self.meter.bind(py).get();
+        let scope = self.scope.bind(py).clone();
+        if metered_already(py) {
+            let awaitable = meter.app.bind(py).call1((&scope, receive, send))?;
+            self.inner = Some(step_target(&awaitable)?);
+            return Ok(());
+        }
+        let method = item(&scope, intern!(py, "method"))?;
+        let method = text(&method).map_or(OTHER_METHOD, known_method);
+        let scheme = item(&scope, intern!(py, "scheme"))?;
+        let version = item(&scope, intern!(py, "http_version"))?;
+        let call = meter.meters.open(
+            py,
+            method,
+            text(&scheme).unwrap_or("http"),
+            text(&version),
+            &scope,
+        )?;
+        self.call = Some(call.clone().unbind());
+        self.application = Some(match item(&scope, intern!(py, "app")) {
+            Ok(Some(application)) => application.unbind(),
+            _ => meter.app.clone_ref(py),
+        });
+        let made = (|| {
+            if call.borrow().is_probed() {
+                meter.on_probed.bind(py).call0()?;
+            }
+            let watched_send = Bound::new(
+                py,
+                WatchedSend {
+                    send,
+                    seen: Arc::clone(&self.seen),
+                    call: call.clone().unbind(),
+                },
+            )?;
+            let counted_receive = Bound::new(
+                py,
+                CountedReceive {
+                    receive,
+                    seen: Arc::clone(&self.seen),
+                },
+            )?;
+            let awaitable = meter
+                .app
+                .bind(py)
+                .call1((&scope, counted_receive, watched_send))?;
+            step_target(&awaitable)
+        })();
+        match made {
+            Ok(awaitable) => {
+                self.inner = Some(awaitable);
+                Ok(())
+            }
+            Err(error) => {
+                // The application failed before it made its coroutine: the request ends so.
+                self.complete(py, Some(&error));
+                Err(error)
+            }
+        }
+    }
+
     /// Ends the request's call once: its route, status, error type and body sizes.
     fn complete(&mut self, py: Python<'_>, error: Option<&PyErr>) {
         self.reset_current(py);
         self.inner = None;
+        let Some(call) = self.call.take() else {
+            return; // passed through: the outer middleware's call is the request's
+        };
         let meter = self.meter.bind(py).get();
         let error_type = error.and_then(|error| ending_error(py, error).ok().flatten());
         if let Some(error) = error {
@@ -417,7 +446,7 @@ impl RequestSteps {
                 self.seen.status.store(500, Ordering::Relaxed);
             }
         }
-        let call = self.call.bind(py);
+        let call = call.bind(py);
         let route = self.route(py, meter, call);
         meter
             .meters
@@ -442,11 +471,8 @@ impl RequestSteps {
         {
             return None;
         }
-        let route = meter
-            .route_of
-            .bind(py)
-            .call1((scope, self.application.bind(py)))
-            .ok()?;
+        let application = self.application.as_ref()?.bind(py);
+        let route = meter.route_of.bind(py).call1((scope, application)).ok()?;
         let route = route.cast::<PyString>().ok()?.to_str().ok()?.to_owned();
         Some(route)
     }
@@ -459,32 +485,38 @@ impl RequestSteps {
         if !super::guard::stack_has_room() {
             return Err(PyErr::fetch(py));
         }
+        self.begin(py)?;
         let inner = self
             .inner
             .as_ref()
             .ok_or_else(|| PyRuntimeError::new_err("this request has ended"))?
             .bind(py)
             .clone();
-        self.make_current(py)?;
-        let call = self.call.bind(py);
-        let (core, step) = {
-            let mut state = borrow_call(call)?;
-            let core = Arc::clone(&state.core);
-            let step = core.step_begin(&mut state.stepped);
-            (core, step)
+        let result = match self.call.as_ref().map(|call| call.bind(py).clone()) {
+            None => run(&inner), // passing through
+            Some(call) => {
+                self.make_current(py)?;
+                let (core, step) = {
+                    let mut state = borrow_call(&call)?;
+                    let core = Arc::clone(&state.core);
+                    let step = core.step_begin(&mut state.stepped);
+                    (core, step)
+                };
+                *self
+                    .seen
+                    .open_step
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(step);
+                let result = run(&inner);
+                *self
+                    .seen
+                    .open_step
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                core.step_end(&mut borrow_call(&call)?.stepped, step);
+                result
+            }
         };
-        *self
-            .seen
-            .open_step
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(step);
-        let result = run(&inner);
-        *self
-            .seen
-            .open_step
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        core.step_end(&mut borrow_call(call)?.stepped, step);
         match result {
             Ok(Outcome::Yielded(value)) => Ok(value),
             Ok(Outcome::Returned(value)) => {
@@ -504,7 +536,7 @@ impl Drop for RequestSteps {
     /// A request dropped before it ended (its task was destroyed unfinished) still ends:
     /// its call must not stay in flight.
     fn drop(&mut self) {
-        if self.inner.is_some() {
+        if self.call.is_some() {
             Python::attach(|py| self.complete(py, None));
         }
     }
@@ -546,6 +578,8 @@ impl RequestSteps {
     }
 
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        // Never started: the application was not even called, and nothing was opened.
+        self.pending = None;
         if let Some(inner) = self.inner.as_ref().map(|inner| inner.clone_ref(py)) {
             let inner = inner.bind(py);
             if inner.hasattr(intern!(py, "close"))? {
@@ -558,9 +592,10 @@ impl RequestSteps {
             }
         }
         // Closed before its end (its server gave up on it): ended as it stands.
-        if self.inner.is_some() {
+        if self.call.is_some() {
             self.complete(py, None);
         }
+        self.inner = None;
         Ok(())
     }
 
@@ -568,10 +603,18 @@ impl RequestSteps {
         if let Some(inner) = &self.inner {
             visit.call(inner)?;
         }
-        visit.call(&self.call)?;
+        if let Some(call) = &self.call {
+            visit.call(call)?;
+        }
+        if let Some((receive, send)) = &self.pending {
+            visit.call(receive)?;
+            visit.call(send)?;
+        }
         visit.call(&self.meter)?;
         visit.call(&self.scope)?;
-        visit.call(&self.application)?;
+        if let Some(application) = &self.application {
+            visit.call(application)?;
+        }
         if let Some(token) = &self.token {
             visit.call(token)?;
         }
@@ -580,6 +623,7 @@ impl RequestSteps {
 
     fn __clear__(&mut self) {
         self.inner = None;
+        self.pending = None;
         self.token = None;
     }
 }

@@ -10,6 +10,7 @@
 use super::convert::{attribute_set, checked_str, BorrowedPairs};
 use super::snapshots::PyHistogramSnapshot;
 use crate::aggregate::attributes::AttributeSet;
+use crate::aggregate::boundaries::{Boundaries, MAX_BOUNDARIES};
 use crate::aggregate::call_key::CallKey;
 use crate::aggregate::histogram::HistogramSnapshot;
 use crate::aggregate::histogram::SCALE;
@@ -18,7 +19,9 @@ use crate::aggregate::series::{CounterSeries, HistogramSeries};
 use crate::aggregate::series_map::SeriesData;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt};
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PySequence, PyString, PyTuple,
+};
 use std::sync::Arc;
 
 /// A measurement: an int or float that is finite and not negative.
@@ -46,6 +49,51 @@ pub fn measurement(what: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
         )));
     }
     Ok(number)
+}
+
+/// `boundaries=`: None, or a sequence of 1 to [`MAX_BOUNDARIES`] numbers that
+/// [`Boundaries::new`] accepts (finite, not negative, strictly increasing).
+fn boundaries_of(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Boundaries>> {
+    let Some(value) = value.filter(|value| !value.is_none()) else {
+        return Ok(None);
+    };
+    let text = value.is_instance_of::<PyString>()
+        || value.is_instance_of::<PyBytes>()
+        || value.is_instance_of::<PyByteArray>();
+    if text || value.cast::<PySequence>().is_err() {
+        return Err(PyTypeError::new_err(format!(
+            "boundaries must be a sequence of numbers such as (0.005, 0.01, 0.1), or None; \
+             not {}",
+            value.get_type().name()?
+        )));
+    }
+    let mut values = Vec::new();
+    // One more than allowed is enough to say there are too many.
+    for (index, item) in value.try_iter()?.take(MAX_BOUNDARIES + 1).enumerate() {
+        let item = item?;
+        let number = if item.is_instance_of::<PyBool>() {
+            None
+        } else if item.is_instance_of::<PyInt>() {
+            Some(item.extract::<f64>().map_err(|_| {
+                PyValueError::new_err(format!(
+                    "boundaries must be finite numbers; boundaries[{index}] is an int too \
+                     large for a float"
+                ))
+            })?)
+        } else {
+            item.extract::<f64>().ok()
+        };
+        let Some(number) = number else {
+            return Err(PyTypeError::new_err(format!(
+                "boundaries[{index}] must be an int or float, not {}",
+                item.get_type().name()?
+            )));
+        };
+        values.push(number);
+    }
+    Boundaries::new(values)
+        .map(Some)
+        .map_err(PyValueError::new_err)
 }
 
 /// An instrument and its attribute-less series, resolved once when the handle is made.
@@ -204,18 +252,20 @@ impl PyHistogram {
 #[pymethods]
 impl PyHistogram {
     #[new]
-    #[pyo3(signature = (name, unit = None, description = None))]
+    #[pyo3(signature = (name, unit = None, description = None, boundaries = None))]
     fn new(
         name: &Bound<'_, PyAny>,
         unit: Option<&Bound<'_, PyAny>>,
         description: Option<&Bound<'_, PyAny>>,
+        boundaries: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let boundaries = boundaries_of(boundaries)?;
         Handle::open(
             "histogram",
             name,
             unit,
             description,
-            |name, unit, description| registry().histogram(name, unit, description),
+            |name, unit, description| registry().histogram(name, unit, description, boundaries),
         )
         .map(PyHistogram)
     }
@@ -231,6 +281,16 @@ impl PyHistogram {
     #[getter]
     fn description(&self) -> &str {
         &self.0.instrument.description
+    }
+    /// The explicit bucket boundaries exporters give this histogram (None: their default).
+    #[getter]
+    fn boundaries<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        self.0
+            .instrument
+            .boundaries
+            .as_deref()
+            .map(|values| PyTuple::new(py, values.iter()))
+            .transpose()
     }
 
     /// Records one value (int or float, finite, not negative).

@@ -425,6 +425,8 @@ pub fn _restore_series(py: Python<'_>, state: SeriesState) -> PyResult<PySeries>
         name: name.into(),
         unit: unit.into(),
         description: description.into(),
+        // A `Series` is values, not how they are exported.
+        boundaries: None,
         attributes: attribute_set(Some(attributes.bind(py).as_any()))?,
         count,
         measures,

@@ -9,13 +9,15 @@
 //! `CONTENT_LENGTH`. The call ends when the body is closed (WSGI servers must close it;
 //! one dropped unclosed ends then), or when the application or its body raises.
 
-use super::http_meters::{item, known_method, text, RequestMeters, Seen, OTHER_METHOD};
+use super::http_meters::{
+    item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
+};
 use super::instruments::PyHistogram;
 use super::open_call::{run_step, OpenCall};
 use super::steps::ending_error;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::{intern, PyTraverseError, PyVisit};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -82,6 +84,10 @@ impl WsgiMeter {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let this = slf.get();
+        if metered_already(py) {
+            // An outer meterage middleware meters this request: it is one call.
+            return this.app.bind(py).call1((environ, start_response));
+        }
         let method = item(environ, intern!(py, "REQUEST_METHOD"))?;
         let method = text(&method).map_or(OTHER_METHOD, known_method);
         let scheme = item(environ, intern!(py, "wsgi.url_scheme"))?;
@@ -113,6 +119,7 @@ impl WsgiMeter {
         let response = WsgiBody {
             body: Some(body.unbind()),
             iterator: None,
+            position: 0,
             call: call.unbind(),
             meter: slf.clone().unbind(),
             seen,
@@ -168,6 +175,8 @@ pub struct WsgiBody {
     /// The application's iterable (None once the garbage collector cleared it).
     body: Option<Py<PyAny>>,
     iterator: Option<Py<PyAny>>,
+    /// The next chunk's index, for a list or tuple body.
+    position: usize,
     call: Py<OpenCall>,
     meter: Py<WsgiMeter>,
     seen: Arc<Seen>,
@@ -175,6 +184,16 @@ pub struct WsgiBody {
 }
 
 impl WsgiBody {
+    fn count(&self, chunk: &Bound<'_, PyAny>) {
+        let length = match chunk.cast::<PyBytes>() {
+            Ok(bytes) => bytes.as_bytes().len(),
+            Err(_) => chunk.len().unwrap_or(0),
+        };
+        self.seen
+            .response_bytes
+            .fetch_add(length as u64, Ordering::Relaxed);
+    }
+
     fn end(&mut self, py: Python<'_>, error: Option<&PyErr>) {
         if std::mem::replace(&mut self.ended, true) {
             return;
@@ -208,6 +227,26 @@ impl WsgiBody {
         if self.ended {
             return Ok(None);
         }
+        // A list or tuple (most frameworks' bodies) is read in place: no Python code runs,
+        // so there is no step to meter.
+        if let Some(body) = &self.body {
+            let body = body.bind(py);
+            let listed = if let Ok(list) = body.cast_exact::<PyList>() {
+                Some(list.get_item(self.position).ok())
+            } else if let Ok(tuple) = body.cast_exact::<PyTuple>() {
+                Some(tuple.get_item(self.position).ok())
+            } else {
+                None
+            };
+            if let Some(chunk) = listed {
+                let Some(chunk) = chunk else {
+                    return Ok(None);
+                };
+                self.position += 1;
+                self.count(&chunk);
+                return Ok(Some(chunk));
+            }
+        }
         let call = self.call.bind(py).clone();
         let chunk = run_step(&call, || {
             let iterator = match &self.iterator {
@@ -237,13 +276,7 @@ impl WsgiBody {
         });
         match chunk {
             Ok(Some(chunk)) => {
-                let length = match chunk.cast::<PyBytes>() {
-                    Ok(bytes) => bytes.as_bytes().len(),
-                    Err(_) => chunk.len().unwrap_or(0),
-                };
-                self.seen
-                    .response_bytes
-                    .fetch_add(length as u64, Ordering::Relaxed);
+                self.count(&chunk);
                 Ok(Some(chunk))
             }
             // Exhausted: the call ends at close(), which runs the framework's teardown.
@@ -258,6 +291,9 @@ impl WsgiBody {
     /// Closes the application's body (as a step of the call), then ends the call.
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {
         let result = match self.body.as_ref().map(|body| body.clone_ref(py)) {
+            // A list or tuple has no close() (and asking would raise and catch an error).
+            Some(body) if body.bind(py).is_exact_instance_of::<PyList>() => Ok(()),
+            Some(body) if body.bind(py).is_exact_instance_of::<PyTuple>() => Ok(()),
             Some(body) if body.bind(py).hasattr(intern!(py, "close"))? => {
                 let call = self.call.bind(py).clone();
                 run_step(&call, || body.bind(py).call_method0(intern!(py, "close"))).map(|_| ())

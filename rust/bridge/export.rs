@@ -625,13 +625,21 @@ fn alias_point(
     }
 }
 
+/// How a custom instrument's series is exported: under its name and unit, a histogram with
+/// the boundaries it asked for or else the reader's default ones (a reader's own explicit
+/// boundaries override both, in [`Buckets::of`]).
 fn instrument_spec(series: &SeriesSnapshot, default_boundaries: &Arc<[f64]>) -> MetricSpec {
     MetricSpec {
         name: Arc::clone(&series.name),
         unit: Arc::clone(&series.unit),
         description: Arc::clone(&series.description),
         attributes: Arc::from([]),
-        boundaries: Arc::clone(default_boundaries),
+        boundaries: Arc::clone(
+            series
+                .boundaries
+                .as_ref()
+                .map_or(default_boundaries, |own| own.values()),
+        ),
     }
 }
 
@@ -689,6 +697,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::boundaries::Boundaries;
     use crate::aggregate::histogram::AtomicHistogram;
     use crate::aggregate::snapshot::MeasureSnapshot;
 
@@ -836,6 +845,7 @@ mod tests {
             name: name.into(),
             unit: "s".into(),
             description: "".into(),
+            boundaries: None,
             attributes: AttributeSet::new([(Arc::from("tier"), AttributeValue::from("gold"))]),
             count: measures[0].histogram.count,
             measures,
@@ -851,6 +861,7 @@ mod tests {
             name: name.into(),
             unit: "{hit}".into(),
             description: "hits".into(),
+            boundaries: None,
             attributes: AttributeSet::empty(),
             count: 1,
             measures: Vec::new(),
@@ -1085,6 +1096,100 @@ mod tests {
             panic!("explicit buckets")
         };
         assert_eq!(bucket_counts, &[1, 2]);
+    }
+
+    /// A custom histogram's series holding `values`, with the boundaries it asked for.
+    fn custom(boundaries: Option<&[f64]>, values: &[f64]) -> SeriesSnapshot {
+        let histogram = histogram(values);
+        SeriesSnapshot {
+            kind: SeriesKind::Histogram,
+            name: "body.size".into(),
+            unit: "By".into(),
+            description: "".into(),
+            boundaries: boundaries.map(|b| Boundaries::new(b.iter().copied()).unwrap()),
+            attributes: AttributeSet::empty(),
+            count: histogram.count,
+            measures: vec![MeasureSnapshot {
+                name: "body.size".into(),
+                unit: "By".into(),
+                histogram,
+            }],
+            value: 0.0,
+            exemplars: Vec::new(),
+            active: None,
+        }
+    }
+
+    fn explicit_of(metrics: &[Metric]) -> (Vec<f64>, Vec<u64>) {
+        let PointData::Explicit {
+            bucket_counts,
+            boundaries,
+            ..
+        } = &metric(metrics, "body.size").points[0].data
+        else {
+            panic!("explicit buckets")
+        };
+        (boundaries.to_vec(), bucket_counts.clone())
+    }
+
+    #[test]
+    fn a_custom_histogram_is_exported_with_its_own_boundaries_exactly() {
+        let bytes = crate::probe::catalog::BYTE_BOUNDARIES;
+        // On, just below and just above 0, 1 KiB and 4 KiB, and far above the last.
+        let values = [0.0, 1.0, 1023.0, 1024.0, 1025.0, 4096.0, 4097.0, 1e12];
+        let mut state = ExportState::new(options(false, explicit()), ATTACHED);
+        let (bounds, counts) = explicit_of(&state.collect(&[custom(Some(&bytes), &values)], 2_000));
+        assert_eq!(bounds, bytes);
+        assert_eq!(&counts[..4], &[1, 3, 2, 1]);
+        assert_eq!(counts[counts.len() - 1], 1);
+        assert_eq!(counts.iter().sum::<u64>(), values.len() as u64);
+        // Without boundaries of its own: the reader's default ones.
+        let (bounds, _) = explicit_of(&state.collect(&[custom(None, &values)], 3_000));
+        assert_eq!(bounds, [10.0, 100.0]);
+        // The queue wait's cut boundaries, with values on and one ulp either side of each.
+        let waits = crate::aggregate::boundaries::QUEUE_WAIT;
+        let mut values = Vec::new();
+        let mut expected = vec![0u64; waits.len() + 1];
+        for &bound in &waits {
+            for value in [
+                bound,
+                f64::from_bits(bound.to_bits() - 1),
+                f64::from_bits(bound.to_bits() + 1),
+            ] {
+                values.push(value);
+                expected[waits.partition_point(|&b| b < value)] += 1;
+            }
+        }
+        let mut state = ExportState::new(options(false, explicit()), ATTACHED);
+        let (_, counts) = explicit_of(&state.collect(&[custom(Some(&waits), &values)], 2_000));
+        assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn a_reader_override_wins_over_a_custom_histograms_boundaries_and_deltas_stay_exact() {
+        let layout = HistogramLayout::Explicit {
+            boundaries: Some(Arc::from([1.0])),
+        };
+        let mut state = ExportState::new(options(false, layout), ATTACHED);
+        let series = custom(Some(&[0.005, 10.0]), &[0.5, 2.0, 3.0]);
+        let (bounds, counts) = explicit_of(&state.collect(&[series], 2_000));
+        assert_eq!((bounds, counts), (vec![1.0], vec![1, 2]));
+
+        let durations = crate::probe::DURATION.boundaries;
+        let mut state = ExportState::new(options(true, explicit()), ATTACHED);
+        let first = custom(Some(durations), &[0.005, 0.0051]);
+        explicit_of(&state.collect(&[first], 2_000));
+        let second = custom(
+            Some(durations),
+            &[0.005, 0.0051, 0.005, 0.005, 0.0049, 0.0051],
+        );
+        let (bounds, counts) = explicit_of(&state.collect(&[second], 3_000));
+        assert_eq!(bounds, durations);
+        assert_eq!(
+            &counts[..2],
+            &[3, 1],
+            "the delta's values on 5 ms stay at or below it"
+        );
     }
 
     #[test]

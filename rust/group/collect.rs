@@ -14,6 +14,7 @@ use super::liveness::ProcessId;
 use super::member::{entries, Entry};
 use super::segment::{Member, Segment, ARENA_BYTES, FREE, GRAVEYARD_BYTES, LIVE, MAX_MEMBERS};
 use super::wire::{identity_of, Identity, Reader, Writer};
+use crate::aggregate::boundaries::Boundaries;
 use crate::aggregate::histogram::{AtomicHistogram, HistogramSnapshot, SCALE};
 use crate::aggregate::registry::{measure_names, sorted};
 use crate::aggregate::series::{CallSeries, CounterSeries, HistogramSeries};
@@ -284,6 +285,7 @@ unsafe fn read_series(
         name: identity.name,
         unit: identity.unit,
         description: identity.description,
+        boundaries: identity.boundaries,
         attributes: identity.attributes,
         count: 0,
         measures: Vec::new(),
@@ -371,7 +373,7 @@ unsafe fn read_series(
     Some(snapshot)
 }
 
-/// Series summed by identity.
+/// Series summed by identity, whatever boundaries their members gave them.
 #[derive(Default)]
 struct Merged {
     index: HashMap<Identity, usize>,
@@ -380,7 +382,8 @@ struct Merged {
 
 impl Merged {
     fn add(&mut self, series: SeriesSnapshot) {
-        let identity = identity_of(&series);
+        let mut identity = identity_of(&series);
+        identity.boundaries = None;
         match self.index.get(&identity) {
             None => {
                 self.index.insert(identity, self.series.len());
@@ -390,13 +393,34 @@ impl Merged {
         }
     }
 
-    fn into_series(self) -> Vec<SeriesSnapshot> {
+    /// The sums. Every series of one custom histogram has the boundaries first seen for it
+    /// (the folded totals first, then the members by slot), so that an export gives one
+    /// instrument one set of buckets even if the group's processes disagree about it.
+    fn into_series(mut self) -> Vec<SeriesSnapshot> {
+        let mut first: HashMap<Arc<str>, Boundaries> = HashMap::new();
+        for series in &self.series {
+            if let (SeriesKind::Histogram, Some(boundaries)) = (series.kind, &series.boundaries) {
+                first
+                    .entry(Arc::clone(&series.name))
+                    .or_insert_with(|| boundaries.clone());
+            }
+        }
+        if !first.is_empty() {
+            for series in self.series.iter_mut() {
+                if series.kind == SeriesKind::Histogram {
+                    series.boundaries = first.get(&series.name).cloned();
+                }
+            }
+        }
         self.series
     }
 }
 
 /// `into` += `more`, two snapshots of one identity.
 fn add_into(into: &mut SeriesSnapshot, more: SeriesSnapshot) {
+    if into.boundaries.is_none() {
+        into.boundaries = more.boundaries;
+    }
     into.count = into.count.saturating_add(more.count);
     into.value = (into.value + more.value).min(f64::MAX);
     for measure in more.measures {
@@ -449,6 +473,7 @@ mod tests {
             name: "jobs".into(),
             unit: "1".into(),
             description: "".into(),
+            boundaries: None,
             attributes: AttributeSet::new([("queue".into(), AttributeValue::Str("a".into()))]),
             count: 1,
             measures: Vec::new(),
@@ -554,5 +579,49 @@ mod tests {
         writer.u64(0);
         assert!(decode(1, &writer.bytes).is_none());
         assert!(decode(1, &[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn one_histogram_is_summed_and_exported_with_one_set_of_boundaries() {
+        let histogram = |boundaries: Option<&[f64]>, route: &str, value: f64| {
+            let recorded = AtomicHistogram::new();
+            recorded.record(value);
+            let histogram = recorded.snapshot();
+            SeriesSnapshot {
+                kind: SeriesKind::Histogram,
+                name: "job.output.size".into(),
+                unit: "By".into(),
+                description: "".into(),
+                boundaries: boundaries
+                    .map(|values| Boundaries::new(values.iter().copied()).unwrap()),
+                attributes: AttributeSet::new([(
+                    "route".into(),
+                    AttributeValue::Str(route.into()),
+                )]),
+                count: 1,
+                measures: vec![MeasureSnapshot {
+                    name: "job.output.size".into(),
+                    unit: "By".into(),
+                    histogram,
+                }],
+                value: 0.0,
+                exemplars: Vec::new(),
+                active: None,
+            }
+        };
+        let bytes: &[f64] = &[0.0, 1024.0, 4096.0];
+        let other: &[f64] = &[10.0, 100.0];
+        let mut merged = Merged::default();
+        // A member that made the instrument without boundaries, then two that gave some.
+        merged.add(histogram(None, "/a", 1.0));
+        merged.add(histogram(Some(bytes), "/a", 2.0));
+        merged.add(histogram(Some(other), "/b", 3.0));
+        merged.add(histogram(None, "/c", 4.0));
+        let series = merged.into_series();
+        assert_eq!(series.len(), 3, "/a summed whatever its boundaries");
+        assert_eq!(series[0].measures[0].histogram.count, 2);
+        for one in &series {
+            assert_eq!(one.boundaries.as_deref(), Some(bytes));
+        }
     }
 }

@@ -28,7 +28,7 @@ pub const SEGMENT_BYTES: usize = HEADER_BYTES + MAX_MEMBERS * ARENA_BYTES + 2 * 
 const MAGIC: u64 = u64::from_le_bytes(*b"METERAGE");
 /// Which build made the segment: members must share the layout of what they read.
 pub const LAYOUT: u64 = {
-    // FNV-1a over the version and the sizes the members' shared structures depend on.
+    // FNV-1a over the version and what the members' shared structures depend on.
     let version = env!("CARGO_PKG_VERSION").as_bytes();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
@@ -36,11 +36,15 @@ pub const LAYOUT: u64 = {
         hash = (hash ^ version[i] as u64).wrapping_mul(0x100_0000_01b3);
         i += 1;
     }
+    // The cut table gives a chunk's at-or-below counters their meaning, and the wire
+    // format the directory's and graveyard's bytes theirs.
     let sizes = [
         std::mem::size_of::<Header>(),
         std::mem::size_of::<crate::aggregate::histogram::AtomicHistogram>(),
         std::mem::size_of::<crate::aggregate::series::CallSeries>(),
         SEGMENT_BYTES,
+        crate::aggregate::boundaries::FINGERPRINT as usize,
+        super::wire::FORMAT as usize,
     ];
     let mut j = 0;
     while j < sizes.len() {

@@ -3,9 +3,14 @@
 //! Little-endian, length-prefixed; a decoder given bytes it cannot read returns `None`.
 
 use crate::aggregate::attributes::{AttributeSet, AttributeValue};
+use crate::aggregate::boundaries::{Boundaries, MAX_BOUNDARIES};
 use crate::aggregate::histogram::HistogramSnapshot;
 use crate::aggregate::snapshot::{MeasureSnapshot, SeriesKind, SeriesSnapshot};
 use std::sync::Arc;
+
+/// The version of these bytes (part of the segment's layout): 2 added a custom histogram's
+/// boundaries to its identity.
+pub const FORMAT: u64 = 2;
 
 /// What identifies a series across the group, and what its exports need besides values.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -14,6 +19,9 @@ pub struct Identity {
     pub name: Arc<str>,
     pub unit: Arc<str>,
     pub description: Arc<str>,
+    /// A custom histogram's explicit bucket boundaries (how it is exported, not which
+    /// series it is: the group sums series whatever boundaries their members gave).
+    pub boundaries: Option<Boundaries>,
     pub attributes: AttributeSet,
 }
 
@@ -45,6 +53,12 @@ impl Writer {
         self.str(&identity.name);
         self.str(&identity.unit);
         self.str(&identity.description);
+        // The count, then the values; 0: none (a set holds at least one).
+        let boundaries = identity.boundaries.as_deref().unwrap_or(&[]);
+        self.u64(boundaries.len() as u64);
+        for &value in boundaries {
+            self.f64(value);
+        }
         self.u64(identity.attributes.len() as u64);
         for (key, value) in identity.attributes.iter() {
             self.str(key);
@@ -109,6 +123,7 @@ pub fn identity_of(series: &SeriesSnapshot) -> Identity {
         name: Arc::clone(&series.name),
         unit: Arc::clone(&series.unit),
         description: Arc::clone(&series.description),
+        boundaries: series.boundaries.clone(),
         attributes: series.attributes.clone(),
     }
 }
@@ -164,6 +179,15 @@ impl<'a> Reader<'a> {
             _ => return None,
         };
         let (name, unit, description) = (self.str()?, self.str()?, self.str()?);
+        let boundaries = match self.len()? {
+            0 => None,
+            count if count <= MAX_BOUNDARIES => {
+                let values = (0..count).map(|_| self.f64()).collect::<Option<Vec<_>>>()?;
+                // Checked as a new instrument's are: bytes that are no such set are none.
+                Some(Boundaries::new(values).ok()?)
+            }
+            _ => return None,
+        };
         let pairs = self.len()?;
         let mut attributes = Vec::with_capacity(pairs);
         for _ in 0..pairs {
@@ -182,6 +206,7 @@ impl<'a> Reader<'a> {
             name,
             unit,
             description,
+            boundaries,
             attributes: AttributeSet::new(attributes),
         })
     }
@@ -238,6 +263,7 @@ impl<'a> Reader<'a> {
             name: identity.name,
             unit: identity.unit,
             description: identity.description,
+            boundaries: identity.boundaries,
             attributes: identity.attributes,
             count,
             measures,
@@ -263,6 +289,7 @@ mod tests {
             name: "db.query".into(),
             unit: "s".into(),
             description: "".into(),
+            boundaries: None,
             attributes: AttributeSet::new([
                 ("route".into(), AttributeValue::Str("/a b".into())),
                 ("rows".into(), AttributeValue::Int(-3)),
@@ -310,5 +337,31 @@ mod tests {
         let mut huge = writer.bytes.clone();
         huge[1..9].copy_from_slice(&u64::MAX.to_le_bytes()); // the name's length
         assert!(Reader::new(&huge).series().is_none());
+    }
+
+    #[test]
+    fn a_histograms_boundaries_travel_with_its_identity() {
+        let mut original = series();
+        original.kind = SeriesKind::Histogram;
+        original.boundaries = Some(Boundaries::new([0.0, 0.005, 1024.0]).unwrap());
+        let mut writer = Writer::default();
+        writer.series(&original);
+        let read = Reader::new(&writer.bytes).series().unwrap();
+        assert_eq!(read.boundaries, original.boundaries);
+        assert_eq!(read.boundaries.as_deref(), Some(&[0.0, 0.005, 1024.0][..]));
+        // Bytes that are no set of boundaries (not increasing, too many) read as nothing.
+        let at = writer
+            .bytes
+            .windows(8)
+            .position(|word| word == 0.005f64.to_bits().to_le_bytes())
+            .unwrap();
+        let mut unsorted = writer.bytes.clone();
+        unsorted[at..at + 8].copy_from_slice(&2048f64.to_bits().to_le_bytes());
+        assert!(Reader::new(&unsorted).series().is_none());
+        let count_at = at - 16; // the count, then 0.0, then 0.005
+        assert_eq!(writer.bytes[count_at..count_at + 8], 3u64.to_le_bytes());
+        let mut many = writer.bytes.clone();
+        many[count_at..count_at + 8].copy_from_slice(&65u64.to_le_bytes());
+        assert!(Reader::new(&many).series().is_none());
     }
 }

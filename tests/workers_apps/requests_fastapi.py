@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -165,6 +165,19 @@ async def slow() -> PlainTextResponse:
     return PlainTextResponse("late")
 
 
+@app.websocket("/ws/{room}")
+async def echo(websocket: WebSocket, room: str) -> None:
+    """Echoes each text message back twice until the client closes."""
+    await websocket.accept()
+    try:
+        while True:
+            text = await websocket.receive_text()
+            await websocket.send_text(text)
+            await websocket.send_text(text)
+    except Exception:  # the client went away (WebSocketDisconnect)
+        return
+
+
 @router.get("/items/{item_id}")
 async def item(item_id: int) -> PlainTextResponse:
     return PlainTextResponse(str(item_id))
@@ -212,6 +225,16 @@ async def charged() -> Response:
                 "active": series.active,
             }
         )
+    sessions = [
+        {"attributes": s.attributes, "count": s.count}
+        for s in meterage.snapshot()
+        if s.operation == "websocket.server.session"
+    ]
+    messages = [
+        {"attributes": s.attributes, "value": s.value}
+        for s in meterage.snapshot()
+        if s.name == "websocket.server.messages"
+    ]
     sizes = {
         name: [
             {"attributes": s.attributes, "count": s.count, "sum": s.histograms[name].sum}
@@ -220,7 +243,8 @@ async def charged() -> Response:
         ]
         for name in ("http.server.request.body.size", "http.server.response.body.size")
     }
-    return Response(json.dumps({"rows": rows, "sizes": sizes}), media_type="application/json")
+    body = {"rows": rows, "sizes": sizes, "sessions": sessions, "messages": messages}
+    return Response(json.dumps(body), media_type="application/json")
 
 
 app.add_middleware(MeterageMiddleware, sample=1.0)

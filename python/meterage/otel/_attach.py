@@ -61,8 +61,14 @@ class _Attachment:
     def hook(self, reader: MetricReader, state: ReaderState) -> None:
         self.hooked.add(reader)
         original = reader._receive_metrics
+        lease = _push_lease(reader)
 
         def receive_metrics(metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
+            if lease is not None and not lease.try_acquire():
+                # Another process of the group pushes the group's numbers: this one's would
+                # repeat them (its own SDK instruments still go out).
+                original(metrics_data, *args, **kwargs)
+                return
             original(self.merge(state, metrics_data), *args, **kwargs)
 
         receive_metrics.__meterage_original__ = original  # type: ignore[attr-defined]
@@ -151,6 +157,26 @@ _attachments: weakref.WeakKeyDictionary[MeterProvider, _Attachment] = weakref.We
 # a cumulative one keeps its start times). Weak, so that a dropped reader frees its state.
 _reader_states: weakref.WeakKeyDictionary[MetricReader, ReaderState] = weakref.WeakKeyDictionary()
 _attach_lock = threading.Lock()
+
+
+def _push_lease(reader: MetricReader) -> Any:
+    """In multiprocess mode, the OTLP lease a pushing reader adds the group's series under
+    (one process of the group pushes them, as ``configure()``'s exporter does), or None: a
+    pull reader (Prometheus: one process serves the port), per-process export, a reader
+    whose exporter pushes from the leader only already, or no group."""
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from meterage import multiprocess
+
+    if not isinstance(reader, PeriodicExportingMetricReader) or not multiprocess.is_enabled():
+        return None
+    if multiprocess.exports_per_process():
+        return None
+    from meterage.otel._leader import Lease, _LeaderOnlyExporter
+
+    if isinstance(getattr(reader, "_exporter", None), _LeaderOnlyExporter):
+        return None
+    return Lease("otlp")
 
 
 def _without_taken_aliases(metrics: list[Any], scopes: Sequence[ScopeMetrics]) -> list[Any]:
