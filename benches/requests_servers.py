@@ -399,7 +399,7 @@ def main(argv: Sequence[str]) -> int:
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
     for index, server in enumerate(chosen):
         app = SERVERS[server]
-        here = []
+        here: list[str] = []
         for variant in variants:
             why = requests_overhead.available(app, variant)
             if why is None:
