@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -32,8 +31,6 @@ from meterage import _native
 _CURRENT = _native.current_call_var()
 _install_lock = threading.Lock()
 _installed = False
-#: Loops whose task factory is meterage's (it chains to the one it replaced).
-_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def _charged_call() -> _native.OpenCall | None:
@@ -75,11 +72,15 @@ def _task_factory(previous: _TaskFactory | None) -> _TaskFactory:
 
 
 def watch_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Puts meterage's task factory on ``loop`` (once), in front of the loop's own."""
-    if loop in _loops:
-        return
-    _loops.add(loop)
-    loop.set_task_factory(_task_factory(loop.get_task_factory()))
+    """Puts meterage's task factory on ``loop``, in front of the loop's own; again if the
+    application set another one since (it stays behind meterage's)."""
+    current = loop.get_task_factory()
+    if getattr(current, "__meterage_previous__", _NOT_OURS) is _NOT_OURS:
+        loop.set_task_factory(_task_factory(current))
+
+
+#: What a task factory that is not meterage's has as its previous one.
+_NOT_OURS = object()
 
 
 _original_submit = concurrent.futures.ThreadPoolExecutor.submit

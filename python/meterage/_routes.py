@@ -9,6 +9,7 @@ A request no route matched has no ``http.route``, so all of them share one serie
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 #: Routes whose template is known, by id; bounded (an application has few routes, but
 #: routes made per request must not grow this without end).
 _MAX_KNOWN = 10_000
-_known: dict[int, tuple[Any, str | None]] = {}
+_known: dict[int, tuple[Any, list[tuple[str, re.Pattern[str]]]]] = {}
 _lock = threading.Lock()
 
 
@@ -39,25 +40,56 @@ def _mount_prefix(mount: Any) -> str | None:
     return path
 
 
-def _search(routes: Iterable[Any], wanted: Any, prefix: str, depth: int) -> str | None:
+def _search(routes: Iterable[Any], wanted: Any, prefix: str, depth: int, found: list[str]) -> None:
+    """Every template of ``wanted`` in the tree (a route mounted under two prefixes has
+    two), into ``found``."""
     if depth > 16:  # mounts of mounts of ...: no real application nests deeper
-        return None
+        return
     for route in routes:
         if route is wanted:
             own = _own_path(route)
-            return None if own is None else prefix + own
+            if own is not None:
+                found.append(prefix + own)
+            continue
         inner = getattr(route, "routes", None)
         if inner:
             mount_prefix = _mount_prefix(route)
             if mount_prefix is None:
                 continue
             try:
-                found = _search(list(inner), wanted, prefix + mount_prefix, depth + 1)
+                _search(list(inner), wanted, prefix + mount_prefix, depth + 1, found)
             except Exception:  # a framework's routes property that fails: not ours to raise
                 continue
-            if found is not None:
-                return found
-    return None
+
+
+_PARAMETER = re.compile(r"\{([^{}:]+)(?::([^{}]+))?\}")
+
+
+def _matcher(template: str) -> re.Pattern[str]:
+    """A pattern matching the paths of ``template`` (``{name}`` one segment,
+    ``{name:path}`` any rest)."""
+    parts, end = [], 0
+    for parameter in _PARAMETER.finditer(template):
+        parts.append(re.escape(template[end : parameter.start()]))
+        parts.append(".*" if parameter.group(2) == "path" else "[^/]+")
+        end = parameter.end()
+    parts.append(re.escape(template[end:]))
+    return re.compile("".join(parts) + "$")
+
+
+def _choose(templates: list[tuple[str, re.Pattern[str]]], scope: Mapping[str, Any]) -> str | None:
+    """The template the request's path matches (a route mounted more than once)."""
+    if len(templates) == 1:
+        return templates[0][0]
+    path = scope.get("path")
+    if isinstance(path, str):
+        root = scope.get("app_root_path", "")
+        if isinstance(root, str) and root and path.startswith(root):
+            path = path[len(root) :]
+        for template, pattern in templates:
+            if pattern.match(path):
+                return template
+    return templates[0][0] if templates else None
 
 
 def _routes_of(application: Any) -> list[Any] | None:
@@ -76,15 +108,18 @@ def template(scope: Mapping[str, Any], application: Any) -> str | None:
         return None
     key = id(route)
     known = _known.get(key)
-    if known is not None and known[0] is route:
-        return known[1]
-    routes = _routes_of(application)
-    found = _search(routes, route, "", 0) if routes is not None else None
-    if found is None:
-        # Not in the application's tree (a route object of its own making): its own path.
-        found = _own_path(route)
-    with _lock:
-        if len(_known) >= _MAX_KNOWN:
-            _known.clear()
-        _known[key] = (route, found)
-    return found
+    if known is None or known[0] is not route:
+        routes = _routes_of(application)
+        found: list[str] = []
+        if routes is not None:
+            _search(routes, route, "", 0, found)
+        if not found:
+            # Not in the application's tree (a route object of its own making): its path.
+            own = _own_path(route)
+            found = [own] if own is not None else []
+        known = (route, [(each, _matcher(each)) for each in dict.fromkeys(found)])
+        with _lock:
+            if len(_known) >= _MAX_KNOWN:
+                _known.clear()
+            _known[key] = known
+    return _choose(known[1], scope)

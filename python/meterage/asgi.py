@@ -82,7 +82,6 @@ class MeterageMiddleware(_http.Middleware):
         self._sessions = _http.RequestMeters(
             probes=probes, sample=sample, budget=budget, operation=_http.WEBSOCKET_OPERATION
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Each HTTP request is handled natively (one awaitable, no Python frame of its
         # own); every other scope comes back to _other.
         self._requests = _native.HttpMeter(
@@ -108,17 +107,21 @@ class MeterageMiddleware(_http.Middleware):
 
     def _watch_loop(self) -> None:
         """Before a probed request's first step: the tasks it creates on this loop are
-        charged to it."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            _handoff.watch_loop(loop)
-            self._loop = loop
+        charged to it (meterage's task factory, put back in front if the application set
+        its own since). Nothing outside asyncio (trio): its tasks are not charged."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        _handoff.watch_loop(loop)
 
     def _open(self, scope: Scope, method: str, meters: _http.RequestMeters) -> Any:
         self._watch_loop()
-        version = scope.get("http_version")
+        scheme, version = scope.get("scheme"), scope.get("http_version")
         call = meters.open(
-            method, scope.get("scheme") or "http", None if version is None else str(version)
+            method,
+            scheme if isinstance(scheme, str) and scheme else "ws",
+            version if isinstance(version, str) else None,
         )
         if self._attributes_of is not None:
             self._extra_attributes(call, scope)
@@ -188,9 +191,16 @@ class MeterageMiddleware(_http.Middleware):
 
 
 # Servers and frameworks ask whether an ASGI application is a coroutine function (uvicorn
-# treats one that is not as ASGI 2); __call__ returns an awaitable, as one would.
+# and hypercorn treat one that is not as ASGI 2 or WSGI). From 3.12 a plain __call__ handing
+# back the native awaitable is marked as one; before, only an async def passes inspect's
+# check, at ~0.1 µs more per request.
 if hasattr(inspect, "markcoroutinefunction"):
     inspect.markcoroutinefunction(MeterageMiddleware.__call__)
-_ASYNCIO_MARK = getattr(asyncio.coroutines, "_is_coroutine", None)  # asyncio < 3.14 asks for it
-if _ASYNCIO_MARK is not None:
-    MeterageMiddleware.__call__._is_coroutine = _ASYNCIO_MARK  # type: ignore[attr-defined]
+else:
+
+    async def _call(self: MeterageMiddleware, scope: Scope, receive: Receive, send: Send) -> Any:
+        return await self._requests(scope, receive, send)  # the application's own outcome
+
+    _call.__doc__ = MeterageMiddleware.__call__.__doc__
+    _call.__qualname__ = MeterageMiddleware.__call__.__qualname__
+    MeterageMiddleware.__call__ = _call  # type: ignore[method-assign]

@@ -140,6 +140,37 @@ pub struct StepStart {
     reading: Option<Reading>,
     /// What taking `reading` cost (adaptive sampling only).
     reading_cost_ns: u64,
+    /// The call this thread is stepping (its address on this thread's stack of them),
+    /// or 0: a step inside a step of the same call in this thread takes no readings.
+    stepping: usize,
+}
+
+impl StepStart {
+    /// Off this thread's stack of calls being stepped.
+    fn leave(&self) {
+        if self.stepping != 0 {
+            STEPPING.with(|stack| {
+                let mut stack = stack.borrow_mut();
+                if let Some(at) = stack.iter().rposition(|key| *key == self.stepping) {
+                    stack.remove(at);
+                }
+            });
+        }
+    }
+
+    /// A step whose call cannot take its readings now (it is being ended elsewhere): its
+    /// readings are dropped, the probes' per-thread state left as it was.
+    pub fn abandon(self) {
+        self.leave();
+        if let Some(reading) = self.reading {
+            reading.abandon();
+        }
+    }
+}
+
+thread_local! {
+    /// The stepped calls this thread is in a step of, innermost last.
+    static STEPPING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One thread cannot use more CPU than wall time; the CPU clock's readings sit just
@@ -467,8 +498,25 @@ impl MeterCore {
         let mut step = StepStart {
             reading: None,
             reading_cost_ns: 0,
+            stepping: 0,
         };
         if call.weight.is_some() {
+            // A step of this call already in progress in this thread (a run() inside its
+            // run(), or inside its coroutine's step) has the readings: this one is in them.
+            let key = call as *const SteppedCall as usize;
+            let nested = STEPPING.with(|stack| {
+                let mut stack = stack.borrow_mut();
+                let nested = stack.contains(&key);
+                stack.push(key);
+                nested
+            });
+            step.stepping = key;
+            if nested {
+                if first {
+                    self.start_clock(call);
+                }
+                return step;
+            }
             let began = self.probe_clock();
             step.reading = Some(Reading::take_before(self.probes));
             step.reading_cost_ns = self.probe_clock().saturating_sub(began);
@@ -507,6 +555,7 @@ impl MeterCore {
     /// After one step: add its probe deltas to the call's.
     #[inline]
     pub fn step_end(&self, call: &mut SteppedCall, step: StepStart) {
+        step.leave();
         if let Some(before) = step.reading {
             call.running = call.running.saturating_sub(1);
             let read_at = self.probe_clock();

@@ -18,7 +18,7 @@ use super::http_meters::{
 };
 use super::instruments::PyHistogram;
 use super::open_call::{current_var, OpenCall};
-use super::steps::{borrow_call, ending_error, send_into, step_target, Outcome};
+use super::steps::{borrow_call, ending_error, send_into, step_target, throw_into, Outcome};
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -264,12 +264,7 @@ impl Received {
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let inner = self.inner.as_ref().ok_or_else(cleared)?.bind(py);
-        self.pass(
-            py,
-            inner
-                .call_method1(intern!(py, "throw"), args)
-                .map(Outcome::Yielded),
-        )
+        self.pass(py, throw_into(inner, args).map(Outcome::Yielded))
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
@@ -513,7 +508,10 @@ impl RequestSteps {
                     .open_step
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
-                core.step_end(&mut borrow_call(&call)?.stepped, step);
+                match borrow_call(&call) {
+                    Ok(mut state) => core.step_end(&mut state.stepped, step),
+                    Err(_) => step.abandon(), // being ended elsewhere: the outcome stands
+                }
                 result
             }
         };
@@ -570,11 +568,7 @@ impl RequestSteps {
         py: Python<'py>,
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| {
-            inner
-                .call_method1(intern!(py, "throw"), args)
-                .map(Outcome::Yielded)
-        })
+        self.step(py, |inner| throw_into(inner, args).map(Outcome::Yielded))
     }
 
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {

@@ -365,7 +365,10 @@ pub fn run_step<'py, T>(
         return Err(PyErr::fetch(py));
     }
     let (core, step) = {
-        let mut state = borrow_call(call)?;
+        // Ended, or being ended in another thread right now: the work just runs.
+        let Ok(mut state) = borrow_call(call) else {
+            return work();
+        };
         if state.finished {
             drop(state);
             return work();
@@ -374,7 +377,11 @@ pub fn run_step<'py, T>(
         let step = core.step_begin(&mut state.stepped);
         (core, step)
     };
-    let var = current_var(py)?.bind(py);
+    let Ok(var) = current_var(py) else {
+        step.abandon();
+        return work();
+    };
+    let var = var.bind(py);
     // SAFETY: a live ContextVar and a live value; a new token reference or NULL.
     let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), call.as_ptr()) };
     if token.is_null() {
@@ -392,7 +399,12 @@ pub fn run_step<'py, T>(
             ffi::Py_DECREF(token);
         }
     }
-    core.step_end(&mut borrow_call(call)?.stepped, step);
+    match borrow_call(call) {
+        Ok(mut state) => core.step_end(&mut state.stepped, step),
+        // Being ended in another thread right now: this step's readings are dropped, and
+        // the work's own outcome stands.
+        Err(_) => step.abandon(),
+    }
     result
 }
 

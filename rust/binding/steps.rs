@@ -51,8 +51,11 @@ pub(super) enum Outcome<'py> {
     Returned(Bound<'py, PyAny>),
 }
 
-/// Coroutines, generators and asend/athrow objects step with send(); other awaitables
-/// (futures) give their iterator through __await__.
+/// Coroutines and generators step with send(); any other awaitable (an asend/athrow object,
+/// a future, an object whose class has `async`-style `__await__`) gives its iterator
+/// through `__await__`, as `await` takes it, even if it has a `send` of its own; a
+/// generator-like object without `__await__` (a Cython generator) steps itself. Anything
+/// else is the TypeError `await` raises.
 pub(super) fn step_target<'py>(awaitable: &Bound<'py, PyAny>) -> PyResult<Py<PyAny>> {
     let py = awaitable.py();
     // SAFETY: type checks on a live object.
@@ -60,11 +63,41 @@ pub(super) fn step_target<'py>(awaitable: &Bound<'py, PyAny>) -> PyResult<Py<PyA
         ffi::PyCoro_CheckExact(awaitable.as_ptr()) != 0
             || ffi::PyGen_CheckExact(awaitable.as_ptr()) != 0
     };
-    if native || awaitable.hasattr(intern!(py, "send"))? {
-        Ok(awaitable.clone().unbind())
-    } else {
-        Ok(awaitable.call_method0(intern!(py, "__await__"))?.unbind())
+    if native {
+        return Ok(awaitable.clone().unbind());
     }
+    if awaitable.get_type().hasattr(intern!(py, "__await__"))? {
+        return Ok(awaitable.call_method0(intern!(py, "__await__"))?.unbind());
+    }
+    if awaitable.hasattr(intern!(py, "send"))? {
+        return Ok(awaitable.clone().unbind());
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        "object {} can't be used in 'await' expression",
+        awaitable.get_type().name()?
+    )))
+}
+
+/// `inner.throw(*args)`, or, for an iterator with no `throw` (a plain `__await__`
+/// iterator), the exception raised here, as `await` raises it into the awaiting code.
+pub(super) fn throw_into<'py>(
+    inner: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = inner.py();
+    if inner.hasattr(intern!(py, "throw"))? {
+        return inner.call_method1(intern!(py, "throw"), args);
+    }
+    let thrown = args.get_item(0)?;
+    if thrown.is_instance_of::<pyo3::exceptions::PyBaseException>() {
+        return Err(PyErr::from_value(thrown));
+    }
+    // throw(type[, value]): made as the interpreter makes it.
+    let value = match args.get_item(1) {
+        Ok(value) if !value.is_none() => value,
+        _ => thrown.call0()?,
+    };
+    Err(PyErr::from_value(value))
 }
 
 /// `inner.send(value)` through `PyIter_Send`: no method lookup, and a return comes back as
@@ -174,7 +207,10 @@ impl Steps {
                     (core, step)
                 };
                 let result = run(&inner);
-                core.step_end(&mut borrow_call(call)?.stepped, step);
+                match borrow_call(call) {
+                    Ok(mut state) => core.step_end(&mut state.stepped, step),
+                    Err(_) => step.abandon(), // being ended elsewhere: the outcome stands
+                }
                 result
             }
         };
@@ -246,11 +282,7 @@ impl Steps {
         py: Python<'py>,
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| {
-            inner
-                .call_method1(intern!(py, "throw"), args)
-                .map(Outcome::Yielded)
-        })
+        self.step(py, |inner| throw_into(inner, args).map(Outcome::Yielded))
     }
 
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {

@@ -44,6 +44,17 @@ fn content_length(environ: &Bound<'_, PyAny>) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether `body` is the server's `wsgi.file_wrapper` (a file it can send by itself).
+fn is_file_wrapper(environ: &Bound<'_, PyAny>, body: &Bound<'_, PyAny>) -> bool {
+    let py = environ.py();
+    let Ok(Some(wrapper)) = item(environ, intern!(py, "wsgi.file_wrapper")) else {
+        return false;
+    };
+    wrapper
+        .cast::<pyo3::types::PyType>()
+        .is_ok_and(|wrapper| body.is_instance(wrapper).unwrap_or(false))
+}
+
 /// Ends a request's call with the exception that ended it, if any.
 fn end_request(
     py: Python<'_>,
@@ -107,15 +118,24 @@ impl WsgiMeter {
             WatchedStartResponse {
                 start_response: start_response.clone().unbind(),
                 seen: Arc::clone(&seen),
+                headers: std::sync::Mutex::new(None),
             },
         )?;
-        let body = match run_step(&call, || this.app.bind(py).call1((environ, watched))) {
+        let body = match run_step(&call, || this.app.bind(py).call1((environ, &watched))) {
             Ok(body) => body,
             Err(error) => {
                 end_request(py, this, &call, &seen, Some(&error));
                 return Err(error);
             }
         };
+        if is_file_wrapper(environ, &body) {
+            // The server sends it with sendfile(2) only if it gets its own wrapper back: it
+            // is handed on as it is, and the request ends now, its size the Content-Length.
+            let length = watched.get().content_length(py);
+            seen.response_bytes.store(length, Ordering::Relaxed);
+            end_request(py, this, &call, &seen, None);
+            return Ok(body);
+        }
         let response = WsgiBody {
             body: Some(body.unbind()),
             iterator: None,
@@ -139,6 +159,30 @@ impl WsgiMeter {
 pub struct WatchedStartResponse {
     start_response: Py<PyAny>,
     seen: Arc<Seen>,
+    /// The response's headers, for a body the server sends itself (a file wrapper).
+    headers: std::sync::Mutex<Option<Py<PyAny>>>,
+}
+
+impl WatchedStartResponse {
+    /// The Content-Length the application gave, 0 when none.
+    fn content_length(&self, py: Python<'_>) -> u64 {
+        let headers = self.headers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(headers) = headers.as_ref() else {
+            return 0;
+        };
+        let Ok(headers) = headers.bind(py).try_iter() else {
+            return 0;
+        };
+        for header in headers.flatten() {
+            let Ok((name, value)) = header.extract::<(String, String)>() else {
+                continue;
+            };
+            if name.eq_ignore_ascii_case("content-length") {
+                return value.trim().parse().unwrap_or(0);
+            }
+        }
+        0
+    }
 }
 
 #[pymethods]
@@ -160,11 +204,20 @@ impl WatchedStartResponse {
                 self.seen.status.store(code, Ordering::Relaxed);
             }
         }
+        if let Ok(headers) = args.get_item(1) {
+            *self.headers.lock().unwrap_or_else(|e| e.into_inner()) = Some(headers.unbind());
+        }
         self.start_response.bind(args.py()).call(args, kwargs)
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.start_response)
+        visit.call(&self.start_response)?;
+        if let Ok(headers) = self.headers.try_lock() {
+            if let Some(headers) = headers.as_ref() {
+                visit.call(headers)?;
+            }
+        }
+        Ok(())
     }
 }
 
