@@ -1,7 +1,7 @@
 """Requests on real servers: throughput and latency of a trivial route under uvicorn
 (FastAPI) and gunicorn (Flask), bare and instrumented, measured in one run.
 
-    python benches/requests_servers.py                  # ~3 min: the table for docs/benchmarks.md
+    python benches/requests_servers.py                  # ~2 min: the table for docs/benchmarks.md
     python benches/requests_servers.py --quick          # ~20 s, smaller numbers (says so)
     python benches/requests_servers.py --json           # the numbers instead of the table
     python benches/requests_servers.py --servers uvicorn --variants bare,timer,default
