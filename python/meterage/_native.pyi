@@ -488,6 +488,7 @@ class WsgiMeter:
         request_size: Histogram,
         response_size: Histogram,
         attributes_of: Callable[[Any], Any] | None,
+        route_of: Callable[[Any], str | None] | None = None,
     ) -> Self: ...
     def __call__(self, environ: Any, start_response: Any) -> WsgiBody: ...
 

@@ -59,18 +59,19 @@ class MeterageMiddleware(_http.Middleware):
         budget: float | None = None,
     ) -> None:
         super().__init__(app, "WSGI", attributes, probes, sample, budget)
+        from meterage.integrations import flask as _flask
+
         # Each request is handled natively: the application, each chunk of its body and
-        # the body's close() run as steps of the request's call.
+        # the body's close() run as steps of the request's call; at its end the route is
+        # read from werkzeug's request (Flask's URL rule) when there is one.
         self._requests = _native.WsgiMeter(
             app,
             meter_for=self._meters.meter_for,
             request_size=self._meters.request_size,
             response_size=self._meters.response_size,
             attributes_of=self._attributes_of,
+            route_of=_flask.route_of,
         )
-        from meterage.integrations import flask as _flask
-
-        _flask.name_routes_of(app)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         body: Iterable[bytes] = self._requests(environ, start_response)

@@ -71,6 +71,8 @@ pub struct Seen {
     pub request_bytes: AtomicU64,
     /// The request's own step in progress (for its span's cost so far, at the response).
     pub open_step: Mutex<Option<StepStart>>,
+    /// A route a framework named while the response started (WSGI).
+    pub route: Mutex<Option<String>>,
 }
 
 impl Seen {
@@ -80,6 +82,7 @@ impl Seen {
             response_bytes: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
             open_step: Mutex::new(None),
+            route: Mutex::new(None),
         })
     }
 }

@@ -26,6 +26,9 @@ use std::sync::Arc;
 pub struct WsgiMeter {
     app: Py<PyAny>,
     meters: RequestMeters,
+    /// `route_of(environ) -> str | None`, called as the response starts when werkzeug's
+    /// request is in the environ.
+    route_of: Option<Py<PyAny>>,
 }
 
 /// The protocol version of `SERVER_PROTOCOL` ("HTTP/1.1" gives "1.1").
@@ -67,23 +70,34 @@ fn end_request(
     if error.is_some() && seen.status.load(Ordering::Relaxed) < 0 {
         seen.status.store(500, Ordering::Relaxed); // the server answers 500
     }
-    meter.meters.end(py, call, seen, error_type, None);
+    // The route a framework named as the response started, unless the request named one.
+    let route = seen.route.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let route = route.filter(|_| {
+        !call
+            .try_borrow()
+            .is_ok_and(|call| call.has_own("http.route"))
+    });
+    meter
+        .meters
+        .end(py, call, seen, error_type, route.as_deref());
 }
 
 #[pymethods]
 impl WsgiMeter {
     #[new]
-    #[pyo3(signature = (app, *, meter_for, request_size, response_size, attributes_of))]
+    #[pyo3(signature = (app, *, meter_for, request_size, response_size, attributes_of, route_of = None))]
     fn new(
         app: Py<PyAny>,
         meter_for: Py<PyAny>,
         request_size: Py<PyHistogram>,
         response_size: Py<PyHistogram>,
         attributes_of: Option<Py<PyAny>>,
+        route_of: Option<Py<PyAny>>,
     ) -> WsgiMeter {
         WsgiMeter {
             app,
             meters: RequestMeters::new(meter_for, request_size, response_size, attributes_of),
+            route_of,
         }
     }
 
@@ -119,6 +133,11 @@ impl WsgiMeter {
                 start_response: start_response.clone().unbind(),
                 seen: Arc::clone(&seen),
                 headers: std::sync::Mutex::new(None),
+                environ: environ.clone().unbind(),
+                route_of: this
+                    .route_of
+                    .as_ref()
+                    .map(|route_of| route_of.clone_ref(py)),
             },
         )?;
         let body = match run_step(&call, || this.app.bind(py).call1((environ, &watched))) {
@@ -150,6 +169,9 @@ impl WsgiMeter {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.app)?;
+        if let Some(route_of) = &self.route_of {
+            visit.call(route_of)?;
+        }
         self.meters.traverse(&visit)
     }
 }
@@ -159,6 +181,10 @@ impl WsgiMeter {
 pub struct WatchedStartResponse {
     start_response: Py<PyAny>,
     seen: Arc<Seen>,
+    /// The request's environ and what reads a route from it: while the response starts, a
+    /// framework's request (werkzeug's, with Flask's URL rule) is still in it.
+    environ: Py<PyAny>,
+    route_of: Option<Py<PyAny>>,
     /// The response's headers, for a body the server sends itself (a file wrapper).
     headers: std::sync::Mutex<Option<Py<PyAny>>>,
 }
@@ -207,11 +233,32 @@ impl WatchedStartResponse {
         if let Ok(headers) = args.get_item(1) {
             *self.headers.lock().unwrap_or_else(|e| e.into_inner()) = Some(headers.unbind());
         }
+        if let Some(route_of) = &self.route_of {
+            let py = args.py();
+            let environ = self.environ.bind(py);
+            if item(environ, intern!(py, "werkzeug.request"))
+                .is_ok_and(|r| r.is_some_and(|r| !r.is_none()))
+            {
+                // A framework's request that cannot be read leaves the request unnamed.
+                if let Ok(route) = route_of.bind(py).call1((environ,)) {
+                    if let Ok(route) = route.cast::<PyString>() {
+                        if let Ok(route) = route.to_str() {
+                            *self.seen.route.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(route.to_owned());
+                        }
+                    }
+                }
+            }
+        }
         self.start_response.bind(args.py()).call(args, kwargs)
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.start_response)?;
+        visit.call(&self.environ)?;
+        if let Some(route_of) = &self.route_of {
+            visit.call(route_of)?;
+        }
         if let Ok(headers) = self.headers.try_lock() {
             if let Some(headers) = headers.as_ref() {
                 visit.call(headers)?;
