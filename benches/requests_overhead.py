@@ -121,18 +121,19 @@ DEFAULT_TARGET_US = 3.0
 REFERENCE_BARE_US = {"asgi": 0.43, "wsgi": 0.21, "fastapi": 35.8, "flask": 49.5}
 OTEL_FACTOR = 30.0
 PROMETHEUS_FACTOR = 5.0
-#: Goals the middlewares do not meet yet (docs/benchmarks.md, "Requests"), each with the
-#: bound the gate holds it to meanwhile: about 1.4 times what it measured on the
-#: development machine on 2026-12-01 (in brackets; for the factor, 1.4 times less), so
+#: Goals the middlewares do not meet yet, or only just (docs/benchmarks.md, "Requests"),
+#: each with the bound the gate holds it to meanwhile: about 1.4 times what it measured on
+#: the development machine on 2026-12-01 (in brackets; for the factor, 1.4 times less), so
 #: that a regression still fails the gate while the known gap does not. Remove an entry
-#: once its goal is met; ``--strict`` ignores them.
+#: once its goal is met with room to spare; ``--strict`` ignores them.
 KNOWN_MISSES: dict[str, float] = {
-    "asgi-timer": 5.3,  # (3.51-3.78x) 1.54-1.68 µs, goal 1.5 µs
+    "asgi-timer": 5.3,  # (3.51-3.81x) 1.54-1.70 µs, goal 1.5 µs
+    "wsgi-timer": 9.8,  # (6.3-7.0x) 1.35-1.50 µs: at its goal, so a noisy run may miss it
     "fastapi-timer": 0.20,  # (12.1-14.0%) 4.3-5.0 µs
     "fastapi-default": 0.21,  # (12.9-14.9%) 4.6-5.4 µs, goal 3 µs
-    "flask-timer": 0.26,  # (16.9-18.7%) 8.6-8.7 µs
-    "flask-default": 0.27,  # (17.7-20.0%) 8.8-9.1 µs
-    "flask-otel": 10.0,  # (13.8-16.4x) OpenTelemetry's WSGI middleware on Flask
+    "flask-timer": 0.14,  # (9.6%) 4.7 µs
+    "flask-default": 0.16,  # (11.0%) 5.4 µs
+    "flask-otel": 18.0,  # (25.9x) OpenTelemetry's WSGI middleware on Flask
 }
 
 BODY = b"ok"

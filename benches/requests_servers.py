@@ -132,6 +132,11 @@ def _argv(server: str, port: int, threads: int, worker: str) -> list[str]:
             "1",
             "--app-dir",
             str(BENCHES),
+            # What ``pip install uvicorn`` brings, whatever else is installed here.
+            "--loop",
+            "asyncio",
+            "--http",
+            "h11",
             "--no-access-log",
             "--log-level",
             "warning",
