@@ -81,13 +81,20 @@ def test_a_request_that_sleeps_is_charged_almost_nothing(service) -> None:
 
 
 def test_a_write_through_to_thread_is_charged_its_bytes(service) -> None:
+    # A first request may write more of its own: the first use of a module writes its
+    # .pyc in a fresh environment, in that request's thread. Counted from after it.
+    assert request(service.port, "/write")[0] == 200
+    before = settled(service.port, 1, **{"http.route": "/write"})["io_write"]
     result = servers.load(service.url("/write"), REQUESTS, concurrency=CONCURRENCY)
     assert result.ok == REQUESTS, result.failures
-    row = settled(service.port, REQUESTS, **{"http.route": "/write"})
-    assert row["count"] == REQUESTS
-    # Exactly its 64 KiB, plus at most a few bytes of the worker thread waking the event
-    # loop up (asyncio's self-pipe), which that thread wrote on the request's behalf.
-    assert REQUESTS * 64 * 1024 <= row["io_write"] <= REQUESTS * (64 * 1024 + 8)
+    row = settled(service.port, 1 + REQUESTS, **{"http.route": "/write"})
+    assert row["count"] == 1 + REQUESTS
+    # Its 64 KiB, plus what its own threads wrote on its behalf: a few bytes waking the
+    # event loop up (asyncio's self-pipe), and, under uvloop (uvicorn's loop when it is
+    # installed), the response itself, which uvloop writes to the socket with write(2) in
+    # the request's step (its ~150 bytes of status line, headers and body).
+    written = row["io_write"] - before
+    assert REQUESTS * 64 * 1024 <= written <= REQUESTS * (64 * 1024 + 512), written
 
 
 def test_routes_are_templates_and_unmatched_paths_share_one_series(service) -> None:
@@ -188,10 +195,14 @@ def test_body_sizes_are_recorded_in_the_requests_series(service) -> None:
 
 
 def test_a_streamed_response_is_charged_the_work_of_its_chunks(service) -> None:
-    result = servers.load(service.url("/stream"), 8, concurrency=4, timeout=60)
-    assert result.ok == 8
-    row = settled(service.port, 8, **{"http.route": "/stream"})
-    assert BURN_NS <= row["cpu_ns"] / row["count"] <= 1.1 * BURN_NS
+    result = servers.load(service.url("/stream"), 16, concurrency=4, timeout=60)
+    assert result.ok == 16
+    row = settled(service.port, 16, **{"http.route": "/stream"})
+    # Every request burned BURN_NS in its chunks (some in a task Starlette creates to
+    # stream them): charged at least that, the median request within 10% (a garbage
+    # collection in one request's thread is that thread's work, hence the median).
+    assert row["cpu_ns"] / row["count"] >= BURN_NS
+    assert 0.97 * BURN_NS <= row["cpu_median_ns"] <= 1.1 * BURN_NS
 
 
 def test_a_timeout_is_a_failure_and_nothing_stays_in_flight(service) -> None:
