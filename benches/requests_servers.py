@@ -1,0 +1,448 @@
+"""Requests on real servers: throughput and latency of a trivial route under uvicorn
+(FastAPI) and gunicorn (Flask), bare and instrumented, measured in one run.
+
+    python benches/requests_servers.py                  # ~2 min: the table for docs/benchmarks.md
+    python benches/requests_servers.py --quick          # ~20 s, smaller numbers (says so)
+    python benches/requests_servers.py --json           # the numbers instead of the table
+    python benches/requests_servers.py --servers uvicorn --variants bare,timer,default
+
+Each server serves ``benches/requests_server_app.py`` (the routes of
+``benches/requests_overhead.py``: ``GET /`` answers ``ok``) with one variant of
+instrumentation (``REQUESTS_BENCH_VARIANT``, one of ``requests_overhead.VARIANTS``): by
+default no instrumentation (``bare``), meterage's defaults (``default``), OpenTelemetry's
+middleware (``otel``) and, for FastAPI, prometheus-fastapi-instrumentator
+(``prometheus``). Every variant's server is started at once, each a subprocess on a free
+loopback port: ``uvicorn --workers 1`` (its one process serves) and ``gunicorn --workers 1
+--worker-class gthread`` (a master and one worker; gthread keeps connections alive), so
+one core serves while the other runs this script's client.
+
+The load is bounded: ``--requests`` GETs per round and variant over ``--concurrency``
+keep-alive connections (an asyncio client on 127.0.0.1 only, each connection sending its
+next request when the previous answer has been read in full; each answer checked to be
+``200 ok``), after ``--warmup`` requests per server. In each of ``--rounds`` rounds every
+variant gets one load, in an order shuffled per round, so that the machine's slow moments
+fall on every variant alike; the servers not being loaded are idle.
+
+Per round and variant: throughput (requests / the load's wall time), the p50 and p99 of
+the requests' latencies (from sending a request to having read its answer), and the
+server's CPU time per request (the on-CPU time of every thread of the server's processes,
+from ``/proc/<pid>/task/*/schedstat``, over the load, divided by its requests). A figure is
+the median over rounds; "vs bare" is the median over rounds of the variant's figure over
+the bare server's in the same round (a ratio for throughput, a difference for CPU time).
+"busy" is the server's CPU time over the load's wall time: near 100% the server is the
+bottleneck, as it must be for throughput to show its cost.
+
+The goal (issue 12): meterage's defaults within 2% of no instrumentation in throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCHES = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHES))
+sys.path.insert(0, str(BENCHES.parent / "tests"))
+
+import requests_overhead  # noqa: E402
+import servers  # noqa: E402  (tests/servers.py: running, free_port)
+
+SERVERS = {"uvicorn": "fastapi", "gunicorn": "flask"}
+DEFAULT_VARIANTS = ("bare", "default", "otel", "prometheus")
+LABELS = {**requests_overhead.LABELS, "bare": "no instrumentation"}
+THROUGHPUT_GOAL = 0.98
+
+
+@dataclass
+class Running:
+    """One server of one variant."""
+
+    server: str
+    variant: str
+    port: int
+    process: Any  # servers.Server
+    request: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.request = (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            "User-Agent: meterage-bench\r\nAccept: */*\r\n\r\n"
+        ).encode()
+
+    def cpu_ns(self) -> int:
+        """On-CPU time so far of every thread of every process of the server."""
+        total = 0
+        for pid in self.process.pids():
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                        total += int(stat.read().split()[0])
+                except (OSError, ValueError, IndexError):
+                    continue
+        return total
+
+
+def _base(variant: str) -> str:
+    """The variant a server key names (``bare#2``: a second server without instrumentation)."""
+    return variant.split("#", 1)[0]
+
+
+def _label(variant: str) -> str:
+    return LABELS[_base(variant)] + (" (a second server)" if "#" in variant else "")
+
+
+def _environment(variant: str) -> dict[str, str]:
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("OTEL_", "METERAGE_", "PROMETHEUS_MULTIPROC"))
+    }
+    environ.update(PYTHONUNBUFFERED="1", REQUESTS_BENCH_VARIANT=_base(variant))
+    return environ
+
+
+def _argv(server: str, port: int, threads: int, worker: str) -> list[str]:
+    if server == "uvicorn":
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "requests_server_app:fastapi_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--app-dir",
+            str(BENCHES),
+            # What ``pip install uvicorn`` brings, whatever else is installed here.
+            "--loop",
+            "asyncio",
+            "--http",
+            "h11",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--timeout-graceful-shutdown",
+            "2",
+        ]
+    threading = ["--threads", str(threads), "--keep-alive", "30"] if worker == "gthread" else []
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+        "--worker-class",
+        worker,
+        *threading,
+        "--pythonpath",
+        str(BENCHES),
+        "--log-level",
+        "warning",
+        "requests_server_app:flask_app",
+    ]
+
+
+@contextlib.contextmanager
+def started(
+    server: str, variants: Sequence[str], threads: int, worker: str
+) -> Iterator[list[Running]]:
+    """Every variant's server, all at once; each stopped (with all it started) on leaving."""
+    with contextlib.ExitStack() as stack:
+        found = []
+        for variant in variants:
+            port = servers.free_port()
+            process = stack.enter_context(
+                servers.running(
+                    f"{server}-{variant}",
+                    _argv(server, port, threads, worker),
+                    env=_environment(variant),
+                    ready_url=f"http://127.0.0.1:{port}/",
+                    timeout=60.0,
+                )
+            )
+            found.append(Running(server, variant, port, process))
+        yield found
+
+
+# --- the client -------------------------------------------------------------------------
+
+
+def _parse_head(head: bytes) -> tuple[int, int, bool]:
+    """Status, Content-Length and whether the server closes the connection."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = -1
+    close = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            close = True
+        elif name == b"transfer-encoding":
+            raise RuntimeError(f"unexpected Transfer-Encoding: {value.strip()!r}")
+    if length < 0:
+        raise RuntimeError("an answer without Content-Length")
+    return status, length, close
+
+
+@dataclass
+class Load:
+    """One load: its wall time and each request's latency (ns)."""
+
+    requests: int
+    wall_ns: int
+    latencies: list[int] = field(default_factory=list)
+
+
+async def _load(target: Running, requests: int, concurrency: int) -> Load:
+    request = target.request
+    left = requests
+    latencies: list[int] = []
+    clock = time.perf_counter_ns
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", target.port)
+
+    async def one(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        nonlocal left
+        reader, writer = connection
+        try:
+            while left > 0:
+                left -= 1
+                began = clock()
+                writer.write(request)
+                status, length, close = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                body = await reader.readexactly(length)
+                latencies.append(clock() - began)
+                if status != 200 or body != requests_overhead.BODY:
+                    raise RuntimeError(f"{target.server}-{target.variant}: {status} {body!r}")
+                if close:
+                    writer.close()
+                    reader, writer = await connect()
+        finally:
+            writer.close()
+
+    connections = [await connect() for _ in range(concurrency)]
+    began = clock()
+    await asyncio.gather(*(one(connection) for connection in connections))
+    return Load(requests, clock() - began, latencies)
+
+
+def _percentile(values: Sequence[int], fraction: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))])
+
+
+@dataclass
+class Round:
+    throughput: float
+    p50_us: float
+    p99_us: float
+    cpu_us: float
+    busy: float
+
+
+def run_load(
+    loop: asyncio.AbstractEventLoop, target: Running, requests: int, concurrency: int
+) -> Round:
+    cpu_before = target.cpu_ns()
+    load = loop.run_until_complete(_load(target, requests, concurrency))
+    cpu = target.cpu_ns() - cpu_before
+    return Round(
+        throughput=load.requests / (load.wall_ns / 1e9),
+        p50_us=_percentile(load.latencies, 0.50) / 1e3,
+        p99_us=_percentile(load.latencies, 0.99) / 1e3,
+        cpu_us=cpu / load.requests / 1e3,
+        busy=cpu / load.wall_ns,
+    )
+
+
+# --- measuring --------------------------------------------------------------------------
+
+
+def measure(
+    server: str,
+    variants: Sequence[str],
+    *,
+    rounds: int,
+    requests: int,
+    concurrency: int,
+    warmup: int,
+    threads: int,
+    worker: str,
+    seed: int,
+) -> dict[str, list[Round]]:
+    """Every variant's rounds on ``server`` (see the module doc)."""
+    results: dict[str, list[Round]] = {variant: [] for variant in variants}
+    loop = asyncio.new_event_loop()
+    try:
+        with started(server, variants, threads, worker) as running:
+            for target in running:
+                run_load(loop, target, warmup, concurrency)
+            order = list(running)
+            rng = random.Random(seed)
+            for _ in range(rounds):
+                rng.shuffle(order)
+                for target in order:
+                    results[target.variant].append(run_load(loop, target, requests, concurrency))
+    finally:
+        loop.close()
+    return results
+
+
+def summary(results: dict[str, list[Round]]) -> dict[str, dict[str, float]]:
+    """Per variant: medians over rounds, and the per-round comparisons with ``bare``."""
+    bare = results.get("bare")
+    out: dict[str, dict[str, float]] = {}
+    for variant, rounds in results.items():
+        row = {
+            "throughput": statistics.median(r.throughput for r in rounds),
+            "p50_us": statistics.median(r.p50_us for r in rounds),
+            "p99_us": statistics.median(r.p99_us for r in rounds),
+            "cpu_us": statistics.median(r.cpu_us for r in rounds),
+            "busy": statistics.median(r.busy for r in rounds),
+        }
+        if bare is not None and variant != "bare":
+            pairs = list(zip(rounds, bare, strict=True))
+            row["throughput_vs_bare"] = statistics.median(
+                m.throughput / b.throughput for m, b in pairs
+            )
+            row["p50_vs_bare"] = statistics.median(m.p50_us / b.p50_us for m, b in pairs)
+            row["p99_vs_bare"] = statistics.median(m.p99_us / b.p99_us for m, b in pairs)
+            row["cpu_us_over_bare"] = statistics.median(m.cpu_us - b.cpu_us for m, b in pairs)
+        out[variant] = row
+    return out
+
+
+def table(figures: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = [
+        "| server, route | variant | req/s | vs bare | p50 | p99 | server CPU per request "
+        "| over bare | busy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for server, rows in figures.items():
+        route = f"{server}, {requests_overhead.APP_LABELS[SERVERS[server]]}"
+        for variant, row in rows.items():
+            versus = over = ""
+            if "throughput_vs_bare" in row:
+                versus = f"{(row['throughput_vs_bare'] - 1) * 100:+.1f}%"
+                over = f"{row['cpu_us_over_bare']:+.1f} µs"
+            lines.append(
+                f"| {route} | {_label(variant)} | {row['throughput']:,.0f} | {versus} "
+                f"| {row['p50_us']:,.0f} µs | {row['p99_us']:,.0f} µs | {row['cpu_us']:.1f} µs "
+                f"| {over} | {row['busy'] * 100:.0f}% |"
+            )
+    return lines
+
+
+def goal_lines(figures: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = []
+    for server, rows in figures.items():
+        row = rows.get("default")
+        if row is None or "throughput_vs_bare" not in row:
+            continue
+        ratio = row["throughput_vs_bare"]
+        verdict = "pass" if ratio >= THROUGHPUT_GOAL else "MISSED"
+        lines.append(
+            f"{server}: meterage defaults' throughput {ratio * 100:.1f}% of no instrumentation's "
+            f"(goal >= {THROUGHPUT_GOAL * 100:.0f}%): {verdict}"
+        )
+    return lines
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--requests", type=int, default=2000, help="per round and variant")
+    parser.add_argument("--concurrency", type=int, default=8, help="keep-alive connections")
+    parser.add_argument("--warmup", type=int, default=1000, help="requests per server first")
+    parser.add_argument("--threads", type=int, default=1, help="gunicorn gthread threads")
+    parser.add_argument(
+        "--gunicorn-worker", choices=("gthread", "sync"), default="gthread", help="worker class"
+    )
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 300 requests")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.requests, args.warmup = 2, 300, 200
+    chosen = [s.strip() for s in args.servers.split(",") if s.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = sorted(set(chosen) - set(SERVERS)) + sorted(
+        {_base(v) for v in variants} - set(requests_overhead.VARIANTS)
+    )
+    if bad:
+        parser.error(f"unknown servers or variants {bad}")
+    if min(args.rounds, args.requests, args.concurrency) < 1:
+        parser.error("--rounds, --requests and --concurrency must be >= 1")
+    started_at = time.monotonic()
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for index, server in enumerate(chosen):
+        app = SERVERS[server]
+        here: list[str] = []
+        for variant in variants:
+            why = requests_overhead.available(app, variant)
+            if why is None:
+                copies = sum(1 for v in here if _base(v) == variant)
+                here.append(variant if not copies else f"{variant}#{copies + 1}")
+            elif why != "FastAPI only":
+                print(f"{server}, {LABELS[variant]}: skipped ({why})", file=sys.stderr)
+        results = measure(
+            server,
+            here,
+            rounds=args.rounds,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            threads=args.threads,
+            worker=args.gunicorn_worker,
+            seed=index,
+        )
+        figures[server] = summary(results)
+        raw[server] = {v: [vars(r) for r in rounds] for v, rounds in results.items()}
+    if args.json:
+        print(json.dumps({"settings": vars(args), "figures": figures, "rounds": raw}))
+        return 0
+    quick = " (--quick: too few requests for the docs)" if args.quick else ""
+    print(
+        f"\n{args.rounds} rounds of {args.requests} requests per variant, "
+        f"{args.concurrency} keep-alive connections, medians over rounds{quick}"
+    )
+    print(
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} CPUs; {requests_overhead.versions_line()}"
+    )
+    print("\n".join(table(figures)))
+    print()
+    print("\n".join(goal_lines(figures)))
+    print(f"({time.monotonic() - started_at:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
