@@ -1,6 +1,7 @@
 //! Aggregation: lock-free histograms, series keyed by attributes, the registry, the
 //! sampling policy and the call wrapper's logic.
 
+pub mod alongside;
 pub mod attributes;
 pub mod boundaries;
 pub mod call;

@@ -7,8 +7,10 @@ use super::instruments::PyHistogram;
 use super::meter::PyMeterCore;
 use super::open_call::{current_var, OpenCall};
 use super::steps::borrow_call;
+use crate::aggregate::alongside::Alongside;
 use crate::aggregate::attributes::AttributeValue;
 use crate::aggregate::call::{MeterCore, StepStart};
+use crate::aggregate::series::HistogramSeries;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3::{PyTraverseError, PyVisit};
@@ -104,6 +106,8 @@ pub struct RequestMeters {
     response_size: Py<PyHistogram>,
     /// The user's function of the request giving more attributes, if any.
     attributes_of: Option<Py<PyAny>>,
+    /// The body-size series of each request series seen.
+    sizes: Alongside<HistogramSeries, 2>,
 }
 
 impl RequestMeters {
@@ -119,6 +123,7 @@ impl RequestMeters {
             request_size,
             response_size,
             attributes_of,
+            sizes: Alongside::default(),
         }
     }
 
@@ -224,7 +229,7 @@ impl RequestMeters {
             ),
         ];
         if let Ok(mut call) = borrow_call(call) {
-            call.end(error_type.as_deref(), pairs, &values);
+            call.end_with(error_type.as_deref(), pairs, values, &self.sizes);
         }
     }
 

@@ -18,7 +18,9 @@ use super::http_meters::{
 };
 use super::instruments::PyHistogram;
 use super::open_call::{current_var, OpenCall};
-use super::steps::{borrow_call, ending_error, send_into, step_target, throw_into, Outcome};
+use super::steps::{
+    borrow_call, ending_error, next_of, send_into, sent, step_target, throw_into, Outcome,
+};
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -476,7 +478,7 @@ impl RequestSteps {
         &mut self,
         py: Python<'py>,
         run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Outcome<'py>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<Outcome<'py>> {
         if !super::guard::stack_has_room() {
             return Err(PyErr::fetch(py));
         }
@@ -516,11 +518,10 @@ impl RequestSteps {
             }
         };
         match result {
-            Ok(Outcome::Yielded(value)) => Ok(value),
+            Ok(Outcome::Yielded(value)) => Ok(Outcome::Yielded(value)),
             Ok(Outcome::Returned(value)) => {
                 self.complete(py, None);
-                let stop = PyStopIteration::type_object(py).call1((value,))?;
-                Err(PyErr::from_value(stop))
+                Ok(Outcome::Returned(value))
             }
             Err(error) => {
                 self.complete(py, Some(&error));
@@ -550,8 +551,8 @@ impl RequestSteps {
         slf
     }
 
-    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| send_into(inner, &py.None().into_bound(py)))
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        next_of(self.step(py, |inner| send_into(inner, &py.None().into_bound(py)))?)
     }
 
     fn send<'py>(
@@ -559,7 +560,7 @@ impl RequestSteps {
         py: Python<'py>,
         value: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| send_into(inner, value))
+        sent(self.step(py, |inner| send_into(inner, value))?)
     }
 
     #[pyo3(signature = (*args))]
@@ -568,7 +569,7 @@ impl RequestSteps {
         py: Python<'py>,
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| throw_into(inner, args).map(Outcome::Yielded))
+        sent(self.step(py, |inner| throw_into(inner, args).map(Outcome::Yielded))?)
     }
 
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {

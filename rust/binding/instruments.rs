@@ -243,9 +243,12 @@ impl PyHistogram {
     /// Records a checked value into the series of an attribute set made natively (a
     /// finished call's, for values measured alongside it).
     pub fn record_in(&self, attributes: &CallKey<'_>, value: f64) {
-        attributes
-            .series_in(&self.0.instrument.series)
-            .record(value);
+        self.series_in(attributes).record(value);
+    }
+
+    /// The series of an attribute set made natively.
+    pub fn series_in(&self, attributes: &CallKey<'_>) -> Arc<HistogramSeries> {
+        attributes.series_in(&self.0.instrument.series)
     }
 }
 

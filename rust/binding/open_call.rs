@@ -13,9 +13,11 @@ use super::instruments::{measurement, PyHistogram};
 use super::meter::error_type_name;
 use super::spans;
 use super::steps::{borrow_call, Steps};
+use crate::aggregate::alongside::Alongside;
 use crate::aggregate::attributes::ERROR_TYPE_KEY;
-use crate::aggregate::call::{MeterCore, StepStart, SteppedCall};
+use crate::aggregate::call::{MeterCore, SeriesRef, StepStart, SteppedCall};
 use crate::aggregate::call_key::CallKey;
+use crate::aggregate::series::{CallSeries, HistogramSeries};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -62,15 +64,14 @@ impl OpenCall {
         }
     }
 
-    /// Records the call once, in the series of its dynamic attributes and outcome.
-    pub fn finish_stepped(&mut self, error_type: Option<&str>) {
+    /// Records the call once, in the series of its dynamic attributes and outcome; that
+    /// series, when it is not the meter's own.
+    pub fn finish_stepped(&mut self, error_type: Option<&str>) -> Option<Arc<CallSeries>> {
         let measured =
             self.core
                 .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
         let span = self.span.take();
-        let Some((measured, series)) = measured else {
-            return;
-        };
+        let (measured, series) = measured?;
         match span {
             None => spans::note(&measured, &series),
             Some(span) => Python::attach(|py| {
@@ -82,6 +83,10 @@ impl OpenCall {
                     spans::note(&measured, &series);
                 }
             }),
+        }
+        match series {
+            SeriesRef::Found(series) => Some(series),
+            SeriesRef::Own(_) => None,
         }
     }
 
@@ -111,29 +116,67 @@ impl OpenCall {
         }
         self.dynamic.extend(pairs);
         self.finish_stepped(error_type);
-        if values.is_empty() {
+        if !values.is_empty() {
+            self.record_alongside(error_type, values);
+        }
+    }
+
+    /// [`end`](Self::end) with two values whose series `alongside` remembers per call
+    /// series (a request's body sizes: most requests end in a series seen before).
+    pub fn end_with(
+        &mut self,
+        error_type: Option<&str>,
+        pairs: Pairs,
+        values: [(&PyHistogram, f64); 2],
+        alongside: &Alongside<HistogramSeries, 2>,
+    ) {
+        if self.finished {
             return;
         }
-        // The call's own attributes, its later values winning, as its series has them.
+        self.dynamic.extend(pairs);
+        let Some(call_series) = self.finish_stepped(error_type) else {
+            self.record_alongside(error_type, &values);
+            return;
+        };
+        if let Some(found) = alongside.get(&call_series) {
+            for (series, (_, value)) in found.iter().zip(values) {
+                series.record(value);
+            }
+            return;
+        }
+        let found = self.with_key(error_type, |key| {
+            values.map(|(histogram, _)| histogram.series_in(key))
+        });
+        for (series, (_, value)) in found.iter().zip(values) {
+            series.record(value);
+        }
+        alongside.put(&call_series, &found);
+    }
+
+    fn record_alongside(&self, error_type: Option<&str>, values: &[(&PyHistogram, f64)]) {
+        self.with_key(error_type, |key| {
+            for (histogram, value) in values {
+                histogram.record_in(key, *value);
+            }
+        });
+    }
+
+    /// Runs `work` with the key of the call's final attributes, as its series has them.
+    fn with_key<R>(&self, error_type: Option<&str>, work: impl FnOnce(&CallKey<'_>) -> R) -> R {
+        // The call's own attributes, its later values winning.
         let unique = unique_pairs(&self.dynamic);
         let meter = self.core.attributes();
-        let merged;
-        let key = match CallKey::new(meter, &unique, error_type) {
-            Some(key) => key,
-            None => {
-                // A call attribute that is also the meter's: the merge decides.
-                merged = match error_type {
-                    Some(name) => meter
-                        .merged(unique.iter().cloned())
-                        .with(ERROR_TYPE_KEY, name.into()),
-                    None => meter.merged(unique.iter().cloned()),
-                };
-                CallKey::whole(&merged)
-            }
-        };
-        for (histogram, value) in values {
-            histogram.record_in(&key, *value);
+        if let Some(key) = CallKey::new(meter, &unique, error_type) {
+            return work(&key);
         }
+        // A call attribute that is also the meter's: the merge decides.
+        let merged = match error_type {
+            Some(name) => meter
+                .merged(unique.iter().cloned())
+                .with(ERROR_TYPE_KEY, name.into()),
+            None => meter.merged(unique.iter().cloned()),
+        };
+        work(&CallKey::whole(&merged))
     }
 
     /// Starts the clock and decides sampling (`probe`: run the probes in any case).

@@ -100,6 +100,28 @@ pub(super) fn throw_into<'py>(
     Err(PyErr::from_value(value))
 }
 
+/// A step's outcome as `send` and `throw` give it: a yielded value, or StopIteration with
+/// the return value (made as an instance, so a tuple is not taken as its arguments).
+pub(super) fn sent<'py>(outcome: Outcome<'py>) -> PyResult<Bound<'py, PyAny>> {
+    match outcome {
+        Outcome::Yielded(value) => Ok(value),
+        Outcome::Returned(value) => {
+            let stop = PyStopIteration::type_object(value.py()).call1((value,))?;
+            Err(PyErr::from_value(stop))
+        }
+    }
+}
+
+/// A step's outcome as `__next__` gives it: an end with None is NULL and no exception, as
+/// `tp_iternext` may end, so an `await` of a coroutine that returns None (every ASGI
+/// application's) raises and catches no StopIteration.
+pub(super) fn next_of(outcome: Outcome<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
+    match outcome {
+        Outcome::Returned(value) if value.is_none() => Ok(None),
+        outcome => sent(outcome).map(Some),
+    }
+}
+
 /// `inner.send(value)` through `PyIter_Send`: no method lookup, and a return comes back as
 /// a value rather than a StopIteration to catch.
 pub(super) fn send_into<'py>(
@@ -186,7 +208,7 @@ impl Steps {
         &mut self,
         py: Python<'py>,
         run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Outcome<'py>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<Outcome<'py>> {
         if !super::guard::stack_has_room() {
             return Err(PyErr::fetch(py));
         }
@@ -215,12 +237,10 @@ impl Steps {
             }
         };
         match result {
-            Ok(Outcome::Yielded(value)) => Ok(value),
+            Ok(Outcome::Yielded(value)) => Ok(Outcome::Yielded(value)),
             Ok(Outcome::Returned(value)) => {
                 self.finish_own(None);
-                // Built as an instance so a tuple return value is not taken as arguments.
-                let stop = PyStopIteration::type_object(py).call1((value,))?;
-                Err(PyErr::from_value(stop))
+                Ok(Outcome::Returned(value))
             }
             Err(error) => {
                 self.finish_own(ending_error(py, &error)?.as_deref());
@@ -264,8 +284,8 @@ impl Steps {
         slf
     }
 
-    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| send_into(inner, &py.None().into_bound(py)))
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        next_of(self.step(py, |inner| send_into(inner, &py.None().into_bound(py)))?)
     }
 
     fn send<'py>(
@@ -273,7 +293,7 @@ impl Steps {
         py: Python<'py>,
         value: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| send_into(inner, value))
+        sent(self.step(py, |inner| send_into(inner, value))?)
     }
 
     #[pyo3(signature = (*args))]
@@ -282,7 +302,7 @@ impl Steps {
         py: Python<'py>,
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.step(py, |inner| throw_into(inner, args).map(Outcome::Yielded))
+        sent(self.step(py, |inner| throw_into(inner, args).map(Outcome::Yielded))?)
     }
 
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {

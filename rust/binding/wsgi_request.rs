@@ -49,6 +49,9 @@ fn content_length(environ: &Bound<'_, PyAny>) -> u64 {
 
 /// Whether `body` is the server's `wsgi.file_wrapper` (a file it can send by itself).
 fn is_file_wrapper(environ: &Bound<'_, PyAny>, body: &Bound<'_, PyAny>) -> bool {
+    if body.is_exact_instance_of::<PyList>() || body.is_exact_instance_of::<PyTuple>() {
+        return false; // most frameworks' bodies, and not a file
+    }
     let py = environ.py();
     let Ok(Some(wrapper)) = item(environ, intern!(py, "wsgi.file_wrapper")) else {
         return false;
@@ -331,13 +334,16 @@ impl WsgiBody {
         // so there is no step to meter.
         if let Some(body) = &self.body {
             let body = body.bind(py);
+            // Past the end is None, not an IndexError raised and caught (a request's worth
+            // of time with the caches cold).
             let listed = if let Ok(list) = body.cast_exact::<PyList>() {
-                Some(list.get_item(self.position).ok())
+                Some((self.position < list.len()).then(|| list.get_item(self.position).ok()))
             } else if let Ok(tuple) = body.cast_exact::<PyTuple>() {
-                Some(tuple.get_item(self.position).ok())
+                Some((self.position < tuple.len()).then(|| tuple.get_item(self.position).ok()))
             } else {
                 None
-            };
+            }
+            .map(Option::flatten);
             if let Some(chunk) = listed {
                 let Some(chunk) = chunk else {
                     return Ok(None);
