@@ -25,12 +25,16 @@ pub struct Alongside<T, const N: usize> {
     slots: Mutex<Vec<Option<Slot<T, N>>>>,
 }
 
-/// Whether a series can be used again as it is: current, this process's, not an overflow
-/// series (a later epoch may give the attributes their own).
-fn usable<S: SeriesData>(series: &S) -> bool {
-    series.liveness().is_current()
-        && !crate::group::arena::is_foreign(series as *const S as usize)
-        && series.attributes().get(OVERFLOW_KEY).is_none()
+/// Whether a series may be remembered: current, this process's, and not an overflow series
+/// (a later epoch may give the attributes their own).
+fn rememberable<S: SeriesData>(series: &S) -> bool {
+    still_usable(series) && series.attributes().get(OVERFLOW_KEY).is_none()
+}
+
+/// Whether a remembered series can be used again: it still belongs to this epoch (a reset
+/// or a fork starts another) and to this process's arena.
+fn still_usable<S: SeriesData>(series: &S) -> bool {
+    series.liveness().is_current() && !crate::group::arena::is_foreign(series as *const S as usize)
 }
 
 fn slot_of(call: &Arc<CallSeries>) -> usize {
@@ -49,12 +53,13 @@ impl<T: SeriesData, const N: usize> Default for Alongside<T, N> {
 impl<T: SeriesData, const N: usize> Alongside<T, N> {
     /// The series remembered for `call`, if they can still be used.
     pub fn get(&self, call: &Arc<CallSeries>) -> Option<[Arc<T>; N]> {
-        if !usable(&**call) {
-            return None;
-        }
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots[slot_of(call)].as_ref()?;
-        if !Arc::ptr_eq(&slot.call, call) || !slot.found.iter().all(|series| usable(&**series)) {
+        // The call series was remembered (so it is no overflow series), and the call just
+        // recorded into it: it is current.
+        if !Arc::ptr_eq(&slot.call, call)
+            || !slot.found.iter().all(|series| still_usable(&**series))
+        {
             return None;
         }
         Some(slot.found.clone())
@@ -62,7 +67,7 @@ impl<T: SeriesData, const N: usize> Alongside<T, N> {
 
     /// Remembers the series found for `call` (unless one of them is an overflow series).
     pub fn put(&self, call: &Arc<CallSeries>, found: &[Arc<T>; N]) {
-        if !usable(&**call) || !found.iter().all(|series| usable(&**series)) {
+        if !rememberable(&**call) || !found.iter().all(|series| rememberable(&**series)) {
             return;
         }
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());

@@ -332,6 +332,15 @@ impl AttributeSet {
     }
 
     pub fn get(&self, key: &str) -> Option<&AttributeValue> {
+        // A key made natively is mostly the very text this set holds (the same Arc): found
+        // by address first, with no text compared.
+        if let Some((_, value)) = self
+            .pairs
+            .iter()
+            .find(|(mine, _)| std::ptr::eq(mine.as_ptr(), key.as_ptr()) && mine.len() == key.len())
+        {
+            return Some(value);
+        }
         self.pairs
             .binary_search_by(|(probe, _)| (**probe).cmp(key))
             .ok()

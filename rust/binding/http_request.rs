@@ -17,7 +17,7 @@ use super::http_meters::{
     item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
 };
 use super::instruments::PyHistogram;
-use super::open_call::{current_var, OpenCall};
+use super::open_call::{Current, OpenCall};
 use super::steps::{
     borrow_call, ending_error, next_of, send_into, sent, step_target, throw_into, Outcome,
 };
@@ -25,7 +25,7 @@ use pyo3::exceptions::{PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyString, PyTuple};
-use pyo3::{ffi, intern, PyTraverseError, PyTypeInfo, PyVisit};
+use pyo3::{intern, PyTraverseError, PyTypeInfo, PyVisit};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -105,7 +105,7 @@ impl HttpMeter {
             scope: scope.clone().unbind(),
             application: None,
             seen: Seen::new(),
-            token: None,
+            current: Current::default(),
         };
         Ok(Bound::new(py, request)?.into_any())
     }
@@ -322,42 +322,17 @@ pub struct RequestSteps {
     /// The application whose routes name the request's (the scope's `app`, or ours).
     application: Option<Py<PyAny>>,
     seen: Arc<Seen>,
-    /// The token of the current-call variable, set in the request's context at its first
-    /// step and reset at its end.
-    token: Option<Py<PyAny>>,
+    /// The request's call made current in its context at its first step, until its end.
+    current: Current,
 }
 
 impl RequestSteps {
-    fn make_current(&mut self, py: Python<'_>) -> PyResult<()> {
-        if self.token.is_some() {
-            return Ok(());
-        }
-        let Some(call) = &self.call else {
-            return Ok(());
-        };
-        let var = current_var(py)?;
-        // SAFETY: a live ContextVar and value; a new token reference, or NULL and an error.
-        let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), call.as_ptr()) };
-        if token.is_null() {
-            return Err(PyErr::fetch(py));
-        }
-        // SAFETY: the new reference just made.
-        self.token = Some(unsafe { Bound::from_owned_ptr(py, token) }.unbind());
-        Ok(())
-    }
-
-    fn reset_current(&mut self, py: Python<'_>) {
-        let Some(token) = self.token.take() else {
+    fn make_current(&mut self, py: Python<'_>) {
+        if self.current.is_set() {
             return;
-        };
-        if let Ok(var) = current_var(py) {
-            // SAFETY: the token this object's Set gave; a reset from another context fails
-            // harmlessly (its error cleared), and the token is released by its Py.
-            unsafe {
-                if ffi::PyContextVar_Reset(var.as_ptr(), token.as_ptr()) != 0 {
-                    ffi::PyErr_Clear();
-                }
-            }
+        }
+        if let Some(call) = &self.call {
+            self.current = Current::set(call.bind(py));
         }
     }
 
@@ -430,7 +405,7 @@ impl RequestSteps {
 
     /// Ends the request's call once: its route, status, error type and body sizes.
     fn complete(&mut self, py: Python<'_>, error: Option<&PyErr>) {
-        self.reset_current(py);
+        self.current.reset(py);
         self.inner = None;
         let Some(call) = self.call.take() else {
             return; // passed through: the outer middleware's call is the request's
@@ -492,7 +467,7 @@ impl RequestSteps {
         let result = match self.call.as_ref().map(|call| call.bind(py).clone()) {
             None => run(&inner), // passing through
             Some(call) => {
-                self.make_current(py)?;
+                self.make_current(py);
                 let (core, step) = {
                     let mut state = borrow_call(&call)?;
                     let core = Arc::clone(&state.core);
@@ -610,7 +585,7 @@ impl RequestSteps {
         if let Some(application) = &self.application {
             visit.call(application)?;
         }
-        if let Some(token) = &self.token {
+        if let Some(token) = self.current.token() {
             visit.call(token)?;
         }
         Ok(())
@@ -619,6 +594,6 @@ impl RequestSteps {
     fn __clear__(&mut self) {
         self.inner = None;
         self.pending = None;
-        self.token = None;
+        self.current = Current::default();
     }
 }

@@ -397,10 +397,74 @@ impl OpenCall {
     }
 }
 
+/// A call made the current one in this thread's context, until `reset`.
+#[derive(Default)]
+pub struct Current(Option<Py<PyAny>>);
+
+impl Current {
+    /// Makes `call` current (a failure is cleared: the work goes ahead without it).
+    pub fn set(call: &Bound<'_, OpenCall>) -> Current {
+        let py = call.py();
+        let Ok(var) = current_var(py) else {
+            return Current(None);
+        };
+        // SAFETY: a live ContextVar and a live value; a new token reference or NULL.
+        let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), call.as_ptr()) };
+        if token.is_null() {
+            // SAFETY: the Set's error is this thread's to clear.
+            unsafe { ffi::PyErr_Clear() };
+            return Current(None);
+        }
+        // SAFETY: the new reference just made.
+        Current(Some(unsafe { Bound::from_owned_ptr(py, token) }.unbind()))
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Puts back what was current before, once; a reset from another context fails
+    /// harmlessly (its error cleared).
+    pub fn reset(&mut self, py: Python<'_>) {
+        let Some(token) = self.0.take() else {
+            return;
+        };
+        if let Ok(var) = current_var(py) {
+            // SAFETY: the token this value's Set gave; it is released by its Py.
+            unsafe {
+                if ffi::PyContextVar_Reset(var.as_ptr(), token.as_ptr()) != 0 {
+                    ffi::PyErr_Clear();
+                }
+            }
+        }
+    }
+
+    pub fn token(&self) -> Option<&Py<PyAny>> {
+        self.0.as_ref()
+    }
+}
+
 /// Runs `work` as a step of `call` in this thread, the call current meanwhile; after the
 /// call ended, just runs it.
 pub fn run_step<'py, T>(
     call: &Bound<'py, OpenCall>,
+    work: impl FnOnce() -> PyResult<T>,
+) -> PyResult<T> {
+    step_of(call, true, work)
+}
+
+/// Runs `work` as a step of `call`, which its caller made current in this thread already
+/// (a WSGI request, current from its start to its end).
+pub fn run_current_step<'py, T>(
+    call: &Bound<'py, OpenCall>,
+    work: impl FnOnce() -> PyResult<T>,
+) -> PyResult<T> {
+    step_of(call, false, work)
+}
+
+fn step_of<'py, T>(
+    call: &Bound<'py, OpenCall>,
+    make_current: bool,
     work: impl FnOnce() -> PyResult<T>,
 ) -> PyResult<T> {
     let py = call.py();
@@ -420,28 +484,13 @@ pub fn run_step<'py, T>(
         let step = core.step_begin(&mut state.stepped);
         (core, step)
     };
-    let Ok(var) = current_var(py) else {
-        step.abandon();
-        return work();
+    let mut current = if make_current {
+        Current::set(call)
+    } else {
+        Current::default()
     };
-    let var = var.bind(py);
-    // SAFETY: a live ContextVar and a live value; a new token reference or NULL.
-    let token = unsafe { ffi::PyContextVar_Set(var.as_ptr(), call.as_ptr()) };
-    if token.is_null() {
-        // SAFETY: the Set's error is this thread's to clear (the work goes ahead).
-        unsafe { ffi::PyErr_Clear() };
-    }
     let result = work();
-    if !token.is_null() {
-        // SAFETY: the token this thread's Set gave, reset once and released; a failed
-        // reset (another context) has nothing to undo here.
-        unsafe {
-            if ffi::PyContextVar_Reset(var.as_ptr(), token) != 0 {
-                ffi::PyErr_Clear();
-            }
-            ffi::Py_DECREF(token);
-        }
-    }
+    current.reset(py);
     match borrow_call(call) {
         Ok(mut state) => core.step_end(&mut state.stepped, step),
         // Being ended in another thread right now: this step's readings are dropped, and

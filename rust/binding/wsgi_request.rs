@@ -13,7 +13,7 @@ use super::http_meters::{
     item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
 };
 use super::instruments::PyHistogram;
-use super::open_call::{run_step, OpenCall};
+use super::open_call::{run_current_step, Current, OpenCall};
 use super::steps::ending_error;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -143,9 +143,13 @@ impl WsgiMeter {
                     .map(|route_of| route_of.clone_ref(py)),
             },
         )?;
-        let body = match run_step(&call, || this.app.bind(py).call1((environ, &watched))) {
+        // Current from here to the body's end (the server iterates and closes the body in
+        // this thread): one context change per request, not one per step.
+        let mut current = Current::set(&call);
+        let body = match run_current_step(&call, || this.app.bind(py).call1((environ, &watched))) {
             Ok(body) => body,
             Err(error) => {
+                current.reset(py);
                 end_request(py, this, &call, &seen, Some(&error));
                 return Err(error);
             }
@@ -153,6 +157,7 @@ impl WsgiMeter {
         if is_file_wrapper(environ, &body) {
             // The server sends it with sendfile(2) only if it gets its own wrapper back: it
             // is handed on as it is, and the request ends now, its size the Content-Length.
+            current.reset(py);
             let length = watched.get().content_length(py);
             seen.response_bytes.store(length, Ordering::Relaxed);
             end_request(py, this, &call, &seen, None);
@@ -166,6 +171,7 @@ impl WsgiMeter {
             meter: slf.clone().unbind(),
             seen,
             ended: false,
+            current,
         };
         Ok(Bound::new(py, response)?.into_any())
     }
@@ -284,6 +290,8 @@ pub struct WsgiBody {
     meter: Py<WsgiMeter>,
     seen: Arc<Seen>,
     ended: bool,
+    /// The request's call, current in the server's thread until the body ends.
+    current: Current,
 }
 
 impl WsgiBody {
@@ -301,6 +309,7 @@ impl WsgiBody {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
+        self.current.reset(py);
         end_request(
             py,
             self.meter.bind(py).get(),
@@ -354,7 +363,7 @@ impl WsgiBody {
             }
         }
         let call = self.call.bind(py).clone();
-        let chunk = run_step(&call, || {
+        let chunk = run_current_step(&call, || {
             let iterator = match &self.iterator {
                 Some(iterator) => iterator.bind(py).clone(),
                 None => {
@@ -402,7 +411,8 @@ impl WsgiBody {
             Some(body) if body.bind(py).is_exact_instance_of::<PyTuple>() => Ok(()),
             Some(body) if body.bind(py).hasattr(intern!(py, "close"))? => {
                 let call = self.call.bind(py).clone();
-                run_step(&call, || body.bind(py).call_method0(intern!(py, "close"))).map(|_| ())
+                run_current_step(&call, || body.bind(py).call_method0(intern!(py, "close")))
+                    .map(|_| ())
             }
             _ => Ok(()),
         };
@@ -421,6 +431,9 @@ impl WsgiBody {
             visit.call(iterator)?;
         }
         visit.call(&self.call)?;
+        if let Some(token) = self.current.token() {
+            visit.call(token)?;
+        }
         visit.call(&self.meter)
     }
 
