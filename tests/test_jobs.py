@@ -68,6 +68,14 @@ def check_cpu(series: meterage.Series, jobs_count: int, burned_ns: int) -> None:
     )
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_left_on():
+    """The tests that attach meterage to a provider leave calls in flight tracked (attach
+    switches it on for good): off again, so later tests' snapshots have no empty series."""
+    yield
+    meterage._native.set_active_tracking(False)
+
+
 # --- decorated functions ------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextlib
+import contextvars
 import gc
 import http.client
 import io
@@ -1369,3 +1370,62 @@ def test_wsgi_threads_count_every_request_once(tracking) -> None:
         results = list(pool.map(lambda _: serve_wsgi(middleware), range(400)))
     assert all(result == (["200 OK"], [b"a", b"b"]) for result in results)
     assert outcomes() == {(200, None): 400} and requests_in_flight() == 0
+
+
+# --- the event loop's task factory, in-process -------------------------------------------
+
+
+def test_the_task_factory_makes_tasks_as_the_loop_would_and_charges_probed_calls() -> None:
+    from meterage import _handoff
+
+    seen_kwargs: list[dict[str, Any]] = []
+
+    def previous(loop: Any, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        seen_kwargs.append(kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    variable: Any = contextvars.ContextVar("test_factory_var", default="unset")
+
+    async def read_variable() -> str:
+        return str(variable.get())
+
+    async def main(factory_previous: Any) -> tuple[str, str, str]:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(_handoff._task_factory(factory_previous))
+        # A task with its own context (as create_task(context=...) passes it on).
+        context = contextvars.copy_context()
+        context.run(variable.set, "in the context")
+        in_context = await loop.create_task(read_variable(), context=context)
+        named = loop.create_task(read_variable(), name="named task")
+        await named
+        # A future is not a coroutine: handed on as it is.
+        future = loop.create_future()
+        future.set_result("done")
+        gathered = await asyncio.gather(future)
+        return in_context, named.get_name(), gathered[0]
+
+    for factory_previous in (None, previous):
+        assert asyncio.run(main(factory_previous)) == ("in the context", "named task", "done")
+    assert {"context"} <= set(seen_kwargs[0])
+
+    # A task created while a probed call is current is charged to it.
+    operation = f"test.factory.{os.getpid()}.{time.monotonic_ns()}"
+
+    async def burn() -> None:
+        began = time.thread_time_ns()
+        while time.thread_time_ns() - began < 20_000_000:
+            pass
+
+    async def charged() -> None:
+        asyncio.get_running_loop().set_task_factory(_handoff._task_factory(None))
+        call = meterage.meter(operation, probes=("cpu",), sample=1.0).open()
+        token = _handoff._CURRENT.set(call)
+        try:
+            await asyncio.create_task(burn())
+        finally:
+            _handoff._CURRENT.reset(token)
+        call.finish()
+
+    asyncio.run(charged())
+    (series,) = [s for s in meterage.snapshot() if s.operation == operation]
+    assert series.histograms["cpu.time"].sum >= 0.02 * 0.95

@@ -59,16 +59,10 @@ _TaskFactory = Callable[..., "asyncio.Future[Any]"]
 
 
 def _task_factory(previous: _TaskFactory | None) -> _TaskFactory:
-    def create(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        call = _charged_call()
-        if call is not None and asyncio.iscoroutine(coro):
-            coro = _charged_coroutine(call, coro)
-        if previous is not None:
-            return previous(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
-
-    create.__meterage_previous__ = previous  # type: ignore[attr-defined]
-    return create
+    """meterage's factory in front of ``previous`` (native: it runs for every task)."""
+    return _native.TaskFactory(
+        previous, charge=_charged_coroutine, task=asyncio.Task, is_coroutine=asyncio.iscoroutine
+    )
 
 
 def watch_loop(loop: asyncio.AbstractEventLoop) -> None:

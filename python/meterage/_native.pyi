@@ -164,6 +164,24 @@ class Steps:
     def close(self) -> None: ...
 
 @final
+class TaskFactory:
+    """An event loop's task factory: a task created while a probed call is current is
+    charged to it (its coroutine given to ``charge``), then made by ``previous`` (or as
+    ``task(coro, loop=loop)``)."""
+
+    def __new__(
+        cls,
+        previous: Callable[..., Any] | None,
+        *,
+        charge: Callable[[OpenCall, Any], Any],
+        task: Callable[..., Any],
+        is_coroutine: Callable[[Any], bool],
+    ) -> Self: ...
+    @property
+    def __meterage_previous__(self) -> Callable[..., Any] | None: ...
+    def __call__(self, event_loop: Any, coro: Any, **kwargs: Any) -> Any: ...
+
+@final
 class HistogramSnapshot:
     @property
     def count(self) -> int: ...

@@ -120,6 +120,9 @@ pub struct SteppedCall {
     /// Whether steps ever overlapped: then the threads' CPU times add up to more than the
     /// wall time, truthfully, and the total is not capped by it.
     parallel: bool,
+    /// Wall time spent in the call's probed steps (adaptive sampling only): its own time,
+    /// without the time it waited while other calls ran.
+    active_ns: u64,
 }
 
 impl SteppedCall {
@@ -140,6 +143,8 @@ pub struct StepStart {
     reading: Option<Reading>,
     /// What taking `reading` cost (adaptive sampling only).
     reading_cost_ns: u64,
+    /// When the step began (adaptive sampling only).
+    began_ns: u64,
     /// The call this thread is stepping (its address on this thread's stack of them),
     /// or 0: a step inside a step of the same call in this thread takes no readings.
     stepping: usize,
@@ -498,6 +503,7 @@ impl MeterCore {
         let mut step = StepStart {
             reading: None,
             reading_cost_ns: 0,
+            began_ns: 0,
             stepping: 0,
         };
         if call.weight.is_some() {
@@ -520,6 +526,7 @@ impl MeterCore {
             let began = self.probe_clock();
             step.reading = Some(Reading::take_before(self.probes));
             step.reading_cost_ns = self.probe_clock().saturating_sub(began);
+            step.began_ns = began;
             call.running += 1;
             call.parallel |= call.running > 1;
         }
@@ -564,6 +571,7 @@ impl MeterCore {
                 None => call.broken = true,
             }
             call.probe_cost_ns += step.reading_cost_ns + self.probe_clock().saturating_sub(read_at);
+            call.active_ns += read_at.saturating_sub(step.began_ns);
         }
     }
 
@@ -615,8 +623,16 @@ impl MeterCore {
         let sample = match call.weight {
             Some(weight) if !call.broken => {
                 if self.sampler.is_adaptive() {
+                    // The budget is a share of the time the call itself ran: a request that
+                    // waits while a hundred others run must not give each of them its
+                    // waiting time's budget too (the probes would cost a hundred times it).
+                    let own_ns = if call.active_ns > 0 {
+                        call.active_ns.min(duration_ns.max(1))
+                    } else {
+                        duration_ns
+                    };
                     self.sampler
-                        .observe(duration_ns, call.probe_cost_ns + call.total.in_call_ns);
+                        .observe(own_ns, call.probe_cost_ns + call.total.in_call_ns);
                 }
                 let total = if call.parallel {
                     call.total

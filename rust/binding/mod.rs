@@ -20,6 +20,7 @@ mod process;
 mod snapshots;
 mod spans;
 mod steps;
+mod task_factory;
 mod wsgi_request;
 
 use crate::aggregate::registry::registry;
@@ -139,6 +140,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(open_call::current_call, module)?)?;
     module.add_function(wrap_pyfunction!(open_call::current_call_var, module)?)?;
     module.add_class::<steps::Steps>()?;
+    module.add_class::<task_factory::TaskFactory>()?;
     module.add_class::<http_request::HttpMeter>()?;
     module.add_class::<http_request::WatchedSend>()?;
     module.add_class::<http_request::CountedReceive>()?;

@@ -1,0 +1,110 @@
+//! `TaskFactory`: the event loop's task factory that charges a task created while a probed
+//! call is current to that call (its coroutine stepped as steps of the call).
+//!
+//! uvicorn creates a task per request, and frameworks more: the factory runs for every
+//! task of the loop, so the common case (no probed call current) is native, one
+//! ContextVar read, and the task is made as the loop would have made it.
+
+use super::open_call::{current_var, OpenCall};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use pyo3::{ffi, intern, PyTraverseError, PyVisit};
+
+#[pyclass(module = "meterage._native", name = "TaskFactory", frozen)]
+pub struct TaskFactory {
+    /// The loop's own factory before meterage's (None: the loop makes `asyncio.Task`s).
+    previous: Option<Py<PyAny>>,
+    /// `charge(call, coroutine)`: the coroutine, its steps metered as steps of `call`.
+    charge: Py<PyAny>,
+    /// `asyncio.Task`, what the loop makes without a factory.
+    task: Py<PyAny>,
+    /// `asyncio.iscoroutine`: only coroutines are wrapped (a factory gets other awaitables
+    /// from some libraries).
+    is_coroutine: Py<PyAny>,
+}
+
+/// The current call if the tasks it creates are charged to it: probed and not ended.
+fn charged_call(py: Python<'_>) -> Option<Bound<'_, OpenCall>> {
+    let var = current_var(py).ok()?;
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: a live ContextVar; on success `value` is a new reference (the default None
+    // when unset), on failure an error is set, and cleared here.
+    let current = unsafe {
+        if ffi::PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &mut value) < 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        if value.is_null() {
+            return None;
+        }
+        Bound::from_owned_ptr(py, value)
+    };
+    let call = current.cast_into::<OpenCall>().ok()?;
+    let charged = call
+        .try_borrow()
+        .is_ok_and(|state| state.is_probed() && !state.finished);
+    charged.then_some(call)
+}
+
+#[pymethods]
+impl TaskFactory {
+    #[new]
+    #[pyo3(signature = (previous, *, charge, task, is_coroutine))]
+    fn new(
+        previous: Option<Py<PyAny>>,
+        charge: Py<PyAny>,
+        task: Py<PyAny>,
+        is_coroutine: Py<PyAny>,
+    ) -> TaskFactory {
+        TaskFactory {
+            previous,
+            charge,
+            task,
+            is_coroutine,
+        }
+    }
+
+    /// The factory this one hands tasks on to (None: none, `asyncio.Task` is made).
+    #[getter]
+    fn __meterage_previous__(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.previous
+            .as_ref()
+            .map(|previous| previous.clone_ref(py))
+    }
+
+    #[pyo3(signature = (event_loop, coro, **kwargs))]
+    fn __call__<'py>(
+        &self,
+        event_loop: &Bound<'py, PyAny>,
+        coro: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = coro.py();
+        let mut coro = coro.clone();
+        if let Some(call) = charged_call(py) {
+            if self.is_coroutine.bind(py).call1((&coro,))?.is_truthy()? {
+                coro = self.charge.bind(py).call1((call, coro))?;
+            }
+        }
+        if let Some(previous) = &self.previous {
+            return previous.bind(py).call((event_loop, coro), kwargs);
+        }
+        let options = match kwargs {
+            Some(kwargs) => kwargs.copy()?,
+            None => PyDict::new(py),
+        };
+        options.set_item(intern!(py, "loop"), event_loop)?;
+        self.task
+            .bind(py)
+            .call(PyTuple::new(py, [coro])?, Some(&options))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(previous) = &self.previous {
+            visit.call(previous)?;
+        }
+        visit.call(&self.charge)?;
+        visit.call(&self.task)?;
+        visit.call(&self.is_coroutine)
+    }
+}
