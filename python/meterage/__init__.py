@@ -151,7 +151,8 @@ def configure(
     """Sets process-wide defaults and returns the settings in force.
 
     ``budget``: the share of an operation's wall time the sampled probes may cost (default
-    0.01; for a call made of steps, such as a request, the time of its own steps). ``cardinality_limit``: series per operation before new attribute sets go to the
+    0.01; for a call made of steps, such as a request, the time of its own steps).
+    ``cardinality_limit``: series per operation before new attribute sets go to the
     overflow series (default 2000). ``gpu_devices``: the GPUs the ``gpu`` probe and the
     device metrics count, by NVML index or UUID (prefix); ``"auto"`` goes back to the
     default, the GPUs named by ``CUDA_VISIBLE_DEVICES`` or else all (see ``gpu_info()``).
