@@ -21,6 +21,7 @@ import inspect
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -291,6 +292,8 @@ class _Measurement:
             if error is not exception:
                 raise
         try:
+            if exception is not None and not isinstance(exception, GeneratorExit):
+                return None  # a failed block is recorded in a series of its error.type
             return self._read()
         finally:
             self._slots.give_back(self._slot)
@@ -307,8 +310,6 @@ class _Measurement:
         count = histograms["duration"].count
         # The slot's series grew by this block alone, unless it was reset (reset(), or a
         # fork) since the slot's previous block: then it holds this block alone.
-        if count == seen_count:  # nothing recorded here: a failed block has its own series
-            return None
         fresh = count != seen_count + 1
         if fresh and count != 1:
             self._slots.seen[self._slot] = (count, {})
@@ -530,8 +531,14 @@ class Budget:
                 except BaseException as error:
                     thrown = error
         except BaseException as error:
-            call.finish(None if isinstance(error, GeneratorExit) else error)
-            measurement._slots.give_back(measurement._slot)
+            try:
+                if isinstance(error, GeneratorExit):  # closed early: a call, not checked
+                    call.finish()
+                    measurement._read()
+                else:
+                    call.finish(error)
+            finally:
+                measurement._slots.give_back(measurement._slot)
             raise
         call.finish()
         try:
@@ -624,4 +631,15 @@ def budget(**limits: Unpack[Limits]) -> Budget:
                     f"{names} cannot be measured here: it needs the {probe!r} probe, which is "
                     f"unavailable: {reason}"
                 )
+        # Some probes are known to fail only when a meter first asks (the allocator hooks).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = Meter(OPERATION, probes=needed, sample=1.0).probes
+        for probe in set(needed) - set(got):
+            reason = _native.available_probes([probe])[probe] or "it did not start"
+            names = ", ".join(k for k in parsed if MEASURES[k].probe == probe)
+            raise ValueError(
+                f"{names} cannot be measured here: it needs the {probe!r} probe, which is "
+                f"unavailable: {reason}"
+            )
     return Budget(parsed, {k: v for k, v in limits.items() if v is not None})
