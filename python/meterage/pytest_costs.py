@@ -289,7 +289,7 @@ class Costs:
 
 
 def _native_unit(key: str) -> str:
-    return "s" if key == "cpu.time" else ("By" if key in ("io.read", "io.write") else "1")
+    return {"time": "s", "bytes": "By"}.get(_BY_KEY[key].kind, "1")
 
 
 def _show(key: str, value: float) -> str:
