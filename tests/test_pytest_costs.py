@@ -71,6 +71,19 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(*PLUGIN, "-p", "no:cacheprovider", *args)
 
 
+_baseline: list[str] = []
+
+
+def with_baseline(pytester: pytest.Pytester) -> None:
+    """The unchanged suite and ``costs.json``, a baseline of it (made once per session in a
+    run of its own: each inner run is a fresh process, so any one stands for the others)."""
+    make_suite(pytester)
+    if not _baseline:
+        run(pytester, "--meterage-baseline", "costs.json").assert_outcomes(passed=5)
+        _baseline.append((pytester.path / "costs.json").read_text())
+    (pytester.path / "costs.json").write_text(_baseline[0])
+
+
 def test_the_report_prints_each_tests_costs(pytester: pytest.Pytester) -> None:
     make_suite(pytester)
     result = run(pytester, "--meterage-report")
@@ -103,8 +116,7 @@ def test_the_baseline_holds_exact_io_and_is_stable_json(pytester: pytest.Pyteste
 def test_raised_io_and_allocations_fail_their_tests_against_the_baseline(
     pytester: pytest.Pytester,
 ) -> None:
-    make_suite(pytester)
-    run(pytester, "--meterage-baseline", "costs.json").assert_outcomes(passed=5)
+    with_baseline(pytester)
     # Writes 10% more and allocates twice as much: both past the default 5%.
     make_suite(pytester, write=72090, items=10_000)
     pytester.makepyfile(test_new="def test_new():\n    pass\n")
@@ -125,17 +137,32 @@ def test_raised_io_and_allocations_fail_their_tests_against_the_baseline(
 
 
 def test_a_larger_tolerance_lets_the_rise_pass(pytester: pytest.Pytester) -> None:
-    make_suite(pytester)
-    run(pytester, "--meterage-baseline", "costs.json").assert_outcomes(passed=5)
+    with_baseline(pytester)
     make_suite(pytester, write=72090)
     result = run(pytester, "--meterage-compare", "costs.json", "--meterage-tolerance", "20%")
     result.assert_outcomes(passed=5)
     assert "no test costs more than the baseline allows" in result.stdout.str()
 
 
+def test_the_cpu_slack_and_tolerance_decide_a_cpu_rise(pytester: pytest.Pytester) -> None:
+    with_baseline(pytester)
+    # test_cpu burns 5 ms; 20 ms is past 50% + 5 ms, and within 50% + 20 ms.
+    pytester.makepyfile(
+        test_inner=(pytester.path / "test_inner.py")
+        .read_text()
+        .replace("burn(0.005)", "burn(0.020)")
+    )
+    failed = run(pytester, "--meterage-compare", "costs.json")
+    failed.assert_outcomes(passed=4, failed=1)
+    failed.stdout.fnmatch_lines(["*test_inner.py::test_cpu*cpu.time*ms*ms*+*%*"])
+    slack = run(pytester, "--meterage-compare", "costs.json", "--meterage-cpu-slack", "20ms")
+    slack.assert_outcomes(passed=5)
+    ratio = run(pytester, "--meterage-compare", "costs.json", "--meterage-cpu-tolerance", "400%")
+    ratio.assert_outcomes(passed=5)
+
+
 def test_an_unchanged_suite_never_fails_the_comparison(pytester: pytest.Pytester) -> None:
-    make_suite(pytester)
-    run(pytester, "--meterage-baseline", "costs.json").assert_outcomes(passed=5)
+    with_baseline(pytester)
     for attempt in range(10):
         result = run(pytester, "--meterage-compare", "costs.json")
         outcomes = result.parseoutcomes()
@@ -147,8 +174,7 @@ def test_an_unchanged_suite_never_fails_the_comparison(pytester: pytest.Pytester
 
 
 def test_tests_in_the_baseline_but_not_run_are_reported(pytester: pytest.Pytester) -> None:
-    make_suite(pytester)
-    run(pytester, "--meterage-baseline", "costs.json").assert_outcomes(passed=5)
+    with_baseline(pytester)
     result = run(pytester, "--meterage-compare", "costs.json", "-k", "write")
     result.assert_outcomes(passed=1, deselected=4)
     assert "in the baseline but not run: test_inner.py::test_alloc" in result.stdout.str()
@@ -167,6 +193,7 @@ def test_a_failing_test_is_not_compared_and_not_saved(pytester: pytest.Pytester)
         (["--meterage-compare", "nope.json"], "--meterage-compare: cannot read nope.json"),
         (["--meterage-report", "--meterage-tolerance", "five"], "--meterage-tolerance must be"),
         (["--meterage-report", "--meterage-cpu-tolerance", "-5%"], "--meterage-cpu-tolerance"),
+        (["--meterage-report", "--meterage-cpu-slack", "5"], "--meterage-cpu-slack: cpu must"),
     ],
 )
 def test_bad_options_are_usage_errors(
