@@ -289,3 +289,37 @@ def test_none_is_no_limit_and_the_block_runs_unchanged() -> None:
     with pytest.raises(KeyError, match="was not measured"):
         spent["cpu"]
     assert repr(meterage.budget(cpu="2ms", io_write=0)) == "meterage.budget(cpu='2ms', io_write=0)"
+
+
+def test_a_block_that_ends_in_another_thread_cannot_be_measured() -> None:
+    def rows() -> Iterator[int]:
+        with meterage.budget(io_write=0):
+            yield 1
+            yield 2
+
+    generator = rows()
+    assert next(generator) == 1
+    errors: list[BaseException] = []
+
+    def finish() -> None:
+        try:
+            list(generator)
+        except RuntimeError as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=finish)
+    worker.start()
+    worker.join()
+    (error,) = errors
+    assert "could not measure its block" in str(error) and "another thread" in str(error)
+
+
+def test_what_the_decorator_refuses() -> None:
+    with pytest.raises(TypeError, match="async generator"):
+
+        @meterage.budget(cpu="1ms")
+        async def stream() -> Any:
+            yield 1
+
+    with pytest.raises(TypeError, match="decorates a callable, not int"):
+        meterage.budget(cpu="1ms")(42)  # type: ignore[type-var]

@@ -380,7 +380,7 @@ class Budget:
     times, nested, and from many threads at once: each entry is measured on its own.
     """
 
-    __slots__ = ("__weakref__", "_entered", "_given", "limits", "probes")
+    __slots__ = ("__weakref__", "_entered", "_given", "_open", "limits", "probes")
 
     def __init__(self, limits: Mapping[str, int], given: Mapping[str, Any] | None = None) -> None:
         self._given = dict(given if given is not None else limits)
@@ -392,6 +392,9 @@ class Budget:
         self._entered: ContextVar[tuple[tuple[_Measurement, Spent], ...]] = ContextVar(
             "meterage.budget", default=()
         )
+        # Every entry in flight, in any context: a block whose generator is resumed in
+        # another thread or context is found here when it is the only one.
+        self._open: list[tuple[_Measurement, Spent]] = []
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self._given.items())
@@ -404,7 +407,9 @@ class Budget:
         if not self.probes:
             return spent
         measurement = _Measurement(self.probes)
-        self._entered.set((*self._entered.get(), (measurement, spent)))
+        entry = (measurement, spent)
+        self._entered.set((*self._entered.get(), entry))
+        self._open.append(entry)
         measurement.start()
         return spent
 
@@ -417,12 +422,21 @@ class Budget:
         if not self.probes:
             return
         stack = self._entered.get()
-        if not stack:
-            raise RuntimeError(f"{self!r} was exited without being entered")
+        if stack and stack[-1] in self._open:
+            entry = stack[-1]
+        elif len(self._open) == 1:  # entered in another context (a resumed generator)
+            entry = self._open[0]
+        else:
+            raise RuntimeError(
+                f"{self!r} was exited without being entered in this context"
+                + (f" ({len(self._open)} entries of it are open elsewhere)" if self._open else "")
+            )
         # The block ends first: nothing of the budget's own work is charged to it.
-        measurement, spent = stack[-1]
+        measurement, spent = entry
         values = measurement.stop(exception_type, exception, traceback)
-        self._entered.set(stack[:-1])
+        self._open.remove(entry)
+        if stack and stack[-1] is entry:
+            self._entered.set(stack[:-1])
         if exception_type is not None:
             if values:
                 spent._fill(values)
