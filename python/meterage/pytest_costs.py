@@ -288,6 +288,8 @@ class Costs:
             terminalreporter.section(f"meterage: compared with {self.compare}")
             diffs = []
             for nodeid, costs in self.costs.items():
+                if nodeid not in self.passed and nodeid not in self.regressed:
+                    continue  # failed on its own: not compared
                 before = self.expected.get(nodeid)
                 if before is not None:
                     diffs += [(nodeid, *rise) for rise in self.rises(before, costs)]
