@@ -323,3 +323,44 @@ def test_what_the_decorator_refuses() -> None:
 
     with pytest.raises(TypeError, match="decorates a callable, not int"):
         meterage.budget(cpu="1ms")(42)  # type: ignore[type-var]
+
+
+def test_budgets_record_nothing_in_any_series(fd: int) -> None:
+    before = {
+        (s.operation, tuple(sorted(s.attributes.items()))): s.count for s in meterage.snapshot()
+    }
+    budgeted = meterage.budget(io_write="1MiB", cpu="1s", allocations=10**6)
+    for _ in range(3):
+        with budgeted:
+            os.write(fd, b"x" * 100)
+
+    @budgeted
+    async def step() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    assert asyncio.run(step()) == 1
+    after = {
+        (s.operation, tuple(sorted(s.attributes.items()))): s.count for s in meterage.snapshot()
+    }
+    assert after == before
+
+
+def test_a_thread_reading_moves_by_exactly_what_the_thread_did(fd: int) -> None:
+    reading = meterage._native.ThreadReading(("io", "cpu"))
+    os.write(fd, b"y" * 4096)
+    burn_cpu(2_000_000)
+    moved = reading.since()
+    assert moved is not None
+    assert moved["io.write"] == 4096 and moved["io.read"] == 0
+    assert 0.002 <= moved["cpu.time"] < 0.5
+    # The counters are per thread: another thread's since() has nothing to subtract.
+    elsewhere: list[Any] = []
+    thread = threading.Thread(target=lambda: elsewhere.append(reading.since()))
+    thread.start()
+    thread.join()
+    assert elsewhere == [None]
+    with pytest.raises(TypeError, match="probes must be a tuple of probe names"):
+        meterage._native.ThreadReading("io")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cpu"):
+        meterage._native.ThreadReading(("no such probe",))

@@ -182,6 +182,13 @@ class TaskFactory:
     def __call__(self, event_loop: Any, coro: Any, **kwargs: Any) -> Any: ...
 
 @final
+class ThreadReading:
+    """This thread's probe counters now; ``since()`` gives what each measure moved by."""
+
+    def __new__(cls, probes: Iterable[str]) -> Self: ...
+    def since(self) -> dict[str, int | float] | None: ...
+
+@final
 class HistogramSnapshot:
     @property
     def count(self) -> int: ...

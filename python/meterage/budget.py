@@ -19,8 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
-import threading
+import types
 import warnings
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextvars import ContextVar
@@ -39,7 +38,7 @@ __all__ = ["MEASURES", "Budget", "Limits", "Spent", "budget", "parse_limit"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The operation a budget's blocks are recorded under (one series per slot in use).
+#: The operation of the meter that checks, once per budget, that its probes start.
 OPERATION = "meterage.budget"
 
 
@@ -195,143 +194,53 @@ def format_value(keyword_or_key: str, value: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Measuring one block exactly: a meter per slot, a slot per block in flight.
-
-
-class _Slots:
-    """Slot numbers for blocks in flight: each open block records alone into its slot's
-    series, so its value is that series' growth since the slot's previous block."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.free: list[int] = []
-        self.made = 0
-        # slot -> (duration count, {key: (count, sum)}) after the slot's latest block.
-        self.seen: dict[int, tuple[int, dict[str, tuple[int, float]]]] = {}
-        self.meters: dict[tuple[int, int, tuple[str, ...]], Meter] = {}
-
-    def take(self) -> int:
-        with self.lock:
-            if self.free:
-                return self.free.pop()
-            self.made += 1
-            return self.made - 1
-
-    def give_back(self, slot: int) -> None:
-        with self.lock:
-            self.free.append(slot)
-
-    def meter(self, slot: int, probes: tuple[str, ...]) -> Meter:
-        pid = os.getpid()
-        key = (pid, slot, probes)
-        made = self.meters.get(key)
-        if made is None:
-            attributes: dict[str, str | int] = {"budget.slot": slot}
-            if _in_group():
-                attributes["process.pid"] = pid
-            made = Meter(OPERATION, attributes=attributes, probes=probes, sample=1.0)
-            self.meters[key] = made
-        return made
-
-
-def _in_group() -> bool:
-    from meterage import multiprocess
-
-    return multiprocess.is_enabled()
-
-
-_slots = _Slots()
-
-
-def _after_fork() -> None:  # a child's aggregates start empty, and its slots with them
-    global _slots
-    _slots = _Slots()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def _block(meter: Meter) -> Generator[None, None, None]:
-    with meter:
-        yield
+# Measuring one block exactly: the thread's probe counters before and after (nothing is
+# recorded in any series, so budgets never show in snapshots or exports).
 
 
 class _Measurement:
-    """One block measured with ``probes`` on its thread: ``start()``, the block, ``stop()``."""
+    """What one block, or the steps of one coroutine or generator, cost on their thread:
+    each step between two readings of ``probes``, the steps' values summed."""
 
-    __slots__ = ("_block", "_meter", "_slot", "_slots", "probes")
+    __slots__ = ("_reading", "_values", "probes")
 
     def __init__(self, probes: tuple[str, ...]) -> None:
         self.probes = probes
-        self._slots = _slots
-        self._slot = self._slots.take()
-        self._meter = self._slots.meter(self._slot, probes)
+        self._reading: _native.ThreadReading | None = None
+        # None once a step could not be measured (it ended in another thread).
+        self._values: dict[str, float] | None = {}
 
     def start(self) -> None:
-        # A `with` statement of the meter's own, run in a generator: a block entered so owns
-        # its call, with no stack of calls to push (which would allocate inside the block).
-        self._block = _block(self._meter)
-        next(self._block)
+        self._reading = _native.ThreadReading(self.probes)
 
-    def stop(
-        self,
-        exception_type: type[BaseException] | None = None,
-        exception: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> dict[str, float] | None:
-        """Ends the block; its values by snapshot key (cpu.time in ns), or None when the
-        probes gave none (the block ended in another thread than it began)."""
-        try:
-            if exception is None:
-                next(self._block)
-            else:
-                self._block.throw(exception)
-        except StopIteration:
-            pass
-        except BaseException as error:
-            if error is not exception:
-                raise
-        try:
-            if exception is not None and not isinstance(exception, GeneratorExit):
-                return None  # a failed block is recorded in a series of its error.type
-            return self._read()
-        finally:
-            self._slots.give_back(self._slot)
+    def stop(self) -> None:
+        reading, self._reading = self._reading, None
+        if reading is None:
+            return
+        moved = reading.since()
+        if moved is None or self._values is None:
+            self._values = None
+            return
+        for key, value in moved.items():
+            if key in _WANTED_KEYS and _BY_KEY[key].probe in self.probes:
+                self._values[key] = self._values.get(key, 0) + (
+                    round(value * 1e9) if key == "cpu.time" else value
+                )
 
-    def _read(self) -> dict[str, float] | None:
-        attributes = self._meter.attributes
-        series = [
-            s for s in _native.snapshot() if s.operation == OPERATION and s.attributes == attributes
-        ]
-        seen_count, seen = self._slots.seen.get(self._slot, (0, {}))
-        if not series:  # not recorded (a failure inside meterage leaves a call unrecorded)
-            return None
-        histograms = series[0].histograms
-        count = histograms["duration"].count
-        # The slot's series grew by this block alone, unless it was reset (reset(), or a
-        # fork) since the slot's previous block: then it holds this block alone.
-        fresh = count != seen_count + 1
-        if fresh and count != 1:
-            self._slots.seen[self._slot] = (count, {})
-            return None
-        values: dict[str, float] = {}
-        now: dict[str, tuple[int, float]] = {}
-        for key, histogram in histograms.items():
-            if key == "duration":
-                continue
-            now[key] = (histogram.count, histogram.sum)
-            before_count, before_sum = (0, 0.0) if fresh else seen.get(key, (0, 0.0))
-            if histogram.count == before_count + 1:
-                value = histogram.sum - before_sum
-                values[key] = round(value * 1e9) if key == "cpu.time" else round(value)
-        self._slots.seen[self._slot] = (count, now)
-        wanted = {m.key for m in MEASURES.values() if m.probe in self.probes}
-        if not wanted & values.keys():
-            return None
-        return {key: value for key, value in values.items() if key in wanted}
+    def values(self) -> dict[str, float] | None:
+        """The values by snapshot key (cpu.time in ns), or None when a step could not be
+        measured."""
+        return None if self._values is None else dict(self._values)
 
 
-# ---------------------------------------------------------------------------------------
+_WANTED_KEYS = frozenset(m.key for m in MEASURES.values())
+
+
+@types.coroutine
+def _pass_on(value: Any) -> Generator[Any, Any, Any]:
+    """Yields what the inner coroutine yielded to the event loop, and gives back what the
+    loop sends (or raises what it throws)."""
+    return (yield value)
 
 
 class Spent(Mapping[str, float]):
@@ -433,7 +342,8 @@ class Budget:
             )
         # The block ends first: nothing of the budget's own work is charged to it.
         measurement, spent = entry
-        values = measurement.stop(exception_type, exception, traceback)
+        measurement.stop()
+        values = measurement.values()
         self._open.remove(entry)
         if stack and stack[-1] is entry:
             self._entered.set(stack[:-1])
@@ -503,63 +413,65 @@ class Budget:
         if not self.probes:
             return await coroutine
         measurement = _Measurement(self.probes)
-        call = measurement._meter.open(probe=True)
-        try:
-            result = await call.steps(coroutine)
-        except BaseException as error:
-            call.finish(error)
-            measurement._slots.give_back(measurement._slot)
-            raise
-        call.finish()
-        try:
-            values = measurement._read()
-        finally:
-            measurement._slots.give_back(measurement._slot)
-        self._check(values, Spent())
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            measurement.start()
+            try:
+                if thrown is not None:
+                    error, thrown = thrown, None
+                    yielded = coroutine.throw(error)
+                else:
+                    yielded = coroutine.send(sent)
+            except StopIteration as stop:
+                measurement.stop()
+                result = stop.value
+                break
+            except BaseException:
+                measurement.stop()
+                raise
+            measurement.stop()
+            try:
+                sent = await _pass_on(yielded)
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as error:  # the loop's (a cancellation): into the coroutine
+                sent, thrown = None, error
+        self._check(measurement.values(), Spent())
         return result
 
     def _generator(self, generator: Any) -> Any:
-        # Each step runs as a step of one call; the check comes when it is exhausted.
+        # Each step is measured; the check comes when it is exhausted.
         if not self.probes:
             return (yield from generator)
         measurement = _Measurement(self.probes)
-        call = measurement._meter.open(probe=True)
         sent: Any = None
         thrown: BaseException | None = None
-        try:
-            while True:
-                try:
-                    if thrown is not None:
-                        error, thrown = thrown, None
-                        item = call.run(generator.throw, error)
-                    else:
-                        item = call.run(generator.send, sent)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                try:
-                    sent = yield item
-                except GeneratorExit:
-                    call.run(generator.close)
-                    raise
-                except BaseException as error:
-                    thrown = error
-        except BaseException as error:
+        while True:
+            measurement.start()
             try:
-                if isinstance(error, GeneratorExit):  # closed early: a call, not checked
-                    call.finish()
-                    measurement._read()
+                if thrown is not None:
+                    error, thrown = thrown, None
+                    item = generator.throw(error)
                 else:
-                    call.finish(error)
-            finally:
-                measurement._slots.give_back(measurement._slot)
-            raise
-        call.finish()
-        try:
-            values = measurement._read()
-        finally:
-            measurement._slots.give_back(measurement._slot)
-        self._check(values, Spent())
+                    item = generator.send(sent)
+            except StopIteration as stop:
+                measurement.stop()
+                result = stop.value
+                break
+            except BaseException:
+                measurement.stop()
+                raise
+            measurement.stop()
+            try:
+                sent = yield item
+            except GeneratorExit:  # closed early: not checked
+                generator.close()
+                raise
+            except BaseException as error:
+                sent, thrown = None, error
+        self._check(measurement.values(), Spent())
         return result
 
 

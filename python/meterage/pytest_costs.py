@@ -206,7 +206,8 @@ class Costs:
             return (yield)
         finally:
             # Ended as a success even when the test failed: its costs are read all the same.
-            values = measurement.stop()
+            measurement.stop()
+            values = measurement.values()
             if values is not None:
                 item.stash[_KEY] = {
                     key: (value / 1e9 if key == "cpu.time" else value)

@@ -17,6 +17,7 @@ mod meter;
 mod metered_function;
 mod open_call;
 mod process;
+mod reading;
 mod snapshots;
 mod spans;
 mod steps;
@@ -141,6 +142,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(open_call::current_call_var, module)?)?;
     module.add_class::<steps::Steps>()?;
     module.add_class::<task_factory::TaskFactory>()?;
+    module.add_class::<reading::ThreadReading>()?;
     module.add_class::<http_request::HttpMeter>()?;
     module.add_class::<http_request::WatchedSend>()?;
     module.add_class::<http_request::CountedReceive>()?;
