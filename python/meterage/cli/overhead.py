@@ -302,7 +302,11 @@ class ProbedShare:
         for series in meterage.snapshot():
             if series.operation == self.operation and not series.attributes:
                 histograms = series.histograms
-                probed = histograms["cpu.time"].count if "cpu.time" in histograms else 0
+                # Any probe's histogram holds one value per probed call (whichever probes
+                # the meter runs); the duration histogram holds one per call.
+                probed = max(
+                    (h.count for name, h in histograms.items() if name != "duration"), default=0
+                )
                 return histograms["duration"].count, probed
         return 0, 0
 
@@ -310,9 +314,14 @@ class ProbedShare:
         """Counts from here on (the warm-up probed more calls while the rate settled)."""
         self.start = self._counts()
 
-    def __call__(self) -> str:
+    def share(self) -> float | None:
+        """The share of calls since ``mark()`` that ran the probes (None: no call since)."""
         calls, probed = (now - then for now, then in zip(self._counts(), self.start, strict=True))
-        return f"probes ran on {probed / calls:.2%} of calls" if calls > 0 else ""
+        return probed / calls if calls > 0 else None
+
+    def __call__(self) -> str:
+        share = self.share()
+        return f"probes ran on {share:.2%} of calls" if share is not None else ""
 
 
 def ten_microsecond_subjects() -> list[Subject]:
@@ -585,9 +594,17 @@ class Goal:
 
     def interval(self, results: Results, *, draws: int = 200, seed: int = 0) -> tuple[float, float]:
         """A 90% bootstrap interval of the value: how much the rounds' noise moves it."""
-        rng = random.Random(seed)
-        values = sorted(self.value(results.resample(rng)) for _ in range(draws))
-        return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
+        return bootstrap_interval(results, self.value, draws=draws, seed=seed)
+
+
+def bootstrap_interval(
+    results: Results, value: Callable[[Results], float], *, draws: int = 200, seed: int = 0
+) -> tuple[float, float]:
+    """A 90% bootstrap interval of ``value(results)``: rounds resampled with replacement
+    (pairs kept together), ``value`` computed on each copy, the 5th and 95th percentiles."""
+    rng = random.Random(seed)
+    values = sorted(value(results.resample(rng)) for _ in range(draws))
+    return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
 
 
 def _peer_factor(peer_keys: Sequence[str]) -> Callable[[Results], float]:
