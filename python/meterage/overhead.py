@@ -35,6 +35,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from meterage.cli import overhead as _bench
@@ -154,7 +155,8 @@ class OverheadResult:
                     _ns(measured.ns_per_call),
                     f"{measured.overhead_ns:+,.1f}",
                     f"[{low:+,.1f}, {high:+,.1f}]",
-                    f"{measured.relative * 100:+.2f}% [{rel_low * 100:+.2f}, {rel_high * 100:+.2f}]",
+                    f"{measured.relative * 100:+.2f}% "
+                    f"[{rel_low * 100:+.2f}, {rel_high * 100:+.2f}]",
                     "" if share is None else f"{share:.1%}",
                 )
             )
@@ -236,10 +238,13 @@ def _first_call(
             f"function: {name} raised {type(error).__name__} on its first call: {error}; "
             "measure() times calls that return (check args, kwargs and setup)"
         ) from error
-    if inspect.iscoroutine(returned) or inspect.isgenerator(returned) or inspect.isasyncgen(
-        returned
+    if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
+        returned.close()  # not started: closing runs none of its code
+    if (
+        inspect.iscoroutine(returned)
+        or inspect.isgenerator(returned)
+        or inspect.isasyncgen(returned)
     ):
-        returned.close()
         raise TypeError(
             f"function: {name} returned a {type(returned).__name__}, which would be created "
             "and never run; measure() times plain calls (time a function that runs it, "
@@ -283,9 +288,7 @@ def measure(
     from meterage import _native
 
     if not callable(function):
-        raise TypeError(
-            f"function must be callable, got {type(function).__name__} {function!r}"
-        )
+        raise TypeError(f"function must be callable, got {type(function).__name__} {function!r}")
     if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
         raise TypeError(
             f"function: {_describe(function)} is an async function, whose call only creates "
@@ -316,9 +319,8 @@ def measure(
     _check_number("batch_ms", batch_ms, integer=False)
     if not (math.isfinite(batch_ms) and batch_ms > 0):
         raise ValueError(f"batch_ms must be a positive, finite number of ms, got {batch_ms}")
-    probe_names = None if probes is None else tuple(probes)
-    if probe_names is not None and isinstance(probes, str):
-        raise TypeError(f"probes must be a sequence of probe names such as ({probes!r},)")
+    # A str goes to meterage.meter as it is: it says why a str is not a probe list.
+    probe_names = probes if probes is None or isinstance(probes, str) else tuple(probes)
 
     # The meters first: meterage.meter checks probes and sample itself.
     meters = {
@@ -379,9 +381,11 @@ def measure(
                 ns_per_call=results.per_call(mode),
                 overhead_ns=results.overhead(mode),
                 relative=results.relative_overhead(mode),
-                interval_ns=_bench.bootstrap_interval(pair, lambda r, m=mode: r.overhead(m)),
+                interval_ns=_bench.bootstrap_interval(
+                    pair, partial(_bench.Results.overhead, key=mode)
+                ),
                 relative_interval=_bench.bootstrap_interval(
-                    pair, lambda r, m=mode: r.relative_overhead(m)
+                    pair, partial(_bench.Results.relative_overhead, key=mode)
                 ),
                 probes=tuple(meters[mode].probes),
                 sample=1.0 if mode == "full" else (sample if mode == "default" else None),

@@ -294,30 +294,32 @@ class ProbedShare:
 
     def __init__(self, operation: str) -> None:
         self.operation = operation
-        self.start = (0, 0)
+        self.start: tuple[int, dict[str, int]] = (0, {})
 
-    def _counts(self) -> tuple[int, int]:
+    def _counts(self) -> tuple[int, dict[str, int]]:
+        """Calls, and values held per probe histogram (one per probed call)."""
         import meterage
 
         for series in meterage.snapshot():
             if series.operation == self.operation and not series.attributes:
                 histograms = series.histograms
-                # Any probe's histogram holds one value per probed call (whichever probes
-                # the meter runs); the duration histogram holds one per call.
-                probed = max(
-                    (h.count for name, h in histograms.items() if name != "duration"), default=0
-                )
+                probed = {name: h.count for name, h in histograms.items() if name != "duration"}
                 return histograms["duration"].count, probed
-        return 0, 0
+        return 0, {}
 
     def mark(self) -> None:
         """Counts from here on (the warm-up probed more calls while the rate settled)."""
         self.start = self._counts()
 
     def share(self) -> float | None:
-        """The share of calls since ``mark()`` that ran the probes (None: no call since)."""
-        calls, probed = (now - then for now, then in zip(self._counts(), self.start, strict=True))
-        return probed / calls if calls > 0 else None
+        """The share of calls since ``mark()`` that ran the probes (None: no call since).
+
+        Meters of one operation with other probes share its series: the probe histogram
+        that grew most since ``mark()`` is the one these calls fed."""
+        (calls, probed), (calls_then, probed_then) = self._counts(), self.start
+        calls -= calls_then
+        grown = max((n - probed_then.get(name, 0) for name, n in probed.items()), default=0)
+        return grown / calls if calls > 0 else None
 
     def __call__(self) -> str:
         share = self.share()

@@ -176,19 +176,18 @@ def load_target(text: str) -> Callable[..., Any]:
             module = importlib.import_module(where)
         except Exception as error:
             raise ValueError(
-                f"TARGET {text!r}: cannot import module {where!r}: "
-                f"{type(error).__name__}: {error}"
+                f"TARGET {text!r}: cannot import module {where!r}: {type(error).__name__}: {error}"
             ) from error
     found: Any = module
     for part in attribute.split("."):
         try:
             found = getattr(found, part)
         except AttributeError:
-            raise ValueError(
-                f"TARGET {text!r}: {where!r} has no attribute {attribute!r}"
-            ) from None
+            raise ValueError(f"TARGET {text!r}: {where!r} has no attribute {attribute!r}") from None
     if not callable(found):
-        raise ValueError(f"TARGET {text!r}: {attribute!r} is a {type(found).__name__}, not callable")
+        raise ValueError(
+            f"TARGET {text!r}: {attribute!r} is a {type(found).__name__}, not callable"
+        )
     return found  # type: ignore[no-any-return]
 
 
@@ -229,7 +228,7 @@ def _json_option(name: str, text: str, kind: type) -> Any:
     except json.JSONDecodeError as error:
         raise ValueError(f"{name}: not valid JSON ({error.msg}): {text!r}") from None
     if not isinstance(value, kind):
-        what = "an array" if kind is list else "an object"
+        what = "array" if kind is list else "object"
         raise ValueError(f"{name} must be a JSON {what}, got {text!r}")
     return value
 
