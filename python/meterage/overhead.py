@@ -59,6 +59,12 @@ class ModeOverhead:
     bootstrap intervals over the rounds (how far the rounds' noise moves the median).
     ``probed_share`` is the share of the measured calls that ran the probes (None for
     ``"timer"``, which runs none).
+
+    >>> import meterage.overhead
+    >>> full = meterage.overhead.measure(abs, args=(-1,), modes=("full",), rounds=5,
+    ...                                  batch_ms=0.5)["full"]
+    >>> full.sample, full.probed_share
+    (1.0, 1.0)
     """
 
     mode: str

@@ -2,7 +2,9 @@
 
 Installed with meterage (the ``pytest11`` entry point ``meterage``); ``-p
 no:meterage`` turns it off. It adds one fixture and no hook: a test that does not ask for
-``meterage_overhead`` runs exactly as without the plugin, and nothing is measured.
+``meterage_overhead`` runs exactly as without the plugin, and nothing is measured. Loading
+the plugin imports ``meterage`` itself (its native module: tens of ms, no thread started,
+no call metered); ``meterage.overhead`` is imported only when the fixture is first used.
 
 The fixture is ``meterage.overhead.measure`` (same arguments, same ``OverheadResult``):
 

@@ -127,7 +127,13 @@ class Limit:
 
 def parse_limit(text: str) -> Limit:
     """``2%`` and ``0.02`` are relative (2% of the bare call); ``500ns``, ``1us``, ``1µs``,
-    ``2ms``, ``1s`` are per call. Raises ValueError saying what is accepted."""
+    ``2ms``, ``1s`` are per call. Raises ValueError saying what is accepted.
+
+    >>> parse_limit("2%")
+    Limit(text='2%', value=0.02, relative=True)
+    >>> parse_limit("1us").value, parse_limit("1us").relative
+    (1000.0, False)
+    """
     match = _LIMIT.match(text)
     if match is None:
         raise ValueError(
