@@ -122,7 +122,8 @@ class Limit:
         return f"{value * 100:+.2f}%" if self.relative else f"{value:+,.1f} ns"
 
     def limit_text(self) -> str:
-        return f"{self.value * 100:g}%" if self.relative else f"{self.value:,g} ns"
+        """The limit as it was given."""
+        return self.text.strip()
 
 
 def parse_limit(text: str) -> Limit:
