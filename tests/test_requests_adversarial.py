@@ -1372,6 +1372,45 @@ def test_wsgi_threads_count_every_request_once(tracking) -> None:
     assert outcomes() == {(200, None): 400} and requests_in_flight() == 0
 
 
+def test_a_wsgi_body_closed_in_another_thread_leaves_no_open_call_behind(tracking) -> None:
+    """Some servers could call the application in one thread and send its body from
+    another: the request's call, made current in the first, cannot be reset from the
+    second. The first then sees an ended call (as work that outlives its request does),
+    never an open one, and its next requests are metered as usual."""
+    seen: list[Any] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        seen.append(meterage.current_call())
+        start_response("200 OK", [])
+        return iter([b"abc"])  # not a list: its chunks are steps of the request
+
+    middleware = WsgiMiddleware(app, sample=1.0)
+    environ = {**ENVIRON, "wsgi.input": io.BytesIO()}
+    left: list[Any] = []
+
+    def calls_the_application(sender: ThreadPoolExecutor) -> None:
+        # The thread's own context (it dies with the thread: nothing left for other tests).
+        for _ in range(3):
+            body = middleware(dict(environ), lambda *args: None)
+
+            def send_and_close(body: Any = body) -> list[bytes]:
+                chunks = list(body)
+                body.close()
+                return chunks
+
+            assert sender.submit(send_and_close).result() == [b"abc"]
+            left.append(meterage.current_call())
+
+    with ThreadPoolExecutor(1) as sender:
+        caller = threading.Thread(target=calls_the_application, args=(sender,))
+        caller.start()
+        caller.join()
+    assert len(left) == 3 and all(call is None or call.ended for call in left)
+    assert all(call is not None for call in seen) and len({id(call) for call in seen}) == 3
+    assert outcomes() == {(200, None): 3} and requests_in_flight() == 0
+    assert meterage.current_call() is None
+
+
 # --- the event loop's task factory, in-process -------------------------------------------
 
 

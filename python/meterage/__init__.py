@@ -32,6 +32,7 @@ from meterage._native import (
     Series,
 )
 from meterage._validate import check_fraction, check_positive_int
+from meterage.budget import budget
 
 __all__ = [
     "BOUNDARIES",
@@ -49,6 +50,7 @@ __all__ = [
     "OpenCall",
     "Series",
     "available_probes",
+    "budget",
     "configure",
     "counter",
     "current_call",

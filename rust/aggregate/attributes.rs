@@ -213,6 +213,9 @@ impl SetHasher {
 pub struct AttributeSet {
     pairs: Arc<[(Arc<str>, AttributeValue)]>,
     hash: u64,
+    /// The pairs' hashes summed: a key with more pairs than these hashes from it without
+    /// hashing these again (a request's series, from its meter's).
+    hasher: SetHasher,
 }
 
 impl Default for AttributeSet {
@@ -220,6 +223,7 @@ impl Default for AttributeSet {
         AttributeSet {
             pairs: Arc::from([]),
             hash: SetHasher::default().finish(),
+            hasher: SetHasher::default(),
         }
     }
 }
@@ -290,7 +294,13 @@ impl AttributeSet {
         AttributeSet {
             pairs: unique.into(),
             hash: hasher.finish(),
+            hasher,
         }
+    }
+
+    /// The hasher state over this set's pairs, to add more pairs to.
+    pub fn hasher(&self) -> SetHasher {
+        self.hasher
     }
 
     /// The set's hash: equal to [`SetHasher`] over the same pairs in any order.
@@ -340,6 +350,15 @@ impl AttributeSet {
             .find(|(mine, _)| std::ptr::eq(mine.as_ptr(), key.as_ptr()) && mine.len() == key.len())
         {
             return Some(value);
+        }
+        if self.pairs.len() <= 8 {
+            // Few keys (a request's meter has three): their lengths first, so a key that is
+            // not here (a request's route, looked for in its meter's) reads no other text.
+            return self
+                .pairs
+                .iter()
+                .find(|(mine, _)| mine.len() == key.len() && **mine == *key)
+                .map(|(_, value)| value);
         }
         self.pairs
             .binary_search_by(|(probe, _)| (**probe).cmp(key))

@@ -2,7 +2,7 @@
 //! own, its `error.type` — hashed and compared without building the merged set, so that
 //! finding an existing series for a call with dynamic attributes allocates nothing.
 
-use super::attributes::{AttributeSet, AttributeValue, SetHasher, ValueRef, ERROR_TYPE_KEY};
+use super::attributes::{AttributeSet, AttributeValue, ValueRef, ERROR_TYPE_KEY};
 use super::series_map::{SeriesData, SeriesMap};
 use std::sync::Arc;
 
@@ -22,10 +22,7 @@ impl<'a> CallKey<'a> {
         dynamic: &'a [(Arc<str>, AttributeValue)],
         error_type: Option<&'a str>,
     ) -> Option<Self> {
-        let mut hasher = SetHasher::default();
-        for (key, value) in meter.iter() {
-            hasher.add(key, value.as_ref());
-        }
+        let mut hasher = meter.hasher();
         for (index, (key, value)) in dynamic.iter().enumerate() {
             let repeated = meter.get(key).is_some()
                 || dynamic[..index].iter().any(|(earlier, _)| earlier == key)
@@ -41,7 +38,7 @@ impl<'a> CallKey<'a> {
             }
             hasher.add(ERROR_TYPE_KEY, ValueRef::Str(error_type));
         }
-        let len = meter.iter().count() + dynamic.len() + usize::from(error_type.is_some());
+        let len = meter.len() + dynamic.len() + usize::from(error_type.is_some());
         Some(CallKey {
             meter,
             dynamic,
@@ -58,7 +55,7 @@ impl<'a> CallKey<'a> {
             dynamic: &[],
             error_type: None,
             hash: set.hash_value(),
-            len: set.iter().count(),
+            len: set.len(),
         }
     }
 

@@ -1,0 +1,222 @@
+"""What a request through meterage's middleware costs with the caches cold, counted rather
+than timed: instructions, and cache lines of code and data that miss a 2 MiB cache (this
+machine's L2 per core), per request, over the bare application, under cachegrind.
+
+    python benches/request_cache_lines.py                 # ASGI and WSGI, ~2 min
+    python benches/request_cache_lines.py --app wsgi --top 25
+
+A server's own work between two requests (parsing, the event loop, the socket, other
+processes) pushes the middleware's code and data out of the caches, so on a real server
+what a request costs is mostly the lines it touches, not its instructions (see
+docs/benchmarks.md, "Requests"). Each variant runs twice under
+``valgrind --tool=cachegrind`` (200 warm-up requests, then 0 or ``--requests`` more, 4 MiB
+copied before each so that every request starts cold); the difference of the two runs is
+what the requests cost, and the difference to the bare application's is meterage's. The
+figures are exact counts for the simulated caches (repeatable to a few lines), unlike
+timings on a shared machine. Needs valgrind (``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+#: A cache like this machine's L2: 2 MiB, 16-way, 64-byte lines.
+LAST_LEVEL = "2097152,16,64"
+
+RUNNER = """
+import asyncio, sys
+app_kind, variant, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from meterage.asgi import MeterageMiddleware as Asgi
+from meterage.wsgi import MeterageMiddleware as Wsgi
+scratch_from, scratch_to = bytearray(4 << 20), bytearray(4 << 20)
+async def asgi_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+def wsgi_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+async def receive():
+    return {"type": "http.request", "body": b"", "more_body": False}
+async def send(message):
+    pass
+def start_response(status, headers, exc_info=None):
+    pass
+SCOPE = {"type": "http", "method": "GET", "scheme": "http", "http_version": "1.1", "path": "/"}
+ENVIRON = {"REQUEST_METHOD": "GET", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1",
+           "PATH_INFO": "/"}
+settings = {"timer": {"probes": ()}, "default": {}}.get(variant)
+if app_kind == "asgi":
+    app = asgi_app if settings is None else Asgi(asgi_app, **settings)
+    async def main():
+        for index in range(200 + requests):
+            if index >= 200:
+                scratch_to[:] = scratch_from
+            await app(dict(SCOPE), receive, send)
+    asyncio.run(main())
+else:
+    app = wsgi_app if settings is None else Wsgi(wsgi_app, **settings)
+    for index in range(200 + requests):
+        if index >= 200:
+            scratch_to[:] = scratch_from
+        body = app(dict(ENVIRON), start_response)
+        for _chunk in body:
+            pass
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+"""
+
+EVENTS = ("Ir", "ILmr", "DLmr", "DLmw")
+Counts = dict[tuple[str, str], list[int]]
+
+
+def run_cachegrind(
+    app: str, variant: str, requests: int, workdir: Path
+) -> tuple[list[str], Counts]:
+    """Runs the runner under cachegrind; the events and the counts per (file, function)."""
+    script = workdir / "runner.py"
+    script.write_text(RUNNER)
+    out = workdir / f"cachegrind.{app}.{variant}.{requests}"
+    subprocess.run(
+        [
+            "valgrind",
+            "--tool=cachegrind",
+            "--cache-sim=yes",
+            f"--LL={LAST_LEVEL}",
+            f"--cachegrind-out-file={out}",
+            sys.executable,
+            str(script),
+            app,
+            variant,
+            str(requests),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return parse(out)
+
+
+def parse(path: Path) -> tuple[list[str], Counts]:
+    events: list[str] = []
+    counts: Counts = collections.defaultdict(lambda: [0] * len(events))
+    file = function = ""
+    for line in path.read_text().splitlines():
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("fl="):
+            file = line[3:]
+        elif line.startswith("fn="):
+            function = line[3:]
+        elif line[:1].isdigit():
+            values = [int(value) for value in line.split()[1:]]
+            slot = counts[(file, function)]
+            for index, value in enumerate(values):
+                slot[index] += value
+    return events, counts
+
+
+def per_request(app: str, variant: str, requests: int, workdir: Path) -> tuple[list[str], Counts]:
+    events, long = run_cachegrind(app, variant, requests, workdir)
+    _, short = run_cachegrind(app, variant, 0, workdir)
+    width = len(events)
+    padded_long = {key: (value + [0] * width)[:width] for key, value in long.items()}
+    padded_short = {key: (value + [0] * width)[:width] for key, value in short.items()}
+    keys = set(padded_long) | set(padded_short)
+    zero = [0] * width
+    return events, {
+        key: [
+            a - b
+            for a, b in zip(padded_long.get(key, zero), padded_short.get(key, zero), strict=True)
+        ]
+        for key in keys
+    }
+
+
+def place(file: str, function: str) -> str:
+    """Where the work is: meterage's Rust, CPython, the C library, or elsewhere."""
+    if function.startswith("meterage::"):
+        return "meterage (Rust)"
+    if "pyo3" in function:
+        return "pyo3"
+    if "Python-3" in file or "/Python/" in file or "/Objects/" in file:
+        return "CPython"
+    if "malloc" in file or "string/" in file or "libc" in file:
+        return "C library"
+    return "other"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", choices=("asgi", "wsgi", "both"), default="both")
+    parser.add_argument("--variants", default="timer,default", help="meterage's variants")
+    parser.add_argument("--requests", type=int, default=300, help="requests counted (300)")
+    parser.add_argument("--top", type=int, default=12, help="functions listed per variant")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
+    apps = ("asgi", "wsgi") if args.app == "both" else (args.app,)
+    with tempfile.TemporaryDirectory() as directory:
+        workdir = Path(directory)
+        for app in apps:
+            events, bare = per_request(app, "bare", args.requests, workdir)
+            index = {event: events.index(event) for event in EVENTS}
+            for variant in args.variants.split(","):
+                _, metered = per_request(app, variant, args.requests, workdir)
+                zero = [0] * len(events)
+                over = {
+                    key: [
+                        a - b
+                        for a, b in zip(metered.get(key, zero), bare.get(key, zero), strict=True)
+                    ]
+                    for key in set(metered) | set(bare)
+                }
+                n = args.requests
+                totals = [
+                    sum(values[i] for values in over.values()) / n for i in range(len(events))
+                ]
+                code, data = totals[index["ILmr"]], totals[index["DLmr"]] + totals[index["DLmw"]]
+                print(
+                    f"\n{app.upper()} {variant}: per request over the bare application: "
+                    f"{totals[index['Ir']]:,.0f} instructions, {code:.0f} code lines and "
+                    f"{data:.0f} data lines missing a 2 MiB cache ({code + data:.0f} in all)"
+                )
+                places: dict[str, float] = collections.defaultdict(float)
+                for (file, function), values in over.items():
+                    lines = values[index["ILmr"]] + values[index["DLmr"]] + values[index["DLmw"]]
+                    places[place(file, function)] += lines / n
+                print(
+                    "  lines by place: "
+                    + ", ".join(
+                        f"{name} {lines:.0f}"
+                        for name, lines in sorted(places.items(), key=lambda item: -item[1])
+                    )
+                )
+                ranked = sorted(
+                    over.items(),
+                    key=lambda item: (
+                        -(item[1][index["ILmr"]] + item[1][index["DLmr"]] + item[1][index["DLmw"]])
+                    ),
+                )
+                for (_file, function), values in ranked[: args.top]:
+                    lines = values[index["ILmr"]] + values[index["DLmr"]] + values[index["DLmw"]]
+                    print(
+                        f"  {lines / n:6.1f} lines {values[index['Ir']] / n:7.0f} instructions  "
+                        f"{function[:90]}"
+                    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    raise SystemExit(main(sys.argv[1:]))
