@@ -4,6 +4,9 @@ Prints, per subject, ns per call, the overhead over a bare call, and that overhe
 multiples of the native floor's (the least a native wrapper doing the same readings
 costs) and, for prometheus_client and the OpenTelemetry SDK, of meterage timer-only's;
 then the overhead goals with pass/fail. See ``meterage.cli.overhead`` for the method.
+
+``python -m meterage bench module:function`` measures the user's own function instead
+(``meterage.cli.user_bench``).
 """
 
 from __future__ import annotations
@@ -13,22 +16,34 @@ import json
 import math
 import time
 
-from meterage.cli import alloc_cost, overhead
+from meterage.cli import alloc_cost, overhead, user_bench
+
+# Options only the built-in stand-ins take (a TARGET run refuses them).
+STAND_IN_OPTIONS = {
+    "rounds_10us": "--rounds-10us",
+    "no_peers": "--no-peers",
+    "basic": "--basic",
+    "no_alloc": "--no-alloc",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m meterage bench",
         description="Per-call overhead of meterage vs a bare call, the native floor, "
-        "prometheus_client and the OpenTelemetry SDK.",
+        "prometheus_client and the OpenTelemetry SDK; or, given TARGET, meterage's overhead "
+        "on that function.",
     )
     parser.add_argument(
-        "--rounds", type=int, default=100, help="rounds for the trivial function (default 100)"
+        "--rounds",
+        type=int,
+        default=100,
+        help="rounds for the trivial function or TARGET (default 100)",
     )
     parser.add_argument(
         "--rounds-10us",
         type=int,
-        default=800,
+        default=None,
         help="rounds for the ~10 µs function, whose 2%% effect needs more (default 800)",
     )
     parser.add_argument(
@@ -42,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-alloc", action="store_true", help="skip the alloc probe's per-allocation costs"
     )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    user_bench.add_arguments(parser)
     return parser
 
 
@@ -49,6 +65,26 @@ def main(argv: list[str]) -> int:
     """Runs the benchmark and prints the table; returns the exit status (0)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.target is not None:
+        given = [flag for dest, flag in STAND_IN_OPTIONS.items() if getattr(args, dest)]
+        if given:
+            parser.error(f"{', '.join(given)}: only for the built-in stand-ins, not with TARGET")
+        if args.rounds < 1:
+            parser.error(f"--rounds must be at least 1, got {args.rounds}")
+        if not (math.isfinite(args.batch_ms) and args.batch_ms > 0):
+            parser.error(
+                f"--batch-ms must be a positive number of milliseconds, got {args.batch_ms}"
+            )
+        return user_bench.run(args, argv, parser.error)
+    given = [
+        "--" + dest.replace("_", "-")
+        for dest in user_bench.TARGET_OPTIONS
+        if getattr(args, dest) is not None
+    ]
+    if given:
+        parser.error(f"{', '.join(given)}: only with a TARGET (module:function)")
+    if args.rounds_10us is None:
+        args.rounds_10us = 800
     if args.rounds < 1 or args.rounds_10us < 1:
         parser.error("--rounds and --rounds-10us must be at least 1")
     if not (math.isfinite(args.batch_ms) and args.batch_ms > 0):

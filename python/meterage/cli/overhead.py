@@ -294,25 +294,36 @@ class ProbedShare:
 
     def __init__(self, operation: str) -> None:
         self.operation = operation
-        self.start = (0, 0)
+        self.start: tuple[int, dict[str, int]] = (0, {})
 
-    def _counts(self) -> tuple[int, int]:
+    def _counts(self) -> tuple[int, dict[str, int]]:
+        """Calls, and values held per probe histogram (one per probed call)."""
         import meterage
 
         for series in meterage.snapshot():
             if series.operation == self.operation and not series.attributes:
                 histograms = series.histograms
-                probed = histograms["cpu.time"].count if "cpu.time" in histograms else 0
+                probed = {name: h.count for name, h in histograms.items() if name != "duration"}
                 return histograms["duration"].count, probed
-        return 0, 0
+        return 0, {}
 
     def mark(self) -> None:
         """Counts from here on (the warm-up probed more calls while the rate settled)."""
         self.start = self._counts()
 
+    def share(self) -> float | None:
+        """The share of calls since ``mark()`` that ran the probes (None: no call since).
+
+        Meters of one operation with other probes share its series: the probe histogram
+        that grew most since ``mark()`` is the one these calls fed."""
+        (calls, probed), (calls_then, probed_then) = self._counts(), self.start
+        calls -= calls_then
+        grown = max((n - probed_then.get(name, 0) for name, n in probed.items()), default=0)
+        return grown / calls if calls > 0 else None
+
     def __call__(self) -> str:
-        calls, probed = (now - then for now, then in zip(self._counts(), self.start, strict=True))
-        return f"probes ran on {probed / calls:.2%} of calls" if calls > 0 else ""
+        share = self.share()
+        return f"probes ran on {share:.2%} of calls" if share is not None else ""
 
 
 def ten_microsecond_subjects() -> list[Subject]:
@@ -585,9 +596,17 @@ class Goal:
 
     def interval(self, results: Results, *, draws: int = 200, seed: int = 0) -> tuple[float, float]:
         """A 90% bootstrap interval of the value: how much the rounds' noise moves it."""
-        rng = random.Random(seed)
-        values = sorted(self.value(results.resample(rng)) for _ in range(draws))
-        return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
+        return bootstrap_interval(results, self.value, draws=draws, seed=seed)
+
+
+def bootstrap_interval(
+    results: Results, value: Callable[[Results], float], *, draws: int = 200, seed: int = 0
+) -> tuple[float, float]:
+    """A 90% bootstrap interval of ``value(results)``: rounds resampled with replacement
+    (pairs kept together), ``value`` computed on each copy, the 5th and 95th percentiles."""
+    rng = random.Random(seed)
+    values = sorted(value(results.resample(rng)) for _ in range(draws))
+    return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
 
 
 def _peer_factor(peer_keys: Sequence[str]) -> Callable[[Results], float]:
