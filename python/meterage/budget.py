@@ -416,30 +416,19 @@ class Budget:
         sent: Any = None
         thrown: BaseException | None = None
         while True:
-            measurement.start()
-            try:
-                if thrown is not None:
-                    error, thrown = thrown, None
-                    yielded = coroutine.throw(error)
-                else:
-                    yielded = coroutine.send(sent)
-            except StopIteration as stop:
-                measurement.stop()
-                result = stop.value
+            done, value = _measured_step(measurement, coroutine, sent, thrown)
+            if done:
                 break
-            except BaseException:
-                measurement.stop()
-                raise
-            measurement.stop()
+            sent, thrown = None, None
             try:
-                sent = await _pass_on(yielded)
+                sent = await _pass_on(value)
             except GeneratorExit:
                 coroutine.close()
                 raise
             except BaseException as error:  # the loop's (a cancellation): into the coroutine
-                sent, thrown = None, error
+                thrown = error
         self._check(measurement.values(), Spent())
-        return result
+        return value
 
     def _generator(self, generator: Any) -> Any:
         # Each step is measured; the check comes when it is exhausted.
@@ -449,30 +438,35 @@ class Budget:
         sent: Any = None
         thrown: BaseException | None = None
         while True:
-            measurement.start()
-            try:
-                if thrown is not None:
-                    error, thrown = thrown, None
-                    item = generator.throw(error)
-                else:
-                    item = generator.send(sent)
-            except StopIteration as stop:
-                measurement.stop()
-                result = stop.value
+            done, value = _measured_step(measurement, generator, sent, thrown)
+            if done:
                 break
-            except BaseException:
-                measurement.stop()
-                raise
-            measurement.stop()
+            sent, thrown = None, None
             try:
-                sent = yield item
+                sent = yield value
             except GeneratorExit:  # closed early: not checked
                 generator.close()
                 raise
             except BaseException as error:
-                sent, thrown = None, error
+                thrown = error
         self._check(measurement.values(), Spent())
-        return result
+        return value
+
+
+def _measured_step(
+    measurement: _Measurement, inner: Any, sent: Any, thrown: BaseException | None
+) -> tuple[bool, Any]:
+    """One step of a coroutine or generator between two readings: (False, what it yielded)
+    or (True, what it returned); what it raises propagates."""
+    measurement.start()
+    try:
+        if thrown is not None:
+            return False, inner.throw(thrown)
+        return False, inner.send(sent)
+    except StopIteration as stop:
+        return True, stop.value
+    finally:
+        measurement.stop()
 
 
 def _table(checked: Budget, over: list[tuple[str, float, int]]) -> str:
