@@ -136,6 +136,30 @@ def test_raised_io_and_allocations_fail_their_tests_against_the_baseline(
     assert "not in the baseline (not compared): test_new.py::test_new" in text
 
 
+def test_a_test_marked_not_gated_is_measured_but_never_failed(pytester: pytest.Pytester) -> None:
+    with_baseline(pytester)
+    marked = SUITE.replace(
+        "def test_write(tmp_path):",
+        "@pytest.mark.meterage_costs(gate=False)\ndef test_write(tmp_path):",
+    )
+    pytester.makepyfile(
+        test_inner="import pytest\n" + marked.replace("WRITE", "72090").replace("ITEMS", "5000")
+    )
+    result = run(pytester, "--meterage-compare", "costs.json", "--meterage-report")
+    result.assert_outcomes(passed=5)
+    # Still measured and reported (its report row first; the comparison lists it too).
+    rows = [line for line in result.stdout.lines if "test_inner.py::test_write" in line]
+    assert "70.4 KiB" in rows[0]
+    pytester.makepyfile(
+        test_bad="import pytest\n@pytest.mark.meterage_costs(gate='no')\ndef test_x():\n    pass\n"
+    )
+    (pytester.path / "costs.json").write_text(
+        _baseline[0].replace("test_inner.py::test_cpu", "test_bad.py::test_x")
+    )
+    result = run(pytester, "--meterage-compare", "costs.json", "test_bad.py")
+    assert "takes only gate=True or gate=False" in result.stdout.str() + result.stderr.str()
+
+
 def test_a_larger_tolerance_lets_the_rise_pass(pytester: pytest.Pytester) -> None:
     with_baseline(pytester)
     make_suite(pytester, write=72090)
