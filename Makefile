@@ -3,7 +3,7 @@
 PYTHON ?= python
 .DEFAULT_GOAL := all
 
-.PHONY: all build lint format typecheck test test-rust bench overhead ci
+.PHONY: all build lint format typecheck test test-rust bench overhead wheels ci
 
 all: lint typecheck build test test-rust
 
@@ -37,6 +37,16 @@ bench: build  ## every benchmark (slow; figures in docs/benchmarks.md)
 
 overhead: build  ## CI's overhead gate (ratios against the native floor)
 	$(PYTHON) benches/check_overhead.py
+
+# The interpreters `make wheels` builds for (each must be on PATH, or give full paths).
+WHEEL_PYTHONS ?= python3.10 python3.11 python3.12 python3.13
+
+wheels:  ## release wheels in dist/: manylinux2014 (glibc >= 2.17) x86_64, linked by zig (pip install 'maturin[zig]' auditwheel)
+	# maturin finds zig as `python3 -m ziglang` on PATH: that of $(PYTHON)'s environment.
+	PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$$PATH" \
+	    $(PYTHON) -m maturin build --release --zig --compatibility manylinux2014 -i $(WHEEL_PYTHONS) -o dist
+	for wheel in dist/meterage-*manylinux_2_17_x86_64.whl; do $(PYTHON) -m auditwheel show "$$wheel" || exit 1; done
+	$(PYTHON) .ci/check_wheel.py dist/meterage-*manylinux_2_17_x86_64.whl
 
 ci:  ## everything CI runs, from a clean clone's point of view
 	bash .ci/run

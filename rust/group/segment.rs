@@ -123,8 +123,11 @@ fn c_path(path: &Path) -> Result<CString, String> {
 /// that neither the heap nor the kernel's mmap placement reaches on x86-64 and AArch64.
 fn random_base(attempt: u64) -> usize {
     let mut seed = [0u8; 8];
+    // The raw syscall, not glibc's getrandom(): that wrapper is glibc >= 2.25, and the
+    // release wheels link against glibc 2.17 (manylinux2014). A kernel older than 3.17
+    // answers ENOSYS, and the fallback below is used.
     // SAFETY: getrandom writes at most 8 bytes into `seed`.
-    let got = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), 8, 0) };
+    let got = unsafe { libc::syscall(libc::SYS_getrandom, seed.as_mut_ptr(), 8usize, 0u32) };
     let noise = if got == 8 {
         u64::from_ne_bytes(seed)
     } else {

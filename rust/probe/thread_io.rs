@@ -667,8 +667,9 @@ mod tests {
         let me = format!(
             "/proc/{}/task/{}/io",
             std::process::id(),
+            // The raw syscall (glibc's gettid() wrapper is glibc >= 2.30).
             // SAFETY: gettid has no preconditions.
-            unsafe { libc::gettid() }
+            unsafe { libc::syscall(libc::SYS_gettid) }
         );
         std::fs::read_dir("/proc/self/fd")
             .unwrap()
