@@ -266,6 +266,9 @@ def test_voluntary_switches_count_each_blocking_wait(unique, one_series):
 # ---- page faults ------------------------------------------------------------------------------
 
 
+# The kernel's handling of 1000 faults is this test's CPU: 2.2 to 9.9 ms in unchanged runs
+# here, beyond a cost baseline's CPU tolerance and slack.
+@pytest.mark.meterage_costs(gate=False)
 def test_touching_fresh_pages_counts_minor_faults(unique, one_series):
     pages = 1000
     name = unique()
