@@ -82,6 +82,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meterage.cli.overhead import Goal as OverheadGoal
+
 APPS = ("asgi", "wsgi", "fastapi", "flask")
 VARIANTS = ("bare", "timer", "default", "full", "otel", "prometheus", "fastapi-native")
 METERAGE_VARIANTS = ("timer", "default", "full")
@@ -623,31 +625,8 @@ def measure(
 # --- goals ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Goal:
-    key: str
-    text: str
-    subjects: tuple[str, ...]
-    value: Callable[[Results], float]
-    limit: float
-    at_most: bool
-    percent: bool = False
-
-    def passes(self, value: float, limit: float | None = None) -> bool:
-        limit = self.limit if limit is None else limit
-        return value <= limit if self.at_most else value >= limit
-
-    def format(self, value: float) -> str:
-        if self.percent:
-            return f"{value * 100:.1f}%"
-        if math.isinf(value):
-            return "inf"
-        return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
-
-    def limit_text(self, limit: float | None = None) -> str:
-        return ("≤ " if self.at_most else "≥ ") + self.format(
-            self.limit if limit is None else limit
-        )
+class Goal(OverheadGoal):
+    """The overhead gate's goal (meterage.cli.overhead), with the known misses' bounds."""
 
     def verdict(self, value: float, strict: bool) -> tuple[str, bool]:
         """The verdict's words, and whether the gate passes it."""
@@ -659,12 +638,6 @@ class Goal:
         if self.passes(value, bound):
             return f"missed (known; within its bound {self.limit_text(bound)})", True
         return f"FAIL (known miss, now past its bound {self.limit_text(bound)})", False
-
-    def interval(self, results: Results, draws: int = 200) -> tuple[float, float]:
-        """A 90% bootstrap interval over rounds: how much the rounds' noise moves it."""
-        rng = random.Random(0)
-        values = sorted(self.value(results.resample(rng)) for _ in range(draws))
-        return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
 
 
 def _share(key: str) -> Callable[[Results], float]:

@@ -581,8 +581,10 @@ class Goal:
     """True: value <= limit passes; False: value >= limit passes."""
     percent: bool = False
 
-    def passes(self, value: float) -> bool:
-        return value <= self.limit if self.at_most else value >= self.limit
+    def passes(self, value: float, limit: float | None = None) -> bool:
+        """Whether ``value`` is on the right side of ``limit`` (the goal's own by default)."""
+        limit = self.limit if limit is None else limit
+        return value <= limit if self.at_most else value >= limit
 
     def format(self, value: float) -> str:
         if self.percent:
@@ -591,8 +593,10 @@ class Goal:
             return "inf"
         return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
 
-    def limit_text(self) -> str:
-        return ("≤ " if self.at_most else "≥ ") + self.format(self.limit)
+    def limit_text(self, limit: float | None = None) -> str:
+        return ("≤ " if self.at_most else "≥ ") + self.format(
+            self.limit if limit is None else limit
+        )
 
     def interval(self, results: Results, *, draws: int = 200, seed: int = 0) -> tuple[float, float]:
         """A 90% bootstrap interval of the value: how much the rounds' noise moves it."""
