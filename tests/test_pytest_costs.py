@@ -247,3 +247,28 @@ def test_the_baseline_file_is_refused_when_it_is_not_one(pytester: pytest.Pytest
     result = run(pytester, "--meterage-compare", "other.json")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "is not a meterage baseline" in result.stderr.str()
+
+
+def test_a_raised_write_in_one_of_meterages_own_tests_fails_the_comparison(
+    pytester: pytest.Pytester,
+) -> None:
+    # meterage's own tests/test_io_accounting.py (with its conftest), a baseline of it, then
+    # the same file with one test writing 4 KiB more, outside what it asserts on: that test
+    # still passes, and only the comparison fails it.
+    here = Path(__file__).parent
+    pytester.makeconftest((here / "conftest.py").read_text())
+    source = (here / "test_io_accounting.py").read_text()
+    pytester.makepyfile(test_io_accounting=source)
+    run(pytester, "--meterage-baseline", "costs.json").assert_outcomes(passed=12)
+    unchanged = run(pytester, "--meterage-compare", "costs.json")
+    unchanged.assert_outcomes(passed=12)
+    line = "    assert io == (3000, 3000)\n"
+    assert source.count(line) == 1
+    pytester.makepyfile(
+        test_io_accounting=source.replace(line, line + '    os.write(a.fileno(), b"r" * 4096)\n')
+    )
+    raised = run(pytester, "--meterage-compare", "costs.json")
+    raised.assert_outcomes(passed=11, failed=1)
+    test = "test_io_accounting.py::test_os_read_and_write_on_a_socket_are_counted"
+    assert f"FAILED {test}" in raised.stdout.str()
+    raised.stdout.fnmatch_lines([f"*{test}*io.write*"])
