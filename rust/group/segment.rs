@@ -277,12 +277,21 @@ impl Segment {
     }
 
     fn join(fd: i32, path: &Path, root: ProcessId) -> Result<Segment, String> {
+        // The creator may still be writing it: wait a moment for its size, then its magic.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         // Only our own user's regular file: anything else is not our group's.
         // SAFETY: a zeroed stat is filled by fstat.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fd is open; `stat` is writable.
-        if unsafe { libc::fstat(fd, &mut stat) } != 0 {
-            return Err(error("cannot stat the group's segment", path));
+        loop {
+            // SAFETY: fd is open; `stat` is writable.
+            if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+                return Err(error("cannot stat the group's segment", path));
+            }
+            // Empty: made by O_EXCL, not sized yet (the creator sweeps the directory first).
+            if stat.st_size != 0 || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         // SAFETY: getuid has no preconditions.
         let uid = unsafe { libc::getuid() };
@@ -312,8 +321,6 @@ impl Segment {
             return Err(error("cannot read the group's segment", path));
         }
         let header = peek.cast::<Header>();
-        // The creator may still be writing it: wait a moment for its magic.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let (magic, layout, base, same_root) = loop {
             // SAFETY: the first page is mapped; the fields are read after the magic.
             let magic = unsafe { (*header).magic.load(Ordering::Acquire) };
@@ -744,6 +751,47 @@ mod tests {
             assert!(foreign.exists());
         }
         assert!(segment.path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_joiner_that_finds_the_file_before_it_is_sized_waits_for_its_creator() {
+        // Between the creator's O_EXCL open and its ftruncate (a sweep of the directory
+        // runs in between) the file is empty: gunicorn's workers, booted at once, found it
+        // so and went on alone.
+        let dir = scratch();
+        let me = ProcessId::current().unwrap();
+        let path = path_of(&dir, me);
+        let c = c_path(&path).unwrap();
+        // SAFETY: a NUL-terminated path; as `open` makes it.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: the child joins and exits without unwinding.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = match Segment::open(&dir, me) {
+                Ok(joined) if joined.header().root_pid == me.pid => 0,
+                Ok(_) => 2,
+                Err(_) => 1,
+            };
+            // SAFETY: leave at once.
+            unsafe { libc::_exit(code) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let made = Segment::create(fd, &path, me);
+        // SAFETY: ours; the mapping keeps the file.
+        unsafe { libc::close(fd) };
+        assert!(made.is_ok());
+        let mut status = 0;
+        // SAFETY: our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
