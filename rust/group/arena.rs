@@ -327,7 +327,26 @@ mod tests {
 
     #[test]
     fn blocks_made_in_a_shared_scope_live_in_the_arena_and_come_back() {
-        // One test owns the process's arena statics (the others run without one).
+        // The arena statics are the whole process's: while they were set here, the other
+        // tests' threads made their series in this arena, and freed them into the system
+        // allocator once it was unset ("free(): invalid pointer"). A child of its own.
+        // SAFETY: the child runs the test and leaves without unwinding.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let passed = std::panic::catch_unwind(the_arena_serves_shared_scopes).is_ok();
+            // SAFETY: leave at once.
+            unsafe { libc::_exit(if passed { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the test failed in its child: {status:#x}"
+        );
+    }
+
+    fn the_arena_serves_shared_scopes() {
         let (start, end) = private_arena();
         set_segment(start, end);
         set_own(Some((start, end)), |_, _| true);
