@@ -163,7 +163,9 @@ def check(report: dict[str, Any], jobs: dict[str, list[rq.job.Job]]) -> None:
 
     cpu = row(report, "jobs_rq.burn", "succeeded")["histograms"]["cpu.time"]
     assert cpu["count"] == BURNS
-    assert BURN_NS * 1e-9 <= cpu["min"] and cpu["max"] <= 1.1 * BURN_NS * 1e-9, cpu
+    # The job's call also holds RQ's own work around the function in its process (in a
+    # forked work horse: up to 11% of the 30 ms burn on CI's 3.13 wheel suite): 1.2x.
+    assert BURN_NS * 1e-9 <= cpu["min"] and cpu["max"] <= 1.2 * BURN_NS * 1e-9, cpu
 
     output = value(report, "job.output.size", "jobs_rq.ok", "succeeded")
     assert (output["count"], output["sum"]) == (len(SIZES), sum(SIZES))
