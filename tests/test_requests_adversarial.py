@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import gc
 import http.client
+import inspect
 import io
 import json
 import os
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -562,6 +564,56 @@ def run_request(app: Any, receive: Any = _receive, send: Any = _send) -> Any:
         return await app(dict(SCOPE), receive, send)
 
     return asyncio.run(serve())
+
+
+def test_servers_see_a_coroutine_function_and_its_explicit_call_meters_once(tracking) -> None:
+    """Calling the middleware runs no Python frame of its own (its class inherits the
+    native call); what servers inspect, ``app.__call__``, is a coroutine function that
+    meters the request as calling the middleware does."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await answer(send, 201)
+
+    middleware = AsgiMiddleware(app)
+    assert inspect.iscoroutinefunction(middleware.__call__)  # hypercorn, asgiref
+    assert asyncio.iscoroutinefunction(middleware.__call__)  # uvicorn before 3.12
+    assert "__call__" not in vars(AsgiMiddleware)  # the native call slot is inherited
+    assert run_request(middleware.__call__) is None
+    assert run_request(middleware) is None
+    assert outcomes() == {(201, None): 2}
+
+
+def test_a_subclass_that_skips_the_middlewares_init_raises_clearly() -> None:
+    class Careless(AsgiMiddleware):
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+    class CarelessWsgi(WsgiMiddleware):
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+    with pytest.raises(RuntimeError, match=r"ASGI MeterageMiddleware.*__init__"):
+        Careless(_send)(dict(SCOPE), _receive, _send)
+    with pytest.raises(RuntimeError, match=r"WSGI MeterageMiddleware.*__init__"):
+        CarelessWsgi(lambda environ, start_response: [])({}, lambda *args: None)
+    middleware = AsgiMiddleware(_send)
+    with pytest.raises(RuntimeError, match="initialized already"):
+        middleware._set_requests(middleware._requests)
+
+
+def test_middlewares_no_longer_referenced_are_collected() -> None:
+    """A middleware and its native meter hold each other (the meter calls back into the
+    middleware): the garbage collector frees them together."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await answer(send)
+
+    asgi, wsgi = AsgiMiddleware(app), WsgiMiddleware(lambda environ, start_response: [])
+    run_request(asgi)
+    gone = [weakref.ref(asgi), weakref.ref(wsgi)]
+    del asgi, wsgi
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
 
 
 class _NoThrowIterator:

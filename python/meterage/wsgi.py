@@ -20,7 +20,7 @@ application can set ``http.route`` on ``meterage.current_call()`` itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meterage import _http, _native
 
@@ -30,7 +30,7 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 __all__ = ["MeterageMiddleware"]
 
 
-class MeterageMiddleware(_http.Middleware):
+class MeterageMiddleware(_http.Middleware, _native.WsgiMiddlewareBase):
     """WSGI middleware metering each request of ``app`` (``attributes``, ``probes``,
     ``sample``, ``budget``: as for ``meterage.asgi.MeterageMiddleware``).
 
@@ -72,7 +72,11 @@ class MeterageMiddleware(_http.Middleware):
             attributes_of=self._attributes_of,
             route_of=_flask.route_of,
         )
+        # Calling the middleware is the native base's call of this meter (no Python frame).
+        self._set_requests(self._requests)
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        body: Iterable[bytes] = self._requests(environ, start_response)
-        return body
+    if TYPE_CHECKING:
+
+        def __call__(
+            self, environ: dict[str, Any], start_response: StartResponse
+        ) -> Iterable[bytes]: ...

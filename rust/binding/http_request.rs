@@ -84,6 +84,25 @@ impl HttpMeter {
         receive: &Bound<'py, PyAny>,
         send: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        HttpMeter::handle(slf, scope, receive, send)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for object in [&self.app, &self.other, &self.route_of, &self.on_probed] {
+            visit.call(object)?;
+        }
+        self.meters.traverse(&visit)
+    }
+}
+
+impl HttpMeter {
+    /// What calling the meter (or the middleware it is the core of) gives.
+    pub fn handle<'py>(
+        slf: &Bound<'py, Self>,
+        scope: &Bound<'py, PyAny>,
+        receive: &Bound<'py, PyAny>,
+        send: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let this = slf.get();
         let kind = item(scope, intern!(py, "type"))?;
@@ -108,13 +127,6 @@ impl HttpMeter {
             current: Current::default(),
         };
         Ok(Bound::new(py, request)?.into_any())
-    }
-
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        for object in [&self.app, &self.other, &self.route_of, &self.on_probed] {
-            visit.call(object)?;
-        }
-        self.meters.traverse(&visit)
     }
 }
 

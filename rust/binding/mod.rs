@@ -15,6 +15,7 @@ mod http_request;
 mod instruments;
 mod meter;
 mod metered_function;
+mod middleware_base;
 mod open_call;
 mod process;
 mod reading;
@@ -151,6 +152,8 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<wsgi_request::WsgiMeter>()?;
     module.add_class::<wsgi_request::WatchedStartResponse>()?;
     module.add_class::<wsgi_request::WsgiBody>()?;
+    module.add_class::<middleware_base::AsgiMiddlewareBase>()?;
+    module.add_class::<middleware_base::WsgiMiddlewareBase>()?;
     module.add_class::<instruments::PyHistogram>()?;
     module.add_class::<instruments::PyCounter>()?;
     module.add_class::<instruments::BoundHistogram>()?;

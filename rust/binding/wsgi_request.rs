@@ -110,6 +110,26 @@ impl WsgiMeter {
         environ: &Bound<'py, PyAny>,
         start_response: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        WsgiMeter::handle(slf, environ, start_response)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.app)?;
+        if let Some(route_of) = &self.route_of {
+            visit.call(route_of)?;
+        }
+        self.meters.traverse(&visit)
+    }
+}
+
+impl WsgiMeter {
+    /// What calling the meter (or the middleware it is the core of) gives: the response
+    /// body of the request, made by the application as a step of its call.
+    pub fn handle<'py>(
+        slf: &Bound<'py, Self>,
+        environ: &Bound<'py, PyAny>,
+        start_response: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let this = slf.get();
         if metered_already(py) {
@@ -174,14 +194,6 @@ impl WsgiMeter {
             current,
         };
         Ok(Bound::new(py, response)?.into_any())
-    }
-
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.app)?;
-        if let Some(route_of) = &self.route_of {
-            visit.call(route_of)?;
-        }
-        self.meters.traverse(&visit)
     }
 }
 

@@ -90,24 +90,13 @@ def _metered_already() -> bool:
 
 
 class _ASGI(ASGIMiddleware):
-    """The ASGI middleware the instrumentor adds: meterage's, stepping aside for a request
-    that an outer meterage middleware meters already (an application mounted in another,
-    or one the application also wrapped itself)."""
-
-    # A plain function handing on the awaitable: no coroutine frame of its own.
-    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
-        if _metered_already():
-            return self.app(scope, receive, send)
-        return ASGIMiddleware.__call__(self, scope, receive, send)
+    """The ASGI middleware the instrumentor adds: meterage's, which steps aside for a
+    request that an outer meterage middleware meters already (an application mounted in
+    another, or one the application also wrapped itself)."""
 
 
 class _WSGI(WSGIMiddleware):
     """The WSGI middleware the instrumentor adds, stepping aside like ``_ASGI``."""
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        if _metered_already():
-            return self.app(environ, start_response)
-        return WSGIMiddleware.__call__(self, environ, start_response)
 
 
 class _State:
