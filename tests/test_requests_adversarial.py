@@ -616,6 +616,61 @@ def test_middlewares_no_longer_referenced_are_collected() -> None:
     assert [ref() for ref in gone] == [None, None]
 
 
+def test_requests_with_and_without_their_own_attributes_keep_their_series(tracking) -> None:
+    """Requests with only a route and status end in the series remembered for the last
+    such request; ones whose handler set an attribute, that failed, or of another method
+    do not, and a reset starts every series again."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        kind = scope["path"].strip("/")
+        await receive()  # a body of 3 bytes
+        if kind == "tenant":
+            meterage.current_call().set_attribute("tenant", "acme")
+        if kind == "fail":
+            raise ValueError("fails")
+        await answer(send, 200, b"x" * len(kind))
+
+    middleware = AsgiMiddleware(app)
+
+    async def serve(kinds: list[str]) -> None:
+        for kind in kinds:
+            scope = {**SCOPE, "path": f"/{kind}"}
+            if kind == "post":
+                scope["method"] = "POST"
+            with contextlib.suppress(ValueError):
+                await middleware(scope, _receive, _send)
+
+    def series() -> dict[tuple[Any, ...], tuple[int, float, float]]:
+        received = meterage.histogram("http.server.request.body.size")
+        sent = meterage.histogram("http.server.response.body.size")
+        return {
+            (
+                s.attributes["http.request.method"],
+                s.attributes.get("tenant"),
+                s.attributes.get("error.type"),
+            ): (
+                s.count,
+                received.snapshot(dict(s.attributes)).sum,
+                sent.snapshot(dict(s.attributes)).sum,
+            )
+            for s in meterage.snapshot()
+            if s.operation == OPERATION and s.count
+        }
+
+    kinds = ["plain", "tenant", "plain", "fail", "post", "plain", "tenant", "post"] * 25
+    asyncio.run(serve(kinds))
+    expected = {
+        ("GET", None, None): (75, 75 * 3.0, 75 * 5.0),
+        ("GET", "acme", None): (50, 50 * 3.0, 50 * 6.0),
+        ("GET", None, "ValueError"): (25, 25 * 3.0, 0.0),
+        ("POST", None, None): (50, 50 * 3.0, 50 * 4.0),
+    }
+    assert series() == expected
+    meterage.reset()
+    asyncio.run(serve(kinds[:8]))
+    assert series() == {key: (n // 25, a / 25, b / 25) for key, (n, a, b) in expected.items()}
+
+
 class _NoThrowIterator:
     """An awaitable's iterator with only __next__ (no send, throw or close): legal, and
     what `await` copes with (a throw into it is raised at the await)."""

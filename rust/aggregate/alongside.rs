@@ -27,13 +27,13 @@ pub struct Alongside<T, const N: usize> {
 
 /// Whether a series may be remembered: current, this process's, and not an overflow series
 /// (a later epoch may give the attributes their own).
-fn rememberable<S: SeriesData>(series: &S) -> bool {
+pub(crate) fn rememberable<S: SeriesData>(series: &S) -> bool {
     still_usable(series) && series.attributes().get(OVERFLOW_KEY).is_none()
 }
 
 /// Whether a remembered series can be used again: it still belongs to this epoch (a reset
 /// or a fork starts another) and to this process's arena.
-fn still_usable<S: SeriesData>(series: &S) -> bool {
+pub(crate) fn still_usable<S: SeriesData>(series: &S) -> bool {
     series.liveness().is_current() && !crate::group::arena::is_foreign(series as *const S as usize)
 }
 

@@ -668,6 +668,22 @@ impl MeterCore {
         Some((measured, series))
     }
 
+    /// [`finish_stepped`](Self::finish_stepped) in `series`, known to be the one of the
+    /// call's attributes and outcome.
+    pub fn finish_stepped_in(
+        &self,
+        call: &SteppedCall,
+        finished: &mut bool,
+        series: Arc<CallSeries>,
+    ) -> Option<(Measured, SeriesRef<'_>)> {
+        if std::mem::replace(finished, true) {
+            return None;
+        }
+        let measured = self.stop_stepped(call)?;
+        self.record(&measured, &series);
+        Some((measured, SeriesRef::Found(series)))
+    }
+
     /// The series for a call with these dynamic attributes and outcome.
     pub fn series_for(
         &self,

@@ -11,6 +11,7 @@ pub mod exemplars;
 pub mod histogram;
 pub mod lazy;
 pub mod registry;
+pub mod request_series;
 pub mod sampling;
 pub mod series;
 pub mod series_map;

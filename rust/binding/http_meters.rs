@@ -10,6 +10,7 @@ use super::steps::borrow_call;
 use crate::aggregate::alongside::Alongside;
 use crate::aggregate::attributes::AttributeValue;
 use crate::aggregate::call::{MeterCore, StepStart};
+use crate::aggregate::request_series::RequestSeries;
 use crate::aggregate::series::HistogramSeries;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
@@ -65,6 +66,22 @@ fn key(cell: &'static OnceLock<Arc<str>>, name: &str) -> Arc<str> {
 static ROUTE_KEY: OnceLock<Arc<str>> = OnceLock::new();
 static STATUS_KEY: OnceLock<Arc<str>> = OnceLock::new();
 
+/// A request's `http.route` (if found) and `http.response.status_code` (if it started a
+/// response: `status` -1 otherwise).
+fn http_pairs(route: Option<Arc<str>>, status: i64) -> Vec<(Arc<str>, AttributeValue)> {
+    let mut pairs = Vec::with_capacity(2);
+    if let Some(route) = route {
+        pairs.push((key(&ROUTE_KEY, "http.route"), AttributeValue::Str(route)));
+    }
+    if status >= 0 {
+        pairs.push((
+            key(&STATUS_KEY, "http.response.status_code"),
+            AttributeValue::Int(status),
+        ));
+    }
+    pairs
+}
+
 /// What a request's wrappers of the server's callables saw.
 pub struct Seen {
     /// The response's status; -1 until it starts.
@@ -108,6 +125,8 @@ pub struct RequestMeters {
     attributes_of: Option<Py<PyAny>>,
     /// The body-size series of each request series seen.
     sizes: Alongside<HistogramSeries, 2>,
+    /// The series of requests with only a route and status, and their body-size series.
+    recent: RequestSeries<HistogramSeries, 2>,
 }
 
 impl RequestMeters {
@@ -124,6 +143,7 @@ impl RequestMeters {
             response_size,
             attributes_of,
             sizes: Alongside::default(),
+            recent: RequestSeries::default(),
         }
     }
 
@@ -201,22 +221,9 @@ impl RequestMeters {
         mut error_type: Option<String>,
         route: Option<&str>,
     ) {
-        let mut pairs = Vec::with_capacity(2);
-        if let Some(route) = route {
-            pairs.push((
-                key(&ROUTE_KEY, "http.route"),
-                AttributeValue::Str(Arc::from(route)),
-            ));
-        }
         let status = seen.status.load(Ordering::Relaxed);
-        if status >= 0 {
-            pairs.push((
-                key(&STATUS_KEY, "http.response.status_code"),
-                AttributeValue::Int(status),
-            ));
-            if error_type.is_none() && status >= 500 {
-                error_type = Some(status.to_string());
-            }
+        if error_type.is_none() && status >= 500 {
+            error_type = Some(status.to_string());
         }
         let values = [
             (
@@ -228,8 +235,24 @@ impl RequestMeters {
                 seen.response_bytes.load(Ordering::Relaxed) as f64,
             ),
         ];
-        if let Ok(mut call) = borrow_call(call) {
-            call.end_with(error_type.as_deref(), pairs, values, &self.sizes);
+        let Ok(mut call) = borrow_call(call) else {
+            return;
+        };
+        // Only its route and status: the series of the last such request, if remembered.
+        let plain = error_type.is_none() && !call.has_dynamic();
+        if plain {
+            if let Some(remembered) = self.recent.get(&call.core, route, status) {
+                let pairs = http_pairs(remembered.route.clone(), status);
+                call.end_in(pairs, values, remembered);
+                return;
+            }
+        }
+        let route: Option<Arc<str>> = route.map(Arc::from);
+        let pairs = http_pairs(route.clone(), status);
+        let ended = call.end_with(error_type.as_deref(), pairs, values, &self.sizes);
+        if let (true, Some((call_series, found))) = (plain, ended) {
+            let core = Arc::clone(&call.core);
+            self.recent.put(&core, route, status, &call_series, &found);
         }
     }
 

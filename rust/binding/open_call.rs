@@ -15,8 +15,9 @@ use super::spans;
 use super::steps::{borrow_call, Steps};
 use crate::aggregate::alongside::Alongside;
 use crate::aggregate::attributes::ERROR_TYPE_KEY;
-use crate::aggregate::call::{MeterCore, SeriesRef, StepStart, SteppedCall};
+use crate::aggregate::call::{Measured, MeterCore, SeriesRef, StepStart, SteppedCall};
 use crate::aggregate::call_key::CallKey;
+use crate::aggregate::request_series::Remembered;
 use crate::aggregate::series::{CallSeries, HistogramSeries};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
@@ -52,6 +53,38 @@ pub struct OpenCall {
     span_noted: bool,
 }
 
+/// A finished call's cost onto its span (or the span current now); its series, when it is
+/// not the meter's own.
+fn note_finished(
+    span: Option<Py<PyAny>>,
+    span_noted: bool,
+    measured: Option<(Measured, SeriesRef<'_>)>,
+) -> Option<Arc<CallSeries>> {
+    let (measured, series) = measured?;
+    match span {
+        None => spans::note(&measured, &series),
+        Some(span) => Python::attach(|py| {
+            let span = span.bind(py);
+            if span_noted {
+                spans::offer_exemplar(span, &measured, &series);
+            } else if !spans::note_on(span, &measured, Some(&series)) {
+                // Its span ended first: the span current now (an enclosing one) has it.
+                spans::note(&measured, &series);
+            }
+        }),
+    }
+    match series {
+        SeriesRef::Found(series) => Some(series),
+        SeriesRef::Own(_) => None,
+    }
+}
+
+fn record_each(series: &[Arc<HistogramSeries>; 2], values: [(&PyHistogram, f64); 2]) {
+    for (series, (_, value)) in series.iter().zip(values) {
+        series.record(value);
+    }
+}
+
 impl OpenCall {
     pub fn new(core: Arc<MeterCore>) -> OpenCall {
         OpenCall {
@@ -67,27 +100,21 @@ impl OpenCall {
     /// Records the call once, in the series of its dynamic attributes and outcome; that
     /// series, when it is not the meter's own.
     pub fn finish_stepped(&mut self, error_type: Option<&str>) -> Option<Arc<CallSeries>> {
+        let span = self.span.take();
         let measured =
             self.core
                 .finish_stepped(&self.stepped, &mut self.finished, &self.dynamic, error_type);
+        note_finished(span, self.span_noted, measured)
+    }
+
+    /// [`finish_stepped`](Self::finish_stepped) in a series known to be the one of the
+    /// call's attributes (remembered from an earlier call with the same ones).
+    fn finish_stepped_in(&mut self, series: Arc<CallSeries>) -> Option<Arc<CallSeries>> {
         let span = self.span.take();
-        let (measured, series) = measured?;
-        match span {
-            None => spans::note(&measured, &series),
-            Some(span) => Python::attach(|py| {
-                let span = span.bind(py);
-                if self.span_noted {
-                    spans::offer_exemplar(span, &measured, &series);
-                } else if !spans::note_on(span, &measured, Some(&series)) {
-                    // Its span ended first: the span current now (an enclosing one) has it.
-                    spans::note(&measured, &series);
-                }
-            }),
-        }
-        match series {
-            SeriesRef::Found(series) => Some(series),
-            SeriesRef::Own(_) => None,
-        }
+        let measured = self
+            .core
+            .finish_stepped_in(&self.stepped, &mut self.finished, series);
+        note_finished(span, self.span_noted, measured)
     }
 
     /// Puts the cost so far onto the call's span, once, before that span ends (a server
@@ -123,34 +150,56 @@ impl OpenCall {
 
     /// [`end`](Self::end) with two values whose series `alongside` remembers per call
     /// series (a request's body sizes: most requests end in a series seen before).
+    /// Gives the call's series and the values' series, when the call's is not the meter's
+    /// own.
     pub fn end_with(
         &mut self,
         error_type: Option<&str>,
         pairs: Pairs,
         values: [(&PyHistogram, f64); 2],
         alongside: &Alongside<HistogramSeries, 2>,
+    ) -> Option<(Arc<CallSeries>, [Arc<HistogramSeries>; 2])> {
+        if self.finished {
+            return None;
+        }
+        self.dynamic.extend(pairs);
+        let Some(call_series) = self.finish_stepped(error_type) else {
+            self.record_alongside(error_type, &values);
+            return None;
+        };
+        let found = match alongside.get(&call_series) {
+            Some(found) => found,
+            None => {
+                let found = self.with_key(error_type, |key| {
+                    values.map(|(histogram, _)| histogram.series_in(key))
+                });
+                alongside.put(&call_series, &found);
+                found
+            }
+        };
+        record_each(&found, values);
+        Some((call_series, found))
+    }
+
+    /// [`end_with`](Self::end_with) for a call with no error whose series, with these
+    /// last attributes, is `remembered` (and the values' series with it).
+    pub fn end_in(
+        &mut self,
+        pairs: Pairs,
+        values: [(&PyHistogram, f64); 2],
+        remembered: Remembered<HistogramSeries, 2>,
     ) {
         if self.finished {
             return;
         }
         self.dynamic.extend(pairs);
-        let Some(call_series) = self.finish_stepped(error_type) else {
-            self.record_alongside(error_type, &values);
-            return;
-        };
-        if let Some(found) = alongside.get(&call_series) {
-            for (series, (_, value)) in found.iter().zip(values) {
-                series.record(value);
-            }
-            return;
-        }
-        let found = self.with_key(error_type, |key| {
-            values.map(|(histogram, _)| histogram.series_in(key))
-        });
-        for (series, (_, value)) in found.iter().zip(values) {
-            series.record(value);
-        }
-        alongside.put(&call_series, &found);
+        self.finish_stepped_in(remembered.call);
+        record_each(&remembered.found, values);
+    }
+
+    /// Whether the call has attributes of its own (set by its code, or given at its end).
+    pub fn has_dynamic(&self) -> bool {
+        !self.dynamic.is_empty()
     }
 
     fn record_alongside(&self, error_type: Option<&str>, values: &[(&PyHistogram, f64)]) {
