@@ -16,6 +16,7 @@ scheme) are fixed; their tests stay.
 from __future__ import annotations
 
 import asyncio
+import collections
 import collections.abc
 import contextlib
 import contextvars
@@ -669,6 +670,61 @@ def test_requests_with_and_without_their_own_attributes_keep_their_series(tracki
     meterage.reset()
     asyncio.run(serve(kinds[:8]))
     assert series() == {key: (n // 25, a / 25, b / 25) for key, (n, a, b) in expected.items()}
+
+
+def test_a_routes_only_template_is_found_once_and_a_twice_mounted_ones_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Starlette's routes in process: the template of a route mounted once is kept by
+    its route object after its first request; a route mounted twice has its template
+    chosen by each request's path."""
+    starlette = pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from meterage import _routes
+
+    asked: list[str] = []
+    find = _routes.template_and_whether_only
+
+    def counting(scope: Any, application: Any) -> tuple[str | None, bool]:
+        asked.append(scope["path"])
+        return find(scope, application)
+
+    monkeypatch.setattr(_routes, "template_and_whether_only", counting)
+
+    async def thing(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/things/{thing}", thing)])
+    app = Starlette(
+        routes=[Route("/items/{item}", thing), Mount("/v1", inner), Mount("/v2", inner)]
+    )
+    app.add_middleware(AsgiMiddleware, probes=())
+
+    async def serve(paths: list[str]) -> None:
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        for path in paths:
+            scope = {**SCOPE, "path": path, "raw_path": path.encode(), "query_string": b""}
+            await app(scope, _receive, send)
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200] * len(
+            paths
+        )
+
+    paths = ["/items/1", "/v1/things/2", "/v2/things/3"] * 4
+    asyncio.run(serve(paths))
+    assert asked.count("/items/1") == 1, starlette.__version__
+    assert [path for path in asked if path != "/items/1"] == [p for p in paths if p != "/items/1"]
+    counts = collections.Counter()
+    for s in meterage.snapshot():
+        if s.operation == OPERATION and s.count:
+            counts[s.attributes.get("http.route")] += s.count
+    assert counts == {"/items/{item}": 4, "/v1/things/{thing}": 4, "/v2/things/{thing}": 4}
 
 
 class _NoThrowIterator:

@@ -470,7 +470,7 @@ class HttpMeter:
         request_size: Histogram,
         response_size: Histogram,
         attributes_of: Callable[[Any], Any] | None,
-        route_of: Callable[[Any, Any], str | None],
+        route_of: Callable[[Any, Any], tuple[str | None, bool]],
         on_probed: Callable[[], None],
     ) -> Self: ...
     def __call__(self, scope: Any, receive: Any, send: Any) -> Any: ...
@@ -513,7 +513,7 @@ class WsgiMeter:
         request_size: Histogram,
         response_size: Histogram,
         attributes_of: Callable[[Any], Any] | None,
-        route_of: Callable[[Any], str | None] | None = None,
+        werkzeug_routes: bool = False,
     ) -> Self: ...
     def __call__(self, environ: Any, start_response: Any) -> WsgiBody: ...
 

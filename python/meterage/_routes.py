@@ -103,9 +103,17 @@ def _routes_of(application: Any) -> list[Any] | None:
 def template(scope: Mapping[str, Any], application: Any) -> str | None:
     """The route template of a finished request, or None (no route matched, or an
     application this does not know)."""
+    return template_and_whether_only(scope, application)[0]
+
+
+def template_and_whether_only(
+    scope: Mapping[str, Any], application: Any
+) -> tuple[str | None, bool]:
+    """``template``, and whether it is the only one of the scope's route (a route mounted
+    once: every request it matches has it, so the middleware keeps it by route)."""
     route = scope.get("route")
     if route is None:
-        return None
+        return None, False
     key = id(route)
     known = _known.get(key)
     if known is None or known[0] is not route:
@@ -122,4 +130,5 @@ def template(scope: Mapping[str, Any], application: Any) -> str | None:
             if len(_known) >= _MAX_KNOWN:
                 _known.clear()
             _known[key] = known
-    return _choose(known[1], scope)
+    templates = known[1]
+    return _choose(templates, scope), len(templates) == 1

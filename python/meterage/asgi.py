@@ -91,7 +91,7 @@ class MeterageMiddleware(_http.Middleware, _native.AsgiMiddlewareBase):
             request_size=self._meters.request_size,
             response_size=self._meters.response_size,
             attributes_of=self._attributes_of,
-            route_of=_routes.template,
+            route_of=_routes.template_and_whether_only,
             on_probed=self._watch_loop,
         )
         # Calling the middleware is the native base's call of this meter (no Python frame).

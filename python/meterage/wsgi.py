@@ -59,8 +59,6 @@ class MeterageMiddleware(_http.Middleware, _native.WsgiMiddlewareBase):
         budget: float | None = None,
     ) -> None:
         super().__init__(app, "WSGI", attributes, probes, sample, budget)
-        from meterage.integrations import flask as _flask
-
         # Each request is handled natively: the application, each chunk of its body and
         # the body's close() run as steps of the request's call; at its end the route is
         # read from werkzeug's request (Flask's URL rule) when there is one.
@@ -70,7 +68,7 @@ class MeterageMiddleware(_http.Middleware, _native.WsgiMiddlewareBase):
             request_size=self._meters.request_size,
             response_size=self._meters.response_size,
             attributes_of=self._attributes_of,
-            route_of=_flask.route_of,
+            werkzeug_routes=True,
         )
         # Calling the middleware is the native base's call of this meter (no Python frame).
         self._set_requests(self._requests)

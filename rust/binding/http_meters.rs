@@ -219,7 +219,7 @@ impl RequestMeters {
         call: &Bound<'_, OpenCall>,
         seen: &Seen,
         mut error_type: Option<String>,
-        route: Option<&str>,
+        route: Option<Arc<str>>,
     ) {
         let status = seen.status.load(Ordering::Relaxed);
         if error_type.is_none() && status >= 500 {
@@ -241,13 +241,12 @@ impl RequestMeters {
         // Only its route and status: the series of the last such request, if remembered.
         let plain = error_type.is_none() && !call.has_dynamic();
         if plain {
-            if let Some(remembered) = self.recent.get(&call.core, route, status) {
+            if let Some(remembered) = self.recent.get(&call.core, route.as_deref(), status) {
                 let pairs = http_pairs(remembered.route.clone(), status);
                 call.end_in(pairs, values, remembered);
                 return;
             }
         }
-        let route: Option<Arc<str>> = route.map(Arc::from);
         let pairs = http_pairs(route.clone(), status);
         let ended = call.end_with(error_type.as_deref(), pairs, values, &self.sizes);
         if let (true, Some((call_series, found))) = (plain, ended) {

@@ -17,6 +17,7 @@ use super::http_meters::{
     item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
 };
 use super::instruments::PyHistogram;
+use super::known_routes::KnownRoutes;
 use super::open_call::{Current, OpenCall};
 use super::steps::{
     borrow_call, ending_error, next_of, send_into, sent, step_target, throw_into, Outcome,
@@ -35,8 +36,10 @@ pub struct HttpMeter {
     /// What handles every other scope (websocket sessions, lifespan).
     other: Py<PyAny>,
     meters: RequestMeters,
-    /// `route_of(scope, application) -> str | None`, called when the scope names a route.
+    /// `route_of(scope, application) -> (str | None, only)`, called when the scope names a
+    /// route whose template is not known yet (`only`: the route's one template, kept).
     route_of: Py<PyAny>,
+    known_routes: KnownRoutes,
     /// Called once a request is probed (before its first step): readies the event loop's
     /// hand-off charging.
     on_probed: Py<PyAny>,
@@ -73,6 +76,7 @@ impl HttpMeter {
             other,
             meters: RequestMeters::new(meter_for, request_size, response_size, attributes_of),
             route_of,
+            known_routes: KnownRoutes::default(),
             on_probed,
         }
     }
@@ -91,6 +95,7 @@ impl HttpMeter {
         for object in [&self.app, &self.other, &self.route_of, &self.on_probed] {
             visit.call(object)?;
         }
+        self.known_routes.traverse(&visit)?;
         self.meters.traverse(&visit)
     }
 }
@@ -432,9 +437,7 @@ impl RequestSteps {
         }
         let call = call.bind(py);
         let route = self.route(py, meter, call);
-        meter
-            .meters
-            .end(py, call, &self.seen, error_type, route.as_deref());
+        meter.meters.end(py, call, &self.seen, error_type, route);
     }
 
     /// The route template the framework's match in the scope names, unless the request
@@ -444,21 +447,26 @@ impl RequestSteps {
         py: Python<'_>,
         meter: &HttpMeter,
         call: &Bound<'_, OpenCall>,
-    ) -> Option<String> {
+    ) -> Option<Arc<str>> {
         let scope = self.scope.bind(py);
-        if !item(scope, intern!(py, "route")).is_ok_and(|route| route.is_some()) {
-            return None;
-        }
+        let route = item(scope, intern!(py, "route")).ok().flatten()?;
         if call
             .try_borrow()
             .is_ok_and(|call| call.has_own("http.route"))
         {
             return None;
         }
+        if let Some(template) = meter.known_routes.get(&route) {
+            return Some(template);
+        }
         let application = self.application.as_ref()?.bind(py);
-        let route = meter.route_of.bind(py).call1((scope, application)).ok()?;
-        let route = route.cast::<PyString>().ok()?.to_str().ok()?.to_owned();
-        Some(route)
+        let found = meter.route_of.bind(py).call1((scope, application)).ok()?;
+        let (template, only) = found.extract::<(Option<String>, bool)>().ok()?;
+        let template: Arc<str> = Arc::from(template?);
+        if only {
+            meter.known_routes.put(&route, Arc::clone(&template));
+        }
+        Some(template)
     }
 
     fn step<'py>(

@@ -13,6 +13,7 @@ mod host;
 mod http_meters;
 mod http_request;
 mod instruments;
+mod known_routes;
 mod meter;
 mod metered_function;
 mod middleware_base;

@@ -26,9 +26,9 @@ use std::sync::Arc;
 pub struct WsgiMeter {
     app: Py<PyAny>,
     meters: RequestMeters,
-    /// `route_of(environ) -> str | None`, called as the response starts when werkzeug's
-    /// request is in the environ.
-    route_of: Option<Py<PyAny>>,
+    /// Whether a request's route is read as its response starts from werkzeug's request in
+    /// the environ (Flask's URL rule).
+    werkzeug_routes: bool,
 }
 
 /// The protocol version of `SERVER_PROTOCOL` ("HTTP/1.1" gives "1.1").
@@ -45,6 +45,23 @@ fn content_length(environ: &Bound<'_, PyAny>) -> u64 {
     text(&length)
         .and_then(|length| length.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The URL rule of the request werkzeug made for `environ` (Flask puts the rule it matched
+/// on it: `request.url_rule.rule`, "/items/<int:item_id>"), if there is one; a request that
+/// cannot be read leaves the request unnamed.
+fn werkzeug_rule(environ: &Bound<'_, PyAny>) -> Option<String> {
+    let py = environ.py();
+    let request = item(environ, intern!(py, "werkzeug.request")).ok()??;
+    if request.is_none() {
+        return None;
+    }
+    let rule = request.getattr(intern!(py, "url_rule")).ok()?;
+    if rule.is_none() {
+        return None;
+    }
+    let template = rule.getattr(intern!(py, "rule")).ok()?;
+    Some(template.cast::<PyString>().ok()?.to_str().ok()?.to_owned())
 }
 
 /// Whether `body` is the server's `wsgi.file_wrapper` (a file it can send by itself).
@@ -82,25 +99,25 @@ fn end_request(
     });
     meter
         .meters
-        .end(py, call, seen, error_type, route.as_deref());
+        .end(py, call, seen, error_type, route.map(Arc::from));
 }
 
 #[pymethods]
 impl WsgiMeter {
     #[new]
-    #[pyo3(signature = (app, *, meter_for, request_size, response_size, attributes_of, route_of = None))]
+    #[pyo3(signature = (app, *, meter_for, request_size, response_size, attributes_of, werkzeug_routes = false))]
     fn new(
         app: Py<PyAny>,
         meter_for: Py<PyAny>,
         request_size: Py<PyHistogram>,
         response_size: Py<PyHistogram>,
         attributes_of: Option<Py<PyAny>>,
-        route_of: Option<Py<PyAny>>,
+        werkzeug_routes: bool,
     ) -> WsgiMeter {
         WsgiMeter {
             app,
             meters: RequestMeters::new(meter_for, request_size, response_size, attributes_of),
-            route_of,
+            werkzeug_routes,
         }
     }
 
@@ -115,9 +132,6 @@ impl WsgiMeter {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.app)?;
-        if let Some(route_of) = &self.route_of {
-            visit.call(route_of)?;
-        }
         self.meters.traverse(&visit)
     }
 }
@@ -157,10 +171,7 @@ impl WsgiMeter {
                 seen: Arc::clone(&seen),
                 headers: std::sync::Mutex::new(None),
                 environ: environ.clone().unbind(),
-                route_of: this
-                    .route_of
-                    .as_ref()
-                    .map(|route_of| route_of.clone_ref(py)),
+                werkzeug_routes: this.werkzeug_routes,
             },
         )?;
         // Current from here to the body's end (the server iterates and closes the body in
@@ -202,10 +213,10 @@ impl WsgiMeter {
 pub struct WatchedStartResponse {
     start_response: Py<PyAny>,
     seen: Arc<Seen>,
-    /// The request's environ and what reads a route from it: while the response starts, a
-    /// framework's request (werkzeug's, with Flask's URL rule) is still in it.
+    /// The request's environ: while the response starts, a framework's request (werkzeug's,
+    /// with Flask's URL rule) is still in it.
     environ: Py<PyAny>,
-    route_of: Option<Py<PyAny>>,
+    werkzeug_routes: bool,
     /// The response's headers, for a body the server sends itself (a file wrapper).
     headers: std::sync::Mutex<Option<Py<PyAny>>>,
 }
@@ -254,21 +265,10 @@ impl WatchedStartResponse {
         if let Ok(headers) = args.get_item(1) {
             *self.headers.lock().unwrap_or_else(|e| e.into_inner()) = Some(headers.unbind());
         }
-        if let Some(route_of) = &self.route_of {
-            let py = args.py();
-            let environ = self.environ.bind(py);
-            if item(environ, intern!(py, "werkzeug.request"))
-                .is_ok_and(|r| r.is_some_and(|r| !r.is_none()))
-            {
-                // A framework's request that cannot be read leaves the request unnamed.
-                if let Ok(route) = route_of.bind(py).call1((environ,)) {
-                    if let Ok(route) = route.cast::<PyString>() {
-                        if let Ok(route) = route.to_str() {
-                            *self.seen.route.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(route.to_owned());
-                        }
-                    }
-                }
+        if self.werkzeug_routes {
+            let environ = self.environ.bind(args.py());
+            if let Some(route) = werkzeug_rule(environ) {
+                *self.seen.route.lock().unwrap_or_else(|e| e.into_inner()) = Some(route);
             }
         }
         self.start_response.bind(args.py()).call(args, kwargs)
@@ -277,9 +277,6 @@ impl WatchedStartResponse {
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.start_response)?;
         visit.call(&self.environ)?;
-        if let Some(route_of) = &self.route_of {
-            visit.call(route_of)?;
-        }
         if let Ok(headers) = self.headers.try_lock() {
             if let Some(headers) = headers.as_ref() {
                 visit.call(headers)?;

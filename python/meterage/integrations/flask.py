@@ -1,9 +1,9 @@
 """Flask: a request's ``http.route`` is its URL rule (``/items/<int:item_id>``).
 
-``meterage.wsgi.MeterageMiddleware`` reads it from werkzeug's request in the environ as the
-response starts (``route_of``): nothing runs per request before then. For a Flask
-application metered another way, ``name_routes_of`` names each request as it starts
-(Flask's ``request_started`` signal).
+``meterage.wsgi.MeterageMiddleware`` reads it natively from werkzeug's request in the
+environ as the response starts (``request.url_rule.rule``): nothing runs per request before
+then. For a Flask application metered another way, ``name_routes_of`` names each request
+as it starts (Flask's ``request_started`` signal).
 """
 
 from __future__ import annotations
@@ -28,14 +28,6 @@ def _name_route(sender: Any, **_: Any) -> None:
     rule = request.url_rule
     if rule is not None:
         call.set_attribute("http.route", rule.rule)
-
-
-def route_of(environ: Any) -> str | None:
-    """The URL rule of the request werkzeug made for ``environ`` (Flask puts the matched rule
-    on it), or None."""
-    rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
-    template = getattr(rule, "rule", None)
-    return template if isinstance(template, str) else None
 
 
 def name_routes_of(app: Any) -> bool:
