@@ -1,19 +1,26 @@
 """What a request through meterage's middleware costs with the caches cold, counted rather
-than timed: instructions, and cache lines of code and data that miss a 2 MiB cache (this
-machine's L2 per core), per request, over the bare application, under cachegrind.
+than timed: the cache lines of code and data that miss a 2 MiB cache (this machine's L2
+per core), per request, over the bare application, under cachegrind.
 
-    python benches/request_cache_lines.py                 # ASGI and WSGI, ~2 min
+    python benches/request_cache_lines.py                 # ASGI and WSGI, ~6 min
     python benches/request_cache_lines.py --app wsgi --top 25
+    python benches/request_cache_lines.py --no-other-code # instructions, code kept warm
 
 A server's own work between two requests (parsing, the event loop, the socket, other
 processes) pushes the middleware's code and data out of the caches, so on a real server
 what a request costs is mostly the lines it touches, not its instructions (see
 docs/benchmarks.md, "Requests"). Each variant runs twice under
-``valgrind --tool=cachegrind`` (200 warm-up requests, then 0 or ``--requests`` more, 4 MiB
-copied before each so that every request starts cold); the difference of the two runs is
-what the requests cost, and the difference to the bare application's is meterage's. The
-figures are exact counts for the simulated caches (repeatable to a few lines), unlike
-timings on a shared machine. Needs valgrind (``apt-get install valgrind``).
+``valgrind --tool=cachegrind`` (200 warm-up requests, then 0 or ``--requests`` more); before
+each counted request some other, varied code runs (which pushes the request's code out of
+the simulated 32 KiB first-level code cache, as a server's does) and 4 MiB are copied
+(which empties the 2 MiB one); the difference of the two runs is what the requests cost,
+and the difference to the bare application's is meterage's. The collector is off in the
+runs (where its collections fall moves with the other code's allocations). The figures
+are exact counts for the simulated caches (repeatable to a few lines), unlike timings on a
+shared machine. The other code's allocations take different paths next to different
+applications, so instructions are printed only with ``--no-other-code``, where the
+request's code stays in the first-level cache and code lines are undercounted. Needs
+valgrind (``apt-get install valgrind``).
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ FIRST_LEVEL_DATA = "49152,12,64"
 RUNNER = """
 import asyncio, sys
 app_kind, variant, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with_other_code = sys.argv[4] == "1"
 from meterage.asgi import MeterageMiddleware as Asgi
 from meterage.wsgi import MeterageMiddleware as Wsgi
 scratch_from, scratch_to = bytearray(4 << 20), bytearray(4 << 20)
-import decimal, difflib, json, re, textwrap
+import decimal, difflib, gc, json, re, textwrap
 SAMPLE = {"a": [1, 2.5, "x" * 10, None, True], "b": {"c": "d"}}
 def other_code():
     # A server runs its own code between requests (parsing, the event loop, logging):
@@ -51,8 +59,13 @@ def other_code():
     difflib.SequenceMatcher(None, "abcde", "abdce").ratio()
     "{:>10}|{!r}".format(3.14159, [b"x"])
 def cold():
-    other_code()
+    if with_other_code:
+        other_code()
     scratch_to[:] = scratch_from
+# Off: a collection falls on whichever request crosses its threshold, which other_code's
+# allocations move, so counts with it on differ by thousands of instructions between
+# runs. What meterage's objects cost the collector is in the timed benches (it is on there).
+gc.disable()
 async def asgi_app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
@@ -95,7 +108,7 @@ Counts = dict[tuple[str, str], list[int]]
 
 
 def run_cachegrind(
-    app: str, variant: str, requests: int, workdir: Path
+    app: str, variant: str, requests: int, workdir: Path, other_code: bool
 ) -> tuple[list[str], Counts]:
     """Runs the runner under cachegrind; the events and the counts per (file, function)."""
     script = workdir / "runner.py"
@@ -115,6 +128,7 @@ def run_cachegrind(
             app,
             variant,
             str(requests),
+            "1" if other_code else "0",
         ],
         check=True,
         stdout=subprocess.DEVNULL,
@@ -142,9 +156,11 @@ def parse(path: Path) -> tuple[list[str], Counts]:
     return events, counts
 
 
-def per_request(app: str, variant: str, requests: int, workdir: Path) -> tuple[list[str], Counts]:
-    events, long = run_cachegrind(app, variant, requests, workdir)
-    _, short = run_cachegrind(app, variant, 0, workdir)
+def per_request(
+    app: str, variant: str, requests: int, workdir: Path, other_code: bool = True
+) -> tuple[list[str], Counts]:
+    events, long = run_cachegrind(app, variant, requests, workdir, other_code)
+    _, short = run_cachegrind(app, variant, 0, workdir, other_code)
     width = len(events)
     padded_long = {key: (value + [0] * width)[:width] for key, value in long.items()}
     padded_short = {key: (value + [0] * width)[:width] for key, value in short.items()}
@@ -178,6 +194,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--variants", default="timer,default", help="meterage's variants")
     parser.add_argument("--requests", type=int, default=300, help="requests counted (300)")
     parser.add_argument("--top", type=int, default=12, help="functions listed per variant")
+    parser.add_argument(
+        "--no-other-code",
+        dest="other_code",
+        action="store_false",
+        help="no other code between requests: instructions counted alone (the code stays "
+        "in the first-level cache)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -188,10 +211,10 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as directory:
         workdir = Path(directory)
         for app in apps:
-            events, bare = per_request(app, "bare", args.requests, workdir)
+            events, bare = per_request(app, "bare", args.requests, workdir, args.other_code)
             index = {event: events.index(event) for event in EVENTS}
             for variant in args.variants.split(","):
-                _, metered = per_request(app, variant, args.requests, workdir)
+                _, metered = per_request(app, variant, args.requests, workdir, args.other_code)
                 zero = [0] * len(events)
                 over = {
                     key: [
@@ -205,9 +228,14 @@ def main(argv: list[str]) -> int:
                     sum(values[i] for values in over.values()) / n for i in range(len(events))
                 ]
                 code, data = totals[index["ILmr"]], totals[index["DLmr"]] + totals[index["DLmw"]]
+                # With other code between requests, its allocations take other paths in
+                # the two processes: their instruction counts differ by thousands.
+                instructions = (
+                    f"{totals[index['Ir']]:,.0f} instructions, " if not args.other_code else ""
+                )
                 print(
                     f"\n{app.upper()} {variant}: per request over the bare application: "
-                    f"{totals[index['Ir']]:,.0f} instructions, {code:.0f} code lines and "
+                    f"{instructions}{code:.0f} code lines and "
                     f"{data:.0f} data lines missing a 2 MiB cache ({code + data:.0f} in all)"
                 )
                 places: dict[str, float] = collections.defaultdict(float)
