@@ -648,6 +648,9 @@ def partial_binding_warning() -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext()
 
 
+# A full collection's CPU time depends on the whole heap, not on the test: its costs are
+# reported, not gated against a --meterage-compare baseline (CI's gate saw 11.9 -> 24.4 ms).
+@pytest.mark.meterage_costs(gate=False)
 def test_an_abandoned_generator_in_a_cycle_is_collected_and_recorded(unique, one_series):
     name = unique()
 
@@ -670,6 +673,8 @@ def test_an_abandoned_generator_in_a_cycle_is_collected_and_recorded(unique, one
     assert "error.type" not in series.attributes
 
 
+# A full collection again: reported, not gated.
+@pytest.mark.meterage_costs(gate=False)
 def test_closing_a_generator_that_never_started_records_nothing(unique, series_of):
     name = unique()
 

@@ -20,6 +20,7 @@ import collections
 import collections.abc
 import contextlib
 import contextvars
+import copy
 import gc
 import http.client
 import inspect
@@ -600,6 +601,23 @@ def test_a_subclass_that_skips_the_middlewares_init_raises_clearly() -> None:
     middleware = AsgiMiddleware(_send)
     with pytest.raises(RuntimeError, match="initialized already"):
         middleware._set_requests(middleware._requests)
+
+
+def test_a_copied_middleware_serves_and_meters_its_requests(tracking) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await answer(send, 202)
+
+    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("203 Non-Authoritative Information", [])
+        return [b"copied"]
+
+    assert run_request(copy.copy(AsgiMiddleware(app))) is None
+    body = copy.copy(WsgiMiddleware(wsgi_app))(
+        {"REQUEST_METHOD": "GET", "wsgi.url_scheme": "http"}, lambda *args: None
+    )
+    assert list(body) == [b"copied"]
+    body.close()
+    assert outcomes() == {(202, None): 1, (203, None): 1}
 
 
 def test_middlewares_no_longer_referenced_are_collected() -> None:

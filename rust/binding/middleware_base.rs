@@ -13,7 +13,7 @@ use super::wsgi_request::WsgiMeter;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
-use pyo3::{PyTraverseError, PyVisit};
+use pyo3::{intern, PyTraverseError, PyVisit};
 
 fn not_initialized(kind: &str) -> PyErr {
     PyRuntimeError::new_err(format!(
@@ -54,6 +54,24 @@ macro_rules! middleware_base {
             /// Sets the meter every call goes to, once.
             fn _set_requests(&mut self, requests: Py<$meter>) -> PyResult<()> {
                 set_once(&mut self.requests, requests, $kind)
+            }
+
+            /// What `copy.copy` of a middleware takes: its attributes (the meter among them).
+            fn __getstate__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+                slf.getattr(intern!(slf.py(), "__dict__"))
+            }
+
+            /// A copy made by `copy.copy`: the attributes, and the meter among them.
+            fn __setstate__(slf: &Bound<'_, Self>, state: &Bound<'_, PyDict>) -> PyResult<()> {
+                let py = slf.py();
+                slf.getattr(intern!(py, "__dict__"))?
+                    .call_method1(intern!(py, "update"), (state,))?;
+                if let Some(requests) = state.get_item(intern!(py, "_requests"))? {
+                    if let Ok(requests) = requests.cast::<$meter>() {
+                        slf.borrow_mut().requests = Some(requests.clone().unbind());
+                    }
+                }
+                Ok(())
             }
 
             fn __call__<'py>(
