@@ -14,7 +14,7 @@ use super::call::MeterCore;
 use super::series::CallSeries;
 use super::series_map::SeriesData;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// Slots; more (meter, route, status) triples than this share slots and take turns.
 const SLOTS: usize = 64;
@@ -28,11 +28,10 @@ struct Slot<T, const N: usize> {
     found: [Arc<T>; N],
 }
 
-/// What a request ends in: its call series, its route's text (shared, not copied) and
-/// the series of the values recorded alongside.
+/// What a request ends in: its call series and the series of the values recorded
+/// alongside.
 pub struct Remembered<T, const N: usize> {
     pub call: Arc<CallSeries>,
-    pub route: Option<Arc<str>>,
     pub found: [Arc<T>; N],
 }
 
@@ -49,9 +48,8 @@ impl<T: SeriesData, const N: usize> Default for RequestSeries<T, N> {
 }
 
 fn slot_of(meter: &Arc<MeterCore>, route: Option<&str>, status: i64) -> usize {
-    static SEED: OnceLock<foldhash::fast::FixedState> = OnceLock::new();
-    let seed = SEED.get_or_init(foldhash::fast::FixedState::default);
-    (seed.hash_one((Arc::as_ptr(meter) as usize, route, status)) as usize) % SLOTS
+    const SEED: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0);
+    (SEED.hash_one((Arc::as_ptr(meter) as usize, route, status)) as usize) % SLOTS
 }
 
 impl<T: SeriesData, const N: usize> RequestSeries<T, N> {
@@ -75,7 +73,6 @@ impl<T: SeriesData, const N: usize> RequestSeries<T, N> {
         }
         Some(Remembered {
             call: Arc::clone(&slot.call),
-            route: slot.route.clone(),
             found: slot.found.clone(),
         })
     }
@@ -146,7 +143,6 @@ mod tests {
         let got = recent.get(&one, Some("/a"), 200).expect("remembered");
         assert!(Arc::ptr_eq(&got.call, &call));
         assert!(Arc::ptr_eq(&got.found[0], &found[0]) && Arc::ptr_eq(&got.found[1], &found[1]));
-        assert_eq!(got.route.as_deref(), Some("/a"));
         for (meter, route, status) in [
             (&other, Some("/a"), 200),
             (&one, Some("/b"), 200),

@@ -242,16 +242,15 @@ impl RequestMeters {
         let plain = error_type.is_none() && !call.has_dynamic();
         if plain {
             if let Some(remembered) = self.recent.get(&call.core, route.as_deref(), status) {
-                let pairs = http_pairs(remembered.route.clone(), status);
-                call.end_in(pairs, values, remembered);
+                call.end_in(http_pairs(route, status), values, remembered);
                 return;
             }
         }
         let pairs = http_pairs(route.clone(), status);
         let ended = call.end_with(error_type.as_deref(), pairs, values, &self.sizes);
         if let (true, Some((call_series, found))) = (plain, ended) {
-            let core = Arc::clone(&call.core);
-            self.recent.put(&core, route, status, &call_series, &found);
+            self.recent
+                .put(&call.core, route, status, &call_series, &found);
         }
     }
 
