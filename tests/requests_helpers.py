@@ -1,6 +1,7 @@
 """What the request middleware tests share: one HTTP request on a fresh connection, the
-series of a test app's ``/charged`` answer, and waiting for a request's call to end (it
-ends just after its response is sent, so a client can ask before)."""
+series of a test app's ``/charged`` answer, waiting for a request's call to end (it ends
+just after its response is sent, so a client can ask before), and the check that a route
+burning a known CPU time was charged it."""
 
 from __future__ import annotations
 
@@ -43,3 +44,22 @@ def settled(rows_of: Callable[[], Rows], count: int, **attributes: Any) -> dict[
     )
     (row,) = rows
     return row  # type: ignore[no-any-return]
+
+
+def assert_charged(row: dict[str, Any], burn_ns: int, *, beside: dict[str, Any], what: str) -> None:
+    """Each request of ``row``'s series spent ``burn_ns`` of its own besides what one of
+    ``beside`` spent (the same route spending nothing, its requests interleaved with
+    ``row``'s: the framework's, the server's and the meter's work under the same load,
+    0.3-0.9 ms per request on the development VM, more on a busy host). Other requests ran
+    on the same threads meanwhile, and none of theirs may be charged to it: within 10%."""
+    mean, idle_mean = row["cpu_ns"] / row["count"], beside["cpu_ns"] / beside["count"]
+    assert burn_ns <= mean <= 1.1 * burn_ns + idle_mean, (
+        f"{what}: {mean / 1e6:.2f} ms per request, {idle_mean / 1e6:.2f} ms idle"
+    )
+    # The median request too (a garbage collection that ran in one request's thread is
+    # that thread's work, and may make one request dearer than the rest); 3% below for
+    # the histogram's resolution.
+    median, idle_median = row["cpu_median_ns"], beside["cpu_median_ns"]
+    assert 0.97 * burn_ns <= median <= 1.1 * burn_ns + idle_median, (
+        f"{what}: median {median / 1e6:.2f} ms, {idle_median / 1e6:.2f} ms idle"
+    )

@@ -837,7 +837,7 @@ def _loopback(url: str) -> tuple[str, int, str]:
 
 
 def load(
-    url: str,
+    url: str | Sequence[str],
     requests: int,
     *,
     concurrency: int = 1,
@@ -845,15 +845,20 @@ def load(
     after: Callable[[int], None] | None = None,
 ) -> Load:
     """Sends exactly ``requests`` GETs of ``url`` (a loopback address), ``concurrency`` at a
-    time, each on a new connection with a ``timeout``; counts the 200 responses.
-    ``after(done)`` is called once each request has ended, with the number ended so far."""
-    host, port, path = _loopback(url)
+    time, each on a new connection with a ``timeout``; counts the 200 responses. Given
+    several URLs, request ``i`` goes to the ``i % len(url)``-th: interleaved, so that each
+    URL's requests run under the same load. ``after(done)`` is called once each request
+    has ended, with the number ended so far."""
+    targets = [_loopback(each) for each in ([url] if isinstance(url, str) else url)]
+    if not targets:
+        raise ValueError("load needs at least one URL")
     result = Load(sent=requests)
     lock = threading.Lock()
     ended = 0
 
-    def one(_: int) -> None:
+    def one(index: int) -> None:
         nonlocal ended
+        host, port, path = targets[index % len(targets)]
         connection = http.client.HTTPConnection(host, port, timeout=timeout)
         body: bytes | None = None
         failure = ""

@@ -4,7 +4,8 @@ true cost is known, so that the test can compare what each request was charged w
 Every request is probed (``sample=1.0``). ``/burn/*`` routes spend ``BURN_NS`` of thread
 CPU time (read from the thread's own clock) in different places: the request's coroutine,
 a created task, ``asyncio.to_thread``, a sync route (anyio's thread pool), a
-``gather`` of two tasks, a TaskGroup, ``run_in_executor``; ``/sleep`` waits without CPU;
+``gather`` of two tasks, a TaskGroup, ``run_in_executor``, a background task, a streamed
+body's chunks; ``/idle/*`` are the same routes spending nothing; ``/sleep`` waits without CPU;
 ``/write`` writes ``WRITE_BYTES`` to a file through ``to_thread``. ``/charged`` answers
 what meterage recorded, by route, as JSON.
 """
@@ -63,51 +64,69 @@ async def root() -> PlainTextResponse:
     return PlainTextResponse(str(os.getpid()))
 
 
-@app.get("/burn/direct")
-async def burn_direct() -> PlainTextResponse:
-    await burn_in_steps()
-    return PlainTextResponse("ok")
+def add_burn_routes(prefix: str, ns: int) -> None:
+    """The routes that spend ``ns`` in each place, under ``prefix``: ``/burn`` spends
+    ``BURN_NS``, ``/idle`` nothing, so that a test can tell the burn from the rest of a
+    request's own work (the framework's and the server's: hundreds of µs on a busy VM)."""
+
+    @app.get(f"{prefix}/direct")
+    async def direct() -> PlainTextResponse:
+        await burn_in_steps(ns)
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/task")
+    async def task() -> PlainTextResponse:
+        await asyncio.create_task(burn_in_steps(ns))
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/gather")
+    async def gather() -> PlainTextResponse:
+        await asyncio.gather(burn_in_steps(ns // 2), burn_in_steps(ns // 2))
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/taskgroup")
+    async def taskgroup() -> PlainTextResponse:
+        if sys.version_info >= (3, 11):
+            async with asyncio.TaskGroup() as group:
+                group.create_task(burn_in_steps(ns // 2))
+                group.create_task(burn_in_steps(ns // 2))
+        else:  # no TaskGroup before 3.11: the same through create_task
+            await asyncio.wait([asyncio.create_task(burn_in_steps(ns // 2)) for _ in range(2)])
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/to_thread")
+    async def to_thread() -> PlainTextResponse:
+        await asyncio.to_thread(burn, ns)
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/executor")
+    async def executor() -> PlainTextResponse:
+        await asyncio.get_running_loop().run_in_executor(None, burn, ns)
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/sync")
+    def sync() -> PlainTextResponse:  # FastAPI runs it in anyio's thread pool
+        burn(ns)
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/background")
+    async def background(tasks: BackgroundTasks) -> PlainTextResponse:
+        tasks.add_task(burn, ns)  # a sync background task: anyio's pool, after the response
+        return PlainTextResponse("ok")
+
+    @app.get(f"{prefix}/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> Any:
+            for _ in range(4):
+                burn(ns // 4)  # each chunk's work is the request's
+                yield b"y" * 1000
+                await asyncio.sleep(0)
+
+        return StreamingResponse(chunks(), media_type="text/plain")
 
 
-@app.get("/burn/task")
-async def burn_task() -> PlainTextResponse:
-    await asyncio.create_task(burn_in_steps())
-    return PlainTextResponse("ok")
-
-
-@app.get("/burn/gather")
-async def burn_gather() -> PlainTextResponse:
-    await asyncio.gather(burn_in_steps(BURN_NS // 2), burn_in_steps(BURN_NS // 2))
-    return PlainTextResponse("ok")
-
-
-@app.get("/burn/taskgroup")
-async def burn_taskgroup() -> PlainTextResponse:
-    if sys.version_info >= (3, 11):
-        async with asyncio.TaskGroup() as group:
-            group.create_task(burn_in_steps(BURN_NS // 2))
-            group.create_task(burn_in_steps(BURN_NS // 2))
-    else:  # no TaskGroup before 3.11: the same through create_task
-        await asyncio.wait([asyncio.create_task(burn_in_steps(BURN_NS // 2)) for _ in range(2)])
-    return PlainTextResponse("ok")
-
-
-@app.get("/burn/to_thread")
-async def burn_to_thread() -> PlainTextResponse:
-    await asyncio.to_thread(burn)
-    return PlainTextResponse("ok")
-
-
-@app.get("/burn/executor")
-async def burn_executor() -> PlainTextResponse:
-    await asyncio.get_running_loop().run_in_executor(None, burn)
-    return PlainTextResponse("ok")
-
-
-@app.get("/burn/sync")
-def burn_sync() -> PlainTextResponse:  # FastAPI runs it in anyio's thread pool
-    burn()
-    return PlainTextResponse("ok")
+add_burn_routes("/burn", BURN_NS)
+add_burn_routes("/idle", 0)
 
 
 @app.get("/sleep")
@@ -130,27 +149,10 @@ async def tenant(name: str) -> PlainTextResponse:
     return PlainTextResponse(name)
 
 
-@app.get("/background")
-async def background(tasks: BackgroundTasks) -> PlainTextResponse:
-    tasks.add_task(burn)  # a sync background task: anyio's thread pool, after the response
-    return PlainTextResponse("ok")
-
-
 @app.post("/upload")
 async def upload(request: Request) -> PlainTextResponse:
     body = await request.body()
     return PlainTextResponse(str(len(body)))
-
-
-@app.get("/stream")
-async def stream() -> StreamingResponse:
-    async def chunks() -> Any:
-        for _ in range(4):
-            burn(BURN_NS // 4)  # each chunk's work is the request's
-            yield b"y" * 1000
-            await asyncio.sleep(0)
-
-    return StreamingResponse(chunks(), media_type="text/plain")
 
 
 @app.get("/timeout")

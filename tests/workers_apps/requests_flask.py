@@ -1,7 +1,8 @@
 """A Flask application metered by meterage's WSGI middleware, for gunicorn: routes whose
 true cost is known (``/burn`` spends ``BURN_NS`` of thread CPU; ``/burn/pool`` spends it in a
-ThreadPoolExecutor the view submits to; ``/write`` writes 64 KiB), routes with parameters,
-a failing route, a streamed response; ``/charged`` answers what meterage recorded."""
+ThreadPoolExecutor the view submits to; ``/burn/stream`` in the chunks of a streamed body;
+``/idle...`` the same spending nothing; ``/write`` writes 64 KiB), routes with parameters,
+a failing route; ``/charged`` answers what meterage recorded."""
 
 from __future__ import annotations
 
@@ -34,16 +35,35 @@ def root() -> str:
     return str(os.getpid())
 
 
-@app.get("/burn")
-def burn_here() -> str:
-    burn()
-    return "ok"
+def add_burn_routes(prefix: str, ns: int) -> None:
+    """``prefix`` spends ``ns`` in the view, ``prefix/pool`` in the pool, ``prefix/stream``
+    in the chunks of its body: ``/burn`` spends ``BURN_NS``, ``/idle`` nothing, so that a
+    test can tell the burn from the rest of a request's own work."""
+
+    def here() -> str:
+        burn(ns)
+        return "ok"
+
+    def in_pool() -> str:
+        POOL.submit(burn, ns).result()
+        return "ok"
+
+    def stream() -> Response:
+        def chunks() -> Any:
+            for _ in range(4):
+                burn(ns // 4)  # each chunk's work is a step of the request
+                yield b"x" * 1000
+
+        return Response(chunks(), mimetype="text/plain")
+
+    name = prefix.strip("/")
+    app.add_url_rule(prefix, f"{name}_here", here)
+    app.add_url_rule(f"{prefix}/pool", f"{name}_in_pool", in_pool)
+    app.add_url_rule(f"{prefix}/stream", f"{name}_stream", stream)
 
 
-@app.get("/burn/pool")
-def burn_in_pool() -> str:
-    POOL.submit(burn).result()
-    return "ok"
+add_burn_routes("/burn", BURN_NS)
+add_burn_routes("/idle", 0)
 
 
 @app.get("/write")
@@ -76,16 +96,6 @@ def status(code: int) -> Any:
     abort(code)
 
 
-@app.get("/stream")
-def stream() -> Response:
-    def chunks() -> Any:
-        for _ in range(4):
-            burn(BURN_NS // 4)  # each chunk's work is a step of the request
-            yield b"x" * 1000
-
-    return Response(chunks(), mimetype="text/plain")
-
-
 @app.get("/charged")
 def charged() -> Response:
     rows = []
@@ -112,7 +122,7 @@ def charged() -> Response:
                 "http.request.method": "GET",
                 "url.scheme": "http",
                 "network.protocol.version": "1.1",
-                "http.route": "/stream",
+                "http.route": "/idle/stream",
                 "http.response.status_code": 200,
             }
         ).sum,
