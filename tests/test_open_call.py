@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,7 +28,20 @@ def series_of(operation: str) -> list[meterage.Series]:
     return [s for s in meterage.snapshot() if s.operation == operation]
 
 
-def test_runs_in_threads_are_summed_and_the_call_is_current_in_each(unique) -> None:
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """No garbage collection during the test: one that runs in a call's thread is that
+    call's work, and in the suite's heap it can cost more than the bounds allow (CI: a call
+    that burned 28 ms was charged 36.4 ms on 3.12)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_runs_in_threads_are_summed_and_the_call_is_current_in_each(unique, collector_off) -> None:
     operation = unique("open.threads")
     call = meterage.meter(operation, probes=("cpu",), sample=1.0).open()
     seen = []
@@ -47,7 +62,7 @@ def test_runs_in_threads_are_summed_and_the_call_is_current_in_each(unique) -> N
     assert 4 * BURN_S <= series.histograms["cpu.time"].sum <= 4 * BURN_S * 1.25
 
 
-def test_a_probed_calls_hand_offs_are_charged_to_it(unique) -> None:
+def test_a_probed_calls_hand_offs_are_charged_to_it(unique, collector_off) -> None:
     _handoff.install()
     operation = unique("open.handoffs")
     meter = meterage.meter(operation, probes=("cpu",), sample=1.0)

@@ -141,7 +141,7 @@ impl OpenCall {
         if self.finished {
             return;
         }
-        self.dynamic.extend(pairs);
+        self.add_dynamic(pairs);
         self.finish_stepped(error_type);
         if !values.is_empty() {
             self.record_alongside(error_type, values);
@@ -162,7 +162,7 @@ impl OpenCall {
         if self.finished {
             return None;
         }
-        self.dynamic.extend(pairs);
+        self.add_dynamic(pairs);
         let Some(call_series) = self.finish_stepped(error_type) else {
             self.record_alongside(error_type, &values);
             return None;
@@ -192,9 +192,19 @@ impl OpenCall {
         if self.finished {
             return;
         }
-        self.dynamic.extend(pairs);
+        self.add_dynamic(pairs);
         self.finish_stepped_in(remembered.call);
         record_each(&remembered.found, values);
+    }
+
+    /// Adds attributes of the call's own (a request's route and status at its end: most
+    /// calls have none before, and take the vector as it is).
+    fn add_dynamic(&mut self, pairs: Pairs) {
+        if self.dynamic.is_empty() {
+            self.dynamic = pairs;
+        } else {
+            self.dynamic.extend(pairs);
+        }
     }
 
     /// Whether the call has attributes of its own (set by its code, or given at its end).
@@ -254,7 +264,7 @@ impl OpenCall {
                 self.core.operation_name()
             )));
         }
-        self.dynamic.extend(pairs);
+        self.add_dynamic(pairs);
         Ok(())
     }
 }
