@@ -844,20 +844,31 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0
 
     #[test]
     fn this_machine_cpu_memory_and_interfaces() {
+        // The aggregate line's first eight modes, summed here by a plain split: the reading
+        // lies between one taken before and one taken after it. (Not against the uptime: in
+        // a container /proc/uptime can be the namespace's while /proc/stat is the host's;
+        // CI saw 22082 CPU seconds against 764 s of uptime on 2 CPUs.)
+        let stat_ticks = || -> u64 {
+            let text = proc_text("/proc/stat");
+            let line = text.lines().next().unwrap();
+            assert!(line.starts_with("cpu "), "{line}");
+            line.split_ascii_whitespace()
+                .skip(1)
+                .take(8)
+                .map(|field| field.parse::<u64>().unwrap())
+                .sum()
+        };
+        let before = stat_ticks();
         let reading = read_host();
+        let after = stat_ticks();
         let seconds = reading.cpu.unwrap().seconds;
         assert!(seconds.iter().all(|&mode| mode >= 0.0));
-        // All the CPU time since boot: about the uptime times the CPUs (idle included).
-        let uptime: f64 = proc_text("/proc/uptime")
-            .split_ascii_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        // SAFETY: sysconf only reads its argument.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) } as f64;
-        let total: f64 = seconds.iter().sum();
-        assert!(total > 0.0 && total <= (uptime + 1.0) * cpus, "{total} s");
+        let hz = procfs::sysconf(libc::_SC_CLK_TCK).unwrap() as f64;
+        let ticks = (seconds.iter().sum::<f64>() * hz).round() as u64;
+        assert!(
+            before <= ticks && ticks <= after,
+            "{before} <= {ticks} <= {after}"
+        );
 
         let memory = reading.memory.unwrap();
         let total_kib: u64 = proc_text("/proc/meminfo").lines().next().unwrap()
