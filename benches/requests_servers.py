@@ -175,7 +175,7 @@ def started(
             process = stack.enter_context(
                 servers.running(
                     f"{server}-{variant}",
-                    _argv(server, port, threads, worker),
+                    (["taskset", "-c", os.environ["PIN_SERVER"]] if os.environ.get("PIN_SERVER") else []) + _argv(server, port, threads, worker),
                     env=_environment(variant),
                     ready_url=f"http://127.0.0.1:{port}/",
                     timeout=60.0,
@@ -297,6 +297,8 @@ def measure(
 ) -> dict[str, list[Round]]:
     """Every variant's rounds on ``server`` (see the module doc)."""
     results: dict[str, list[Round]] = {variant: [] for variant in variants}
+    if os.environ.get("PIN_CLIENT"):
+        os.sched_setaffinity(0, {int(os.environ["PIN_CLIENT"])})
     loop = asyncio.new_event_loop()
     try:
         with started(server, variants, threads, worker) as running:

@@ -22,6 +22,7 @@ use super::open_call::{Current, OpenCall};
 use super::steps::{
     borrow_call, ending_error, next_of, send_into, sent, step_target, throw_into, Outcome,
 };
+use crate::aggregate::call::StepStart;
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -488,23 +489,26 @@ impl RequestSteps {
             None => run(&inner), // passing through
             Some(call) => {
                 self.make_current(py);
-                let (core, step) = {
+                let (core, step, spanned) = {
                     let mut state = borrow_call(&call)?;
                     let core = Arc::clone(&state.core);
                     let step = core.step_begin(&mut state.stepped);
-                    (core, step)
+                    (core, step, state.has_span())
                 };
-                *self
-                    .seen
-                    .open_step
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(step);
+                // Only a span reads the open step (its cost so far at the response); a
+                // call gets its span when it starts, never later.
+                let note_open = |open: Option<StepStart>| {
+                    if spanned {
+                        *self
+                            .seen
+                            .open_step
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = open;
+                    }
+                };
+                note_open(Some(step));
                 let result = run(&inner);
-                *self
-                    .seen
-                    .open_step
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = None;
+                note_open(None);
                 match borrow_call(&call) {
                     Ok(mut state) => core.step_end(&mut state.stepped, step),
                     Err(_) => step.abandon(), // being ended elsewhere: the outcome stands

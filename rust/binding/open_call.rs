@@ -238,7 +238,6 @@ impl OpenCall {
         work(&CallKey::whole(&merged))
     }
 
-    /// Starts the clock and decides sampling (`probe`: run the probes in any case).
     /// Starts the clock and decides sampling (`probe`: run the probes in any case); a
     /// sampled tracing span current now gets the call's cost.
     pub fn start_now(&mut self, py: Python<'_>, probe: bool) {
