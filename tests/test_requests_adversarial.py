@@ -1127,6 +1127,27 @@ def test_work_outliving_its_request_changes_nothing(tracking) -> None:
     assert outcomes() == {(200, None): 1} and requests_in_flight() == 0
 
 
+def test_an_ended_requests_call_keeps_its_status_and_route(tracking) -> None:
+    """Read after the request, its call's attributes hold what the end gave it, whether
+    the series was found by the attributes (the first) or remembered (the later ones)."""
+    calls: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(meterage.current_call())
+        await answer(send, status=201 if scope["path"] == "/made" else 200)
+
+    middleware = AsgiMiddleware(app, sample=1.0)
+
+    async def main() -> None:
+        for path in ("/", "/", "/made", "/", "/made"):
+            await middleware(dict(SCOPE, path=path), _receive, _send)
+
+    asyncio.run(main())
+    statuses = [call.attributes.get("http.response.status_code") for call in calls]
+    assert statuses == [200, 200, 201, 200, 201]
+    assert all(call.ended and call.attributes["http.request.method"] == "GET" for call in calls)
+
+
 def test_many_event_loops_in_threads_at_once(tracking) -> None:
     middleware = AsgiMiddleware(_app_reading, sample=1.0)
 

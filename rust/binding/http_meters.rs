@@ -68,7 +68,7 @@ static STATUS_KEY: OnceLock<Arc<str>> = OnceLock::new();
 
 /// A request's `http.route` (if found) and `http.response.status_code` (if it started a
 /// response: `status` -1 otherwise).
-fn http_pairs(route: Option<Arc<str>>, status: i64) -> Vec<(Arc<str>, AttributeValue)> {
+pub(super) fn http_pairs(route: Option<Arc<str>>, status: i64) -> Vec<(Arc<str>, AttributeValue)> {
     let mut pairs = Vec::with_capacity(2);
     if let Some(route) = route {
         pairs.push((key(&ROUTE_KEY, "http.route"), AttributeValue::Str(route)));
@@ -242,7 +242,7 @@ impl RequestMeters {
         let plain = error_type.is_none() && !call.has_dynamic();
         if plain {
             if let Some(remembered) = self.recent.get(&call.core, route.as_deref(), status) {
-                call.end_in(http_pairs(route, status), values, remembered);
+                call.end_in(route, status, values, remembered);
                 return;
             }
         }

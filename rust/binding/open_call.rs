@@ -9,6 +9,7 @@
 //! current one (`meterage.current_call()`) in that thread.
 
 use super::convert::{attribute_key, attribute_pairs, attribute_value, attributes_to_dict, Pairs};
+use super::http_meters::http_pairs;
 use super::instruments::{measurement, PyHistogram};
 use super::meter::error_type_name;
 use super::spans;
@@ -46,6 +47,9 @@ pub struct OpenCall {
     pub stepped: SteppedCall,
     pub finished: bool,
     dynamic: Pairs,
+    /// A request's route and status when its end found its series remembered: kept as
+    /// they are (no pairs made per request), pairs only if its attributes are read.
+    http_end: Option<(Option<Arc<str>>, i64)>,
     /// The sampled tracing span current when the call started (span attributes on): its
     /// cost goes there, wherever the call ends.
     span: Option<Py<PyAny>>,
@@ -92,6 +96,7 @@ impl OpenCall {
             stepped: SteppedCall::default(),
             finished: false,
             dynamic: Pairs::new(),
+            http_end: None,
             span: None,
             span_noted: false,
         }
@@ -181,18 +186,20 @@ impl OpenCall {
         Some((call_series, found))
     }
 
-    /// [`end_with`](Self::end_with) for a call with no error whose series, with these
-    /// last attributes, is `remembered` (and the values' series with it).
+    /// [`end_with`](Self::end_with) for a request with no error whose series, with its
+    /// `route` and `status` (-1: none) as its last attributes, is `remembered` (and the
+    /// values' series with it).
     pub fn end_in(
         &mut self,
-        pairs: Pairs,
+        route: Option<Arc<str>>,
+        status: i64,
         values: [(&PyHistogram, f64); 2],
         remembered: Remembered<HistogramSeries, 2>,
     ) {
         if self.finished {
             return;
         }
-        self.add_dynamic(pairs);
+        self.http_end = Some((route, status));
         self.finish_stepped_in(remembered.call);
         record_each(&remembered.found, values);
     }
@@ -325,7 +332,9 @@ impl OpenCall {
     /// The meter's and this call's attributes so far (a new dict each time).
     #[getter]
     fn attributes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let merged = self.core.attributes().merged(self.dynamic.iter().cloned());
+        let ended = self.http_end.iter();
+        let ended = ended.flat_map(|(route, status)| http_pairs(route.clone(), *status));
+        let merged = (self.core.attributes()).merged(self.dynamic.iter().cloned().chain(ended));
         attributes_to_dict(py, merged.iter())
     }
 
