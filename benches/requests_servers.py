@@ -18,7 +18,8 @@ loopback port: ``uvicorn --workers 1`` (its one process serves) and ``gunicorn -
 one core serves while the other runs this script's client. With ``--pin`` the servers run
 on the last usable CPU and the client on the first: no migrations between them, which
 makes a bare request cheaper (~145 against ~185 µs of server CPU on this 2-CPU host) and
-two identical servers agree more closely (within ~1% against ~3.5%).
+two identical servers agree more closely (within ~2% against ~3.5%; the host's own slow
+moments stay).
 
 The load is bounded: ``--requests`` GETs per round and variant over ``--concurrency``
 keep-alive connections (an asyncio client on 127.0.0.1 only, each connection sending its

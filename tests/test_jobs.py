@@ -161,7 +161,9 @@ def test_a_job_without_an_enqueue_time_or_output_has_no_such_values(unique) -> N
     assert values_of(jobs.output_size(), series).count == 0
 
 
-def test_threads_each_job_is_charged_its_own_cpu_and_its_thread_pool_work(unique, burn) -> None:
+def test_threads_each_job_is_charged_its_own_cpu_and_its_thread_pool_work(
+    unique, burn, collector_off
+) -> None:
     name = unique("threads")
     pool = ThreadPoolExecutor(2)
 
@@ -182,7 +184,7 @@ def test_threads_each_job_is_charged_its_own_cpu_and_its_thread_pool_work(unique
     check_cpu(series, 12, 2 * BURN_NS)
 
 
-def test_asyncio_coroutine_jobs_are_charged_their_own_steps(unique, burn) -> None:
+def test_asyncio_coroutine_jobs_are_charged_their_own_steps(unique, burn, collector_off) -> None:
     name = unique("asyncio")
 
     @jobs.job(name, queue="urls", system="asyncio", probes=("cpu",), sample=1.0)
@@ -282,7 +284,7 @@ async def _note(seen: list[Any]) -> None:
 # --- with blocks --------------------------------------------------------------------------
 
 
-def test_a_with_block_is_one_job(unique, burn) -> None:
+def test_a_with_block_is_one_job(unique, burn, collector_off) -> None:
     name = unique("block")
     enqueued = time.time() - 2.0
     with jobs.job(name, queue="batch", enqueued_at=enqueued, probes=("cpu",), sample=1.0) as job:
@@ -341,7 +343,7 @@ def test_a_with_block_inside_a_decorated_job_is_the_current_one_until_it_ends(un
 # --- jobs a worker starts and ends --------------------------------------------------------
 
 
-def test_start_run_and_end(unique, burn) -> None:
+def test_start_run_and_end(unique, burn, collector_off) -> None:
     name = unique("started")
     enqueued = time.time() - 1.0
     job = jobs.start(

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -26,19 +24,6 @@ def burn(seconds: float = BURN_S) -> None:
 
 def series_of(operation: str) -> list[meterage.Series]:
     return [s for s in meterage.snapshot() if s.operation == operation]
-
-
-@pytest.fixture
-def collector_off() -> Iterator[None]:
-    """No garbage collection during the test: one that runs in a call's thread is that
-    call's work, and in the suite's heap it can cost more than the bounds allow (CI: a call
-    that burned 28 ms was charged 36.4 ms on 3.12)."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def test_runs_in_threads_are_summed_and_the_call_is_current_in_each(unique, collector_off) -> None:
