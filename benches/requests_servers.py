@@ -449,11 +449,11 @@ def main(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps({"settings": vars(args), "figures": figures, "rounds": raw}))
         return 0
-    quick = " (--quick: too few requests for the docs)" if args.quick else ""
-    quick += "; servers and client pinned to a CPU each (--pin)" if args.pin else ""
+    settings = " (--quick: too few requests for the docs)" if args.quick else ""
+    settings += "; servers and client pinned to a CPU each (--pin)" if args.pin else ""
     print(
         f"\n{args.rounds} rounds of {args.requests} requests per variant, "
-        f"{args.concurrency} keep-alive connections, medians over rounds{quick}"
+        f"{args.concurrency} keep-alive connections, medians over rounds{settings}"
     )
     print(
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "

@@ -1127,8 +1127,8 @@ def test_work_outliving_its_request_changes_nothing(tracking) -> None:
     assert outcomes() == {(200, None): 1} and requests_in_flight() == 0
 
 
-def test_an_ended_requests_call_keeps_its_status_and_route(tracking) -> None:
-    """Read after the request, its call's attributes hold what the end gave it, whether
+def test_an_ended_requests_call_keeps_its_status(tracking) -> None:
+    """Read after the request, its call's attributes hold the status its end gave it, whether
     the series was found by the attributes (the first) or remembered (the later ones)."""
     calls: list[Any] = []
 

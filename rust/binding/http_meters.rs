@@ -282,13 +282,11 @@ pub fn metered_already(py: Python<'_>) -> bool {
         if value.is_null() {
             return false;
         }
-        if value == pyo3::ffi::Py_None() {
-            // No call current (nearly every request): no type check against the class.
-            pyo3::ffi::Py_DECREF(value);
-            return false;
-        }
         Bound::from_owned_ptr(py, value)
     };
+    if current.is_none() {
+        return false; // no call current (nearly every request): no check of its class
+    }
     let Ok(call) = current.cast::<OpenCall>() else {
         return false;
     };

@@ -845,9 +845,8 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0
     #[test]
     fn this_machine_cpu_memory_and_interfaces() {
         // The aggregate line's first eight modes, summed here by a plain split: the reading
-        // lies between one taken before and one taken after it. (Not against the uptime: in
-        // a container /proc/uptime can be the namespace's while /proc/stat is the host's;
-        // CI saw 22082 CPU seconds against 764 s of uptime on 2 CPUs.)
+        // lies between one taken before and one taken after it. (Not against the uptime:
+        // CI's machine counted 22082 CPU seconds against 764 s of uptime on 2 CPUs.)
         let stat_ticks = || -> u64 {
             let text = proc_text("/proc/stat");
             let line = text.lines().next().unwrap();
