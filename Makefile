@@ -3,12 +3,23 @@
 PYTHON ?= python
 .DEFAULT_GOAL := all
 
-.PHONY: all build lint format typecheck test test-rust bench overhead wheels ci
+.PHONY: all build build-pgo pgo-profile lint format typecheck test test-rust bench overhead wheels ci
 
 all: lint typecheck build test test-rust
 
 build:  ## the extension, in place (release: the benchmarks need it)
 	$(PYTHON) -m maturin develop --release
+
+# The profile the release builds are optimized with (.ci/pgo_profile.py: the bench extra's
+# packages in $(PYTHON)'s environment, rustup's llvm-tools).
+PGO_PROFILE ?= target/pgo/meterage.profdata
+PGO_FLAGS = RUSTFLAGS="$$RUSTFLAGS -Cprofile-use=$(abspath $(PGO_PROFILE))"
+
+pgo-profile:  ## the release builds' profile: an instrumented build under a training load, ~2 min
+	$(PYTHON) .ci/pgo_profile.py --out $(PGO_PROFILE)
+
+build-pgo: pgo-profile  ## the extension in place, built as the release wheels are (the figures in docs/benchmarks.md)
+	$(PGO_FLAGS) $(PYTHON) -m maturin develop --release
 
 lint:  ## cargo fmt, clippy (plain core and the binding), ruff
 	cargo fmt --all -- --check
@@ -41,9 +52,9 @@ overhead: build  ## CI's overhead gate (ratios against the native floor)
 # The interpreters `make wheels` builds for (each must be on PATH, or give full paths).
 WHEEL_PYTHONS ?= python3.10 python3.11 python3.12 python3.13
 
-wheels:  ## release wheels in dist/: manylinux2014 (glibc >= 2.17) x86_64, linked by zig (pip install 'maturin[zig]' auditwheel)
+wheels: pgo-profile  ## release wheels in dist/: manylinux2014 (glibc >= 2.17) x86_64, linked by zig, profile-guided (pip install 'maturin[zig]' auditwheel)
 	# maturin finds zig as `python3 -m ziglang` on PATH: that of $(PYTHON)'s environment.
-	PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$$PATH" \
+	$(PGO_FLAGS) PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$$PATH" \
 	    $(PYTHON) -m maturin build --release --zig --compatibility manylinux2014 -i $(WHEEL_PYTHONS) -o dist
 	for wheel in dist/meterage-*manylinux_2_17_x86_64.whl; do $(PYTHON) -m auditwheel show "$$wheel" || exit 1; done
 	$(PYTHON) .ci/check_wheel.py dist/meterage-*manylinux_2_17_x86_64.whl
