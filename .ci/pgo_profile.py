@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAINING = (
     ["benches/core_costs.py", "--quick"],
     ["benches/check_overhead.py", "--rounds", "20", "--rounds-10us", "10", "--attempts", "1"],
-    ["benches/requests_overhead.py", "--variants", "bare,timer,default,full", "--rounds", "10"],
+    ["benches/requests_overhead.py", "--variants", "bare,timer,default", "--rounds", "20"],
     [
         "benches/requests_overhead.py",
-        *("--variants", "bare,timer,default,full", "--rounds", "5"),
+        *("--variants", "bare,timer,default", "--rounds", "10"),
         *("--task-per-request", "--apps", "asgi,fastapi"),
     ],
     ["benches/middleware_overhead.py"],
