@@ -776,36 +776,160 @@ def test_a_metered_generator_behaves_as_the_generator(
     assert _run_generator_script(metered(0), steps) == plain_transcript
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a generator that ignores GeneratorExit (yields from close()) stays suspended "
-        "and resumable without meterage; metered, close() raises the same RuntimeError but "
-        "the generator is then GEN_CLOSED (the driver's `yield from` ends), so the next "
-        "next()/send() raises StopIteration instead of resuming; the call is recorded as "
-        "error.type RuntimeError while the inner generator is still suspended"
+#: Scripts in which the generator ignores close() (it yields on GeneratorExit, so close()
+#: raises RuntimeError and the generator stays suspended and resumable), with the calls
+#: then recorded: (script, {error.type or None: count}).
+IGNORED_CLOSE_SCRIPTS: dict[str, tuple[list[tuple[str, Callable[[], Any] | None]], Any]] = {
+    "resumed, then returns": (
+        [
+            ("next", None),
+            ("send", lambda: 1),
+            ("send", lambda: "ignore exit"),
+            ("close", None),  # RuntimeError: generator ignored GeneratorExit
+            ("next", None),
+            ("send", lambda: "return"),
+        ],
+        {None: 1},
     ),
-)
+    "ignored twice, then closed": (
+        [
+            ("next", None),
+            ("send", lambda: 1),
+            ("send", lambda: "ignore exit"),
+            ("close", None),
+            ("next", None),
+            ("send", lambda: 1),
+            ("send", lambda: "ignore exit"),
+            ("close", None),
+            ("close", None),
+            ("next", None),
+        ],
+        {None: 1},
+    ),
+    "thrown into, caught": (
+        [
+            ("next", None),
+            ("send", lambda: 1),
+            ("send", lambda: "ignore exit"),
+            ("close", None),
+            ("throw", lambda: KeyError("k")),
+            ("send", lambda: "return"),
+        ],
+        {None: 1},
+    ),
+    "thrown into, raises": (
+        [
+            ("next", None),
+            ("send", lambda: 1),
+            ("send", lambda: "ignore exit"),
+            ("close", None),
+            ("throw", lambda: ValueError("v")),
+            ("next", None),
+        ],
+        {"ValueError": 1},
+    ),
+    "still open": (
+        [("next", None), ("send", lambda: 1), ("send", lambda: "ignore exit"), ("close", None)],
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("script", list(IGNORED_CLOSE_SCRIPTS))
 def test_a_metered_generator_that_ignores_generator_exit_behaves_as_the_generator(
+    script: str, unique: Callable[[str], str]
+) -> None:
+    steps, recorded = IGNORED_CLOSE_SCRIPTS[script]
+    name = unique("stubborn")
+    metered = meterage.meter(name)(_conversation)
+    plain_transcript = _run_generator_script(_conversation(0), steps)
+    ignored = plain_transcript[steps.index(("close", None))]
+    assert ignored[:3] == ("raise", "RuntimeError", ("generator ignored GeneratorExit",))
+    assert ignored[-1] == "GEN_SUSPENDED"
+    generator = metered(0)
+    assert _run_generator_script(generator, steps) == plain_transcript
+    # One call, ended when the generator ended (not at the close it ignored).
+    assert counts(name) == {
+        (() if error is None else (("error.type", error),)): count
+        for error, count in recorded.items()
+    }
+
+
+async def _stubborn_coroutine() -> str:
+    try:
+        await _Suspend("first")
+    except GeneratorExit:
+        await _Suspend("ignored")
+    await _Suspend("after")
+    return "done"
+
+
+class _Suspend:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __await__(self) -> Iterator[str]:
+        yield self.value
+
+
+def test_a_metered_coroutine_that_ignores_generator_exit_behaves_as_the_coroutine(
     unique: Callable[[str], str],
 ) -> None:
-    metered = meterage.meter(unique("stubborn"))(_conversation)
-    steps: list[tuple[str, Callable[[], Any] | None]] = [
-        ("next", None),
-        ("send", lambda: 1),
-        ("send", lambda: "ignore exit"),
-        ("close", None),  # RuntimeError: generator ignored GeneratorExit
-        ("next", None),
-        ("send", lambda: "return"),
+    name = unique("stubborn_coroutine")
+    metered = meterage.meter(name)(_stubborn_coroutine)
+
+    def transcript(coroutine: Any) -> list[Any]:
+        state = functools.partial(inspect.getcoroutinestate, coroutine)
+        return [
+            _outcome(functools.partial(coroutine.send, None), state),
+            _outcome(coroutine.close, state),
+            _outcome(functools.partial(coroutine.send, None), state),
+            _outcome(functools.partial(coroutine.send, None), state),
+        ]
+
+    plain = transcript(_stubborn_coroutine())
+    assert plain == [
+        ("value", "first", "CORO_SUSPENDED"),
+        ("raise", "RuntimeError", ("coroutine ignored GeneratorExit",), False, "CORO_SUSPENDED"),
+        ("value", "after", "CORO_SUSPENDED"),
+        ("return", "done", "CORO_CLOSED"),
     ]
-    plain_transcript = _run_generator_script(_conversation(0), steps)
-    assert plain_transcript[3][:3] == (
-        "raise",
-        "RuntimeError",
-        ("generator ignored GeneratorExit",),
-    )
-    assert plain_transcript[-1] == ("return", ("done", (1,)), "GEN_CLOSED")
-    assert _run_generator_script(metered(0), steps) == plain_transcript
+    assert transcript(metered()) == plain
+    assert counts(name) == {(): 1}
+
+
+async def _stubborn_async_generator() -> AsyncIterator[str]:
+    try:
+        yield "first"
+    except GeneratorExit:
+        yield "ignored"
+    yield "after"
+
+
+def test_a_metered_async_generator_that_ignores_generator_exit_behaves_as_the_generator(
+    unique: Callable[[str], str],
+) -> None:
+    name = unique("stubborn_async_generator")
+    metered = meterage.meter(name)(_stubborn_async_generator)
+
+    async def transcript(generator: Any) -> list[Any]:
+        outcomes = []
+        for operation in ("next", "aclose", "next", "next"):
+            try:
+                outcomes.append(("value", await _step(generator, operation, None)))
+            except BaseException as error:
+                outcomes.append(("raise", type(error).__name__, error.args))
+        return outcomes
+
+    plain = asyncio.run(transcript(_stubborn_async_generator()))
+    assert plain == [
+        ("value", "first"),
+        ("raise", "RuntimeError", ("async generator ignored GeneratorExit",)),
+        ("value", "after"),
+        ("raise", "StopAsyncIteration", ()),
+    ]
+    assert asyncio.run(transcript(metered())) == plain
+    assert counts(name) == {(): 1}
 
 
 def test_a_metered_generator_reentered_raises_as_the_generator(

@@ -30,16 +30,74 @@ _FUNCTION_LIKE = ("__code__", "__defaults__", "__kwdefaults__")
 
 
 async def _drive_coroutine(steps: Any) -> Any:
-    return await steps
+    try:
+        return await steps
+    except RuntimeError:
+        if not steps.ignored_close:
+            raise
+    # The coroutine ignored close(): this driver stays suspended too (see _resume).
+    value = None
+    while True:
+        try:
+            sent = await _pause(value)
+        except BaseException as thrown:
+            ended, value = _resume(steps, None, thrown)
+        else:
+            ended, value = _resume(steps, sent, None)
+        if ended:
+            return value
 
 
 def _drive_generator(steps: Any) -> Generator[Any, Any, Any]:
-    return (yield from steps)
+    try:
+        return (yield from steps)
+    except RuntimeError:
+        if not steps.ignored_close:
+            raise
+    # The generator ignored close(): this driver stays suspended too (see _resume).
+    value = None
+    while True:
+        try:
+            sent = yield value
+        except BaseException as thrown:
+            ended, value = _resume(steps, None, thrown)
+        else:
+            ended, value = _resume(steps, sent, None)
+        if ended:
+            return value
+
+
+#: A generator-based coroutine's driver: the generator's, flagged as `types.coroutine` does.
+_drive_iterable_coroutine = types.coroutine(
+    types.FunctionType(_drive_generator.__code__, globals(), "_drive_iterable_coroutine")
+)
 
 
 @types.coroutine
-def _drive_iterable_coroutine(steps: Any) -> Generator[Any, Any, Any]:
-    return (yield from steps)
+def _pause(value: Any) -> Generator[Any, Any, Any]:
+    """Yields ``value`` from the coroutine that awaits it; gives back what is sent."""
+    return (yield value)
+
+
+def _resume(steps: Any, sent: Any, thrown: BaseException | None) -> tuple[bool, Any]:
+    """One step of a generator (or coroutine) that ignored ``close()``: it yielded on
+    GeneratorExit and stays suspended, and so does its driver, at its own yield, so that
+    ``close()`` raises the same RuntimeError from it and what comes next goes on to the
+    generator. (A driver in ``yield from`` cannot: a delegate's ignored close ends it.)
+    Gives whether the generator ended, and what it yielded or returned."""
+    try:
+        if thrown is None:
+            return False, steps.send(sent)
+        if isinstance(thrown, GeneratorExit):  # close(), as `yield from` passes it on
+            steps.close()
+            raise thrown
+        return False, steps.throw(thrown)
+    except StopIteration as stop:
+        return True, stop.value
+    except RuntimeError:
+        if not steps.ignored_close:
+            raise
+        return False, None  # ignored again
 
 
 async def _drive_async_generator(call: _native.OpenCall, inner: Any) -> AsyncGenerator[Any, Any]:
@@ -51,7 +109,15 @@ async def _drive_async_generator(call: _native.OpenCall, inner: Any) -> AsyncGen
             try:
                 sent = yield value
             except GeneratorExit:
-                await call.steps(inner.aclose())
+                try:
+                    await call.steps(inner.aclose())
+                except RuntimeError:
+                    if inner.ag_frame is None:
+                        raise
+                    # It yielded on GeneratorExit and stays suspended: so does this one
+                    # (its aclose() raises the same RuntimeError), and goes on with it.
+                    value = None
+                    continue
                 raise
             except BaseException as thrown:  # forwarded into the generator as is
                 value = await call.steps(inner.athrow(thrown))

@@ -33,6 +33,9 @@ pub struct Steps {
     /// `None` only after the garbage collector cleared a cycle through it.
     inner: Option<Py<PyAny>>,
     owner: Owner,
+    /// The last close() raised because the generator yielded on GeneratorExit: it is still
+    /// suspended, and so is its call (the driver stays suspended too and goes on with it).
+    ignored_close: bool,
 }
 
 fn cleared() -> PyErr {
@@ -164,6 +167,7 @@ impl Steps {
                 stepped: SteppedCall::default(),
                 finished: false,
             },
+            ignored_close: false,
         })
     }
 
@@ -172,6 +176,7 @@ impl Steps {
         Ok(Steps {
             inner: Some(step_target(awaitable)?),
             owner: Owner::Shared(call),
+            ignored_close: false,
         })
     }
 
@@ -213,6 +218,7 @@ impl Steps {
             return Err(PyErr::fetch(py));
         }
         let inner = self.inner(py)?;
+        self.ignored_close = false;
         let result = match &mut self.owner {
             Owner::Own { core, stepped, .. } => {
                 let step = core.step_begin(stepped);
@@ -248,6 +254,25 @@ impl Steps {
             }
         }
     }
+}
+
+/// Whether `close()` raised because the generator yielded on GeneratorExit: a
+/// RuntimeError, with the generator still suspended (Python's own generators and
+/// coroutines only; one that ended has no frame).
+fn yielded_on_exit(inner: &Bound<'_, PyAny>, error: &PyErr) -> bool {
+    let py = inner.py();
+    // SAFETY: type checks of a live object.
+    let frame = unsafe {
+        if ffi::PyGen_CheckExact(inner.as_ptr()) != 0 {
+            intern!(py, "gi_frame")
+        } else if ffi::PyCoro_CheckExact(inner.as_ptr()) != 0 {
+            intern!(py, "cr_frame")
+        } else {
+            return false;
+        }
+    };
+    error.get_type(py).is(PyRuntimeError::type_object(py))
+        && inner.getattr(frame).is_ok_and(|frame| !frame.is_none())
 }
 
 impl Drop for Steps {
@@ -310,11 +335,20 @@ impl Steps {
         if inner.hasattr(intern!(py, "close"))? {
             if self.is_started(py)? {
                 // Closing runs the generator's own cleanup, so it is metered as a step.
-                self.step(py, |inner| {
-                    inner
-                        .call_method0(intern!(py, "close"))
-                        .map(Outcome::Yielded)
+                let mut ignored = None;
+                self.step(py, |inner| match inner.call_method0(intern!(py, "close")) {
+                    Err(error) if yielded_on_exit(inner, &error) => {
+                        // Not an end: the generator goes on when it is next resumed.
+                        let none = py.None().into_bound(py);
+                        ignored = Some(error);
+                        Ok(Outcome::Yielded(none))
+                    }
+                    closed => closed.map(Outcome::Yielded),
                 })?;
+                if let Some(error) = ignored {
+                    self.ignored_close = true;
+                    return Err(error);
+                }
             } else {
                 // Never started: closing it is not a call.
                 inner.call_method0(intern!(py, "close"))?;
@@ -323,6 +357,13 @@ impl Steps {
         // Closed before its end (a consumer stopped early): a call, not a failure.
         self.finish_own(None);
         Ok(())
+    }
+
+    /// Whether the last `close()` raised because the generator ignored GeneratorExit (it
+    /// yielded instead): it is still suspended, its call still open.
+    #[getter]
+    fn ignored_close(&self) -> bool {
+        self.ignored_close
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
