@@ -9,8 +9,9 @@ worker's Prometheus endpoint. Checked against truth: the counts by status are ex
 task's queue wait is its start (as a task_prerun receiver of the app's own saw it) less the
 time the client was about to send it (within ``WAIT_TOLERANCE``: the steps from there to
 the stamp, and from meterage's prerun receiver to the app's), a task that burns
-``BURN_NS`` of thread CPU is charged that (+10%), the output sizes add up exactly, and the
-depth of a queue nobody consumes is its exact length.
+``BURN_NS`` of thread CPU is charged that (+10% and Celery's own cost of a trivial task),
+the output sizes add up exactly, and the depth of a queue nobody consumes is its exact
+length.
 """
 
 from __future__ import annotations
@@ -163,7 +164,12 @@ def test_celery_prefork_jobs_by_status_with_queue_wait_cpu_output_and_depth(redi
     assert burned["count"] == burned["sampled"] == BURNS
     cpu = burned["histograms"]["cpu.time"]
     assert cpu["count"] == BURNS
-    assert BURN_NS * 1e-9 <= cpu["min"] and cpu["max"] <= 1.1 * BURN_NS * 1e-9, cpu
+    # Beyond the burn, a task's call holds Celery's own work around the function in its
+    # pool process, which a loaded host makes several times dearer: bounded by the
+    # costliest jobs.ok task of the same run (the same work around a trivial body) + 10%.
+    framework = ok["histograms"]["cpu.time"]["max"]
+    assert BURN_NS * 1e-9 <= cpu["min"], cpu
+    assert cpu["max"] <= 1.1 * BURN_NS * 1e-9 + framework, (cpu, framework)
 
     # Output sizes, exact; only the jobs that reported one have one.
     (output,) = values(report, "job.output.size", "jobs.ok", "succeeded")

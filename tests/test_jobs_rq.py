@@ -9,8 +9,8 @@ member's snapshot is the group's) and from the worker's Prometheus endpoint, and
 against truth: the counts by status are exact (jobs that raise with retries left, or return
 ``rq.Retry``, are retried; the rest fail), each job's queue wait is exactly RQ's record of
 it (``started_at`` less ``enqueued_at``, to the microsecond), a job that burns ``BURN_NS``
-of thread CPU is charged that (+10%), the output sizes add up exactly, and the depth of a
-queue no worker listens on is its exact length.
+of thread CPU is charged that (+10% and what RQ spends on a trivial job), the output sizes
+add up exactly, and the depth of a queue no worker listens on is its exact length.
 """
 
 from __future__ import annotations
@@ -164,8 +164,12 @@ def check(report: dict[str, Any], jobs: dict[str, list[rq.job.Job]]) -> None:
     cpu = row(report, "jobs_rq.burn", "succeeded")["histograms"]["cpu.time"]
     assert cpu["count"] == BURNS
     # The job's call also holds RQ's own work around the function in its process (in a
-    # forked work horse: up to 11% of the 30 ms burn on CI's 3.13 wheel suite): 1.2x.
-    assert BURN_NS * 1e-9 <= cpu["min"] and cpu["max"] <= 1.2 * BURN_NS * 1e-9, cpu
+    # forked work horse: up to 11% of the 30 ms burn on CI's 3.13 wheel suite): bounded by
+    # the costliest jobs_rq.ok job of the same run (the same work around a trivial body)
+    # + 10%.
+    framework = row(report, "jobs_rq.ok", "succeeded")["histograms"]["cpu.time"]["max"]
+    assert BURN_NS * 1e-9 <= cpu["min"], cpu
+    assert cpu["max"] <= 1.1 * BURN_NS * 1e-9 + framework, (cpu, framework)
 
     output = value(report, "job.output.size", "jobs_rq.ok", "succeeded")
     assert (output["count"], output["sum"]) == (len(SIZES), sum(SIZES))

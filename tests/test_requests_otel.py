@@ -51,10 +51,12 @@ def test_traced_requests_carry_their_cost_and_prometheus_sums_them_by_route(
     with servers.uvicorn("requests_traced:app", env=env) as service:
         for index in range(traced):
             assert get(service.port, f"/work/{index}")[0] == 200
+            assert get(service.port, f"/idle/{index}")[0] == 200
         for index in range(untraced):
             assert get(service.port, f"/work/{index}", unsampled)[0] == 200
 
-        spans = [s for s in server_spans(service.port) if "/work" in s["name"]]
+        finished = server_spans(service.port)
+        spans = [s for s in finished if "/work" in s["name"]]
         # Two server spans per traced request: OpenTelemetry's ASGI middleware's and, inside
         # it, FastAPI's own (on since a global SDK MeterProvider exists). The request's cost
         # goes on the innermost, once (FastAPI ends it as the response is sent: it gets the
@@ -68,12 +70,19 @@ def test_traced_requests_carry_their_cost_and_prometheus_sums_them_by_route(
             assert attributes["meterage.calls"] == 1
             assert attributes["meterage.probed_calls"] == 1
             assert attributes["meterage.cpu.time"] * 1e9 >= BURN_NS
-        # The framework's own work per request is small beside the route's (the first,
-        # cold requests cost more: the median). With OpenTelemetry's middleware and
-        # FastAPI's telemetry inside the request it is ~0.4 ms here, ~0.6 ms on a loaded CI
-        # run (against a 2 ms burn that went past 1.25x: the route burns 5 ms).
+        # Beyond the burn, a request costs what the framework spends on it: with
+        # OpenTelemetry's middleware and FastAPI's telemetry ~0.4 ms here and up to ~1.7 ms
+        # on a loaded CI host, so it is measured in the same run, on the same route without
+        # the burn, requests interleaved (medians: the first, cold requests cost more).
+        idle = [
+            s["attributes"]["meterage.cpu.time"] * 1e9
+            for s in finished
+            if "/idle" in s["name"] and "meterage.calls" in s["attributes"]
+        ]
+        assert len(idle) == traced
         cpu = sorted(attributes["meterage.cpu.time"] * 1e9 for attributes in costed)
-        assert cpu[len(cpu) // 2] <= 1.25 * BURN_NS, cpu
+        framework = sorted(idle)[len(idle) // 2]
+        assert abs(cpu[len(cpu) // 2] - framework - BURN_NS) <= 0.25 * BURN_NS, (cpu, idle)
 
         api.wait_for_scrape(after=__import__("time").time(), servers=[service.server])
         route = '{http_route="/work/{item_id}"}'

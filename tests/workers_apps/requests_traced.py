@@ -2,8 +2,9 @@
 the server spans (every trace sampled unless the client's traceparent says otherwise),
 meterage's middleware inside it meters each request with its default (adaptive) sampling,
 and ``meterage.otel.configure()`` serves Prometheus (OTEL_METRICS_EXPORTER=prometheus).
-``/work/{item_id}`` spends ``BURN_NS`` of thread CPU; ``/spans`` answers the finished
-server spans' attributes."""
+``/work/{item_id}`` spends ``BURN_NS`` of thread CPU, ``/idle/{item_id}`` is the same
+route without the burn (the framework's own cost); ``/spans`` answers the finished server
+spans' attributes."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ async def work(item_id: int) -> PlainTextResponse:
     began = time.thread_time_ns()
     while time.thread_time_ns() - began < BURN_NS:
         pass
+    return PlainTextResponse(str(item_id))
+
+
+@inner.get("/idle/{item_id}")
+async def idle(item_id: int) -> PlainTextResponse:
     return PlainTextResponse(str(item_id))
 
 
