@@ -5,6 +5,7 @@
     python benches/requests_servers.py --quick          # ~20 s, smaller numbers (says so)
     python benches/requests_servers.py --json           # the numbers instead of the table
     python benches/requests_servers.py --pin            # servers and client on a CPU each
+    python benches/requests_servers.py --restarts 12    # fresh server processes 12 times
     python benches/requests_servers.py --servers uvicorn --variants bare,timer,default
 
 Each server serves ``benches/requests_server_app.py`` (the routes of
@@ -19,7 +20,11 @@ one core serves while the other runs this script's client. With ``--pin`` the se
 on the last usable CPU and the client on the first: no migrations between them, which
 makes a bare request cheaper (~145 against ~185 µs of server CPU on this 2-CPU host) and
 two identical servers agree more closely (within ~2% against ~3.5%; the host's own slow
-moments stay).
+moments stay). A server process keeps its own speed for its life (its memory layout, hash
+seed, where its heap landed): two processes of the same variant can differ by a few
+percent in every round. With ``--restarts N`` every variant's server is started afresh N
+times (in a shuffled order), the rounds shared out among the sets, so that each variant's
+figures are over N processes and that difference averages out.
 
 The load is bounded: ``--requests`` GETs per round and variant over ``--concurrency``
 keep-alive connections (an asyncio client on 127.0.0.1 only, each connection sending its
@@ -300,26 +305,38 @@ def measure(
     worker: str,
     seed: int,
     pin: bool = False,
+    restarts: int = 1,
 ) -> dict[str, list[Round]]:
-    """Every variant's rounds on ``server`` (see the module doc)."""
+    """Every variant's rounds on ``server`` (see the module doc), over ``restarts`` sets of
+    fresh server processes (the rounds shared out among them)."""
     results: dict[str, list[Round]] = {variant: [] for variant in variants}
     allowed = os.sched_getaffinity(0)
     loop = asyncio.new_event_loop()
+    rng = random.Random(seed)
     try:
-        if pin:
-            # The servers inherit this thread's CPU (gunicorn's worker its master's).
-            os.sched_setaffinity(0, {max(allowed)})
-        with started(server, variants, threads, worker) as running:
+        for batch in range(restarts):
+            batch_rounds = rounds // restarts + (batch < rounds % restarts)
+            if not batch_rounds:
+                continue
             if pin:
-                os.sched_setaffinity(0, {min(allowed)})
-            for target in running:
-                run_load(loop, target, warmup, concurrency)
-            order = list(running)
-            rng = random.Random(seed)
-            for _ in range(rounds):
-                rng.shuffle(order)
-                for target in order:
-                    results[target.variant].append(run_load(loop, target, requests, concurrency))
+                # The servers inherit this thread's CPU (gunicorn's worker its master's).
+                os.sched_setaffinity(0, {max(allowed)})
+            # Started in a shuffled order too: no variant always gets the first port or
+            # starts on the quietest host.
+            starting = list(variants)
+            rng.shuffle(starting)
+            with started(server, starting, threads, worker) as running:
+                if pin:
+                    os.sched_setaffinity(0, {min(allowed)})
+                for target in running:
+                    run_load(loop, target, warmup, concurrency)
+                order = list(running)
+                for _ in range(batch_rounds):
+                    rng.shuffle(order)
+                    for target in order:
+                        results[target.variant].append(
+                            run_load(loop, target, requests, concurrency)
+                        )
     finally:
         loop.close()
         os.sched_setaffinity(0, allowed)
@@ -414,6 +431,13 @@ def main(argv: Sequence[str]) -> int:
         action="store_true",
         help="servers on the last usable CPU, the client on the first (less noise)",
     )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="fresh server processes this many times, the rounds shared out (a process's "
+        "own speed, from its memory layout, then averages out)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -425,8 +449,10 @@ def main(argv: Sequence[str]) -> int:
     )
     if bad:
         parser.error(f"unknown servers or variants {bad}")
-    if min(args.rounds, args.requests, args.concurrency) < 1:
-        parser.error("--rounds, --requests and --concurrency must be >= 1")
+    if min(args.rounds, args.requests, args.concurrency, args.restarts) < 1:
+        parser.error("--rounds, --requests, --concurrency and --restarts must be >= 1")
+    if args.restarts > args.rounds:
+        parser.error(f"--restarts {args.restarts}: at most --rounds ({args.rounds})")
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin needs two usable CPUs")
     started_at = time.monotonic()
@@ -453,6 +479,7 @@ def main(argv: Sequence[str]) -> int:
             worker=args.gunicorn_worker,
             seed=index,
             pin=args.pin,
+            restarts=args.restarts,
         )
         figures[server] = summary(results)
         raw[server] = {v: [vars(r) for r in rounds] for v, rounds in results.items()}
@@ -461,6 +488,8 @@ def main(argv: Sequence[str]) -> int:
         return 0
     settings = " (--quick: too few requests for the docs)" if args.quick else ""
     settings += "; servers and client pinned to a CPU each (--pin)" if args.pin else ""
+    if args.restarts > 1:
+        settings += f"; fresh servers {args.restarts} times (--restarts)"
     print(
         f"\n{args.rounds} rounds of {args.requests} requests per variant, "
         f"{args.concurrency} keep-alive connections, medians over rounds{settings}"
