@@ -273,6 +273,8 @@ class Round:
     p99_us: float
     cpu_us: float
     busy: float
+    #: The server's first process (its master, for gunicorn): which set of servers it was.
+    server_pid: int
 
 
 def run_load(
@@ -287,6 +289,7 @@ def run_load(
         p99_us=_percentile(load.latencies, 0.99) / 1e3,
         cpu_us=cpu / load.requests / 1e3,
         busy=cpu / load.wall_ns,
+        server_pid=target.process.process.pid,
     )
 
 
@@ -404,7 +407,7 @@ def goal_lines(figures: dict[str, dict[str, dict[str, float]]]) -> list[str]:
         elif abs(twin - 1.0) >= 1.0 - THROUGHPUT_GOAL:
             verdict = (
                 f"unresolved (two servers without instrumentation differ by "
-                f"{(twin - 1.0) * 100:+.1f}%, more than the goal's margin)"
+                f"{(twin - 1.0) * 100:+.1f}%, more than the goal's margin: more --restarts)"
             )
         lines.append(
             f"{server}: meterage defaults' throughput {ratio * 100:.1f}% of no instrumentation's "

@@ -68,7 +68,7 @@ def test_servers_quick(benchmark: Any) -> None:
 
     def run() -> dict[str, object]:
         done = subprocess.run(
-            [sys.executable, str(script), "--quick", "--json"],
+            [sys.executable, str(script), "--quick", "--restarts", "2", "--json"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -87,3 +87,6 @@ def test_servers_quick(benchmark: Any) -> None:
             assert 0 < row["p50_us"] <= row["p99_us"], (server, variant)
             if variant != "bare":
                 assert "throughput_vs_bare" in row
+        # --quick's two rounds, each on a fresh set of servers (--restarts 2).
+        for variant, rounds in found["rounds"][server].items():
+            assert len({r["server_pid"] for r in rounds}) == len(rounds) == 2, (server, variant)
