@@ -88,8 +88,9 @@ pub struct Seen {
     pub status: AtomicI64,
     pub response_bytes: AtomicU64,
     pub request_bytes: AtomicU64,
-    /// The request's own step in progress (for its span's cost so far, at the response).
-    pub open_step: Mutex<Option<StepStart>>,
+    /// The request's own step in progress (for its span's cost so far, at the response;
+    /// boxed, as only a request with a span has one: the rest stay a cache line).
+    pub open_step: Mutex<Option<Box<StepStart>>>,
     /// A route a framework named while the response started (WSGI).
     pub route: Mutex<Option<String>>,
 }

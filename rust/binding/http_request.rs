@@ -19,6 +19,7 @@ use super::http_meters::{
 use super::instruments::PyHistogram;
 use super::known_routes::KnownRoutes;
 use super::open_call::{Current, OpenCall};
+use super::request_keys::request_keys;
 use super::steps::{
     borrow_call, ending_error, next_of, send_into, sent, step_target, throw_into, Outcome,
 };
@@ -111,7 +112,7 @@ impl HttpMeter {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let this = slf.get();
-        let kind = item(scope, intern!(py, "type"))?;
+        let kind = item(scope, request_keys(py).kind.bind(py))?;
         let is_http = kind
             .as_ref()
             .and_then(|kind| kind.cast::<PyString>().ok())
@@ -154,18 +155,20 @@ impl WatchedSend {
         if !call.try_borrow().is_ok_and(|call| call.has_span()) {
             return;
         }
-        let more = item(message, intern!(py, "more_body"))
+        let more = item(message, request_keys(py).more_body.bind(py))
             .ok()
             .flatten()
             .is_some_and(|more| more.is_truthy().unwrap_or(false));
         if more {
             return;
         }
-        let open = *self
+        let open = self
             .seen
             .open_step
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .copied();
         if let Ok(mut call) = call.try_borrow_mut() {
             call.note_span_so_far(py, open.as_ref());
         }
@@ -176,18 +179,18 @@ impl WatchedSend {
 impl WatchedSend {
     fn __call__<'py>(&self, message: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let py = message.py();
-        if let Ok(Some(kind)) = item(message, intern!(py, "type")) {
+        if let Ok(Some(kind)) = item(message, request_keys(py).kind.bind(py)) {
             if let Ok(kind) = kind.cast::<PyString>() {
                 match kind.to_str() {
                     Ok("http.response.body") => {
-                        let length = body_length(message, intern!(py, "body"));
+                        let length = body_length(message, request_keys(py).body.bind(py));
                         self.seen
                             .response_bytes
                             .fetch_add(length, Ordering::Relaxed);
                         self.response_sent(message);
                     }
                     Ok("http.response.start") => {
-                        if let Ok(Some(status)) = item(message, intern!(py, "status")) {
+                        if let Ok(Some(status)) = item(message, request_keys(py).status.bind(py)) {
                             if let Ok(status) = status.extract::<i64>() {
                                 self.seen.status.store(status, Ordering::Relaxed);
                             }
@@ -248,7 +251,7 @@ impl Received {
         match outcome? {
             Outcome::Yielded(value) => Ok(value),
             Outcome::Returned(message) => {
-                let length = body_length(&message, intern!(py, "body"));
+                let length = body_length(&message, request_keys(py).body.bind(py));
                 self.seen.request_bytes.fetch_add(length, Ordering::Relaxed);
                 let stop = PyStopIteration::type_object(py).call1((message,))?;
                 Err(PyErr::from_value(stop))
@@ -367,10 +370,11 @@ impl RequestSteps {
             self.inner = Some(step_target(&awaitable)?);
             return Ok(());
         }
-        let method = item(&scope, intern!(py, "method"))?;
+        let keys = request_keys(py);
+        let method = item(&scope, keys.method.bind(py))?;
         let method = text(&method).map_or(OTHER_METHOD, known_method);
-        let scheme = item(&scope, intern!(py, "scheme"))?;
-        let version = item(&scope, intern!(py, "http_version"))?;
+        let scheme = item(&scope, keys.scheme.bind(py))?;
+        let version = item(&scope, keys.http_version.bind(py))?;
         let call = meter.meters.open(
             py,
             method,
@@ -379,7 +383,7 @@ impl RequestSteps {
             &scope,
         )?;
         self.call = Some(call.clone().unbind());
-        self.application = Some(match item(&scope, intern!(py, "app")) {
+        self.application = Some(match item(&scope, keys.app.bind(py)) {
             Ok(Some(application)) => application.unbind(),
             _ => meter.app.clone_ref(py),
         });
@@ -450,7 +454,9 @@ impl RequestSteps {
         call: &Bound<'_, OpenCall>,
     ) -> Option<Arc<str>> {
         let scope = self.scope.bind(py);
-        let route = item(scope, intern!(py, "route")).ok().flatten()?;
+        let route = item(scope, request_keys(py).route.bind(py))
+            .ok()
+            .flatten()?;
         if call
             .try_borrow()
             .is_ok_and(|call| call.has_own("http.route"))
@@ -503,7 +509,7 @@ impl RequestSteps {
                             .seen
                             .open_step
                             .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = open;
+                            .unwrap_or_else(|e| e.into_inner()) = open.map(Box::new);
                     }
                 };
                 note_open(Some(step));

@@ -20,6 +20,7 @@ mod middleware_base;
 mod open_call;
 mod process;
 mod reading;
+mod request_keys;
 mod snapshots;
 mod spans;
 mod steps;

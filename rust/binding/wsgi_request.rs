@@ -14,11 +14,12 @@ use super::http_meters::{
 };
 use super::instruments::PyHistogram;
 use super::open_call::{run_current_step, Current, OpenCall};
+use super::request_keys::request_keys;
 use super::steps::ending_error;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
-use pyo3::{intern, PyTraverseError, PyVisit};
+use pyo3::{PyTraverseError, PyVisit};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -39,7 +40,7 @@ fn protocol_version(protocol: Option<&str>) -> Option<&str> {
 /// `CONTENT_LENGTH` as a number of bytes (0 when absent or not a number).
 fn content_length(environ: &Bound<'_, PyAny>) -> u64 {
     let py = environ.py();
-    let Ok(length) = item(environ, intern!(py, "CONTENT_LENGTH")) else {
+    let Ok(length) = item(environ, request_keys(py).content_length.bind(py)) else {
         return 0;
     };
     text(&length)
@@ -52,15 +53,15 @@ fn content_length(environ: &Bound<'_, PyAny>) -> u64 {
 /// cannot be read leaves the request unnamed.
 fn werkzeug_rule(environ: &Bound<'_, PyAny>) -> Option<String> {
     let py = environ.py();
-    let request = item(environ, intern!(py, "werkzeug.request")).ok()??;
+    let request = item(environ, request_keys(py).werkzeug_request.bind(py)).ok()??;
     if request.is_none() {
         return None;
     }
-    let rule = request.getattr(intern!(py, "url_rule")).ok()?;
+    let rule = request.getattr(request_keys(py).url_rule.bind(py)).ok()?;
     if rule.is_none() {
         return None;
     }
-    let template = rule.getattr(intern!(py, "rule")).ok()?;
+    let template = rule.getattr(request_keys(py).rule.bind(py)).ok()?;
     Some(template.cast::<PyString>().ok()?.to_str().ok()?.to_owned())
 }
 
@@ -70,7 +71,7 @@ fn is_file_wrapper(environ: &Bound<'_, PyAny>, body: &Bound<'_, PyAny>) -> bool 
         return false; // most frameworks' bodies, and not a file
     }
     let py = environ.py();
-    let Ok(Some(wrapper)) = item(environ, intern!(py, "wsgi.file_wrapper")) else {
+    let Ok(Some(wrapper)) = item(environ, request_keys(py).file_wrapper.bind(py)) else {
         return false;
     };
     wrapper
@@ -150,10 +151,11 @@ impl WsgiMeter {
             // An outer meterage middleware meters this request: it is one call.
             return this.app.bind(py).call1((environ, start_response));
         }
-        let method = item(environ, intern!(py, "REQUEST_METHOD"))?;
+        let keys = request_keys(py);
+        let method = item(environ, keys.request_method.bind(py))?;
         let method = text(&method).map_or(OTHER_METHOD, known_method);
-        let scheme = item(environ, intern!(py, "wsgi.url_scheme"))?;
-        let protocol = item(environ, intern!(py, "SERVER_PROTOCOL"))?;
+        let scheme = item(environ, keys.url_scheme.bind(py))?;
+        let protocol = item(environ, keys.server_protocol.bind(py))?;
         let call = this.meters.open(
             py,
             method,
@@ -418,10 +420,12 @@ impl WsgiBody {
             // A list or tuple has no close() (and asking would raise and catch an error).
             Some(body) if body.bind(py).is_exact_instance_of::<PyList>() => Ok(()),
             Some(body) if body.bind(py).is_exact_instance_of::<PyTuple>() => Ok(()),
-            Some(body) if body.bind(py).hasattr(intern!(py, "close"))? => {
+            Some(body) if body.bind(py).hasattr(request_keys(py).close.bind(py))? => {
                 let call = self.call.bind(py).clone();
-                run_current_step(&call, || body.bind(py).call_method0(intern!(py, "close")))
-                    .map(|_| ())
+                run_current_step(&call, || {
+                    body.bind(py).call_method0(request_keys(py).close.bind(py))
+                })
+                .map(|_| ())
             }
             _ => Ok(()),
         };
