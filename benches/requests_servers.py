@@ -312,6 +312,8 @@ def measure(
 ) -> dict[str, list[Round]]:
     """Every variant's rounds on ``server`` (see the module doc), over ``restarts`` sets of
     fresh server processes (the rounds shared out among them)."""
+    if not 1 <= restarts <= rounds:
+        raise ValueError(f"restarts must be 1 to rounds ({rounds}), not {restarts}")
     results: dict[str, list[Round]] = {variant: [] for variant in variants}
     allowed = os.sched_getaffinity(0)
     loop = asyncio.new_event_loop()
@@ -319,8 +321,6 @@ def measure(
     try:
         for batch in range(restarts):
             batch_rounds = rounds // restarts + (batch < rounds % restarts)
-            if not batch_rounds:
-                continue
             if pin:
                 # The servers inherit this thread's CPU (gunicorn's worker its master's).
                 os.sched_setaffinity(0, {max(allowed)})

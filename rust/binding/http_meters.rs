@@ -88,9 +88,10 @@ pub struct Seen {
     pub status: AtomicI64,
     pub response_bytes: AtomicU64,
     pub request_bytes: AtomicU64,
-    /// The request's own step in progress (for its span's cost so far, at the response;
-    /// boxed, as only a request with a span has one: the rest stay a cache line).
-    pub open_step: Mutex<Option<Box<StepStart>>>,
+    /// The request's own step in progress (for its span's cost so far, at the response):
+    /// made at the first step of a request with a span (the only ones that read it), so
+    /// the rest stay small.
+    pub open_step: OnceLock<Box<Mutex<Option<StepStart>>>>,
     /// A route a framework named while the response started (WSGI).
     pub route: Mutex<Option<String>>,
 }
@@ -101,7 +102,7 @@ impl Seen {
             status: AtomicI64::new(-1),
             response_bytes: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
-            open_step: Mutex::new(None),
+            open_step: OnceLock::new(),
             route: Mutex::new(None),
         })
     }

@@ -165,10 +165,8 @@ impl WatchedSend {
         let open = self
             .seen
             .open_step
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-            .copied();
+            .get()
+            .and_then(|open| *open.lock().unwrap_or_else(|e| e.into_inner()));
         if let Ok(mut call) = call.try_borrow_mut() {
             call.note_span_so_far(py, open.as_ref());
         }
@@ -179,18 +177,19 @@ impl WatchedSend {
 impl WatchedSend {
     fn __call__<'py>(&self, message: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let py = message.py();
-        if let Ok(Some(kind)) = item(message, request_keys(py).kind.bind(py)) {
+        let keys = request_keys(py);
+        if let Ok(Some(kind)) = item(message, keys.kind.bind(py)) {
             if let Ok(kind) = kind.cast::<PyString>() {
                 match kind.to_str() {
                     Ok("http.response.body") => {
-                        let length = body_length(message, request_keys(py).body.bind(py));
+                        let length = body_length(message, keys.body.bind(py));
                         self.seen
                             .response_bytes
                             .fetch_add(length, Ordering::Relaxed);
                         self.response_sent(message);
                     }
                     Ok("http.response.start") => {
-                        if let Ok(Some(status)) = item(message, request_keys(py).status.bind(py)) {
+                        if let Ok(Some(status)) = item(message, keys.status.bind(py)) {
                             if let Ok(status) = status.extract::<i64>() {
                                 self.seen.status.store(status, Ordering::Relaxed);
                             }
@@ -508,8 +507,9 @@ impl RequestSteps {
                         *self
                             .seen
                             .open_step
+                            .get_or_init(Box::default)
                             .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = open.map(Box::new);
+                            .unwrap_or_else(|e| e.into_inner()) = open;
                     }
                 };
                 note_open(Some(step));

@@ -53,15 +53,16 @@ fn content_length(environ: &Bound<'_, PyAny>) -> u64 {
 /// cannot be read leaves the request unnamed.
 fn werkzeug_rule(environ: &Bound<'_, PyAny>) -> Option<String> {
     let py = environ.py();
-    let request = item(environ, request_keys(py).werkzeug_request.bind(py)).ok()??;
+    let keys = request_keys(py);
+    let request = item(environ, keys.werkzeug_request.bind(py)).ok()??;
     if request.is_none() {
         return None;
     }
-    let rule = request.getattr(request_keys(py).url_rule.bind(py)).ok()?;
+    let rule = request.getattr(keys.url_rule.bind(py)).ok()?;
     if rule.is_none() {
         return None;
     }
-    let template = rule.getattr(request_keys(py).rule.bind(py)).ok()?;
+    let template = rule.getattr(keys.rule.bind(py)).ok()?;
     Some(template.cast::<PyString>().ok()?.to_str().ok()?.to_owned())
 }
 
@@ -422,10 +423,8 @@ impl WsgiBody {
             Some(body) if body.bind(py).is_exact_instance_of::<PyTuple>() => Ok(()),
             Some(body) if body.bind(py).hasattr(request_keys(py).close.bind(py))? => {
                 let call = self.call.bind(py).clone();
-                run_current_step(&call, || {
-                    body.bind(py).call_method0(request_keys(py).close.bind(py))
-                })
-                .map(|_| ())
+                let close = request_keys(py).close.bind(py);
+                run_current_step(&call, || body.bind(py).call_method0(close)).map(|_| ())
             }
             _ => Ok(()),
         };
