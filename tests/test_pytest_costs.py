@@ -185,6 +185,28 @@ def test_the_cpu_slack_and_tolerance_decide_a_cpu_rise(pytester: pytest.Pytester
     ratio.assert_outcomes(passed=5)
 
 
+def test_a_cpu_rise_is_a_failure_that_last_failed_runs_again_alone(
+    pytester: pytest.Pytester,
+) -> None:
+    # docs/ci.md: a rise is confirmed by running the tests that rose again (--lf), which
+    # needs pytest's cache to hold the rises as failures.
+    with_baseline(pytester)
+    unchanged = (pytester.path / "test_inner.py").read_text()
+    pytester.makepyfile(test_inner=unchanged.replace("burn(0.005)", "burn(0.020)"))
+    cache = ("-o", f"cache_dir={pytester.path / 'cache'}")
+    rose = pytester.runpytest_subprocess(*PLUGIN, *cache, "--meterage-compare", "costs.json")
+    rose.assert_outcomes(passed=4, failed=1)
+    pytester.makepyfile(test_inner=unchanged)  # the slow run was noise: it does not recur
+    again = pytester.runpytest_subprocess(
+        *PLUGIN, *cache, "--lf", "-v", "--meterage-compare", "costs.json"
+    )
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines(
+        ["run-last-failure: rerun previous 1 failure", "*test_inner.py::test_cpu PASSED*"]
+    )
+    assert "no test costs more than the baseline allows" in again.stdout.str()
+
+
 def test_an_unchanged_suite_never_fails_the_comparison(pytester: pytest.Pytester) -> None:
     with_baseline(pytester)
     for attempt in range(10):
