@@ -1656,6 +1656,7 @@ def test_the_task_factory_makes_tasks_as_the_loop_would_and_charges_probed_calls
             in_context = await context.run(loop.create_task, read_variable())
         named = loop.create_task(read_variable(), name="named task")
         await named
+        assert named.get_loop() is loop
         # A future is not a coroutine: handed on as it is.
         future = loop.create_future()
         future.set_result("done")

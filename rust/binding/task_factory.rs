@@ -7,6 +7,7 @@
 
 use super::open_call::{current_var, OpenCall};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3::{ffi, intern, PyTraverseError, PyVisit};
 
@@ -44,6 +45,38 @@ fn charged_call(py: Python<'_>) -> Option<Bound<'_, OpenCall>> {
         .try_borrow()
         .is_ok_and(|state| state.is_probed() && !state.finished);
     charged.then_some(call)
+}
+
+impl TaskFactory {
+    /// `asyncio.Task(coro, loop=event_loop)`, as `loop.create_task(coro)` makes it, called
+    /// by vectorcall: no dict of options made for the task of every request.
+    fn plain_task<'py>(
+        &self,
+        event_loop: &Bound<'py, PyAny>,
+        coro: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        static LOOP_KEYWORD: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+        let py = coro.py();
+        let keywords = LOOP_KEYWORD.get_or_init(py, || {
+            PyTuple::new(py, [intern!(py, "loop")])
+                .expect("a tuple of one str")
+                .unbind()
+        });
+        let arguments = [coro.as_ptr(), event_loop.as_ptr()];
+        // SAFETY: the task type, both arguments and the keyword names live for the call; one
+        // positional argument, then the keywords' values in the order of their names.
+        unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyObject_Vectorcall(
+                    self.task.as_ptr(),
+                    arguments.as_ptr(),
+                    1,
+                    keywords.as_ptr(),
+                ),
+            )
+        }
+    }
 }
 
 #[pymethods]
@@ -89,10 +122,10 @@ impl TaskFactory {
         if let Some(previous) = &self.previous {
             return previous.bind(py).call((event_loop, coro), kwargs);
         }
-        let options = match kwargs {
-            Some(kwargs) => kwargs.copy()?,
-            None => PyDict::new(py),
+        let Some(kwargs) = kwargs else {
+            return self.plain_task(event_loop, &coro);
         };
+        let options = kwargs.copy()?;
         options.set_item(intern!(py, "loop"), event_loop)?;
         self.task
             .bind(py)
