@@ -85,10 +85,13 @@ settings = {"timer": {"probes": ()}, "default": {}}.get(variant)
 if app_kind == "asgi":
     app = asgi_app if settings is None else Asgi(asgi_app, **settings)
     async def main():
+        loop = asyncio.get_running_loop()
         for index in range(200 + requests):
             if index >= 200:
                 cold()
-            await app(dict(SCOPE), receive, send)
+            # A task per request, as uvicorn makes one (through meterage's task factory
+            # once a probed request has put it on the loop).
+            await loop.create_task(app(dict(SCOPE), receive, send))
     asyncio.run(main())
 else:
     app = wsgi_app if settings is None else Wsgi(wsgi_app, **settings)
