@@ -150,6 +150,37 @@ def test_queue_wait_and_output_are_recorded_in_the_jobs_own_series(unique) -> No
     assert values_of(jobs.output_size(), failed).sum == 1.0
 
 
+def test_a_decorated_job_runs_whatever_enqueue_time_its_message_gives(unique, caplog) -> None:
+    """The enqueue time comes with each message: one without it, NaN, or a producer's
+    clock far ahead leaves that job's queue wait unknown (logged once), never the job
+    unrun; a good one after them is recorded."""
+    name = unique("skewed")
+    ran: list[int] = []
+
+    @jobs.job(name, queue="mail", probes=(), enqueued_at=lambda message: message["sent"])
+    def send(message: dict[str, Any]) -> int:
+        ran.append(message["n"])
+        return message["n"] * 2
+
+    now = time.time()
+    messages = [
+        {"n": 1, "sent": now + 5.0},  # 5 s ahead: past the clock skew allowed
+        {"n": 2, "sent": float("nan")},
+        {"n": 3},  # no enqueue time at all
+        {"n": 4, "sent": "yesterday"},
+        {"n": 5, "sent": now - 2.0},
+    ]
+    with caplog.at_level(logging.WARNING, logger="meterage.jobs"):
+        assert [send(message) for message in messages] == [2, 4, 6, 8, 10]
+    assert ran == [1, 2, 3, 4, 5]
+    (series,) = job_series(name, "succeeded")
+    assert series.count == 5
+    wait = values_of(jobs.queue_wait(), series)
+    assert wait.count == 1 and 2.0 <= wait.sum <= 2.0 + (time.time() - now)
+    warned = [r.getMessage() for r in caplog.records if r.name == "meterage.jobs"]
+    assert len(warned) == 1 and name in warned[0] and "in the future" in warned[0]
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
@@ -643,9 +674,12 @@ def test_bad_enqueue_times_are_refused_naming_the_argument() -> None:
     future = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
     raises(ValueError, "in the future", lambda: jobs.start("a", enqueued_at=future))
 
+    assert not job_series("a")  # nothing started
+    # A decorated job's time comes with its message, at its call: the job runs all the same
+    # (its wait unknown, logged), as it would unmetered.
     decorated = jobs.job("a", enqueued_at=lambda: now + 3600, probes=())(lambda: "ran")
-    raises(ValueError, "in the future", decorated)  # checked before the job runs
-    assert not job_series("a")
+    assert decorated() == "ran"
+    assert [s.count for s in job_series("a")] == [1]
     # A clock a little ahead (another machine's): a wait of 0.
     job = jobs.start("a", enqueued_at=time.time() + jobs.MAX_CLOCK_SKEW / 2, probes=())
     assert job.queue_wait == 0.0

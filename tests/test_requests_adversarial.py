@@ -32,6 +32,7 @@ import threading
 import time
 import warnings
 import weakref
+import wsgiref.simple_server
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -1523,7 +1524,9 @@ def _wsgi_write(environ: Any, start_response: Any) -> Any:
 @pytest.mark.parametrize(
     ("app", "expected"),
     [
-        (_wsgi_body("iter"), {(200, "ValueError"): 1}),
+        # An error before any byte of the body: the server answers 500 (the headers of the
+        # status given had not gone out).
+        (_wsgi_body("iter"), {(500, "ValueError"): 1}),
         (_wsgi_body("next"), {(200, "KeyError"): 1}),
         (_wsgi_body("close"), {(200, "OSError"): 1}),
         (_wsgi_body(""), {(200, None): 1}),
@@ -1531,7 +1534,7 @@ def _wsgi_write(environ: Any, start_response: Any) -> Any:
         (_wsgi_exc_info, {(503, "503"): 1}),
         (_wsgi_twice, {(404, None): 1}),
         (_wsgi_bytes_status, {(None, None): 1}),
-        (_wsgi_raises_after_start, {(200, "RuntimeError"): 1}),
+        (_wsgi_raises_after_start, {(500, "RuntimeError"): 1}),
         (_wsgi_write, {(200, None): 1}),
     ],
     ids=[
@@ -1554,6 +1557,155 @@ def test_wsgi_outcomes_are_unchanged_and_recorded_once(app: Any, expected: dict,
     gc.collect()
     assert outcomes() == expected
     assert requests_in_flight() == 0
+
+
+@contextlib.contextmanager
+def wsgiref_server(app: Any) -> Iterator[int]:
+    """The standard library's WSGI server serving ``app`` on a free loopback port."""
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class QuietServer(wsgiref.simple_server.WSGIServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # an application's error, logged by the handler's own output otherwise
+
+    server = wsgiref.simple_server.make_server(
+        "127.0.0.1", 0, app, server_class=QuietServer, handler_class=Quiet
+    )
+    server.base_environ["wsgi.errors"] = io.StringIO()  # its error report, kept quiet
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def fetch(port: int, path: str = "/") -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one GET; a body cut short is what arrived."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        try:
+            body = response.read()
+        except http.client.IncompleteRead as cut:
+            body = cut.partial
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        connection.close()
+
+
+def test_a_wsgi_body_keeps_the_length_servers_read(tracking) -> None:
+    """wsgiref (and waitress) set the Content-Length of a one-chunk body from len(body):
+    the metered body has the application's length, and none where it has none."""
+
+    def listed(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hello world"]
+
+    def generated(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"hello world"
+
+    for app in (listed, generated):
+        with wsgiref_server(app) as port:
+            bare = fetch(port)
+        with wsgiref_server(WsgiMiddleware(app, sample=1.0)) as port:
+            metered = fetch(port)
+        assert metered[0] == bare[0] == 200 and metered[2] == bare[2] == b"hello world"
+        assert metered[1].get("content-length") == bare[1].get("content-length")
+    assert outcomes() == {(200, None): 2} and requests_in_flight() == 0
+    body = WsgiMiddleware(listed)(dict(ENVIRON), lambda *args: None)
+    assert len(body) == 1
+    body.close()
+    with pytest.raises(TypeError):
+        len(WsgiMiddleware(generated)(dict(ENVIRON), lambda *args: None))
+
+
+def test_the_status_recorded_is_the_status_the_wsgi_server_sent(tracking) -> None:
+    def raises_after_start(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+        raise RuntimeError("after start_response")
+
+    def raises_after_the_first_chunk(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+        yield b"first"
+        try:
+            raise ValueError("late")
+        except ValueError:
+            # The headers went out with the first chunk: the server re-raises the error.
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        yield b"never"
+
+    sent = {}
+    for app in (raises_after_start, raises_after_the_first_chunk):
+        with wsgiref_server(WsgiMiddleware(app, sample=1.0)) as port:
+            status, _, body = fetch(port)
+        sent[app.__name__] = (status, body[:5])
+    assert sent == {
+        "raises_after_start": (500, b"A ser"),  # wsgiref's own error page
+        "raises_after_the_first_chunk": (200, b"first"),
+    }
+    assert outcomes() == {(500, "RuntimeError"): 1, (200, "ValueError"): 1}
+    assert requests_in_flight() == 0
+
+
+def test_a_request_served_while_an_earlier_body_is_open_is_a_request_of_its_own(
+    tracking,
+) -> None:
+    """werkzeug's test client (buffered=False, its default) closes a response only when
+    it is dropped: the next request of the thread arrives with the last one's body open."""
+    flask = pytest.importorskip("flask")
+    app = flask.Flask("open_bodies")
+
+    @app.get("/<name>")
+    def named(name: str) -> str:
+        meterage.current_call().set_attribute("name", name)
+        return name
+
+    app.wsgi_app = WsgiMiddleware(app.wsgi_app, sample=1.0)  # type: ignore[method-assign]
+    client = app.test_client()
+    kept = [client.get(f"/{name}") for name in ("a", "b", "c", "a", "b")]
+    assert [response.get_data() for response in kept] == [b"a", b"b", b"c", b"a", b"b"]
+    for response in kept:
+        response.close()
+    names = {
+        s.attributes["name"]: s.count
+        for s in meterage.snapshot()
+        if s.operation == OPERATION and s.count
+    }
+    assert names == {"a": 2, "b": 2, "c": 1}
+    assert requests_in_flight() == 0
+
+
+def test_made_up_protocol_versions_and_schemes_make_no_meters_of_their_own(tracking) -> None:
+    """A client can send any version on its request line (wsgiref passes it on as
+    SERVER_PROTOCOL) and, behind a proxy that forwards it, any scheme: the meters stay a
+    bounded set, the version left out and the scheme _OTHER where they are not real."""
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = WsgiMiddleware(app)
+    for index in range(600):
+        environ = {"SERVER_PROTOCOL": f"HTTP/1.{index:05d}", "wsgi.url_scheme": f"x{index}"}
+        assert serve_wsgi(middleware, environ) == (["200 OK"], [b"ok"])
+    for version, scheme in (("HTTP/1.1", "https"), ("HTTP/2.0", "http"), ("HTTP/1.0", "http")):
+        serve_wsgi(middleware, {"SERVER_PROTOCOL": version, "wsgi.url_scheme": scheme})
+    assert len(middleware._meters._cores) == 4
+    found = {
+        (s.attributes.get("url.scheme"), s.attributes.get("network.protocol.version")): s.count
+        for s in meterage.snapshot()
+        if s.operation == OPERATION and s.count
+    }
+    real = {("https", "1.1"): 1, ("http", "2"): 1, ("http", "1.0"): 1}
+    assert found == {("_OTHER", None): 600, **real}
 
 
 def test_a_wsgi_body_never_closed_or_dropped_ends_its_request(tracking) -> None:

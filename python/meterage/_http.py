@@ -23,6 +23,21 @@ WEBSOCKET_OPERATION = "websocket.server.session"
 #: A function of the request (an ASGI scope, a WSGI environ) giving attributes of its own
 #: (a tenant, a plan), or None.
 AttributesOf = Callable[[Any], "Mapping[str, Any] | None"]
+#: ``network.protocol.version`` of the versions a server may name ("HTTP/2.0" is "2"); any
+#: other leaves the attribute out, so a client's made-up version makes no meter of its own.
+PROTOCOL_VERSIONS = {
+    "0.9": "0.9",
+    "1.0": "1.0",
+    "1.1": "1.1",
+    "2": "2",
+    "2.0": "2",
+    "3": "3",
+    "3.0": "3",
+}
+#: ``url.scheme`` of the schemes HTTP servers serve; any other is ``_OTHER``, as unknown
+#: methods are (a proxy's forwarded scheme can be anything a client sends).
+SCHEMES = frozenset(("http", "https", "ws", "wss"))
+OTHER = "_OTHER"
 
 
 class Middleware:
@@ -98,8 +113,11 @@ class RequestMeters:
         )
 
     def meter_for(self, method: str, scheme: str, version: str | None) -> _native.MeterCore:
-        """The meter of requests with this (already normalized) method, scheme and
-        protocol version."""
+        """The meter of requests with this (already normalized) method, and this scheme and
+        protocol version as the server gave them: a bounded set of meters, whatever
+        clients send (``SCHEMES``, ``PROTOCOL_VERSIONS``)."""
+        scheme = scheme if scheme in SCHEMES else OTHER
+        version = None if version is None else PROTOCOL_VERSIONS.get(version)
         key = (method, scheme, version)
         core = self._cores.get(key)
         if core is None:

@@ -673,7 +673,7 @@ class JobMeter:
     """What ``job(...)`` returns: a decorator whose every call is a job, and a context
     manager whose ``with`` block is one job (both reusable)."""
 
-    __slots__ = ("_core", "_enqueued_at", "name", "queue", "system")
+    __slots__ = ("_core", "_enqueued_at", "_warned", "name", "queue", "system")
 
     def __init__(
         self,
@@ -688,6 +688,7 @@ class JobMeter:
         self.queue = queue
         self.system = system
         self._enqueued_at = enqueued_at
+        self._warned = False  # a bad enqueue time of a call was logged (once)
 
     def _waited(self, enqueued: object) -> float | None:
         if enqueued is None:
@@ -791,8 +792,30 @@ class JobMeter:
         waited = None
         if enqueued is not None:
             assert callable(enqueued)
-            waited = self._waited(enqueued(*args, **kwargs))
+            waited = self._waited_per_call(enqueued, args, kwargs)
         return _open(self._core, self.name, self.queue, self.system, waited, False)
+
+    def _waited_per_call(
+        self, enqueued_at: Callable[..., EnqueuedAt], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> float | None:
+        """A decorated job's queue wait from its arguments, or None: a time its function
+        cannot give or that is not one (a message without it, NaN, a producer's clock
+        ahead) leaves this job's wait unknown, logged once per job meter, and the job runs
+        as it would unmetered. A time up to ``MAX_CLOCK_SKEW`` ahead is a wait of 0."""
+        try:
+            return self._waited(enqueued_at(*args, **kwargs))
+        except Exception as error:  # the job must run whatever its message holds
+            if not self._warned:
+                self._warned = True
+                _logger.warning(
+                    "meterage: job %r (queue %r) has no queue wait: its enqueued_at "
+                    "function failed or gave a bad time: %s: %s (logged once per job meter)",
+                    self.name,
+                    self.queue,
+                    type(error).__name__,
+                    error,
+                )
+            return None
 
     def __repr__(self) -> str:
         return f"<meterage.jobs.JobMeter {self.name!r} queue={self.queue!r}>"

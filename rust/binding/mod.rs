@@ -154,6 +154,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<wsgi_request::WsgiMeter>()?;
     module.add_class::<wsgi_request::WatchedStartResponse>()?;
     module.add_class::<wsgi_request::WsgiBody>()?;
+    module.add_class::<wsgi_request::WsgiSizedBody>()?;
     module.add_class::<middleware_base::AsgiMiddlewareBase>()?;
     module.add_class::<middleware_base::WsgiMiddlewareBase>()?;
     module.add_class::<instruments::PyHistogram>()?;

@@ -490,6 +490,10 @@ impl Current {
         self.0.is_some()
     }
 
+    pub fn token(&self) -> Option<&Py<PyAny>> {
+        self.0.as_ref()
+    }
+
     /// Puts back what was current before, once; a reset from another context fails
     /// harmlessly (its error cleared).
     pub fn reset(&mut self, py: Python<'_>) {
@@ -505,33 +509,12 @@ impl Current {
             }
         }
     }
-
-    pub fn token(&self) -> Option<&Py<PyAny>> {
-        self.0.as_ref()
-    }
 }
 
 /// Runs `work` as a step of `call` in this thread, the call current meanwhile; after the
 /// call ended, just runs it.
 pub fn run_step<'py, T>(
     call: &Bound<'py, OpenCall>,
-    work: impl FnOnce() -> PyResult<T>,
-) -> PyResult<T> {
-    step_of(call, true, work)
-}
-
-/// Runs `work` as a step of `call`, which its caller made current in this thread already
-/// (a WSGI request, current from its start to its end).
-pub fn run_current_step<'py, T>(
-    call: &Bound<'py, OpenCall>,
-    work: impl FnOnce() -> PyResult<T>,
-) -> PyResult<T> {
-    step_of(call, false, work)
-}
-
-fn step_of<'py, T>(
-    call: &Bound<'py, OpenCall>,
-    make_current: bool,
     work: impl FnOnce() -> PyResult<T>,
 ) -> PyResult<T> {
     let py = call.py();
@@ -551,11 +534,7 @@ fn step_of<'py, T>(
         let step = core.step_begin(&mut state.stepped);
         (core, step)
     };
-    let mut current = if make_current {
-        Current::set(call)
-    } else {
-        Current::default()
-    };
+    let mut current = Current::set(call);
     let result = work();
     current.reset(py);
     match borrow_call(call) {

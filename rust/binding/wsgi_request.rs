@@ -3,7 +3,7 @@
 //!
 //! A request is a call from the application's call to the end of its response body: the
 //! application runs as a step of the call, and so does the making of each chunk of its
-//! body and its `close()`, with the call current meanwhile (so a framework hook can name
+//! body and its `close()`, with the call current meanwhile (and only then) (so a framework hook can name
 //! the route on `meterage.current_call()`, and work handed to thread pools is charged to
 //! it). `start_response` is watched for the status; the request body's size is its
 //! `CONTENT_LENGTH`. The call ends when the body is closed (WSGI servers must close it;
@@ -13,7 +13,7 @@ use super::http_meters::{
     item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
 };
 use super::instruments::PyHistogram;
-use super::open_call::{run_current_step, Current, OpenCall};
+use super::open_call::{run_step, OpenCall};
 use super::request_keys::request_keys;
 use super::steps::ending_error;
 use pyo3::exceptions::PyRuntimeError;
@@ -87,10 +87,13 @@ fn end_request(
     call: &Bound<'_, OpenCall>,
     seen: &Seen,
     error: Option<&PyErr>,
+    headers_sent: bool,
 ) {
     let error_type = error.and_then(|error| ending_error(py, error).ok().flatten());
-    if error.is_some() && seen.status.load(Ordering::Relaxed) < 0 {
-        seen.status.store(500, Ordering::Relaxed); // the server answers 500
+    // An error before the headers went out (a WSGI server sends them with the body's first
+    // non-empty chunk, or at its end): the server answers 500, whatever status was given.
+    if error.is_some() && (!headers_sent || seen.status.load(Ordering::Relaxed) < 0) {
+        seen.status.store(500, Ordering::Relaxed);
     }
     // The route a framework named as the response started, unless the request named one.
     let route = seen.route.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -177,26 +180,26 @@ impl WsgiMeter {
                 werkzeug_routes: this.werkzeug_routes,
             },
         )?;
-        // Current from here to the body's end (the server iterates and closes the body in
-        // this thread): one context change per request, not one per step.
-        let mut current = Current::set(&call);
-        let body = match run_current_step(&call, || this.app.bind(py).call1((environ, &watched))) {
+        // Current only while the application's code runs (its call, each chunk it makes,
+        // its close()), not from here to the body's end: a server can serve the thread's
+        // next request before it closes this body (werkzeug's test client does), and that
+        // request is one of its own, with its own call current.
+        let body = match run_step(&call, || this.app.bind(py).call1((environ, &watched))) {
             Ok(body) => body,
             Err(error) => {
-                current.reset(py);
-                end_request(py, this, &call, &seen, Some(&error));
+                end_request(py, this, &call, &seen, Some(&error), false);
                 return Err(error);
             }
         };
         if is_file_wrapper(environ, &body) {
             // The server sends it with sendfile(2) only if it gets its own wrapper back: it
             // is handed on as it is, and the request ends now, its size the Content-Length.
-            current.reset(py);
             let length = watched.get().content_length(py);
             seen.response_bytes.store(length, Ordering::Relaxed);
-            end_request(py, this, &call, &seen, None);
+            end_request(py, this, &call, &seen, None, true);
             return Ok(body);
         }
+        let sized = has_length(&body);
         let response = WsgiBody {
             body: Some(body.unbind()),
             iterator: None,
@@ -205,9 +208,29 @@ impl WsgiMeter {
             meter: slf.clone().unbind(),
             seen,
             ended: false,
-            current,
+            exhausted: false,
         };
+        if sized {
+            let initializer = PyClassInitializer::from(response).add_subclass(WsgiSizedBody);
+            return Ok(Bound::new(py, initializer)?.into_any());
+        }
         Ok(Bound::new(py, response)?.into_any())
+    }
+}
+
+/// Whether `len(body)` is defined: its type has a length slot, as `len()` looks for (no
+/// attribute looked up, no error made and dropped for a body without one).
+fn has_length(body: &Bound<'_, PyAny>) -> bool {
+    if body.is_exact_instance_of::<PyList>() || body.is_exact_instance_of::<PyTuple>() {
+        return true;
+    }
+    // SAFETY: a live object's type, and its method tables where it has them.
+    unsafe {
+        let kind = pyo3::ffi::Py_TYPE(body.as_ptr());
+        let sequence = (*kind).tp_as_sequence;
+        let mapping = (*kind).tp_as_mapping;
+        (!sequence.is_null() && (*sequence).sq_length.is_some())
+            || (!mapping.is_null() && (*mapping).mp_length.is_some())
     }
 }
 
@@ -254,6 +277,15 @@ impl WatchedStartResponse {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, pyo3::types::PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        if self.werkzeug_routes {
+            let environ = self.environ.bind(args.py());
+            if let Some(route) = werkzeug_rule(environ) {
+                *self.seen.route.lock().unwrap_or_else(|e| e.into_inner()) = Some(route);
+            }
+        }
+        // The server's first: a status it refuses (a second start_response after the
+        // headers went out re-raises its exc_info) is not the one sent.
+        let write = self.start_response.bind(args.py()).call(args, kwargs)?;
         if let Ok(status) = args.get_item(0) {
             let code = status
                 .cast::<PyString>()
@@ -268,13 +300,7 @@ impl WatchedStartResponse {
         if let Ok(headers) = args.get_item(1) {
             *self.headers.lock().unwrap_or_else(|e| e.into_inner()) = Some(headers.unbind());
         }
-        if self.werkzeug_routes {
-            let environ = self.environ.bind(args.py());
-            if let Some(route) = werkzeug_rule(environ) {
-                *self.seen.route.lock().unwrap_or_else(|e| e.into_inner()) = Some(route);
-            }
-        }
-        self.start_response.bind(args.py()).call(args, kwargs)
+        Ok(write)
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -291,7 +317,7 @@ impl WatchedStartResponse {
 
 /// The application's response body: each chunk made as a step of the request's call; its
 /// end (exhausted, closed, or failed) ends the call.
-#[pyclass(module = "meterage._native", name = "WsgiBody")]
+#[pyclass(module = "meterage._native", name = "WsgiBody", subclass)]
 pub struct WsgiBody {
     /// The application's iterable (None once the garbage collector cleared it).
     body: Option<Py<PyAny>>,
@@ -302,8 +328,8 @@ pub struct WsgiBody {
     meter: Py<WsgiMeter>,
     seen: Arc<Seen>,
     ended: bool,
-    /// The request's call, current in the server's thread until the body ends.
-    current: Current,
+    /// Whether the iteration reached the body's end (its headers went out by then).
+    exhausted: bool,
 }
 
 impl WsgiBody {
@@ -321,13 +347,14 @@ impl WsgiBody {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        self.current.reset(py);
+        let headers_sent = self.exhausted || self.seen.response_bytes.load(Ordering::Relaxed) > 0;
         end_request(
             py,
             self.meter.bind(py).get(),
             self.call.bind(py),
             &self.seen,
             error,
+            headers_sent,
         );
     }
 }
@@ -367,6 +394,7 @@ impl WsgiBody {
             .map(Option::flatten);
             if let Some(chunk) = listed {
                 let Some(chunk) = chunk else {
+                    self.exhausted = true;
                     return Ok(None);
                 };
                 self.position += 1;
@@ -375,7 +403,7 @@ impl WsgiBody {
             }
         }
         let call = self.call.bind(py).clone();
-        let chunk = run_current_step(&call, || {
+        let chunk = run_step(&call, || {
             let iterator = match &self.iterator {
                 Some(iterator) => iterator.bind(py).clone(),
                 None => {
@@ -407,7 +435,10 @@ impl WsgiBody {
                 Ok(Some(chunk))
             }
             // Exhausted: the call ends at close(), which runs the framework's teardown.
-            Ok(None) => Ok(None),
+            Ok(None) => {
+                self.exhausted = true;
+                Ok(None)
+            }
             Err(error) => {
                 self.end(py, Some(&error));
                 Err(error)
@@ -424,7 +455,7 @@ impl WsgiBody {
             Some(body) if body.bind(py).hasattr(request_keys(py).close.bind(py))? => {
                 let call = self.call.bind(py).clone();
                 let close = request_keys(py).close.bind(py);
-                run_current_step(&call, || body.bind(py).call_method0(close)).map(|_| ())
+                run_step(&call, || body.bind(py).call_method0(close)).map(|_| ())
             }
             _ => Ok(()),
         };
@@ -443,14 +474,29 @@ impl WsgiBody {
             visit.call(iterator)?;
         }
         visit.call(&self.call)?;
-        if let Some(token) = self.current.token() {
-            visit.call(token)?;
-        }
         visit.call(&self.meter)
     }
 
     fn __clear__(&mut self) {
         self.body = None;
         self.iterator = None;
+    }
+}
+
+/// A body whose application's iterable has a length: `len()` gives that length, as servers
+/// read it (wsgiref and waitress set the Content-Length of a one-chunk body from it).
+#[pyclass(module = "meterage._native", name = "WsgiSizedBody", extends = WsgiBody)]
+pub struct WsgiSizedBody;
+
+#[pymethods]
+impl WsgiSizedBody {
+    fn __len__(slf: PyRef<'_, Self>) -> PyResult<usize> {
+        let py = slf.py();
+        match &slf.as_super().body {
+            Some(body) => body.bind(py).len(),
+            None => Err(PyRuntimeError::new_err(
+                "this response was cleared by the garbage collector",
+            )),
+        }
     }
 }
