@@ -841,6 +841,101 @@ def test_open_call_steps_awaits_an_awaitable_with_a_send_attribute(unique) -> No
     call.finish()
 
 
+def _serve_paths(app: Any, paths: list[str]) -> list[int]:
+    """The statuses of GET requests to ``paths``, the application awaited in process."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def serve() -> None:
+        for path in paths:
+            scope = {**SCOPE, "path": path, "raw_path": path.encode(), "query_string": b""}
+            await app(scope, _receive, send)
+
+    asyncio.run(serve())
+    return [m["status"] for m in sent if m["type"] == "http.response.start"]
+
+
+def _routes_recorded() -> dict[Any, int]:
+    counts: collections.Counter[Any] = collections.Counter()
+    for s in meterage.snapshot():
+        if s.operation == OPERATION and s.count:
+            counts[
+                (s.attributes.get("http.route"), s.attributes.get("http.response.status_code"))
+            ] += s.count
+    return dict(counts)
+
+
+def test_routes_are_found_through_middlewares_the_meter_wraps_and_a_mounts_404_has_none(
+    tracking,
+) -> None:
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    inner = Starlette(routes=[Route("/hello/{n}", hello)])
+    app = Starlette(routes=[Route("/top", hello), Mount("/sub", inner)])
+    wrapped = AsgiMiddleware(GZipMiddleware(app), probes=())
+    paths = ["/sub/hello/1", "/sub/hello/2", "/top", "/sub/nope", "/nowhere"]
+    assert _serve_paths(wrapped, paths) == [200, 200, 200, 404, 404]
+    assert _routes_recorded() == {("/sub/hello/{n}", 200): 2, ("/top", 200): 1, (None, 404): 2}
+    assert requests_in_flight() == 0
+
+
+def test_a_websocket_session_whose_attributes_function_raises_ends_its_call(tracking) -> None:
+    def refuse(scope: Any) -> dict[str, str]:
+        raise PermissionError("no tenant")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "websocket.close"})
+
+    scope = {**SCOPE, "type": "websocket", "scheme": "ws"}
+    middleware = AsgiMiddleware(app, attributes=refuse)
+    for _ in range(3):
+        with pytest.raises(PermissionError, match="no tenant"):
+            asyncio.run(middleware(dict(scope), _receive, _send))
+    sessions = [s for s in meterage.snapshot() if s.operation == "websocket.server.session"]
+    assert [(s.count, s.attributes.get("error.type")) for s in sessions if s.count] == [
+        (3, "PermissionError")
+    ]
+    assert sum(s.active or 0 for s in sessions) == 0
+
+
+def test_a_charged_task_cancelled_before_it_ran_leaves_no_never_awaited_warning(
+    tracking,
+) -> None:
+    """A task a probed request creates runs a coroutine of meterage's around the one it was
+    given; cancelled before its first step, the one given must be closed, not left to warn
+    (as it does not warn without meterage)."""
+
+    async def work() -> None:
+        await asyncio.sleep(0)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        asyncio.get_running_loop().create_task(work()).cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(work(), 0)
+        await asyncio.sleep(0)
+        await answer(send)
+
+    def warnings_of(application: Any) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_request(application)
+            gc.collect()
+        return [str(w.message) for w in caught if "never awaited" in str(w.message)]
+
+    assert warnings_of(app) == []
+    assert warnings_of(AsgiMiddleware(app, sample=1.0)) == []
+    assert outcomes() == {(200, None): 1} and requests_in_flight() == 0
+
+
 def test_a_websocket_scope_with_a_bytes_scheme_still_runs_the_application() -> None:
     ran: list[str] = []
 

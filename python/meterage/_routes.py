@@ -93,10 +93,17 @@ def _choose(templates: list[tuple[str, re.Pattern[str]]], scope: Mapping[str, An
 
 
 def _routes_of(application: Any) -> list[Any] | None:
-    for owner in (application, getattr(application, "router", None)):
-        routes = getattr(owner, "routes", None)
-        if isinstance(routes, list):
-            return routes
+    """The routes of ``application``, or of the application that the middlewares it is
+    made of wrap (``MeterageMiddleware(GZipMiddleware(app))``: each keeps the next as
+    ``.app``, as Starlette's and ASGI middlewares do)."""
+    for _ in range(16):
+        for owner in (application, getattr(application, "router", None)):
+            routes = getattr(owner, "routes", None)
+            if isinstance(routes, list):
+                return routes
+        application = getattr(application, "app", None)
+        if application is None:
+            return None
     return None
 
 
@@ -113,6 +120,11 @@ def template_and_whether_only(
     once: every request it matches has it, so the middleware keeps it by route)."""
     route = scope.get("route")
     if route is None:
+        return None, False
+    inner = getattr(route, "routes", None)
+    if isinstance(inner, list) and inner:
+        # A mount of a router left as the route: the request matched none of its routes
+        # (a 404 under the mount), so it has no route, as one outside every mount.
         return None, False
     key = id(route)
     known = _known.get(key)

@@ -129,7 +129,13 @@ class MeterageMiddleware(_http.Middleware, _native.AsgiMiddlewareBase):
             version if isinstance(version, str) else None,
         )
         if self._attributes_of is not None:
-            self._extra_attributes(call, scope)
+            try:
+                self._extra_attributes(call, scope)
+            except BaseException as error:
+                # The session fails with the error of the user's function: its call ends
+                # with it (it must not stay in flight).
+                call.finish(error)
+                raise
         return call
 
     @staticmethod

@@ -36,6 +36,9 @@ pub struct Steps {
     /// The last close() raised because the generator yielded on GeneratorExit: it is still
     /// suspended, and so is its call (the driver stays suspended too and goes on with it).
     ignored_close: bool,
+    /// Whether a step (a send or a throw) reached the inner iterator: one that never ran is
+    /// closed when these steps are dropped.
+    stepped_once: bool,
 }
 
 fn cleared() -> PyErr {
@@ -168,6 +171,7 @@ impl Steps {
                 finished: false,
             },
             ignored_close: false,
+            stepped_once: false,
         })
     }
 
@@ -177,6 +181,7 @@ impl Steps {
             inner: Some(step_target(awaitable)?),
             owner: Owner::Shared(call),
             ignored_close: false,
+            stepped_once: false,
         })
     }
 
@@ -219,6 +224,7 @@ impl Steps {
         }
         let inner = self.inner(py)?;
         self.ignored_close = false;
+        self.stepped_once = true;
         let result = match &mut self.owner {
             Owner::Own { core, stepped, .. } => {
                 let step = core.step_begin(stepped);
@@ -276,14 +282,16 @@ fn yielded_on_exit(inner: &Bound<'_, PyAny>, error: &PyErr) -> bool {
 }
 
 impl Drop for Steps {
-    /// A coroutine dropped before its first step (its caller closed or never awaited it)
-    /// is closed here: it was the caller's to await, and the caller has its own warning
-    /// if it never awaited, so the inner one must not warn again.
+    /// A coroutine dropped before its first step (its caller closed or never awaited it;
+    /// a task that meterage's factory charged, cancelled before it ran) is closed here: it
+    /// was the caller's to await, and the caller has its own warning if it never awaited,
+    /// so the inner one must not warn again.
     fn drop(&mut self) {
-        let Owner::Own { stepped, .. } = &self.owner else {
-            return;
+        let started = match &self.owner {
+            Owner::Own { stepped, .. } => stepped.is_started(),
+            Owner::Shared(_) => self.stepped_once,
         };
-        if stepped.is_started() {
+        if started {
             return;
         }
         if let Some(inner) = self.inner.take() {
