@@ -936,6 +936,51 @@ def test_a_charged_task_cancelled_before_it_ran_leaves_no_never_awaited_warning(
     assert outcomes() == {(200, None): 1} and requests_in_flight() == 0
 
 
+def test_a_file_sent_by_pathsend_is_counted_in_the_response_size(tracking, tmp_path) -> None:
+    """Servers that offer the ``http.response.pathsend`` extension send the file
+    themselves (Starlette's FileResponse uses it where it is offered)."""
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"z" * 12_345)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": str(path)})
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message["type"])
+
+    scope = {**SCOPE, "extensions": {"http.response.pathsend": {}}}
+    asyncio.run(AsgiMiddleware(app, sample=1.0)(scope, _receive, send))
+    assert sent == ["http.response.start", "http.response.pathsend"]
+    (series,) = [s for s in meterage.snapshot() if s.operation == OPERATION and s.count]
+    size = meterage.histogram("http.server.response.body.size").snapshot(dict(series.attributes))
+    assert (size.count, size.sum) == (1, 12_345.0)
+
+
+def test_a_request_that_returns_after_catching_its_cancellation_has_no_status(
+    tracking,
+) -> None:
+    """Caught and returned from, a cancellation ends the request as a return does: no
+    status (none was sent) and no error (none left the application)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return
+
+    async def serve(application: Any) -> tuple[bool, Any]:
+        task = asyncio.get_running_loop().create_task(application(dict(SCOPE), _receive, _send))
+        await asyncio.sleep(0)
+        task.cancel()
+        return task.cancelled(), await task
+
+    assert asyncio.run(serve(app)) == asyncio.run(serve(AsgiMiddleware(app, sample=1.0)))
+    assert outcomes() == {(None, None): 1} and requests_in_flight() == 0
+
+
 def test_a_websocket_scope_with_a_bytes_scheme_still_runs_the_application() -> None:
     ran: list[str] = []
 

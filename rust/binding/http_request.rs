@@ -188,6 +188,19 @@ impl WatchedSend {
                             .fetch_add(length, Ordering::Relaxed);
                         self.response_sent(message);
                     }
+                    Ok("http.response.pathsend") => {
+                        // The server sends the file at `path` itself (its whole size).
+                        let length = item(message, keys.path.bind(py))
+                            .ok()
+                            .flatten()
+                            .and_then(|path| path.extract::<std::path::PathBuf>().ok())
+                            .and_then(|path| std::fs::metadata(path).ok())
+                            .map_or(0, |metadata| metadata.len());
+                        self.seen
+                            .response_bytes
+                            .fetch_add(length, Ordering::Relaxed);
+                        self.response_sent(message);
+                    }
                     Ok("http.response.start") => {
                         if let Ok(Some(status)) = item(message, keys.status.bind(py)) {
                             if let Ok(status) = status.extract::<i64>() {
@@ -432,6 +445,9 @@ impl RequestSteps {
             return; // passed through: the outer middleware's call is the request's
         };
         let meter = self.meter.bind(py).get();
+        // A StopIteration is a return: the application caught what was thrown into it (a
+        // cancellation) and returned, as a request that returns from a step.
+        let error = error.filter(|error| !error.is_instance_of::<PyStopIteration>(py));
         let error_type = error.and_then(|error| ending_error(py, error).ok().flatten());
         if let Some(error) = error {
             if self.seen.status.load(Ordering::Relaxed) < 0 && !is_cancellation(py, error) {

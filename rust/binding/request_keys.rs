@@ -33,6 +33,7 @@ request_keys! {
     body = "body",
     more_body = "more_body",
     status = "status",
+    path = "path",
     // WSGI environs.
     request_method = "REQUEST_METHOD",
     url_scheme = "wsgi.url_scheme",
