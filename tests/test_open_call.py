@@ -171,3 +171,74 @@ def test_exceptions_and_results_of_runs_are_unchanged(unique) -> None:
     assert raised.value is error
     assert call.run(dict, a=1, function=2) == {"a": 1, "function": 2}  # any keyword names
     call.finish()
+
+
+_DROPPED_WHILE_RAISING = """
+import asyncio, meterage
+call = meterage.meter("dropped.while.raising").open()
+
+@meterage.meter("dropped.while.raising.own")
+async def decorated():
+    pass
+
+async def work():
+    pass
+
+def takes(*args):
+    pass
+
+from meterage.wsgi import MeterageMiddleware
+
+def wsgi_app(environ, start_response):
+    start_response("200 OK", [])
+    return iter([b"x"])
+
+wsgi = MeterageMiddleware(wsgi_app)
+environ = {"REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http"}
+
+for make in (
+    lambda: call.steps(work()),
+    decorated,
+    lambda: wsgi(dict(environ), lambda *args: None),  # a body dropped unclosed ends its call
+):
+    try:
+        takes(make(), 1 / 0)  # the steps are dropped while the ZeroDivisionError is set
+    except ZeroDivisionError as error:
+        print("raised", error)
+call.finish()
+"""
+
+
+def test_steps_dropped_while_an_exception_is_raised_leave_it_as_it_was() -> None:
+    """An argument made before another argument raises is dropped with the exception set:
+    closing its unstarted coroutine then must neither lose it nor crash the interpreter."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DROPPED_WHILE_RAISING], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (0, "raised division by zero\n" * 3), done.stderr
+
+
+def test_steps_dropped_unstarted_leave_a_coroutine_that_runs_elsewhere_alone(unique) -> None:
+    """Only a coroutine that never ran is closed when its steps are dropped unstarted:
+    one already running in a task goes on."""
+    call = meterage.meter(unique()).open()
+
+    async def main() -> str:
+        ready = asyncio.get_running_loop().create_future()
+
+        async def waiter() -> str:
+            return await ready
+
+        coroutine = waiter()
+        task = asyncio.ensure_future(coroutine)
+        await asyncio.sleep(0)  # started, suspended on the future
+        steps = call.steps(coroutine)
+        del steps
+        ready.set_result("went on")
+        return await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(main()) == "went on"
+    call.finish()

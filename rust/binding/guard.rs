@@ -166,3 +166,15 @@ pub fn panic_if_asked() {
 pub fn quietly<T>(work: impl FnOnce() -> T) -> Option<T> {
     catch_unwind(AssertUnwindSafe(work)).ok()
 }
+
+/// Runs `work` (Python calls made while an object is dropped) with the exception being
+/// raised, if any, kept aside and put back after: an object can be dropped while one is
+/// set (an argument made before another raised), and a call made then would lose it.
+pub fn keeping_raised<T>(py: Python<'_>, work: impl FnOnce() -> T) -> T {
+    let raising = PyErr::take(py);
+    let result = work();
+    if let Some(raising) = raising {
+        raising.restore(py);
+    }
+    result
+}

@@ -13,6 +13,7 @@
 //! nanoseconds more than the application, instead of the microseconds of the same in
 //! Python.
 
+use super::guard::keeping_raised;
 use super::http_meters::{
     item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
 };
@@ -557,7 +558,7 @@ impl Drop for RequestSteps {
     /// its call must not stay in flight.
     fn drop(&mut self) {
         if self.call.is_some() {
-            Python::attach(|py| self.complete(py, None));
+            Python::attach(|py| keeping_raised(py, || self.complete(py, None)));
         }
     }
 }

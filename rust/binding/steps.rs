@@ -4,6 +4,7 @@
 //! between, so the probes are read around each step and summed: a call is charged only
 //! for its own steps. Wall time runs from the first step to the end.
 
+use super::guard::keeping_raised;
 use super::meter::error_type_name;
 use super::open_call::OpenCall;
 use crate::aggregate::call::{MeterCore, SteppedCall};
@@ -298,12 +299,31 @@ impl Drop for Steps {
             Python::attach(|py| {
                 let inner = inner.bind(py);
                 // SAFETY: a type check of a live object.
-                if unsafe { ffi::PyCoro_CheckExact(inner.as_ptr()) } != 0 {
-                    // Closing a coroutine that never ran runs no Python code.
-                    let _ = inner.call_method0(intern!(py, "close"));
+                if unsafe { ffi::PyCoro_CheckExact(inner.as_ptr()) } == 0 {
+                    return;
                 }
+                keeping_raised(py, || {
+                    if never_ran(inner) {
+                        // Closing a coroutine that never ran runs no Python code.
+                        let _ = inner.call_method0(intern!(py, "close"));
+                    }
+                });
             });
         }
+    }
+}
+
+/// Whether a coroutine is still as it was made: never started (one already running
+/// elsewhere, a task's, is someone else's to finish).
+fn never_ran(coroutine: &Bound<'_, PyAny>) -> bool {
+    let py = coroutine.py();
+    let state = py
+        .import(intern!(py, "inspect"))
+        .and_then(|inspect| inspect.call_method1(intern!(py, "getcoroutinestate"), (coroutine,)))
+        .and_then(|state| state.extract::<String>());
+    match state {
+        Ok(state) => state == "CORO_CREATED",
+        Err(_) => false,
     }
 }
 

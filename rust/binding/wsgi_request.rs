@@ -9,6 +9,7 @@
 //! `CONTENT_LENGTH`. The call ends when the body is closed (WSGI servers must close it;
 //! one dropped unclosed ends then), or when the application or its body raises.
 
+use super::guard::keeping_raised;
 use super::http_meters::{
     item, known_method, metered_already, text, RequestMeters, Seen, OTHER_METHOD,
 };
@@ -363,7 +364,7 @@ impl Drop for WsgiBody {
     /// A body never closed (a server that breaks the WSGI rule) still ends its call.
     fn drop(&mut self) {
         if !self.ended {
-            Python::attach(|py| self.end(py, None));
+            Python::attach(|py| keeping_raised(py, || self.end(py, None)));
         }
     }
 }
