@@ -147,6 +147,9 @@ def test_a_test_marked_not_gated_is_measured_but_never_failed(pytester: pytest.P
     )
     result = run(pytester, "--meterage-compare", "costs.json", "--meterage-report")
     result.assert_outcomes(passed=5)
+    # Listed as costing more, never counted among the tests failed for their costs.
+    assert "1 test(s) cost more than the baseline" in result.stdout.str()
+    assert "failed for their costs" not in result.stdout.str()
     # Still measured and reported (its report row first; the comparison lists it too).
     rows = [line for line in result.stdout.lines if "test_inner.py::test_write" in line]
     assert "70.4 KiB" in rows[0]
@@ -196,6 +199,7 @@ def test_a_cpu_rise_is_a_failure_that_last_failed_runs_again_alone(
     cache = ("-o", f"cache_dir={pytester.path / 'cache'}")
     rose = pytester.runpytest_subprocess(*PLUGIN, *cache, "--meterage-compare", "costs.json")
     rose.assert_outcomes(passed=4, failed=1)
+    assert "meterage: 1 test(s) failed for their costs" in rose.stdout.str()
     pytester.makepyfile(test_inner=unchanged)  # the slow run was noise: it does not recur
     again = pytester.runpytest_subprocess(
         *PLUGIN, *cache, "--lf", "-v", "--meterage-compare", "costs.json"

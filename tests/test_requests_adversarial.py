@@ -880,11 +880,23 @@ def test_routes_are_found_through_middlewares_the_meter_wraps_and_a_mounts_404_h
         return PlainTextResponse("hi")
 
     inner = Starlette(routes=[Route("/hello/{n}", hello)])
-    app = Starlette(routes=[Route("/top", hello), Mount("/sub", inner)])
+    app = Starlette(
+        routes=[
+            Route("/top", hello),
+            Mount("/sub", inner),
+            Mount("/zipped", app=GZipMiddleware(inner)),  # a sub-application in a middleware
+        ]
+    )
     wrapped = AsgiMiddleware(GZipMiddleware(app), probes=())
     paths = ["/sub/hello/1", "/sub/hello/2", "/top", "/sub/nope", "/nowhere"]
-    assert _serve_paths(wrapped, paths) == [200, 200, 200, 404, 404]
-    assert _routes_recorded() == {("/sub/hello/{n}", 200): 2, ("/top", 200): 1, (None, 404): 2}
+    paths += ["/zipped/hello/3", "/zipped/nope"]
+    assert _serve_paths(wrapped, paths) == [200, 200, 200, 404, 404, 200, 404]
+    assert _routes_recorded() == {
+        ("/sub/hello/{n}", 200): 2,
+        ("/top", 200): 1,
+        ("/zipped/hello/{n}", 200): 1,
+        (None, 404): 3,
+    }
     assert requests_in_flight() == 0
 
 
@@ -1656,6 +1668,12 @@ def _wsgi_raises_after_start(environ: Any, start_response: Any) -> Any:
     raise RuntimeError("after start_response")
 
 
+def _wsgi_empty_then_raises(environ: Any, start_response: Any) -> Any:
+    start_response("200 OK", [])
+    yield b""  # gunicorn, wsgiref and werkzeug send the headers with it
+    raise ValueError("after an empty chunk")
+
+
 def _wsgi_write(environ: Any, start_response: Any) -> Any:
     start_response("200 OK", [])(b"written")
     return iter([memoryview(b"mv"), bytearray(b"ba")])
@@ -1676,6 +1694,7 @@ def _wsgi_write(environ: Any, start_response: Any) -> Any:
         (_wsgi_bytes_status, {(None, None): 1}),
         (_wsgi_raises_after_start, {(500, "RuntimeError"): 1}),
         (_wsgi_write, {(200, None): 1}),
+        (_wsgi_empty_then_raises, {(200, "ValueError"): 1}),
     ],
     ids=[
         "iter-raises",
@@ -1688,6 +1707,7 @@ def _wsgi_write(environ: Any, start_response: Any) -> Any:
         "bytes-status",
         "raises-after-start",
         "write-and-buffers",
+        "empty-chunk-then-raises",
     ],
 )
 def test_wsgi_outcomes_are_unchanged_and_recorded_once(app: Any, expected: dict, tracking) -> None:
@@ -1836,7 +1856,9 @@ def test_made_up_protocol_versions_and_schemes_make_no_meters_of_their_own(track
     for index in range(600):
         environ = {"SERVER_PROTOCOL": f"HTTP/1.{index:05d}", "wsgi.url_scheme": f"x{index}"}
         assert serve_wsgi(middleware, environ) == (["200 OK"], [b"ok"])
-    for version, scheme in (("HTTP/1.1", "https"), ("HTTP/2.0", "http"), ("HTTP/1.0", "http")):
+    real_ones = [("HTTP/1.1", "https"), ("HTTP/2.0", "http"), ("HTTP/1.0", "http")]
+    real_ones += [("HTTP/1", "HTTP")]  # granian's HTTP/1.0; a scheme forwarded upper-case
+    for version, scheme in real_ones:
         serve_wsgi(middleware, {"SERVER_PROTOCOL": version, "wsgi.url_scheme": scheme})
     assert len(middleware._meters._cores) == 4
     found = {
@@ -1844,7 +1866,7 @@ def test_made_up_protocol_versions_and_schemes_make_no_meters_of_their_own(track
         for s in meterage.snapshot()
         if s.operation == OPERATION and s.count
     }
-    real = {("https", "1.1"): 1, ("http", "2"): 1, ("http", "1.0"): 1}
+    real = {("https", "1.1"): 1, ("http", "2"): 1, ("http", "1.0"): 2}
     assert found == {("_OTHER", None): 600, **real}
 
 

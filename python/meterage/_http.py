@@ -27,6 +27,7 @@ AttributesOf = Callable[[Any], "Mapping[str, Any] | None"]
 #: other leaves the attribute out, so a client's made-up version makes no meter of its own.
 PROTOCOL_VERSIONS = {
     "0.9": "0.9",
+    "1": "1.0",  # granian's HTTP/1.0
     "1.0": "1.0",
     "1.1": "1.1",
     "2": "2",
@@ -116,6 +117,7 @@ class RequestMeters:
         """The meter of requests with this (already normalized) method, and this scheme and
         protocol version as the server gave them: a bounded set of meters, whatever
         clients send (``SCHEMES``, ``PROTOCOL_VERSIONS``)."""
+        scheme = scheme.lower()  # a forwarded scheme may come as a client wrote it
         scheme = scheme if scheme in SCHEMES else OTHER
         version = None if version is None else PROTOCOL_VERSIONS.get(version)
         key = (method, scheme, version)

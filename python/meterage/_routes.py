@@ -10,6 +10,7 @@ A request no route matched has no ``http.route``, so all of them share one serie
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -51,7 +52,7 @@ def _search(routes: Iterable[Any], wanted: Any, prefix: str, depth: int, found: 
             if own is not None:
                 found.append(prefix + own)
             continue
-        inner = getattr(route, "routes", None)
+        inner = getattr(route, "routes", None) or _routes_of(getattr(route, "app", None))
         if inner:
             mount_prefix = _mount_prefix(route)
             if mount_prefix is None:
@@ -92,6 +93,24 @@ def _choose(templates: list[tuple[str, re.Pattern[str]]], scope: Mapping[str, An
     return templates[0][0] if templates else None
 
 
+def _routes_a_router_left(route: Any) -> bool:
+    """Whether ``route`` is a mount whose application (through its middlewares) is a
+    Starlette router with routes: one that names the route it matched in the scope, so a
+    request still naming the mount matched none of them."""
+    routing = sys.modules.get("starlette.routing")
+    if routing is None or getattr(route, "routes", None) is None:
+        return False
+    application = getattr(route, "app", None)
+    for _ in range(16):
+        if application is None:
+            return False
+        for owner in (application, getattr(application, "router", None)):
+            if isinstance(owner, routing.Router):
+                return bool(owner.routes)
+        application = getattr(application, "app", None)
+    return False
+
+
 def _routes_of(application: Any) -> list[Any] | None:
     """The routes of ``application``, or of the application that the middlewares it is
     made of wrap (``MeterageMiddleware(GZipMiddleware(app))``: each keeps the next as
@@ -121,8 +140,7 @@ def template_and_whether_only(
     route = scope.get("route")
     if route is None:
         return None, False
-    inner = getattr(route, "routes", None)
-    if isinstance(inner, list) and inner:
+    if _routes_a_router_left(route):
         # A mount of a router left as the route: the request matched none of its routes
         # (a 404 under the mount), so it has no route, as one outside every mount.
         return None, False

@@ -323,6 +323,10 @@ class Costs:
                     write(line)
             else:
                 write("no test costs more than the baseline allows")
+            if self.regressed:
+                # Only these failed for their costs (a test marked gate=False is listed
+                # above, never failed).
+                write(f"meterage: {len(self.regressed)} test(s) failed for their costs")
             new = sorted(set(self.costs) - set(self.expected))
             missing = sorted(set(self.expected) - set(self.costs))
             if new:

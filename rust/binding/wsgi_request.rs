@@ -91,8 +91,9 @@ fn end_request(
     headers_sent: bool,
 ) {
     let error_type = error.and_then(|error| ending_error(py, error).ok().flatten());
-    // An error before the headers went out (a WSGI server sends them with the body's first
-    // non-empty chunk, or at its end): the server answers 500, whatever status was given.
+    // An error before the headers went out (gunicorn, wsgiref and werkzeug send them with
+    // the body's first chunk, or at its end): the server answers 500, whatever status was
+    // given.
     if error.is_some() && (!headers_sent || seen.status.load(Ordering::Relaxed) < 0) {
         seen.status.store(500, Ordering::Relaxed);
     }
@@ -210,6 +211,7 @@ impl WsgiMeter {
             seen,
             ended: false,
             exhausted: false,
+            chunks_given: false,
         };
         if sized {
             let initializer = PyClassInitializer::from(response).add_subclass(WsgiSizedBody);
@@ -331,10 +333,13 @@ pub struct WsgiBody {
     ended: bool,
     /// Whether the iteration reached the body's end (its headers went out by then).
     exhausted: bool,
+    /// Whether the body gave a chunk (the server sent the headers with it).
+    chunks_given: bool,
 }
 
 impl WsgiBody {
-    fn count(&self, chunk: &Bound<'_, PyAny>) {
+    fn count(&mut self, chunk: &Bound<'_, PyAny>) {
+        self.chunks_given = true;
         let length = match chunk.cast::<PyBytes>() {
             Ok(bytes) => bytes.as_bytes().len(),
             Err(_) => chunk.len().unwrap_or(0),
@@ -348,7 +353,7 @@ impl WsgiBody {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let headers_sent = self.exhausted || self.seen.response_bytes.load(Ordering::Relaxed) > 0;
+        let headers_sent = self.exhausted || self.chunks_given;
         end_request(
             py,
             self.meter.bind(py).get(),
