@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 #: Routes whose template is known, by id; bounded (an application has few routes, but
@@ -93,6 +93,20 @@ def _choose(templates: list[tuple[str, re.Pattern[str]]], scope: Mapping[str, An
     return templates[0][0] if templates else None
 
 
+def _layers(application: Any) -> Iterator[Any]:
+    """``application``, then what the middlewares it is made of wrap, in turn
+    (``MeterageMiddleware(GZipMiddleware(app))``: each keeps the next as ``.app``, as
+    Starlette's and ASGI middlewares do); each with its ``router`` where it has one."""
+    for _ in range(16):
+        if application is None:
+            return
+        yield application
+        router = getattr(application, "router", None)
+        if router is not None:
+            yield router
+        application = getattr(application, "app", None)
+
+
 def _routes_a_router_left(route: Any) -> bool:
     """Whether ``route`` is a mount whose application (through its middlewares) is a
     Starlette router with routes: one that names the route it matched in the scope, so a
@@ -100,30 +114,37 @@ def _routes_a_router_left(route: Any) -> bool:
     routing = sys.modules.get("starlette.routing")
     if routing is None or getattr(route, "routes", None) is None:
         return False
-    application = getattr(route, "app", None)
-    for _ in range(16):
-        if application is None:
-            return False
-        for owner in (application, getattr(application, "router", None)):
-            if isinstance(owner, routing.Router):
-                return bool(owner.routes)
-        application = getattr(application, "app", None)
+    for layer in _layers(getattr(route, "app", None)):
+        if isinstance(layer, routing.Router):
+            return bool(layer.routes)
     return False
 
 
 def _routes_of(application: Any) -> list[Any] | None:
-    """The routes of ``application``, or of the application that the middlewares it is
-    made of wrap (``MeterageMiddleware(GZipMiddleware(app))``: each keeps the next as
-    ``.app``, as Starlette's and ASGI middlewares do)."""
-    for _ in range(16):
-        for owner in (application, getattr(application, "router", None)):
-            routes = getattr(owner, "routes", None)
-            if isinstance(routes, list):
-                return routes
-        application = getattr(application, "app", None)
-        if application is None:
-            return None
+    """The routes of ``application``, or of the first application its middlewares wrap
+    that has some."""
+    for layer in _layers(application):
+        routes = getattr(layer, "routes", None)
+        if isinstance(routes, list):
+            return routes
     return None
+
+
+def _templates_of(route: Any, application: Any) -> list[tuple[str, re.Pattern[str]]]:
+    """The templates of ``route`` in ``application`` (found once per route and kept)."""
+    if _routes_a_router_left(route):
+        # A mount of a router left as the route: the request matched none of its routes
+        # (a 404 under the mount), so it has no route, as one outside every mount.
+        return []
+    routes = _routes_of(application)
+    found: list[str] = []
+    if routes is not None:
+        _search(routes, route, "", 0, found)
+    if not found:
+        # Not in the application's tree (a route object of its own making): its path.
+        own = _own_path(route)
+        found = [own] if own is not None else []
+    return [(each, _matcher(each)) for each in dict.fromkeys(found)]
 
 
 def template(scope: Mapping[str, Any], application: Any) -> str | None:
@@ -140,22 +161,10 @@ def template_and_whether_only(
     route = scope.get("route")
     if route is None:
         return None, False
-    if _routes_a_router_left(route):
-        # A mount of a router left as the route: the request matched none of its routes
-        # (a 404 under the mount), so it has no route, as one outside every mount.
-        return None, False
     key = id(route)
     known = _known.get(key)
     if known is None or known[0] is not route:
-        routes = _routes_of(application)
-        found: list[str] = []
-        if routes is not None:
-            _search(routes, route, "", 0, found)
-        if not found:
-            # Not in the application's tree (a route object of its own making): its path.
-            own = _own_path(route)
-            found = [own] if own is not None else []
-        known = (route, [(each, _matcher(each)) for each in dict.fromkeys(found)])
+        known = (route, _templates_of(route, application))
         with _lock:
             if len(_known) >= _MAX_KNOWN:
                 _known.clear()

@@ -490,10 +490,6 @@ impl Current {
         self.0.is_some()
     }
 
-    pub fn token(&self) -> Option<&Py<PyAny>> {
-        self.0.as_ref()
-    }
-
     /// Puts back what was current before, once; a reset from another context fails
     /// harmlessly (its error cleared).
     pub fn reset(&mut self, py: Python<'_>) {
@@ -508,6 +504,10 @@ impl Current {
                 }
             }
         }
+    }
+
+    pub fn token(&self) -> Option<&Py<PyAny>> {
+        self.0.as_ref()
     }
 }
 

@@ -49,7 +49,9 @@ fn charged_call(py: Python<'_>) -> Option<Bound<'_, OpenCall>> {
 
 impl TaskFactory {
     /// `asyncio.Task(coro, loop=event_loop)`, as `loop.create_task(coro)` makes it, called
-    /// by vectorcall: no dict of options made for the task of every request.
+    /// by vectorcall: no dict of options copied for the task of every request (on 3.11
+    /// `asyncio.Task` has no vectorcall of its own, so the interpreter still makes one of
+    /// its keyword).
     fn plain_task<'py>(
         &self,
         event_loop: &Bound<'py, PyAny>,

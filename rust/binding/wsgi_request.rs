@@ -3,9 +3,9 @@
 //!
 //! A request is a call from the application's call to the end of its response body: the
 //! application runs as a step of the call, and so does the making of each chunk of its
-//! body and its `close()`, with the call current meanwhile (and only then) (so a framework hook can name
-//! the route on `meterage.current_call()`, and work handed to thread pools is charged to
-//! it). `start_response` is watched for the status; the request body's size is its
+//! body and its `close()`, with the call current meanwhile and only then (so a framework
+//! hook can name the route on `meterage.current_call()`, and work handed to thread pools is
+//! charged to it). `start_response` is watched for the status; the request body's size is its
 //! `CONTENT_LENGTH`. The call ends when the body is closed (WSGI servers must close it;
 //! one dropped unclosed ends then), or when the application or its body raises.
 
@@ -210,8 +210,7 @@ impl WsgiMeter {
             meter: slf.clone().unbind(),
             seen,
             ended: false,
-            exhausted: false,
-            chunks_given: false,
+            headers_sent: false,
         };
         if sized {
             let initializer = PyClassInitializer::from(response).add_subclass(WsgiSizedBody);
@@ -219,6 +218,10 @@ impl WsgiMeter {
         }
         Ok(Bound::new(py, response)?.into_any())
     }
+}
+
+fn cleared() -> PyErr {
+    PyRuntimeError::new_err("this response was cleared by the garbage collector")
 }
 
 /// Whether `len(body)` is defined: its type has a length slot, as `len()` looks for (no
@@ -331,15 +334,13 @@ pub struct WsgiBody {
     meter: Py<WsgiMeter>,
     seen: Arc<Seen>,
     ended: bool,
-    /// Whether the iteration reached the body's end (its headers went out by then).
-    exhausted: bool,
-    /// Whether the body gave a chunk (the server sent the headers with it).
-    chunks_given: bool,
+    /// Whether the body gave a chunk or reached its end: the server sent the headers then.
+    headers_sent: bool,
 }
 
 impl WsgiBody {
     fn count(&mut self, chunk: &Bound<'_, PyAny>) {
-        self.chunks_given = true;
+        self.headers_sent = true;
         let length = match chunk.cast::<PyBytes>() {
             Ok(bytes) => bytes.as_bytes().len(),
             Err(_) => chunk.len().unwrap_or(0),
@@ -353,14 +354,13 @@ impl WsgiBody {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let headers_sent = self.exhausted || self.chunks_given;
         end_request(
             py,
             self.meter.bind(py).get(),
             self.call.bind(py),
             &self.seen,
             error,
-            headers_sent,
+            self.headers_sent,
         );
     }
 }
@@ -400,7 +400,7 @@ impl WsgiBody {
             .map(Option::flatten);
             if let Some(chunk) = listed {
                 let Some(chunk) = chunk else {
-                    self.exhausted = true;
+                    self.headers_sent = true;
                     return Ok(None);
                 };
                 self.position += 1;
@@ -413,11 +413,7 @@ impl WsgiBody {
             let iterator = match &self.iterator {
                 Some(iterator) => iterator.bind(py).clone(),
                 None => {
-                    let body = self.body.as_ref().ok_or_else(|| {
-                        PyRuntimeError::new_err(
-                            "this response was cleared by the garbage collector",
-                        )
-                    })?;
+                    let body = self.body.as_ref().ok_or_else(cleared)?;
                     let iterator = body.bind(py).try_iter()?.into_any();
                     self.iterator = Some(iterator.clone().unbind());
                     iterator
@@ -442,7 +438,7 @@ impl WsgiBody {
             }
             // Exhausted: the call ends at close(), which runs the framework's teardown.
             Ok(None) => {
-                self.exhausted = true;
+                self.headers_sent = true;
                 Ok(None)
             }
             Err(error) => {
@@ -500,9 +496,7 @@ impl WsgiSizedBody {
         let py = slf.py();
         match &slf.as_super().body {
             Some(body) => body.bind(py).len(),
-            None => Err(PyRuntimeError::new_err(
-                "this response was cleared by the garbage collector",
-            )),
+            None => Err(cleared()),
         }
     }
 }
